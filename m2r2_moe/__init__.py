@@ -1,0 +1,39 @@
+"""m2r2_moe: run Mixture-of-Experts models on GPUs too small to hold their experts.
+
+    model = m2r2_moe.offload(model, device="cuda", cache_experts=64)
+    model.generate(**inputs)
+    print(m2r2_moe.stats(model))
+    m2r2_moe.remove_offload(model)
+"""
+
+from .api import get_offloader, is_offloaded, offload, remove_offload, reset_stats, stats
+from .config import OffloadConfig, OffloadConfigError
+from .errors import (
+    AlreadyOffloadedError,
+    CacheFullError,
+    M2R2Error,
+    NotOffloadedError,
+    SlotStateError,
+    UnsupportedModelError,
+)
+from .stats import OffloadStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "offload",
+    "remove_offload",
+    "stats",
+    "reset_stats",
+    "is_offloaded",
+    "get_offloader",
+    "OffloadConfig",
+    "OffloadConfigError",
+    "OffloadStats",
+    "M2R2Error",
+    "UnsupportedModelError",
+    "AlreadyOffloadedError",
+    "NotOffloadedError",
+    "CacheFullError",
+    "SlotStateError",
+]

@@ -1,0 +1,125 @@
+"""Public entry points: `offload`, `remove_offload`, `stats`, `reset_stats`, `is_offloaded`."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from .config import OffloadConfig, OffloadConfigError
+from .errors import AlreadyOffloadedError, NotOffloadedError, UnsupportedModelError
+from .models import find_moe_layers
+from .runtime.offloader import Offloader
+from .stats import OffloadStats
+
+logger = logging.getLogger(__name__)
+
+_ATTR = "_m2r2_offloader"
+
+
+def offload(model: nn.Module, config: OffloadConfig | None = None, **kwargs) -> nn.Module:
+    """Offload the routed experts of a transformers MoE model, in place; returns the same model.
+
+    Expert weights move to a host store (pinned where CUDA exists) and are freed from the model; a pool of
+    `cache_experts` device slots, shared by all layers, holds the experts being used; the rest of the
+    model (attention, norms, routers, embeddings) moves to `device`. Outputs are unchanged: same kernels,
+    same logits. On any error the model is left exactly as it was.
+
+    Args:
+        model: a transformers causal LM with sparse MoE blocks, on CPU.
+        config: an `OffloadConfig`; keyword arguments override its fields (`device`, `cache_experts`,
+            `predictor`, `link_gbps`, ...).
+
+    Example:
+        >>> model = m2r2_moe.offload(model, device="cuda", cache_experts=64)
+        >>> model.generate(**inputs, max_new_tokens=32)
+        >>> print(m2r2_moe.stats(model))
+    """
+    cfg = _merge_config(config, kwargs)
+    if is_offloaded(model):
+        raise AlreadyOffloadedError(
+            f"{type(model).__name__} is already offloaded; call m2r2_moe.remove_offload(model) first to change settings."
+        )
+    _check_on_cpu(model)
+    adapter, layers = find_moe_layers(model)
+    top_k = adapter.top_k(model)
+    num_slots = _resolve_slots(cfg, top_k, sum(int(layer.experts.num_experts) for layer in layers))
+    offloader = Offloader(model, layers, cfg, num_slots, adapter.name)
+    offloader.install(model)
+    model.__dict__[_ATTR] = offloader
+    logger.info(
+        "offloaded %d MoE layers (%s adapter): %d slots on %s, %.1f MB of experts in host memory",
+        len(layers), adapter.name, num_slots, offloader.device, offloader.store.nbytes / 1e6,
+    )
+    return model
+
+
+def remove_offload(model: nn.Module) -> nn.Module:
+    """Undo `offload`: expert weights back in the model bit for bit, original forwards, original device."""
+    offloader = _get(model)
+    offloader.uninstall(model)
+    del model.__dict__[_ATTR]
+    return model
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    return _ATTR in getattr(model, "__dict__", {})
+
+
+def get_offloader(model: nn.Module) -> Offloader:
+    """The runtime attached to an offloaded model (for tools and tests)."""
+    return _get(model)
+
+
+def stats(model: nn.Module) -> OffloadStats:
+    """A snapshot of the model's counters: hits, prefetch hits, late prefetches, misses, bytes, stalls."""
+    offloader = _get(model)
+    offloader.collect_device_stalls()
+    return offloader.stats.copy()
+
+
+def reset_stats(model: nn.Module) -> None:
+    _get(model).reset_stats()
+
+
+def _get(model: nn.Module) -> Offloader:
+    offloader = getattr(model, "__dict__", {}).get(_ATTR)
+    if offloader is None:
+        raise NotOffloadedError(f"{type(model).__name__} is not offloaded; call m2r2_moe.offload(model) first.")
+    return offloader
+
+
+def _merge_config(config: OffloadConfig | None, kwargs: dict) -> OffloadConfig:
+    if config is not None and not isinstance(config, OffloadConfig):
+        raise TypeError(f"config must be an OffloadConfig, got {type(config).__name__}")
+    unknown = sorted(set(kwargs) - set(OffloadConfig.field_names()))
+    if unknown:
+        raise TypeError(
+            f"offload() got unknown option(s) {unknown}; valid options: {', '.join(OffloadConfig.field_names())}"
+        )
+    base = config or OffloadConfig()
+    return base.replace(**kwargs) if kwargs else base
+
+
+def _check_on_cpu(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type != "cpu":
+            raise UnsupportedModelError(
+                f"offload() expects the model on CPU (it moves the non-expert weights to the device itself), "
+                f"but {name} is on {t.device}. Load the model on CPU, e.g. from_pretrained(..., device_map=None)."
+            )
+
+
+def _resolve_slots(cfg: OffloadConfig, top_k: int, total_experts: int) -> int:
+    if cfg.cache_experts is None:
+        return max(top_k, total_experts // 2)
+    if cfg.cache_experts < top_k:
+        raise OffloadConfigError(
+            f"cache_experts={cfg.cache_experts} is below the model's top-k ({top_k}): each token needs {top_k} experts "
+            f"of a layer at once. Use cache_experts >= {top_k}."
+        )
+    if cfg.cache_experts > total_experts:
+        logger.info("cache_experts=%d exceeds the model's %d experts; using %d", cfg.cache_experts, total_experts,
+                    total_experts)
+        return total_experts
+    return cfg.cache_experts

@@ -1,0 +1,50 @@
+"""Expert compute on device slots, with the model's own kernels.
+
+The experts module of each MoE block keeps its class and config; only its instance `forward` is swapped
+for one that asks the runtime for slots and then calls the class's own forward (which dispatches through
+transformers' `ExpertsInterface` to eager / grouped_mm / batched_mm exactly as the model would) on a
+`SlotView`: an object that looks like the experts module, but whose expert tensors are the device slot
+pool (`[S, ...]`) and whose routing indices are remapped from expert ids to slot ids. Same kernels, same
+per-row arithmetic: offloaded logits are bit-identical to the original on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SlotView:
+    """Stands in for an experts module: expert tensors are slot-pool views, all else is the module's."""
+
+    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor], num_slots: int):
+        self.__dict__["_module"] = module
+        self.__dict__.update(tensors)  # gate_up_proj [S, 2I, H], down_proj [S, H, I], biases [S, ...]
+        self.__dict__["num_experts"] = num_slots  # one "expert" per slot; index num_slots is the sentinel
+        self.__dict__["_is_expert_parallel"] = False
+
+    def __getattr__(self, name):  # only called for names not set on the view
+        return getattr(self.__dict__["_module"], name)
+
+
+def remap_and_mask(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, table: torch.Tensor,
+                   sentinel: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ids → slot ids through `table` (`[E]`, experts outside the wave map to `sentinel` = S).
+
+    `top_k_index [T, K]` expert ids; returns (`[T, K]` slot ids, `[T, K]` weights). In a partial wave
+    (`sentinel` given) the pairs routed to experts outside the wave carry the sentinel and a zero weight,
+    so the kernel skips them (eager, grouped_mm) or adds exact zeros (batched_mm)."""
+    slot_index = table[top_k_index]
+    if sentinel is None:
+        return slot_index, top_k_weights
+    return slot_index, top_k_weights.masked_fill(slot_index == sentinel, 0)
+
+
+def make_offloaded_forward(runtime, layer: int):
+    """The `forward` installed on the experts module of MoE layer `layer`."""
+
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        return runtime.run_experts(layer, hidden_states, top_k_index, top_k_weights)
+
+    forward.__m2r2_offloaded__ = True
+    return forward

@@ -1,0 +1,197 @@
+"""The per-model runtime: host store + device slot pool + slot manager + copy engine + counters.
+
+One `Offloader` is attached to each offloaded model. `run_experts` is the per-layer hot path:
+acquire slots for the experts the router chose (demand-loading the absent ones), compute with the
+model's own kernels on the slots, release.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..config import OffloadConfig
+from ..models.base import MoELayer
+from ..stats import OffloadStats
+from .cache import SlotManager
+from .experts import SlotView, make_offloaded_forward, remap_and_mask
+from .store import ExpertPacking, HostExpertStore
+from .transfer import DEMAND, make_copy_engine
+
+logger = logging.getLogger(__name__)
+
+
+class Offloader:
+    """Owns everything an offloaded model needs; built by `m2r2_moe.offload`."""
+
+    def __init__(self, model: nn.Module, layers: list[MoELayer], config: OffloadConfig, num_slots: int,
+                 adapter_name: str):
+        self.config = config
+        self.device = config.resolved_device()
+        self.layers = layers
+        self.adapter_name = adapter_name
+        self.original_device = next(model.parameters()).device
+        self.num_experts = [int(layer.experts.num_experts) for layer in layers]
+        self.key_stride = max(self.num_experts)
+        self.packings = [_packing(layer) for layer in layers]
+        dtype = self.packings[0].dtype
+        if any(p.dtype != dtype for p in self.packings):
+            raise TypeError("all MoE layers must keep their experts in one dtype")
+        self.num_slots = num_slots
+        self.store = HostExpertStore(self.packings, self.num_experts, config.resolved_pin_memory())
+        slot_numel = max(p.numel for p in self.packings)
+        # zeros, not empty: a kernel may read a never-filled slot in batched_mm's clamped sentinel rows (x 0 weight)
+        self.pool = torch.zeros(num_slots, slot_numel, dtype=dtype, device=self.device)  # [S, numel]
+        self.views = [SlotView(layer.experts, p.views(self.pool), num_slots) for layer, p in zip(layers, self.packings)]
+        self.kernels = [type(layer.experts).forward for layer in layers]
+        self.slots = SlotManager(num_slots)
+        self.engine = make_copy_engine(self.device, config.link_gbps, config.link_latency_us)
+        self.stats = OffloadStats()
+        self._slot_free: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last compute reading the slot
+        self._moved = 0  # layers whose weights live in the store (for rollback)
+
+    @property
+    def expert_bytes(self) -> list[int]:
+        """Bytes one expert transfer moves, per layer."""
+        return [p.nbytes for p in self.packings]
+
+    # -- installing and removing -----------------------------------------------------------------
+    def install(self, model: nn.Module) -> None:
+        """Move expert weights into the store, free them from the model, swap the experts' forward, move
+        the rest of the model to the device. All or nothing: on error the model is restored."""
+        try:
+            for i, layer in enumerate(self.layers):
+                params = {n: getattr(layer.experts, n) for n in layer.param_names}
+                self.store.fill_layer(i, {n: p.data for n, p in params.items()})
+                for p in params.values():
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+                self._moved = i + 1
+            for i, layer in enumerate(self.layers):
+                layer.experts.forward = make_offloaded_forward(self, i)
+            if self.device != self.original_device:
+                model.to(self.device)
+        except BaseException:
+            self.uninstall(model)
+            raise
+
+    def uninstall(self, model: nn.Module) -> None:
+        """Give the model its weights and forwards back, bit for bit; release the runtime's resources."""
+        self.engine.close()
+        for layer in self.layers:
+            layer.experts.__dict__.pop("forward", None)
+        if self.device != self.original_device:
+            model.to(self.original_device)
+        for i in range(self._moved):
+            tensors = self.store.layer_tensors(i)
+            for name in self.layers[i].param_names:
+                getattr(self.layers[i].experts, name).data = tensors[name]
+        self._moved = 0
+
+    # -- the per-layer hot path --------------------------------------------------------------------
+    def run_experts(self, layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden_states [T, H], top_k_index / top_k_weights [T, K] → [T, H]."""
+        if layer == 0:
+            self.stats.tokens += hidden_states.shape[0]
+        self.stats.layer_calls += 1
+        # Host sync on CUDA: the set of experts decides which copies to issue (paid once per layer).
+        needed = torch.unique(top_k_index).tolist()
+        if not needed:
+            return torch.zeros_like(hidden_states)
+        if len(needed) <= self.num_slots:
+            return self._run_wave(layer, needed, hidden_states, top_k_index, top_k_weights, partial=False)
+        return self._run_in_waves(layer, needed, hidden_states, top_k_index, top_k_weights)
+
+    def _run_in_waves(self, layer, needed, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """More distinct experts than slots (long prefill): compute them `num_slots` at a time.
+
+        eager sums bf16 contributions per expert into the output, so wave outputs add up the same way.
+        grouped_mm / batched_mm sum a token's K weighted expert outputs in fp32 and round once, so here
+        each (token, expert) pair is computed as its own row with weight 1 (exact: x * 1.0), the rows of
+        all waves are gathered (each row is non-zero in exactly one wave), and the weighting and the fp32
+        sum over K are done as the kernel does them. Shapes: T tokens, K = top-k, H hidden."""
+        waves = [needed[i : i + self.num_slots] for i in range(0, len(needed), self.num_slots)]
+        if self.views[layer].config._experts_implementation == "eager":
+            out = None
+            for wave in waves:
+                part = self._run_wave(layer, wave, hidden_states, top_k_index, top_k_weights, partial=True)
+                out = part if out is None else out.add_(part)
+            return out
+        num_tokens, top_k = top_k_index.shape
+        pair_hidden = hidden_states.repeat_interleave(top_k, dim=0)  # [T*K, H]
+        pair_index = top_k_index.reshape(-1, 1)  # [T*K, 1]
+        ones = torch.ones_like(top_k_weights).reshape(-1, 1)  # [T*K, 1]
+        rows = None
+        for wave in waves:
+            part = self._run_wave(layer, wave, pair_hidden, pair_index, ones, partial=True)  # [T*K, H]
+            rows = part if rows is None else rows.add_(part)
+        weighted = rows * top_k_weights.reshape(-1, 1)  # [T*K, H], promoted like the kernel's weighted_out
+        return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _run_wave(self, layer, wave, hidden_states, top_k_index, top_k_weights, partial: bool) -> torch.Tensor:
+        """Acquire the wave's experts, run the model's kernel on their slots, release."""
+        self.stats.waves += 1
+        keys = [layer * self.key_stride + e for e in wave]
+        slots = self._acquire(layer, wave, keys)
+        try:
+            table = torch.full((self.num_experts[layer],), self.num_slots, dtype=torch.long)
+            table[wave] = torch.tensor(slots, dtype=torch.long)
+            table = table.to(top_k_index.device)
+            slot_index, weights = remap_and_mask(top_k_index, top_k_weights, table, self.num_slots if partial else None)
+            view = self.views[layer]
+            view.__dict__["_is_expert_parallel"] = partial  # sentinel-aware path of the kernels
+            out = self.kernels[layer](view, hidden_states, slot_index, weights)
+            if self.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record()  # on the compute stream, after the kernels reading these slots
+                for slot in slots:
+                    self._slot_free[slot] = done
+        finally:
+            for key in keys:
+                self.slots.release(key)
+        return out
+
+    def _acquire(self, layer: int, wave: list[int], keys: list[int]) -> list[int]:
+        """Pin a slot for each expert of the wave; demand-load the absent ones and wait for them."""
+        slots, transfers = [], []
+        try:
+            for expert, key in zip(wave, keys):
+                slot, hit, evicted = self.slots.acquire(key)
+                slots.append(slot)
+                if evicted >= 0:
+                    self.stats.evictions += 1
+                if hit:
+                    self.stats.hits += 1
+                    continue
+                self.stats.misses += 1
+                src = self.store.expert(layer, expert)
+                transfer = self.engine.submit(key, slot, self.pool[slot, : src.numel()], src, DEMAND,
+                                              after=self._slot_free[slot])
+                self.stats.bytes_to_device += transfer.nbytes
+                transfers.append(transfer)
+            for transfer in transfers:
+                self.stats.stall_seconds += transfer.wait()
+        except BaseException:
+            for key in keys[: len(slots)]:
+                self._forget(key)
+            raise
+        return slots
+
+    def _forget(self, key: int) -> None:
+        """Undo an acquire whose slot may hold garbage: unpin and evict it."""
+        self.slots.release(key)
+        self.slots.evict(key)
+
+    def collect_device_stalls(self) -> None:
+        self.stats.stall_seconds += self.engine.drain_stall_seconds()
+
+    def reset_stats(self) -> None:
+        self.stats = OffloadStats()
+        self.slots.reset_counters()
+
+
+def _packing(layer: MoELayer) -> ExpertPacking:
+    params = [getattr(layer.experts, n) for n in layer.param_names]
+    return ExpertPacking.from_shapes(layer.param_names, [tuple(p.shape[1:]) for p in params], params[0].dtype)

@@ -1,0 +1,193 @@
+"""Copy engines: move packed expert buffers from the host store into device slots.
+
+- `CudaCopyEngine`: one long-lived copy stream; each copy records an event; the compute stream waits on
+  that event (`wait_event`), so the host never blocks in the per-token path.
+- `ThreadCopyEngine`: the CPU twin. A worker thread does the real memcpy into the slot buffer and, when a
+  link is emulated, holds the transfer until `latency + bytes / bandwidth` has passed on a serial link,
+  so transfer/compute overlap and stalls can be studied without a GPU. Demand loads jump the queue ahead
+  of prefetches.
+
+A `Transfer` is the handle of one in-flight copy: `ready()` never blocks; `wait()` makes the compute side
+wait for it and returns the host seconds spent waiting (0 on CUDA, where the wait is on the device).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEMAND, PREFETCH = 0, 1  # queue priorities: lower runs first
+
+
+class Transfer:
+    """Handle of one copy into a slot."""
+
+    __slots__ = ("key", "slot", "nbytes", "priority", "_done", "error")
+
+    def __init__(self, key: int, slot: int, nbytes: int, priority: int):
+        self.key, self.slot, self.nbytes, self.priority = key, slot, nbytes, priority
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+
+    def ready(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> float:
+        start = time.perf_counter()
+        self._done.wait()
+        if self.error is not None:
+            raise RuntimeError(f"copy of expert key {self.key} into slot {self.slot} failed") from self.error
+        return time.perf_counter() - start
+
+
+class ThreadCopyEngine:
+    """CPU copy engine: a worker thread, a priority queue, an optional emulated serial link."""
+
+    def __init__(self, link_gbps: float | None = None, link_latency_us: float = 0.0):
+        self.bytes_per_s = None if link_gbps is None else link_gbps * 1e9
+        self.latency_s = link_latency_us * 1e-6
+        self.bytes_copied = 0
+        self.busy_seconds = 0.0
+        self._queue: list[tuple[int, int, Transfer, torch.Tensor, torch.Tensor]] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._link_free_at = 0.0
+        self._worker = threading.Thread(target=self._run, name="m2r2-copy", daemon=True)
+        self._worker.start()
+
+    def link_seconds(self, nbytes: int) -> float:
+        """Time the emulated link needs for `nbytes` (0 without emulation)."""
+        if self.bytes_per_s is None:
+            return 0.0
+        return self.latency_s + nbytes / self.bytes_per_s
+
+    def drain_stall_seconds(self) -> float:
+        return 0.0  # CPU waits are timed on the host, in Transfer.wait
+
+    def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
+               after=None) -> Transfer:
+        """Queue `dst.copy_(src)`. `after` (a device event guarding the slot's previous tenant) is unused
+        on CPU, where compute is synchronous."""
+        transfer = Transfer(key, slot, src.numel() * src.element_size(), priority)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("copy engine is closed")
+            heapq.heappush(self._queue, (priority, next(self._seq), transfer, dst, src))
+            self._cv.notify()
+        return transfer
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._worker.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                _, _, transfer, dst, src = heapq.heappop(self._queue)
+            self._copy(transfer, dst, src)
+
+    def _copy(self, transfer: Transfer, dst: torch.Tensor, src: torch.Tensor) -> None:
+        start = time.perf_counter()
+        try:
+            dst.copy_(src)
+        except BaseException as e:  # reported to the waiter, never lost in the thread
+            transfer.error = e
+        if self.bytes_per_s is not None:
+            # Serial link: this transfer starts when the link is free and occupies it for its duration.
+            begin = max(start, self._link_free_at)
+            self._link_free_at = begin + self.link_seconds(transfer.nbytes)
+            delay = self._link_free_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        end = time.perf_counter()
+        self.busy_seconds += end - start
+        self.bytes_copied += transfer.nbytes
+        transfer._done.set()
+
+
+class CudaTransfer:
+    """Handle of one copy on the CUDA copy stream."""
+
+    __slots__ = ("key", "slot", "nbytes", "priority", "event", "engine")
+
+    def __init__(self, key, slot, nbytes, priority, event: torch.cuda.Event, engine: "CudaCopyEngine"):
+        self.key, self.slot, self.nbytes, self.priority, self.event = key, slot, nbytes, priority, event
+        self.engine = engine
+
+    def ready(self) -> bool:
+        return self.event.query()  # non-blocking poll
+
+    def wait(self) -> float:
+        """Device-side wait: the compute stream stalls until the copy's event; the host does not block.
+        The stall is timed with a pair of events read later (`drain_stall_seconds`), never synchronously."""
+        if self.event.query():
+            return 0.0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        stream = torch.cuda.current_stream()
+        start.record(stream)
+        stream.wait_event(self.event)
+        end.record(stream)
+        self.engine.pending_stalls.append((start, end))
+        return 0.0
+
+
+class CudaCopyEngine:
+    """Host→device copies on one dedicated stream, one event per expert."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        self.bytes_copied = 0
+        self.busy_seconds = 0.0  # not measured on CUDA without a sync; the profiler times copies with events
+        self.pending_stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
+               after: torch.cuda.Event | None = None) -> CudaTransfer:
+        event = torch.cuda.Event()
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                # The slot's previous tenant may still be read by queued compute kernels: overwrite after them.
+                self.stream.wait_event(after)
+            dst.copy_(src, non_blocking=True)
+            event.record(self.stream)
+        nbytes = src.numel() * src.element_size()
+        self.bytes_copied += nbytes
+        return CudaTransfer(key, slot, nbytes, priority, event, self)
+
+    def link_seconds(self, nbytes: int) -> float:
+        return 0.0
+
+    def drain_stall_seconds(self) -> float:
+        """Seconds the compute stream waited on copies, for the waits whose end events have completed."""
+        total_ms, pending = 0.0, []
+        for start, end in self.pending_stalls:
+            if end.query():
+                total_ms += start.elapsed_time(end)
+            else:
+                pending.append((start, end))
+        self.pending_stalls = pending
+        return total_ms / 1e3
+
+    def close(self) -> None:
+        # Copies still queued read pinned host memory that the store may free next: let them finish.
+        self.stream.synchronize()
+
+
+def make_copy_engine(device: torch.device, link_gbps: float | None, link_latency_us: float):
+    if device.type == "cuda":
+        return CudaCopyEngine(device)
+    return ThreadCopyEngine(link_gbps, link_latency_us)

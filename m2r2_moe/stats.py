@@ -1,0 +1,66 @@
+"""Counters of an offloaded model: what `m2r2_moe.stats(model)` returns."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class OffloadStats:
+    """Every expert use of an offloaded model is exactly one of hit / prefetch hit / late prefetch / miss.
+
+    - hits: the expert was resident before it was needed or predicted.
+    - prefetch_hits: brought in by a prediction, complete in time.
+    - late_prefetches: predicted, but its copy was still in flight: compute waited for part of it.
+    - misses: not resident, not predicted: compute waited for a full demand load.
+    - bytes_to_device: bytes copied host→device (demand loads and prefetches).
+    - stall_seconds: time the compute side waited for experts to arrive.
+    - tokens: token positions processed (prefill and decode, all sequences of a batch).
+    """
+
+    hits: int = 0
+    prefetch_hits: int = 0
+    late_prefetches: int = 0
+    misses: int = 0
+    bytes_to_device: int = 0
+    stall_seconds: float = 0.0
+    tokens: int = 0
+    evictions: int = 0
+    layer_calls: int = 0
+    waves: int = 0
+
+    @property
+    def expert_uses(self) -> int:
+        return self.hits + self.prefetch_hits + self.late_prefetches + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of expert uses that did not wait for a copy (hits and prefetch hits)."""
+        uses = self.expert_uses
+        return (self.hits + self.prefetch_hits) / uses if uses else 0.0
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["expert_uses"] = self.expert_uses
+        out["hit_rate"] = self.hit_rate
+        return out
+
+    def copy(self) -> "OffloadStats":
+        return dataclasses.replace(self)
+
+    def __str__(self) -> str:
+        rows = [
+            ("tokens", f"{self.tokens}"),
+            ("expert uses", f"{self.expert_uses}"),
+            ("  hits", f"{self.hits}"),
+            ("  prefetch hits", f"{self.prefetch_hits}"),
+            ("  late prefetches", f"{self.late_prefetches}"),
+            ("  misses", f"{self.misses}"),
+            ("hit rate", f"{self.hit_rate:.1%}"),
+            ("evictions", f"{self.evictions}"),
+            ("bytes to device", f"{self.bytes_to_device / 1e6:.2f} MB"),
+            ("stall", f"{self.stall_seconds * 1e3:.2f} ms"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v:>14}" for k, v in rows)
