@@ -86,6 +86,21 @@ class MoEAdapter:
                 return router
         return None
 
+    def route(self, layer: MoELayer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's own routing applied to `hidden [T, H]` (already normed as the block sees it).
+
+        Returns (`scores [T, E]` float32, higher = more likely chosen: the family's selection scores,
+        softmax probabilities for softmax routers; `top_k_index [T, K]` the experts the block would run).
+        Predictors call this to turn a (predicted) residual into expert choices. The default reads the
+        transformers 5 router output `(router_logits, router_scores, router_indices)`."""
+        out = layer.router(hidden)
+        if not (isinstance(out, tuple) and len(out) == 3):
+            raise UnsupportedModelError(
+                f"{type(layer.router).__name__} does not return (logits, scores, indices); add a family adapter"
+            )
+        logits, _, indices = out
+        return torch.softmax(logits.float(), dim=-1), indices
+
     def top_k(self, model: nn.Module) -> int:
         config = model.config
         for name in ("num_experts_per_tok", "moe_top_k", "top_k"):

@@ -15,7 +15,7 @@ from torch import nn
 from ..config import OffloadConfig
 from ..models.base import MoELayer
 from ..stats import OffloadStats
-from .cache import SlotManager
+from .cache import make_slot_manager
 from .experts import SlotView, make_offloaded_forward, remap_and_mask
 from .store import ExpertPacking, HostExpertStore
 from .transfer import DEMAND, make_copy_engine
@@ -46,7 +46,7 @@ class Offloader:
         self.pool = torch.zeros(num_slots, slot_numel, dtype=dtype, device=self.device)  # [S, numel]
         self.views = [SlotView(layer.experts, p.views(self.pool), num_slots) for layer, p in zip(layers, self.packings)]
         self.kernels = [type(layer.experts).forward for layer in layers]
-        self.slots = SlotManager(num_slots)
+        self.slots = make_slot_manager(num_slots)
         self.engine = make_copy_engine(self.device, config.link_gbps, config.link_latency_us)
         self.stats = OffloadStats()
         self._slot_free: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last compute reading the slot

@@ -29,12 +29,13 @@ DEMAND, PREFETCH = 0, 1  # queue priorities: lower runs first
 class Transfer:
     """Handle of one copy into a slot."""
 
-    __slots__ = ("key", "slot", "nbytes", "priority", "_done", "error")
+    __slots__ = ("key", "slot", "nbytes", "priority", "_done", "error", "started_at", "finished_at")
 
     def __init__(self, key: int, slot: int, nbytes: int, priority: int):
         self.key, self.slot, self.nbytes, self.priority = key, slot, nbytes, priority
         self._done = threading.Event()
         self.error: BaseException | None = None
+        self.started_at = self.finished_at = 0.0  # perf_counter times on the (emulated) link
 
     def ready(self) -> bool:
         return self._done.is_set()
@@ -106,14 +107,15 @@ class ThreadCopyEngine:
             dst.copy_(src)
         except BaseException as e:  # reported to the waiter, never lost in the thread
             transfer.error = e
+        transfer.started_at = start
         if self.bytes_per_s is not None:
             # Serial link: this transfer starts when the link is free and occupies it for its duration.
-            begin = max(start, self._link_free_at)
-            self._link_free_at = begin + self.link_seconds(transfer.nbytes)
+            transfer.started_at = max(start, self._link_free_at)
+            self._link_free_at = transfer.started_at + self.link_seconds(transfer.nbytes)
             delay = self._link_free_at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-        end = time.perf_counter()
+        end = transfer.finished_at = time.perf_counter()
         self.busy_seconds += end - start
         self.bytes_copied += transfer.nbytes
         transfer._done.set()

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random transformers MoE models built from their config classes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+
+def tiny_mixtral(dtype=torch.float32, experts_implementation: str | None = None, seed: int = 0, layers: int = 4,
+                 experts: int = 8, top_k: int = 2) -> MixtralForCausalLM:
+    """A 4-layer, 8-expert, top-2 Mixtral with random weights (fast on CPU)."""
+    config = MixtralConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=experts, num_experts_per_tok=top_k, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).to(dtype).eval()
+    if experts_implementation is not None:
+        model.set_experts_implementation(experts_implementation)
+    return model
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(model: torch.nn.Module, snap: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict()
+    return now.keys() == snap.keys() and all(
+        now[k].dtype == snap[k].dtype and now[k].shape == snap[k].shape and torch.equal(now[k], snap[k]) for k in snap
+    )
+
+
+@pytest.fixture
+def mixtral():
+    return tiny_mixtral()
