@@ -32,6 +32,25 @@ class MoELayer:
     param_names: tuple[str, ...] = field(default_factory=tuple)  # expert tensors, packing order
 
 
+@dataclass(frozen=True)
+class CheckpointTensor:
+    """Where one on-disk expert tensor goes: rows `[start, stop)` (None: all) of fused tensor `param` of
+    `expert` (None: the on-disk tensor already holds every expert, `[E, *shape]`)."""
+
+    param: str
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+
+
+# On-disk per-expert names of each fused tensor (split along dim 0 in this order), Qwen- and Mixtral-style.
+PER_EXPERT_NAMES = {
+    "qwen": {"gate_up_proj": ("gate_proj.weight", "up_proj.weight"), "up_proj": ("up_proj.weight",),
+             "down_proj": ("down_proj.weight",), "gate_up_proj_bias": ("gate_proj.bias", "up_proj.bias"),
+             "up_proj_bias": ("up_proj.bias",), "down_proj_bias": ("down_proj.bias",)},
+    "mixtral": {"gate_up_proj": ("w1.weight", "w3.weight"), "down_proj": ("w2.weight",)},
+}
+
+
 class MoEAdapter:
     """Finds the MoE blocks of a model; the default works for any fused-layout family."""
 
@@ -108,6 +127,27 @@ class MoEAdapter:
             if isinstance(value, int):
                 return value
         raise UnsupportedModelError(f"{type(model).__name__}: cannot find the routing top-k in its config")
+
+    def checkpoint_expert_names(self, layer: MoELayer, prefix: str) -> dict[str, dict[str, CheckpointTensor]]:
+        """On-disk names of `layer`'s expert tensors, one dict per layout a checkpoint may use (the loader
+        takes the layout the checkpoint has): `fused` (`{prefix}.gate_up_proj`), `qwen`
+        (`{prefix}.{e}.gate_proj.weight`, ...) and `mixtral` (`{prefix}.{e}.w1.weight`: w1 gate, w3 up,
+        w2 down). `prefix` is the experts module's name in the model, e.g. `model.layers.3.mlp.experts`."""
+        experts = layer.experts
+        layouts = {"fused": {f"{prefix}.{n}": CheckpointTensor(n) for n in layer.param_names}}
+        for style, names in PER_EXPERT_NAMES.items():
+            if not all(n in names for n in layer.param_names):
+                continue
+            layout = {}
+            for n in layer.param_names:
+                parts, rows = names[n], getattr(experts, n).shape[1]
+                step = rows // len(parts)
+                for i, part in enumerate(parts):
+                    span = None if len(parts) == 1 else (i * step, (i + 1) * step)
+                    for e in range(int(experts.num_experts)):
+                        layout[f"{prefix}.{e}.{part}"] = CheckpointTensor(n, e, span)
+            layouts[style] = layout
+        return layouts
 
 
 def check_fused_layout(experts: nn.Module) -> tuple[str, ...]:
