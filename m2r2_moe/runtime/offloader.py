@@ -100,25 +100,46 @@ class Offloader:
         needed = torch.unique(top_k_index).tolist()
         if not needed:
             return torch.zeros_like(hidden_states)
+        eager = self.views[layer].config._experts_implementation == "eager"
+        if eager and (top_k_index.shape[1] > 2 or len(needed) > self.num_slots):
+            return self._run_eager_in_expert_order(layer, needed, hidden_states, top_k_index, top_k_weights)
         if len(needed) <= self.num_slots:
             return self._run_wave(layer, needed, hidden_states, top_k_index, top_k_weights, partial=False)
         return self._run_in_waves(layer, needed, hidden_states, top_k_index, top_k_weights)
 
+    def _run_eager_in_expert_order(self, layer, needed, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """eager adds each expert's weighted rows into the output in the output dtype, expert by expert in
+        ascending id order. On slots that order becomes slot order; once a token has more than two
+        contributions (K > 2, or waves) the rounding would differ. So each (token, expert) pair is computed
+        as its own row with weight 1 (exact), `num_slots` experts at a time and only the rows of the wave
+        (no sentinel: GPT-OSS's eager kernel has none), then weighted as the kernel does and added to the
+        output in ascending expert order. Shapes: T tokens, K = top-k, H hidden."""
+        num_tokens, top_k = top_k_index.shape
+        pair_hidden = hidden_states.repeat_interleave(top_k, dim=0)  # [T*K, H]
+        pair_index = top_k_index.reshape(-1, 1)  # [T*K, 1]
+        ones = torch.ones_like(top_k_weights).reshape(-1, 1)  # [T*K, 1]
+        rows = torch.empty_like(pair_hidden)
+        for start in range(0, len(needed), self.num_slots):
+            wave = needed[start : start + self.num_slots]
+            rows_of_wave = torch.isin(pair_index[:, 0], torch.tensor(wave, device=pair_index.device))
+            sel = rows_of_wave.nonzero().squeeze(1)  # [n]
+            rows[sel] = self._run_wave(layer, wave, pair_hidden[sel], pair_index[sel], ones[sel], partial=False)
+        weighted = (rows * top_k_weights.reshape(-1, 1)).to(hidden_states.dtype)  # as the kernel rounds each row
+        weighted = weighted.view(num_tokens, top_k, -1)  # [T, K, H]
+        order = top_k_index.argsort(dim=1)  # [T, K]: a token's experts in ascending id order
+        out = torch.zeros_like(hidden_states)  # [T, H]
+        for j in range(top_k):
+            out += weighted[torch.arange(num_tokens, device=order.device), order[:, j]]
+        return out
+
     def _run_in_waves(self, layer, needed, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """More distinct experts than slots (long prefill): compute them `num_slots` at a time.
 
-        eager sums bf16 contributions per expert into the output, so wave outputs add up the same way.
         grouped_mm / batched_mm sum a token's K weighted expert outputs in fp32 and round once, so here
         each (token, expert) pair is computed as its own row with weight 1 (exact: x * 1.0), the rows of
         all waves are gathered (each row is non-zero in exactly one wave), and the weighting and the fp32
         sum over K are done as the kernel does them. Shapes: T tokens, K = top-k, H hidden."""
         waves = [needed[i : i + self.num_slots] for i in range(0, len(needed), self.num_slots)]
-        if self.views[layer].config._experts_implementation == "eager":
-            out = None
-            for wave in waves:
-                part = self._run_wave(layer, wave, hidden_states, top_k_index, top_k_weights, partial=True)
-                out = part if out is None else out.add_(part)
-            return out
         num_tokens, top_k = top_k_index.shape
         pair_hidden = hidden_states.repeat_interleave(top_k, dim=0)  # [T*K, H]
         pair_index = top_k_index.reshape(-1, 1)  # [T*K, 1]
