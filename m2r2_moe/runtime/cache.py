@@ -1,8 +1,9 @@
 """Device slot cache bookkeeping: which expert sits in which slot, LRU order, pins, counters.
 
-This is the pure-Python reference twin of the C++ slot manager (csrc/slot_manager.cpp). It moves no
-bytes: the runtime asks it for a slot and learns whether the expert must be copied in. Keys are
-integers, `layer * num_experts + expert`, so one pool serves every layer.
+This is the pure-Python reference twin of the C++ slot manager (csrc/slot_manager.cpp); the runtime
+builds either through `make_slot_manager`. It moves no bytes: the runtime asks it for a slot and
+learns whether the expert must be copied in. Keys are integers, `layer * num_experts + expert`, so
+one pool serves every layer.
 
 Invariants (tests/test_cache.py checks them after every operation):
 - a key is in at most one slot and a slot holds at most one key;
@@ -123,3 +124,18 @@ class SlotManager:
         self._key_of[slot] = key
         self._slot_of[key] = slot
         return slot, evicted
+
+
+def make_slot_manager(num_slots: int, native: bool | None = None):
+    """A slot manager for `num_slots` slots: the C++ one (`m2r2_moe._native.SlotManager`, same interface,
+    same decisions) when it is built, else the Python `SlotManager`.
+
+    `native=None` picks the C++ one when available; `True` requires it (RuntimeError naming why it is
+    missing); `False` forces the Python twin."""
+    from .. import _ext  # the only door to native code
+
+    if native is False or (native is None and not _ext.HAS_EXT):
+        return SlotManager(num_slots)
+    if not _ext.HAS_EXT:
+        raise RuntimeError(f"the C++ slot manager is not available: {_ext.EXT_ERROR}")
+    return _ext.native.SlotManager(num_slots)
