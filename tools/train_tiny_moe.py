@@ -105,10 +105,9 @@ def train_tokenizer(train_texts: list[str], vocab_size: int):
 def encode_split(tokenizer, texts: list[str]) -> np.ndarray:
     """One token stream: each file's tokens followed by EOS."""
     eos = tokenizer.convert_tokens_to_ids(EOS)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     out = []
-    for seq in ids:
-        out.extend(seq)
+    for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
+        out.extend(enc.ids)
         out.append(eos)
     return np.asarray(out, dtype=np.int32)
 
@@ -506,9 +505,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -523,13 +522,14 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--max-positions", type=int, default=2048)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--probe-chunks", type=int, default=16, help="held-out chunks for the curve")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--probe-chunks", type=int, default=12, help="held-out chunks for the curve")
     p.add_argument("--eval-chunks", type=int, default=None, help="held-out chunks for the card (default all)")
     p.add_argument("--check-chunks", type=int, default=6, help="held-out chunks stored in card.json for tests")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-files", type=int, default=None, help="use only the first N files (debugging)")
     p.add_argument("--dry-run", action="store_true", help="a few steps on a few files into /tmp")
+    p.add_argument("--analyze-only", action="store_true", help="redo the card from the checkpoint in --out")
     args = p.parse_args(argv)
     if args.dry_run:
         args.out = Path("/tmp/tiny-mixtral-dry") if args.out == DEFAULT_OUT else args.out
@@ -539,10 +539,18 @@ def parse_args(argv=None):
     return args
 
 
-def folder_sizes(out: Path) -> dict:
-    sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+def folder_sizes(out: Path, skip: set[str]) -> dict:
+    sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.name not in skip}
     sizes["total"] = sum(sizes.values())
     return sizes
+
+
+def load_log(log_path: Path, card_path: Path) -> dict:
+    """The training log: from train_log.json right after training, else from a finished card.json."""
+    if log_path.exists():
+        return json.loads(log_path.read_text())
+    card = json.loads(card_path.read_text())
+    return {"log": card["log"], "train_wall_s": card["training"]["train_wall_s"], "wall_s": card["wall_s"]}
 
 
 def check_sequences(model, chunks: torch.Tensor, n: int) -> dict:
@@ -577,20 +585,24 @@ def main(argv=None) -> None:
     held_chunks = chunk_stream(held_stream, args.seq_len)
     probe = held_chunks[np.linspace(0, len(held_chunks) - 1, args.probe_chunks).round().astype(int)]
 
-    model = build_model(args, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
-    t_train = time.time()
-    log = train(model, train_stream, probe, args)
-    train_wall = time.time() - t_train
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.generation_config.pad_token_id = tokenizer.eos_token_id
-    model.to(torch.bfloat16).save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    del model
+    log_path = args.out / "train_log.json"
+    if not args.analyze_only:
+        model = build_model(args, tokenizer)
+        t_train = time.time()
+        log = train(model, train_stream, probe, args)
+        train_wall = time.time() - t_train
+        args.out.mkdir(parents=True, exist_ok=True)
+        model.generation_config.pad_token_id = tokenizer.eos_token_id
+        model.to(torch.bfloat16).save_pretrained(args.out)
+        tokenizer.save_pretrained(args.out)
+        log_path.write_text(json.dumps({"log": log, "train_wall_s": train_wall}))
+        del model
+    saved = load_log(log_path, args.out / "card.json")
+    log, train_wall = saved["log"], saved["train_wall_s"]
 
     # Everything below is measured on what ships: the bf16 files, loaded the way users load them.
     model = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
     eval_chunks = held_chunks if args.eval_chunks is None else held_chunks[: args.eval_chunks]
     held_nats, choices = routing_on(model, eval_chunks, args.batch)
     usage = expert_usage(choices, args.experts)
@@ -638,11 +650,14 @@ def main(argv=None) -> None:
         "samples": generate_samples(model, tokenizer, args.seed),
         "log": log,
     }
-    card["files"] = folder_sizes(args.out)
-    card["wall_s"] = time.time() - t_start
+    elapsed = time.time() - t_start
+    # --analyze-only after a crashed card step: training time + this (analysis) run approximates the whole.
+    card["wall_s"] = elapsed if not args.analyze_only else saved.get("wall_s") or train_wall + elapsed
+    card["files"] = folder_sizes(args.out, skip={log_path.name})
     write_card(card, args.out)
-    card["files"] = folder_sizes(args.out)  # now including the card itself
+    card["files"] = folder_sizes(args.out, skip={log_path.name})  # now including the card itself
     write_card(card, args.out)
+    log_path.unlink(missing_ok=True)  # card.json holds the log from now on
     print(f"held-out {card['eval']['heldout_bpb']:.3f} bits/byte (unigram {card['eval']['unigram_bpb']:.3f}); "
           f"max expert share {100 * usage.max():.1f}%; {card['files']['total'] / 1e6:.1f} MB in {args.out}", flush=True)
 
