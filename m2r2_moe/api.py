@@ -35,17 +35,25 @@ def offload(model: nn.Module, config: OffloadConfig | None = None, **kwargs) -> 
         >>> model.generate(**inputs, max_new_tokens=32)
         >>> print(m2r2_moe.stats(model))
     """
-    cfg = _merge_config(config, kwargs)
+    return _offload(model, _merge_config(config, kwargs))
+
+
+def _offload(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None) -> nn.Module:
+    """`offload`; with `fill_store` (from_pretrained) the expert params are still on meta and the store is
+    filled from the checkpoint by `fill_store(store)`; `store` replaces the host store (disk tier)."""
     if is_offloaded(model):
         raise AlreadyOffloadedError(
             f"{type(model).__name__} is already offloaded; call m2r2_moe.remove_offload(model) first to change settings."
         )
-    _check_on_cpu(model)
+    if fill_store is None:
+        _check_on_cpu(model)
     adapter, layers = find_moe_layers(model)
     top_k = adapter.top_k(model)
     num_slots = _resolve_slots(cfg, top_k, sum(int(layer.experts.num_experts) for layer in layers))
-    offloader = Offloader(model, layers, cfg, num_slots, adapter.name)
-    offloader.install(model)
+    predictor = _build_predictor(cfg, model, adapter, layers)  # before anything moves: bad adapters change nothing
+    offloader = Offloader(model, layers, cfg, num_slots, adapter.name, store=store)
+    offloader.install(model, fill_store=fill_store)
+    offloader.attach_predictor(predictor)
     model.__dict__[_ATTR] = offloader
     logger.info(
         "offloaded %d MoE layers (%s adapter): %d slots on %s, %.1f MB of experts in host memory",
@@ -99,6 +107,17 @@ def _merge_config(config: OffloadConfig | None, kwargs: dict) -> OffloadConfig:
         )
     base = config or OffloadConfig()
     return base.replace(**kwargs) if kwargs else base
+
+
+def _build_predictor(cfg: OffloadConfig, model, adapter, layers):
+    from .predict import Predictor, make_predictor
+
+    if isinstance(cfg.predictor, Predictor):
+        return cfg.predictor
+    if cfg.predictor == "none":
+        return None
+    return make_predictor(cfg.predictor, model, adapter, layers, cfg.lookahead, adapters=cfg.adapters,
+                          device=cfg.resolved_device())
 
 
 def _check_on_cpu(model: nn.Module) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
 
-PREDICTORS = ("none",)
+PREDICTORS = ("none", "history", "gate", "m2r2")  # "oracle" needs a trace: pass an OraclePredictor object
 POLICIES = ("lru",)
 
 
@@ -25,7 +26,9 @@ class OffloadConfig:
         cache_experts: number of expert slots on the device, shared by all MoE layers. Must be at least
             the model's top-k. `None` means half of all experts (at least top-k).
         policy: slot eviction policy (`"lru"`).
-        predictor: which predictor drives prefetching (`"none"`: on-demand loading only).
+        predictor: what drives prefetching: `"none"` (on-demand loading only), `"history"`, `"gate"`
+            (next layers' routers on the current residual), `"m2r2"` (accelerated residual adapters), or a
+            `m2r2_moe.predict.Predictor` object (e.g. an `OraclePredictor` replaying a recorded trace).
         lookahead: how many layers ahead a predictor looks (D).
         adapters: path of a trained adapters file for predictors that need one.
         pin_memory: page-lock the host expert store. `None` means yes when CUDA is available.
@@ -37,9 +40,9 @@ class OffloadConfig:
     device: str | None = None
     cache_experts: int | None = None
     policy: str = "lru"
-    predictor: str = "none"
+    predictor: object = "none"
     lookahead: int = 4
-    adapters: str | None = None
+    adapters: str | os.PathLike | None = None
     pin_memory: bool | None = None
     link_gbps: float | None = None
     link_latency_us: float = 0.0
@@ -54,7 +57,10 @@ class OffloadConfig:
             if self.cache_experts < 1:
                 raise OffloadConfigError(f"cache_experts must be >= 1, got {self.cache_experts}")
         _check_choice("policy", self.policy, POLICIES)
-        _check_choice("predictor", self.predictor, PREDICTORS)
+        if not hasattr(self.predictor, "predict"):
+            _check_choice("predictor", self.predictor, PREDICTORS)
+        if self.adapters is not None and not isinstance(self.adapters, (str, os.PathLike)):
+            raise OffloadConfigError(f"adapters must be a path to an adapters file, got {type(self.adapters).__name__}")
         if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 1:
             raise OffloadConfigError(f"lookahead must be an integer >= 1, got {self.lookahead!r}")
         if self.pin_memory not in (None, True, False):

@@ -29,6 +29,9 @@ class OffloadStats:
     evictions: int = 0
     layer_calls: int = 0
     waves: int = 0
+    prefetches: int = 0
+    cancelled_prefetches: int = 0
+    wasted_bytes: int = 0
 
     @property
     def expert_uses(self) -> int:
@@ -59,7 +62,9 @@ class OffloadStats:
             ("  misses", f"{self.misses}"),
             ("hit rate", f"{self.hit_rate:.1%}"),
             ("evictions", f"{self.evictions}"),
+            ("prefetches issued", f"{self.prefetches}"),
             ("bytes to device", f"{self.bytes_to_device / 1e6:.2f} MB"),
+            ("  wasted (prefetched, unused)", f"{self.wasted_bytes / 1e6:.2f} MB"),
             ("stall", f"{self.stall_seconds * 1e3:.2f} ms"),
         ]
         width = max(len(k) for k, _ in rows)

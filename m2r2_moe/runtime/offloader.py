@@ -27,7 +27,7 @@ class Offloader:
     """Owns everything an offloaded model needs; built by `m2r2_moe.offload`."""
 
     def __init__(self, model: nn.Module, layers: list[MoELayer], config: OffloadConfig, num_slots: int,
-                 adapter_name: str):
+                 adapter_name: str, store=None):
         self.config = config
         self.device = config.resolved_device()
         self.layers = layers
@@ -40,7 +40,9 @@ class Offloader:
         if any(p.dtype != dtype for p in self.packings):
             raise TypeError("all MoE layers must keep their experts in one dtype")
         self.num_slots = num_slots
-        self.store = HostExpertStore(self.packings, self.num_experts, config.resolved_pin_memory())
+        if store is None:  # else a pre-built store with HostExpertStore's interface (from_pretrained's disk tier)
+            store = HostExpertStore(self.packings, self.num_experts, config.resolved_pin_memory())
+        self.store = store
         slot_numel = max(p.numel for p in self.packings)
         # zeros, not empty: a kernel may read a never-filled slot in batched_mm's clamped sentinel rows (x 0 weight)
         self.pool = torch.zeros(num_slots, slot_numel, dtype=dtype, device=self.device)  # [S, numel]
@@ -51,6 +53,9 @@ class Offloader:
         self.stats = OffloadStats()
         self._slot_free: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last compute reading the slot
         self._moved = 0  # layers whose weights live in the store (for rollback)
+        self._prefetched: dict[int, object] = {}  # key -> transfer of a prefetched expert not used yet
+        self.top_k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)  # sizes predicted sets
+        self.prefetcher = None  # set by attach_predictor
 
     @property
     def expert_bytes(self) -> list[int]:
@@ -58,16 +63,29 @@ class Offloader:
         return [p.nbytes for p in self.packings]
 
     # -- installing and removing -----------------------------------------------------------------
-    def install(self, model: nn.Module) -> None:
+    def install(self, model: nn.Module, fill_store=None) -> None:
         """Move expert weights into the store, free them from the model, swap the experts' forward, move
-        the rest of the model to the device. All or nothing: on error the model is restored."""
+        the rest of the model to the device. All or nothing: on error the model is restored.
+
+        `fill_store(store)` (from_pretrained): the store is filled from a checkpoint instead, the model's
+        expert params (meta) are replaced by empty CPU tensors, and `remove_offload` later gives back a
+        CPU model, as if it had been loaded with transformers and then offloaded."""
         try:
-            for i, layer in enumerate(self.layers):
-                params = {n: getattr(layer.experts, n) for n in layer.param_names}
-                self.store.fill_layer(i, {n: p.data for n, p in params.items()})
-                for p in params.values():
-                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-                self._moved = i + 1
+            if fill_store is not None:
+                fill_store(self.store)
+                for layer in self.layers:  # meta params cannot take `.data = cpu_tensor`: replace them
+                    for name in layer.param_names:
+                        p = getattr(layer.experts, name)
+                        setattr(layer.experts, name, nn.Parameter(torch.empty(0, dtype=p.dtype), p.requires_grad))
+                self._moved = len(self.layers)
+                self.original_device = torch.device("cpu")
+            else:
+                for i, layer in enumerate(self.layers):
+                    params = {n: getattr(layer.experts, n) for n in layer.param_names}
+                    self.store.fill_layer(i, {n: p.data for n, p in params.items()})
+                    for p in params.values():
+                        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+                    self._moved = i + 1
             for i, layer in enumerate(self.layers):
                 layer.experts.forward = make_offloaded_forward(self, i)
             if self.device != self.original_device:
@@ -76,8 +94,22 @@ class Offloader:
             self.uninstall(model)
             raise
 
+    def attach_predictor(self, predictor) -> None:
+        """Prefetch with `predictor` (a `m2r2_moe.predict.Predictor`); `None` detaches."""
+        from .prefetcher import Prefetcher
+
+        if self.prefetcher is not None:
+            self.prefetcher.remove()
+        self.prefetcher = None if predictor is None or predictor.name == "none" else Prefetcher(self, predictor)
+
+    def reset_sequence(self) -> None:
+        """A new prompt starts: predictors forget per-sequence state."""
+        if self.prefetcher is not None:
+            self.prefetcher.predictor.reset()
+
     def uninstall(self, model: nn.Module) -> None:
         """Give the model its weights and forwards back, bit for bit; release the runtime's resources."""
+        self.attach_predictor(None)
         self.engine.close()
         for layer in self.layers:
             layer.experts.__dict__.pop("forward", None)
@@ -98,6 +130,7 @@ class Offloader:
         self.stats.layer_calls += 1
         # Host sync on CUDA: the set of experts decides which copies to issue (paid once per layer).
         needed = torch.unique(top_k_index).tolist()
+        self._routing = top_k_index  # the prefetcher looks ahead once per layer call, at its first wave
         if not needed:
             return torch.zeros_like(hidden_states)
         eager = self.views[layer].config._experts_implementation == "eager"
@@ -155,7 +188,8 @@ class Offloader:
         """Acquire the wave's experts, run the model's kernel on their slots, release."""
         self.stats.waves += 1
         keys = [layer * self.key_stride + e for e in wave]
-        slots = self._acquire(layer, wave, keys)
+        slots = self._acquire(layer, wave, keys, self._routing)
+        self._routing = None
         try:
             table = torch.full((self.num_experts[layer],), self.num_slots, dtype=torch.long)
             table[wave] = torch.tensor(slots, dtype=torch.long)
@@ -174,31 +208,80 @@ class Offloader:
                 self.slots.release(key)
         return out
 
-    def _acquire(self, layer: int, wave: list[int], keys: list[int]) -> list[int]:
-        """Pin a slot for each expert of the wave; demand-load the absent ones and wait for them."""
-        slots, transfers = [], []
+    def _acquire(self, layer: int, wave: list[int], keys: list[int], top_k_index=None) -> list[int]:
+        """Pin a slot for each expert of the wave; demand-load the absent ones; let the prefetcher look
+        ahead (the wave is pinned, its loads queued first); wait for the wave's copies."""
+        slots, waits = [], []
         try:
             for expert, key in zip(wave, keys):
                 slot, hit, evicted = self.slots.acquire(key)
                 slots.append(slot)
                 if evicted >= 0:
-                    self.stats.evictions += 1
+                    self._evicted(evicted)
                 if hit:
-                    self.stats.hits += 1
+                    self._classify_hit(key, waits)
                     continue
                 self.stats.misses += 1
-                src = self.store.expert(layer, expert)
-                transfer = self.engine.submit(key, slot, self.pool[slot, : src.numel()], src, DEMAND,
-                                              after=self._slot_free[slot])
-                self.stats.bytes_to_device += transfer.nbytes
-                transfers.append(transfer)
-            for transfer in transfers:
+                waits.append(self._copy(layer, expert, key, slot, DEMAND))
+            if self.prefetcher is not None and top_k_index is not None:
+                self.prefetcher.on_layer(layer, top_k_index, pinned=len(wave))
+            for transfer in waits:
                 self.stats.stall_seconds += transfer.wait()
         except BaseException:
             for key in keys[: len(slots)]:
                 self._forget(key)
             raise
         return slots
+
+    def _classify_hit(self, key: int, waits: list) -> None:
+        transfer = self._prefetched.pop(key, None)
+        if transfer is None:
+            self.stats.hits += 1
+        elif transfer.ready():
+            self.stats.prefetch_hits += 1
+        else:
+            self.stats.late_prefetches += 1
+            promote = getattr(self.engine, "promote", None)
+            if promote is not None:
+                promote(transfer)  # the compute side waits for it now: run it before other prefetches
+            waits.append(transfer)
+
+    def _copy(self, layer: int, expert: int, key: int, slot: int, priority: int):
+        src = self.store.expert(layer, expert)
+        transfer = self.engine.submit(key, slot, self.pool[slot, : src.numel()], src, priority,
+                                      after=self._slot_free[slot])
+        self.stats.bytes_to_device += transfer.nbytes
+        return transfer
+
+    def prefetch(self, layer: int, expert: int, priority: int) -> bool:
+        """Start bringing `expert` of MoE layer `layer` in, if it is neither resident nor in flight.
+        Returns whether a copy was queued. A resident expert has its recency refreshed."""
+        key = layer * self.key_stride + expert
+        if self.slots.lookup(key) >= 0:
+            self.slots.acquire(key)  # refresh recency (the slot manager has no separate touch)
+            self.slots.release(key)
+            return False
+        slot, evicted = self.slots.prefetch(key)
+        if slot < 0:
+            return False
+        if evicted >= 0:
+            self._evicted(evicted)
+        self._prefetched[key] = self._copy(layer, expert, key, slot, priority)
+        self.stats.prefetches += 1
+        return True
+
+    def _evicted(self, key: int) -> None:
+        """`key` lost its slot: a prefetched copy never used is wasted (or withdrawn if still queued)."""
+        self.stats.evictions += 1
+        transfer = self._prefetched.pop(key, None)
+        if transfer is None:
+            return
+        cancel = getattr(self.engine, "cancel", None)
+        if cancel is not None and not transfer.ready() and cancel(transfer):
+            self.stats.bytes_to_device -= transfer.nbytes
+            self.stats.cancelled_prefetches += 1
+        else:
+            self.stats.wasted_bytes += transfer.nbytes
 
     def _forget(self, key: int) -> None:
         """Undo an acquire whose slot may hold garbage: unpin and evict it."""

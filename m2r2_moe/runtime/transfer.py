@@ -29,13 +29,15 @@ DEMAND, PREFETCH = 0, 1  # queue priorities: lower runs first
 class Transfer:
     """Handle of one copy into a slot."""
 
-    __slots__ = ("key", "slot", "nbytes", "priority", "_done", "error", "started_at", "finished_at")
+    __slots__ = ("key", "slot", "nbytes", "priority", "_done", "error", "started_at", "finished_at", "claimed",
+                 "cancelled")
 
     def __init__(self, key: int, slot: int, nbytes: int, priority: int):
         self.key, self.slot, self.nbytes, self.priority = key, slot, nbytes, priority
         self._done = threading.Event()
         self.error: BaseException | None = None
         self.started_at = self.finished_at = 0.0  # perf_counter times on the (emulated) link
+        self.claimed = self.cancelled = False  # taken by the worker / withdrawn before it was
 
     def ready(self) -> bool:
         return self._done.is_set()
@@ -61,6 +63,7 @@ class ThreadCopyEngine:
         self._cv = threading.Condition()
         self._closed = False
         self._link_free_at = 0.0
+        self._args: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._worker = threading.Thread(target=self._run, name="m2r2-copy", daemon=True)
         self._worker.start()
 
@@ -82,8 +85,28 @@ class ThreadCopyEngine:
             if self._closed:
                 raise RuntimeError("copy engine is closed")
             heapq.heappush(self._queue, (priority, next(self._seq), transfer, dst, src))
+            if priority != DEMAND:
+                self._args[id(transfer)] = (dst, src)  # for a later promotion
             self._cv.notify()
         return transfer
+
+    def cancel(self, transfer: Transfer) -> bool:
+        """Withdraw a queued copy. False when the worker has already taken it (it then completes before
+        any copy submitted later into the same slot, since there is one worker)."""
+        with self._cv:
+            if transfer.claimed:
+                return False
+            transfer.cancelled = True
+        transfer._done.set()
+        return True
+
+    def promote(self, transfer: Transfer) -> None:
+        """Move a queued prefetch ahead of all other prefetches: the compute side now waits for it."""
+        with self._cv:
+            if not transfer.claimed and not transfer.cancelled and transfer.priority != DEMAND:
+                transfer.priority = DEMAND
+                heapq.heappush(self._queue, (DEMAND, next(self._seq), transfer, None, None))
+                self._cv.notify()
 
     def close(self) -> None:
         with self._cv:
@@ -99,6 +122,15 @@ class ThreadCopyEngine:
                 if not self._queue:
                     return
                 _, _, transfer, dst, src = heapq.heappop(self._queue)
+                if transfer.claimed or transfer.cancelled:
+                    if transfer.cancelled:
+                        self._args.pop(id(transfer), None)
+                    continue  # a promoted copy's older queue entry, or a withdrawn one
+                transfer.claimed = True
+                if dst is None:  # a promotion entry: the copy's arguments live in its original entry
+                    dst, src = self._args.pop(id(transfer))
+                else:
+                    self._args.pop(id(transfer), None)
             self._copy(transfer, dst, src)
 
     def _copy(self, transfer: Transfer, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -191,5 +223,14 @@ class CudaCopyEngine:
 
 def make_copy_engine(device: torch.device, link_gbps: float | None, link_latency_us: float):
     if device.type == "cuda":
+        # -- native engine (csrc/copy_engine.cu, via runtime/cuda_native.py) where built and usable;
+        #    CudaCopyEngine above is its torch twin; M2R2_MOE_NO_EXT=1 forces the twin. --
+        from . import cuda_native
+
+        reason = cuda_native.available()
+        if not reason:
+            return cuda_native.NativeCudaCopyEngine(device)
+        logger.debug("native CUDA copy engine not used: %s", reason)
+        # -- end native engine --
         return CudaCopyEngine(device)
     return ThreadCopyEngine(link_gbps, link_latency_us)

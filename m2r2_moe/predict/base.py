@@ -1,0 +1,62 @@
+"""The predictor protocol and set selection.
+
+A predictor sees, at each MoE layer l, the residual entering that layer's MoE block (`r_l`, before its
+norm) and the experts the router chose, and returns expert *scores* for the layers ahead:
+`{depth d: scores [T, E]}` for target layer l + d. Higher = more likely used. Turning scores into sets
+(`select`) is separate, so evaluation can compare predictors at equal width.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Predictor:
+    """Base class: predicts nothing (the `none` predictor)."""
+
+    name = "none"
+    needs_residual = False
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, depth: int):
+        self.num_layers, self.num_experts, self.top_k, self.depth = num_layers, num_experts, top_k, depth
+
+    def reset(self) -> None:
+        """Forget per-sequence state (called at the start of each forward over a new prompt)."""
+
+    def observe(self, layer: int, chosen: torch.Tensor) -> None:
+        """Record the experts layer `layer` actually used (`chosen [T, K]`)."""
+
+    def predict(self, layer: int, residual: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """Scores for layers `layer + d`, d = 1..depth (only those that exist): `{d: [T, E]}`."""
+        return {}
+
+    def depths(self, layer: int) -> range:
+        return range(1, min(self.depth, self.num_layers - 1 - layer) + 1)
+
+
+def select(scores: torch.Tensor, width: int | None = None, mass: float | None = None, cap: int | None = None,
+           ) -> torch.Tensor:
+    """Boolean mask `[T, E]` of predicted experts per token.
+
+    `width`: the top-`width` experts. `mass`: confidence widening — take experts in score order until
+    their share of the token's total score reaches `mass` (at least one expert, at most `cap`)."""
+    if (width is None) == (mass is None):
+        raise ValueError("give exactly one of width or mass")
+    num_experts = scores.shape[-1]
+    order = scores.argsort(dim=-1, descending=True)  # [T, E]
+    if width is not None:
+        take = torch.full(scores.shape[:-1], min(width, num_experts), dtype=torch.long, device=scores.device)
+    else:
+        sorted_scores = scores.gather(-1, order).clamp_min(0)
+        share = sorted_scores.cumsum(-1) / sorted_scores.sum(-1, keepdim=True).clamp_min(1e-30)
+        take = (share < mass).sum(-1) + 1  # experts needed to reach the mass
+        take = take.clamp(1, cap or num_experts)
+    ranks = torch.arange(num_experts, device=scores.device).expand_as(order)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(-1, order, ranks < take.unsqueeze(-1))
+    return mask
+
+
+def union(mask: torch.Tensor) -> list[int]:
+    """Experts predicted for any token of the batch (`mask [T, E]`)."""
+    return torch.nonzero(mask.any(0)).flatten().tolist()

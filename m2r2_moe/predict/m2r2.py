@@ -1,0 +1,139 @@
+"""`m2r2`: accelerated-residual adapters (our reading of M2R2, arXiv 2502.02040).
+
+For source layer l and rate d, the accelerated residual is
+
+    r̂_{l→l+d} = r_l + (norm_l(r_l) @ U_{l,d}) @ V_{l,d} + b_{l,d}        U [H, R], V [R, H], b [H]
+
+trained to land on r_{l+d}; the experts of layer l+d are predicted by the model's own router applied to
+`norm_{l+d}(r̂)`. Adapters are saved as safetensors with a JSON header (model fingerprint, depth, rank,
+losses) and refused, with a clear error, for a model they were not trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import M2R2Error
+from ..models.base import MoELayer
+from .gate import GatePredictor
+
+FORMAT = "m2r2-adapters"
+VERSION = 1
+
+
+class AdapterFileError(M2R2Error, ValueError):
+    """The adapters file is missing, corrupted or not an m2r2 adapters file."""
+
+
+class AdapterMismatchError(M2R2Error, ValueError):
+    """The adapters were trained for another model."""
+
+
+def model_fingerprint(model: nn.Module, layers: list[MoELayer]) -> str:
+    """Hash of what the adapters depend on: geometry, routers and pre-MoE norms (values rounded to bf16,
+    so an fp32 and a bf16 copy of one checkpoint share a fingerprint)."""
+    h = hashlib.sha256()
+    cfg = model.config
+    geometry = [getattr(cfg, "model_type", ""), getattr(cfg, "hidden_size", 0), len(layers),
+                [int(layer.experts.num_experts) for layer in layers]]
+    h.update(json.dumps(geometry).encode())
+    for layer in layers:
+        for module in (layer.router, layer.norm):
+            if module is None:
+                continue
+            for name, t in sorted(module.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class AcceleratorAdapters(nn.Module):
+    """Low-rank adapters `A_{l,d}` for every source layer l and rate d = 1..depth."""
+
+    def __init__(self, num_layers: int, hidden: int, depth: int, rank: int):
+        super().__init__()
+        self.num_layers, self.hidden, self.depth, self.rank = num_layers, hidden, depth, rank
+        self.U = nn.Parameter(torch.zeros(num_layers, depth, hidden, rank))  # [L, D, H, R]
+        self.V = nn.Parameter(torch.zeros(num_layers, depth, rank, hidden))  # [L, D, R, H]
+        self.b = nn.Parameter(torch.zeros(num_layers, depth, hidden))  # [L, D, H]
+        self.meta: dict = {}
+
+    def delta(self, layer: int, depth: int, normed: torch.Tensor) -> torch.Tensor:
+        """`A_{l,d}(x)` for `normed [T, H]` (any float dtype) → `[T, H]` float32."""
+        i = depth - 1
+        return (normed.float() @ self.U[layer, i]) @ self.V[layer, i] + self.b[layer, i]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, layer: int) -> int:
+        """Multiply-adds ×2 of the adapters evaluated at one source layer (all rates)."""
+        return sum(4 * self.hidden * self.rank for d in range(1, self.depth + 1) if layer + d < self.num_layers)
+
+    def save(self, path: str | Path, fingerprint: str, extra: dict | None = None) -> None:
+        meta = {"format": FORMAT, "version": str(VERSION), "fingerprint": fingerprint, "num_layers": str(self.num_layers),
+                "hidden": str(self.hidden), "depth": str(self.depth), "rank": str(self.rank),
+                "info": json.dumps(extra or {})}
+        tensors = {"U": self.U.detach().contiguous(), "V": self.V.detach().contiguous(), "b": self.b.detach().contiguous()}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, fingerprint: str | None = None) -> "AcceleratorAdapters":
+        """Load adapters; with `fingerprint`, refuse a file trained for another model."""
+        path = Path(path)
+        if not path.is_file():
+            raise AdapterFileError(f"adapters file {path} does not exist; train one with `m2r2-moe train-adapters`")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise AdapterFileError(f"{path} is not a readable safetensors file ({e}); re-train or re-download it") from e
+        if meta.get("format") != FORMAT:
+            raise AdapterFileError(f"{path} is not an m2r2 adapters file (format={meta.get('format')!r})")
+        if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+            raise AdapterMismatchError(
+                f"{path} was trained for another model (fingerprint {meta.get('fingerprint')}, this model has "
+                f"{fingerprint}); train adapters for this model with `m2r2-moe train-adapters`."
+            )
+        try:
+            adapters = cls(int(meta["num_layers"]), int(meta["hidden"]), int(meta["depth"]), int(meta["rank"]))
+            with torch.no_grad():
+                for name in ("U", "V", "b"):
+                    getattr(adapters, name).copy_(tensors[name])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise AdapterFileError(f"{path}: adapter tensors do not match its header ({e})") from e
+        adapters.meta = {**meta, "info": json.loads(meta.get("info", "{}"))}
+        return adapters
+
+
+class M2R2Predictor(GatePredictor):
+    """Routes the accelerated residual `r̂_{l→l+d}` with the model's own router of layer l+d."""
+
+    name = "m2r2"
+
+    def __init__(self, num_layers, num_experts, top_k, depth, adapter, layers, adapters: AcceleratorAdapters):
+        if adapters.num_layers != num_layers:
+            raise AdapterMismatchError(f"adapters cover {adapters.num_layers} MoE layers, the model has {num_layers}")
+        super().__init__(num_layers, num_experts, top_k, min(depth, adapters.depth), adapter, layers)
+        self.adapters = adapters
+
+    def accelerate(self, layer: int, depth: int, residual: torch.Tensor) -> torch.Tensor:
+        """`r̂_{l→l+d}` for `residual [T, H]`, in the residual's dtype."""
+        source = self.layers[layer]
+        normed = source.norm(residual) if source.norm is not None else residual
+        return (residual.float() + self.adapters.delta(layer, depth, normed)).to(residual.dtype)
+
+    @torch.no_grad()
+    def predict(self, layer: int, residual: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        return {d: self.target_scores(layer + d, self.accelerate(layer, d, residual)) for d in self.depths(layer)}

@@ -1,0 +1,68 @@
+"""Predictors that need no training: `history` (frequency/recency) and `oracle` (replays a trace)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Predictor
+
+
+class HistoryPredictor(Predictor):
+    """Per-layer exponentially decayed expert counts of the current sequence: what a layer used recently
+    it will likely use again."""
+
+    name = "history"
+
+    def __init__(self, num_layers, num_experts, top_k, depth, decay: float = 0.9):
+        super().__init__(num_layers, num_experts, top_k, depth)
+        self.decay = decay
+        self.reset()
+
+    def reset(self) -> None:
+        # a tiny uniform prior so that an unseen layer still ranks experts deterministically (by index)
+        self.counts = torch.zeros(self.num_layers, self.num_experts)
+        self.counts -= torch.arange(self.num_experts) * 1e-6
+
+    def observe(self, layer: int, chosen: torch.Tensor) -> None:
+        hits = torch.bincount(chosen.reshape(-1).cpu(), minlength=self.num_experts).float()
+        self.counts[layer] = self.counts[layer] * self.decay + hits
+
+    def predict(self, layer: int, residual: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        tokens = 1 if residual is None else residual.shape[0]
+        return {d: self.counts[layer + d].expand(tokens, -1) for d in self.depths(layer)}
+
+
+class OraclePredictor(Predictor):
+    """Replays recorded routing: the true experts of each future layer (an upper bound, never a default).
+
+    `experts [N, L, K]`: the recorded choice for token position n (in the order the model sees tokens,
+    batch 1) at MoE layer l."""
+
+    name = "oracle"
+
+    def __init__(self, num_layers, num_experts, top_k, depth, experts: torch.Tensor):
+        super().__init__(num_layers, num_experts, top_k, depth)
+        self.experts = experts.long()
+        self.position = 0  # first token position of the current forward
+
+    def reset(self) -> None:
+        self.position = 0
+
+    def load_sequence(self, chosen: torch.Tensor) -> None:
+        """Replay `chosen [L, N, K]` (offline evaluation of one sequence)."""
+        self.experts, self.position = chosen.permute(1, 0, 2).long(), 0
+
+    def advance(self, tokens: int) -> None:
+        """Called after each forward: the next forward starts `tokens` positions later."""
+        self.position += tokens
+
+    def predict(self, layer: int, residual: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        tokens = 1 if residual is None else residual.shape[0]
+        rows = self.experts[self.position : self.position + tokens]  # [T, L, K]
+        out = {}
+        for d in self.depths(layer):
+            scores = torch.zeros(tokens, self.num_experts)
+            if len(rows):
+                scores[: len(rows)].scatter_(-1, rows[:, layer + d], 1.0)
+            out[d] = scores
+        return out

@@ -1,0 +1,181 @@
+"""Training the accelerator adapters.
+
+Two stages, both deterministic:
+
+1. Closed form (reduced-rank ridge regression), streamed: for every source layer l the sufficient
+   statistics of x = norm_l(r_l) and, per rate d, of y = r_{l+d} - r_l are accumulated batch by batch
+   (sums and [H, H] cross products in float64), so the activation set is never held in memory. The
+   full-rank ridge solution W = (C_xx + λI)^-1 C_xy is projected on the top-R eigenvectors of the fitted
+   covariance Wᵀ C_xx W, which is the optimal rank-R least-squares map (reduced-rank regression).
+   Cost: one pass over the calibration text plus an [H, H] solve per (l, d).
+2. Router fine-tuning (optional, `kl_steps > 0`): starting from stage 1, Adam minimises
+   normalized MSE(r̂, r_{l+d}) + λ·KL(router_{l+d}(r_{l+d}) ‖ router_{l+d}(r̂)) on a bounded reservoir of
+   calibration tokens. MSE alone spends rank on directions the router ignores; the KL term spends it on
+   the routing decision, which is what prefetching needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.base import MoEAdapter, MoELayer
+from .collect import collect
+from .m2r2 import AcceleratorAdapters
+
+logger = logging.getLogger(__name__)
+
+
+class _Stats:
+    """Streamed sums for one source layer: x statistics and, per rate d, y statistics."""
+
+    def __init__(self, hidden: int, depths: int):
+        self.n = 0
+        self.sx = torch.zeros(hidden, dtype=torch.float64)
+        self.xx = torch.zeros(hidden, hidden, dtype=torch.float64)
+        self.sy = [torch.zeros(hidden, dtype=torch.float64) for _ in range(depths)]
+        self.xy = [torch.zeros(hidden, hidden, dtype=torch.float64) for _ in range(depths)]
+
+    def add(self, x: torch.Tensor, ys: list[torch.Tensor]) -> None:
+        x = x.double()
+        self.n += x.shape[0]
+        self.sx += x.sum(0)
+        self.xx += x.T @ x
+        for i, y in enumerate(ys):
+            y = y.double()
+            self.sy[i] += y.sum(0)
+            self.xy[i] += x.T @ y
+
+
+def _normed(layer: MoELayer, residual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return layer.norm(residual.to(dtype)).float()
+
+
+def _solve(stats: _Stats, i: int, rank: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-`rank` ridge regression of y on x for rate index i → (U [H, R], V [R, H], b [H])."""
+    n = stats.n
+    mx, my = stats.sx / n, stats.sy[i] / n
+    cxx = stats.xx / n - torch.outer(mx, mx)  # [H, H]
+    cxy = stats.xy[i] / n - torch.outer(mx, my)  # [H, H]
+    scale = cxx.diagonal().mean().clamp_min(1e-12)
+    w = torch.linalg.solve(cxx + ridge * scale * torch.eye(len(cxx), dtype=cxx.dtype), cxy)  # [H, H]
+    fitted = w.T @ cxx @ w  # covariance of the fitted values
+    _, vecs = torch.linalg.eigh(fitted)
+    q = vecs[:, -rank:]  # top-R eigenvectors [H, R]
+    u, v = w @ q, q.T
+    b = my - mx @ u @ v
+    return u.float(), v.float(), b.float()
+
+
+def train_adapters(model, adapter: MoEAdapter, layers: list[MoELayer], batches: Iterable[torch.Tensor],
+                   depth: int = 4, rank: int = 32, ridge: float = 1e-3, kl_steps: int = 300, kl_weight: float = 1.0,
+                   kl_samples: int = 8192, lr: float = 3e-3, seed: int = 0, progress: bool = True,
+                   ) -> tuple[AcceleratorAdapters, dict]:
+    """Train adapters on calibration `batches` of token ids `[B, S]`. Returns (adapters, report)."""
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)  # gradients flow through the routers to the adapters only
+    try:
+        return _train(model, adapter, layers, batches, depth, rank, ridge, kl_steps, kl_weight, kl_samples, lr, seed,
+                      progress)
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+
+
+def _train(model, adapter, layers, batches, depth, rank, ridge, kl_steps, kl_weight, kl_samples, lr, seed, progress):
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    num_layers, hidden = len(layers), model.config.hidden_size
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and p.numel())
+    stats = [_Stats(hidden, depth) for _ in range(num_layers)]
+    reservoir: list[torch.Tensor] = []
+    kept = 0
+    batches = list(batches)
+    for residuals, _ in tqdm(collect(model, layers, batches), total=len(batches), desc="collect residuals",
+                             disable=not progress):
+        for l in range(num_layers):
+            ds = [d for d in range(1, depth + 1) if l + d < num_layers]
+            stats[l].add(_normed(layers[l], residuals[l], dtype), [residuals[l + d] - residuals[l] for d in ds])
+        if kept < kl_samples:
+            reservoir.append(residuals[:, : kl_samples - kept])
+            kept += reservoir[-1].shape[1]
+    adapters = AcceleratorAdapters(num_layers, hidden, depth, rank)
+    pairs = [(l, d) for l in range(num_layers) for d in range(1, depth + 1) if l + d < num_layers]
+    with torch.no_grad():
+        for l, d in pairs:
+            adapters.U[l, d - 1], adapters.V[l, d - 1], adapters.b[l, d - 1] = _solve(stats[l], d - 1, rank, ridge)
+    sample = torch.cat(reservoir, dim=1)  # [L, N, H]
+    report = {"tokens": stats[0].n, "depth": depth, "rank": rank, "ridge": ridge, "pairs": {}}
+    for l, d in tqdm(pairs, desc="fine-tune on routing (KL)", disable=not progress or kl_steps == 0):
+        before = _pair_losses(adapters, adapter, layers, sample, l, d, dtype)
+        if kl_steps:
+            _finetune_pair(adapters, adapter, layers, sample, l, d, dtype, kl_steps, kl_weight, lr)
+        after = _pair_losses(adapters, adapter, layers, sample, l, d, dtype)
+        report["pairs"][f"{l}->{l + d}"] = {"closed_form": before, "final": after}
+    report["seconds"] = time.perf_counter() - start
+    report["mean_final"] = {k: sum(p["final"][k] for p in report["pairs"].values()) / len(pairs)
+                            for k in ("nmse", "kl", "recall_topk", "gate_recall_topk")}
+    return adapters, report
+
+
+def _targets(adapter, layers, sample, l, d, dtype):
+    target_layer = layers[l + d]
+    with torch.no_grad():
+        probs, chosen = adapter.route(target_layer, target_layer.norm(sample[l + d].to(dtype)))
+    return probs, chosen
+
+
+def _predicted_logp(adapters, adapter, layers, sample_l, l, d, dtype):
+    """log router probabilities of layer l+d on r̂ (differentiable w.r.t. the adapters)."""
+    normed = _normed(layers[l], sample_l, dtype)
+    r_hat = sample_l + adapters.delta(l, d, normed)
+    target_layer = layers[l + d]
+    scores, _ = adapter.route(target_layer, target_layer.norm(r_hat.to(dtype)))
+    return r_hat, torch.log(scores.clamp_min(1e-12))
+
+
+def _pair_losses(adapters, adapter, layers, sample, l, d, dtype) -> dict:
+    with torch.no_grad():
+        probs, chosen = _targets(adapter, layers, sample, l, d, dtype)
+        r_hat, logp = _predicted_logp(adapters, adapter, layers, sample[l], l, d, dtype)
+        target = sample[l + d]
+        nmse = ((r_hat - target).pow(2).sum() / (target - sample[l]).pow(2).sum()).item()
+        kl = (probs * (torch.log(probs.clamp_min(1e-12)) - logp)).sum(-1).mean().item()
+        k = chosen.shape[-1]
+        gate_scores, _ = adapter.route(layers[l + d], layers[l + d].norm(sample[l].to(dtype)))
+        return {"nmse": nmse, "kl": kl, "recall_topk": _recall(logp, chosen, k), "gate_recall_topk": _recall(gate_scores, chosen, k)}
+
+
+def _recall(scores: torch.Tensor, chosen: torch.Tensor, k: int) -> float:
+    predicted = scores.topk(k, dim=-1).indices  # [N, K]
+    return (predicted.unsqueeze(-1) == chosen.unsqueeze(-2)).any(-2).float().mean().item()
+
+
+def _finetune_pair(adapters, adapter, layers, sample, l, d, dtype, steps, kl_weight, lr, batch=1024):
+    """Adam on one (l, d) pair's own copies of U, V, b; written back at the end."""
+    probs, _ = _targets(adapter, layers, sample, l, d, dtype)
+    target, source = sample[l + d], sample[l]
+    scale = (target - source).pow(2).sum(-1).mean()
+    i = d - 1
+    u, v, b = (t[l, i].detach().clone().requires_grad_() for t in (adapters.U, adapters.V, adapters.b))
+    opt = torch.optim.Adam([u, v, b], lr=lr)
+    generator = torch.Generator().manual_seed(1000 * l + d)
+    target_layer = layers[l + d]
+    for _ in range(steps):
+        idx = torch.randint(0, source.shape[0], (min(batch, source.shape[0]),), generator=generator)
+        x = source[idx]
+        r_hat = x + (_normed(layers[l], x, dtype) @ u) @ v + b
+        scores, _ = adapter.route(target_layer, target_layer.norm(r_hat.to(dtype)))
+        logp = torch.log(scores.clamp_min(1e-12))
+        nmse = (r_hat - target[idx]).pow(2).sum(-1).mean() / scale
+        kl = (probs[idx] * (torch.log(probs[idx].clamp_min(1e-12)) - logp)).sum(-1).mean()
+        opt.zero_grad()
+        (nmse + kl_weight * kl).backward()
+        opt.step()
+    with torch.no_grad():
+        adapters.U[l, i], adapters.V[l, i], adapters.b[l, i] = u, v, b
