@@ -1,0 +1,138 @@
+"""Predictors: well-formed outputs, gate by hand, adapters files, identity sanity, lossless prefetching."""
+
+import pytest
+import torch
+
+import m2r2_moe
+from conftest import tiny_mixtral
+from m2r2_moe.models import find_moe_layers, get_adapter
+from m2r2_moe.predict import (AcceleratorAdapters, AdapterFileError, AdapterMismatchError, OraclePredictor,
+                              make_predictor, model_fingerprint, select)
+from m2r2_moe.predict.collect import chunk_tokens, collect
+from m2r2_moe.predict.evaluate import evaluate
+from m2r2_moe.predict.train import train_adapters
+
+DEPTH = 2
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model with adapters trained on a little random-token text (module-scoped: trained once)."""
+    model = tiny_mixtral(layers=4)
+    adapter, layers = find_moe_layers(model)
+    ids = torch.randint(3, 96, (1024,), generator=torch.Generator().manual_seed(0))
+    adapters, report = train_adapters(model, adapter, layers, chunk_tokens(ids, 64, 4), depth=DEPTH, rank=8,
+                                      kl_steps=20, kl_samples=512, progress=False)
+    return model, adapter, layers, adapters, report
+
+
+def test_select_width_and_mass():
+    scores = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.97, 0.01, 0.01, 0.01]])
+    assert select(scores, width=2).sum(-1).tolist() == [2, 2]
+    widened = select(scores, mass=0.85, cap=3)
+    assert widened[0].tolist() == [True, True, True, False]  # 0.5 + 0.3 < 0.85 → a third expert
+    assert widened[1].tolist() == [True, False, False, False]  # one expert already carries the mass
+    with pytest.raises(ValueError):
+        select(scores)
+
+
+def test_predictors_are_well_formed(trained):
+    model, adapter, layers, adapters, _ = trained
+    residual = torch.randn(5, 64)
+    for name in ("history", "gate", "m2r2"):
+        p = make_predictor(name, model, adapter, layers, DEPTH, adapters=adapters)
+        out = p.predict(0, residual)
+        assert sorted(out) == [1, 2]
+        for scores in out.values():
+            assert scores.shape == (5, 8) and torch.isfinite(scores).all()
+        assert sorted(p.predict(len(layers) - 2, residual)) == [1]  # no target beyond the last layer
+        assert p.predict(len(layers) - 1, residual) == {}
+
+
+def test_gate_depth1_equals_hand_computation(trained):
+    model, adapter, layers, _, _ = trained
+    gate = make_predictor("gate", model, adapter, layers, DEPTH)
+    r = torch.randn(3, 64)
+    nxt = model.model.layers[2]
+    hand = torch.softmax(torch.nn.functional.linear(nxt.post_attention_layernorm(r), nxt.mlp.gate.weight), dim=-1)
+    assert torch.allclose(gate.predict(1, r)[1], hand)
+
+
+def test_adapters_round_trip_and_errors(trained, tmp_path):
+    model, adapter, layers, adapters, report = trained
+    path = tmp_path / "a.safetensors"
+    fingerprint = model_fingerprint(model, layers)
+    adapters.save(path, fingerprint, {"report": report["mean_final"]})
+    loaded = AcceleratorAdapters.load(path, fingerprint=fingerprint)
+    assert all(torch.equal(getattr(loaded, n), getattr(adapters, n)) for n in ("U", "V", "b"))
+    assert loaded.meta["info"]["report"] == pytest.approx(report["mean_final"])
+    other = tiny_mixtral(layers=4, seed=1)
+    with pytest.raises(AdapterMismatchError, match="trained for another model"):
+        m2r2_moe.offload(other, device="cpu", predictor="m2r2", adapters=str(path))
+    assert not m2r2_moe.is_offloaded(other)  # nothing changed
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(AdapterFileError, match="not a readable safetensors"):
+        AcceleratorAdapters.load(corrupt)
+    with pytest.raises(AdapterFileError, match="does not exist"):
+        AcceleratorAdapters.load(tmp_path / "missing.safetensors")
+    with pytest.raises(AdapterFileError, match="adapters=PATH"):
+        make_predictor("m2r2", model, adapter, layers, DEPTH)  # not the built-in model: no default adapters
+
+
+def test_closed_form_improves_on_gate_in_training(trained):
+    report = trained[4]
+    assert report["mean_final"]["nmse"] < 1.0  # better than not accelerating at all (r̂ = r_l)
+    assert report["mean_final"]["recall_topk"] >= report["mean_final"]["gate_recall_topk"] - 0.02
+
+
+def test_identity_like_layers_m2r2_at_least_gate():
+    """When layers barely change the residual, gate is almost exact; m2r2 must not be worse."""
+    model = tiny_mixtral(layers=4, seed=3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.01)
+            layer.mlp.experts.down_proj.mul_(0.01)
+    adapter, layers = find_moe_layers(model)
+    ids = torch.randint(3, 96, (1536,), generator=torch.Generator().manual_seed(1))
+    adapters, _ = train_adapters(model, adapter, layers, chunk_tokens(ids[:1024], 64, 4), depth=DEPTH, rank=8,
+                                 kl_steps=0, progress=False)
+    preds = {n: make_predictor(n, model, adapter, layers, DEPTH, adapters=adapters) for n in ("gate", "m2r2")}
+    res = evaluate(preds, collect(model, layers, chunk_tokens(ids[1024:], 64, 1)), top_k=2, depth=DEPTH, widths=[2])
+    for d in (1, 2):
+        assert res["gate"][d]["recall"] > 0.8
+        assert res["m2r2"][d]["recall"] >= res["gate"][d]["recall"] - 0.01
+
+
+@pytest.mark.parametrize("name", ["history", "gate", "m2r2", "oracle"])
+def test_prefetching_never_changes_outputs(trained, name):
+    model, adapter, layers, adapters, _ = trained
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(7))
+    gen = dict(input_ids=ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(**gen, output_scores=True, return_dict_in_generate=True)
+    if name == "oracle":
+        trace = torch.stack([c for c in _chosen_per_position(model, layers, ref.sequences)])
+        predictor = OraclePredictor(len(layers), 8, 2, DEPTH, trace)
+    else:
+        predictor = make_predictor(name, model, adapter, layers, DEPTH, adapters=adapters)
+    m2r2_moe.offload(model, device="cpu", cache_experts=6, link_gbps=0.2, predictor=predictor)
+    try:
+        with torch.no_grad():
+            out = model.generate(**gen, output_scores=True, return_dict_in_generate=True)
+        s = m2r2_moe.stats(model)
+        expert_bytes = m2r2_moe.get_offloader(model).expert_bytes[0]
+    finally:
+        m2r2_moe.remove_offload(model)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores))
+    assert s.prefetches > 0
+    assert s.bytes_to_device == (s.misses + s.prefetches - s.cancelled_prefetches) * expert_bytes
+    if name == "oracle":
+        assert s.prefetch_hits + s.late_prefetches > s.misses
+
+
+def _chosen_per_position(model, layers, sequences):
+    """[N, L, K] experts per token position of a full sequence (what the oracle replays)."""
+    _, chosen = next(collect(model, layers, [sequences[:, :-1]]))  # [L, N, K]
+    return chosen.permute(1, 0, 2)
