@@ -7,6 +7,7 @@
 """
 
 from .api import get_offloader, is_offloaded, offload, remove_offload, reset_stats, stats
+from .loader import from_pretrained
 from .config import OffloadConfig, OffloadConfigError
 from .errors import (
     AlreadyOffloadedError,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "offload",
+    "from_pretrained",
     "remove_offload",
     "stats",
     "reset_stats",

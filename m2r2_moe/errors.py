@@ -23,3 +23,31 @@ class CacheFullError(M2R2Error, RuntimeError):
 
 class SlotStateError(M2R2Error, RuntimeError):
     """A slot operation does not match the slot's state (for example releasing an expert not held)."""
+
+
+class CheckpointError(M2R2Error, ValueError):
+    """A checkpoint folder cannot be loaded: base of the errors below (`from_pretrained`)."""
+
+
+class NotACheckpointError(CheckpointError, FileNotFoundError):
+    """The path is not a transformers checkpoint folder with safetensors weights."""
+
+
+class MissingShardError(CheckpointError, FileNotFoundError):
+    """The checkpoint's index names a shard file that is not there."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A safetensors file is truncated or its header cannot be parsed."""
+
+
+class WeightsMismatchError(CheckpointError):
+    """The checkpoint's tensors do not match the model its config describes (shape, missing tensors)."""
+
+
+class HostMemoryError(M2R2Error, MemoryError):
+    """The host store (or the model's CPU part) would not fit in the host memory available."""
+
+
+class DeviceMemoryError(M2R2Error, MemoryError):
+    """The device budget cannot hold the non-expert weights and at least top-k expert slots."""
