@@ -1,0 +1,124 @@
+"""The native CUDA copy engine (csrc/copy_engine.cu) behind the interface of `transfer.CudaCopyEngine`.
+
+Same streams-and-events discipline as the torch twin: one long-lived copy stream owned by torch, one
+event per expert copy, the compute stream waits on that event (`cudaStreamWaitEvent`), so the host
+never blocks in the per-token path. What the native engine saves is the Python/torch dispatch of
+`copy_` and of event creation per copy; the copy itself is the same `cudaMemcpyAsync` on the GPU's copy
+engines. Pointers, the stream and events cross into C++ as integers, so no torch ABI is involved.
+
+`submit_many` enqueues the copies of a whole wave in one native call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from .transfer import DEMAND
+
+
+def available() -> str:
+    """'' when the native engine can run here, else why not."""
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return _ext.cuda_probe()
+
+
+def _event_handle(after) -> int:
+    """Raw cudaEvent_t of a torch.cuda.Event (0 if it was never recorded) or of a native event; 0 for None."""
+    if after is None:
+        return 0
+    handle = getattr(after, "cuda_event", None)  # torch.cuda.Event: created lazily on first record
+    if handle is None:
+        handle = after.handle  # NativeCudaTransfer.event (m2r2_moe._native_cuda.Event)
+    return int(handle)
+
+
+class NativeCudaTransfer:
+    """Handle of one copy on the native engine's stream (the interface of `transfer.CudaTransfer`)."""
+
+    __slots__ = ("key", "slot", "nbytes", "priority", "event", "engine", "_src", "_dst")
+
+    def __init__(self, key, slot, nbytes, priority, event, engine: "NativeCudaCopyEngine", src, dst):
+        self.key, self.slot, self.nbytes, self.priority, self.event = key, slot, nbytes, priority, event
+        self.engine = engine
+        self._src, self._dst = src, dst  # keep both buffers alive while the copy may be in flight
+
+    def ready(self) -> bool:
+        return self.event.query()  # cudaEventQuery: never blocks
+
+    def wait(self) -> float:
+        """Device-side wait: the current (compute) stream stalls until the copy's event; the host does not
+        block. The stall is timed with a pair of torch events read later (`drain_stall_seconds`)."""
+        if self.event.query():
+            return 0.0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        stream = torch.cuda.current_stream(self.engine.device)
+        start.record(stream)
+        self.event.wait_on(stream.cuda_stream)  # cudaStreamWaitEvent
+        end.record(stream)
+        self.engine.pending_stalls.append((start, end))
+        return 0.0
+
+
+class NativeCudaCopyEngine:
+    """Host→device copies on one dedicated stream through the native engine, one event per expert."""
+
+    def __init__(self, device: torch.device):
+        reason = available()
+        if reason:
+            raise RuntimeError(f"the native CUDA copy engine cannot run here: {reason}")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)
+        self.stream = torch.cuda.Stream(device=self.device)  # owned by torch; the engine only enqueues on it
+        self._engine = _ext.cuda.CopyEngine(index, self.stream.cuda_stream)
+        self.bytes_copied = 0
+        self.busy_seconds = 0.0  # not measured without a sync; the profiler times copies with events
+        self.pending_stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
+               after=None) -> NativeCudaTransfer:
+        """Enqueue `dst.copy_(src)` after `after` (the event guarding the slot's previous tenant)."""
+        nbytes = _check_pair(dst, src)
+        event = self._engine.submit(dst.data_ptr(), src.data_ptr(), nbytes, _event_handle(after))
+        self.bytes_copied += nbytes
+        return NativeCudaTransfer(key, slot, nbytes, priority, event, self, src, dst)
+
+    def submit_many(self, keys, slots, dsts, srcs, priority: int = DEMAND, afters=None) -> list[NativeCudaTransfer]:
+        """`submit` for a whole wave in one native call (copies are enqueued in order)."""
+        afters = afters if afters is not None else [None] * len(keys)
+        sizes = [_check_pair(d, s) for d, s in zip(dsts, srcs)]
+        events = self._engine.submit_batch([d.data_ptr() for d in dsts], [s.data_ptr() for s in srcs], sizes,
+                                           [_event_handle(a) for a in afters])
+        self.bytes_copied += sum(sizes)
+        return [NativeCudaTransfer(k, sl, n, priority, ev, self, s, d)
+                for k, sl, n, ev, s, d in zip(keys, slots, sizes, events, srcs, dsts)]
+
+    def link_seconds(self, nbytes: int) -> float:
+        return 0.0
+
+    def drain_stall_seconds(self) -> float:
+        """Seconds the compute stream waited on copies, for the waits whose end events have completed."""
+        total_ms, pending = 0.0, []
+        for start, end in self.pending_stalls:
+            if end.query():
+                total_ms += start.elapsed_time(end)
+            else:
+                pending.append((start, end))
+        self.pending_stalls = pending
+        return total_ms / 1e3
+
+    def close(self) -> None:
+        # Copies still queued read pinned host memory that the store may free next: let them finish.
+        self._engine.synchronize()
+
+
+def _check_pair(dst: torch.Tensor, src: torch.Tensor) -> int:
+    """Bytes of a host→device copy; refuses what `cudaMemcpyAsync` of raw pointers would get wrong."""
+    if src.device.type != "cpu" or dst.device.type != "cuda":
+        raise ValueError(f"native copy engine copies host→cuda, got {src.device} → {dst.device}")
+    if src.dtype != dst.dtype or src.shape != dst.shape:
+        raise ValueError(f"copy {tuple(src.shape)} {src.dtype} → {tuple(dst.shape)} {dst.dtype}: shapes and dtypes must match")
+    if not (src.is_contiguous() and dst.is_contiguous()):
+        raise ValueError("native copy engine needs contiguous buffers (one expert = one contiguous copy)")
+    return src.numel() * src.element_size()
