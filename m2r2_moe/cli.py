@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link-gbps", type=float, default=2.0, help="CPU only: emulated link bandwidth in GB/s")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.set_defaults(func=demo)
+    from .predict.commands import add_eval_parser, add_train_parser
+
+    from .profile.command import add_parser as add_profile_parser
+
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    add_profile_parser(sub)
     return parser
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 PREDICTORS = ("none", "history", "gate", "m2r2")  # "oracle" needs a trace: pass an OraclePredictor object
-POLICIES = ("lru",)
+POLICIES = ("lru", "predictive")
 
 
 class OffloadConfigError(ValueError):
@@ -25,7 +25,9 @@ class OffloadConfig:
             a GPU is present, else `"cpu"`.
         cache_experts: number of expert slots on the device, shared by all MoE layers. Must be at least
             the model's top-k. `None` means half of all experts (at least top-k).
-        policy: slot eviction policy (`"lru"`).
+        policy: slot eviction policy. `"lru"`: least recently used. `"predictive"`: LRU order in which
+            experts predicted for the next layers are refreshed every layer (nearest target last), so the
+            victim is an expert no prediction wants, oldest first. Same as `"lru"` without a predictor.
         predictor: what drives prefetching: `"none"` (on-demand loading only), `"history"`, `"gate"`
             (next layers' routers on the current residual), `"m2r2"` (accelerated residual adapters), or a
             `m2r2_moe.predict.Predictor` object (e.g. an `OraclePredictor` replaying a recorded trace).

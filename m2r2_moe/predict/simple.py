@@ -42,15 +42,17 @@ class OraclePredictor(Predictor):
 
     def __init__(self, num_layers, num_experts, top_k, depth, experts: torch.Tensor):
         super().__init__(num_layers, num_experts, top_k, depth)
-        self.experts = experts.long()
-        self.position = 0  # first token position of the current forward
+        self.load_sequence(experts.permute(1, 0, 2))
 
     def reset(self) -> None:
         self.position = 0
 
     def load_sequence(self, chosen: torch.Tensor) -> None:
-        """Replay `chosen [L, N, K]` (offline evaluation of one sequence)."""
-        self.experts, self.position = chosen.permute(1, 0, 2).long(), 0
+        """Replay `chosen [L, N, K]` from position 0."""
+        experts = chosen.permute(1, 0, 2).long()  # [N, L, K]
+        self.experts = experts
+        self.one_hot = torch.zeros(*experts.shape[:2], self.num_experts).scatter_(-1, experts, 1.0)  # [N, L, E]
+        self.position = 0
 
     def advance(self, tokens: int) -> None:
         """Called after each forward: the next forward starts `tokens` positions later."""
@@ -58,11 +60,7 @@ class OraclePredictor(Predictor):
 
     def predict(self, layer: int, residual: torch.Tensor | None) -> dict[int, torch.Tensor]:
         tokens = 1 if residual is None else residual.shape[0]
-        rows = self.experts[self.position : self.position + tokens]  # [T, L, K]
-        out = {}
-        for d in self.depths(layer):
-            scores = torch.zeros(tokens, self.num_experts)
-            if len(rows):
-                scores[: len(rows)].scatter_(-1, rows[:, layer + d], 1.0)
-            out[d] = scores
-        return out
+        rows = self.one_hot[self.position : self.position + tokens]  # [T', L, E], T' < T past the trace's end
+        if len(rows) < tokens:
+            rows = torch.cat([rows, rows.new_zeros(tokens - len(rows), *rows.shape[1:])])
+        return {d: rows[:, layer + d] for d in self.depths(layer)}

@@ -48,6 +48,9 @@ class Offloader:
         self.pool = torch.zeros(num_slots, slot_numel, dtype=dtype, device=self.device)  # [S, numel]
         self.views = [SlotView(layer.experts, p.views(self.pool), num_slots) for layer, p in zip(layers, self.packings)]
         self.kernels = [type(layer.experts).forward for layer in layers]
+        # the kernel the model dispatches to (read once: config attribute access is slow in transformers 5)
+        self._eager = [getattr(layer.experts, "config", None) is not None
+                       and layer.experts.config._experts_implementation == "eager" for layer in layers]
         self.slots = make_slot_manager(num_slots)
         self.engine = make_copy_engine(self.device, config.link_gbps, config.link_latency_us)
         self.stats = OffloadStats()
@@ -100,7 +103,8 @@ class Offloader:
 
         if self.prefetcher is not None:
             self.prefetcher.remove()
-        self.prefetcher = None if predictor is None or predictor.name == "none" else Prefetcher(self, predictor)
+        self.prefetcher = None if predictor is None or predictor.name == "none" else Prefetcher(
+            self, predictor, refresh=self.config.policy == "predictive")
 
     def reset_sequence(self) -> None:
         """A new prompt starts: predictors forget per-sequence state."""
@@ -133,7 +137,7 @@ class Offloader:
         self._routing = top_k_index  # the prefetcher looks ahead once per layer call, at its first wave
         if not needed:
             return torch.zeros_like(hidden_states)
-        eager = self.views[layer].config._experts_implementation == "eager"
+        eager = self._eager[layer]
         if eager and (top_k_index.shape[1] > 2 or len(needed) > self.num_slots):
             return self._run_eager_in_expert_order(layer, needed, hidden_states, top_k_index, top_k_weights)
         if len(needed) <= self.num_slots:
@@ -191,9 +195,10 @@ class Offloader:
         slots = self._acquire(layer, wave, keys, self._routing)
         self._routing = None
         try:
-            table = torch.full((self.num_experts[layer],), self.num_slots, dtype=torch.long)
-            table[wave] = torch.tensor(slots, dtype=torch.long)
-            table = table.to(top_k_index.device)
+            table = [self.num_slots] * self.num_experts[layer]  # expert id -> slot id, sentinel S elsewhere
+            for expert, slot in zip(wave, slots):
+                table[expert] = slot
+            table = torch.tensor(table, dtype=torch.long, device=top_k_index.device)
             slot_index, weights = remap_and_mask(top_k_index, top_k_weights, table, self.num_slots if partial else None)
             view = self.views[layer]
             view.__dict__["_is_expert_parallel"] = partial  # sentinel-aware path of the kernels
@@ -258,8 +263,6 @@ class Offloader:
         Returns whether a copy was queued. A resident expert has its recency refreshed."""
         key = layer * self.key_stride + expert
         if self.slots.lookup(key) >= 0:
-            self.slots.acquire(key)  # refresh recency (the slot manager has no separate touch)
-            self.slots.release(key)
             return False
         slot, evicted = self.slots.prefetch(key)
         if slot < 0:
@@ -269,6 +272,13 @@ class Offloader:
         self._prefetched[key] = self._copy(layer, expert, key, slot, priority)
         self.stats.prefetches += 1
         return True
+
+    def touch(self, layer: int, expert: int) -> None:
+        """Make a resident expert the most recently used (prediction-aware eviction)."""
+        key = layer * self.key_stride + expert
+        if self.slots.lookup(key) >= 0:
+            self.slots.acquire(key)  # acquire + release = a recency refresh; the slot manager's own
+            self.slots.release(key)  # hit counter counts it, the runtime's stats do not
 
     def _evicted(self, key: int) -> None:
         """`key` lost its slot: a prefetched copy never used is wasted (or withdrawn if still queued)."""

@@ -1,0 +1,160 @@
+"""`m2r2-moe profile` (= tools/profile_prefetch.py): expert-switch stalls per predictor, in one run.
+
+Runs the same prompts with several predictors, link regimes, cache sizes and policies; checks that all
+of them generate the reference tokens; compares each run with the limit
+max(compute time, bytes Belady's optimal policy must move at this cache size / link bandwidth) per token.
+On CPU the link is emulated, its bandwidth set by the regime's *link ratio* = one expert's transfer time /
+one layer's compute time (bf16 Mixtral-8x7B over PCIe 4 is near 15).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..corpus import resolve_text, token_stream
+from ..models import find_moe_layers
+from . import report
+from .session import lru_curve, limit_per_token, offloaded_run, reference_run
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("profile", help="expert-switch stalls per predictor, link regime and cache size",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="builtin")
+    p.add_argument("--predictors", default="none,history,gate,m2r2,oracle")
+    p.add_argument("--adapters", default=None, help="m2r2 adapters (default: the shipped ones for the built-in model)")
+    p.add_argument("--link-ratios", default="0.5,2,8", help="expert transfer time / layer compute time, per regime")
+    p.add_argument("--cache-experts", default=None,
+                   help="comma-separated slot counts (default: half of all experts)")
+    p.add_argument("--policies", default="predictive", help="comma-separated: lru, predictive")
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=1, help="held-out prompts to run")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
+    p.add_argument("--device", default="cpu", help="cpu (emulated link) or cuda (real link)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--trace", default=None, help="Chrome/Perfetto trace of one run (m2r2, middle regime)")
+    p.add_argument("--plots", default=None, help="folder for timeline.png, stalls.png, hit_rate.png")
+    p.add_argument("--sweep-cache", action="store_true",
+                   help="also run none/m2r2 at 1/4, 1/2, 3/4 of all experts for the hit-rate plot")
+    p.set_defaults(func=main)
+
+
+def _prompts(tokenizer, count: int, length: int, vocab: int) -> list[torch.Tensor]:
+    if tokenizer is None:  # a random model: random prompts
+        return [torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(i)) for i in range(count)]
+    ids = token_stream(tokenizer, resolve_text(["builtin:heldout"]), max_tokens=count * length * 8)
+    step = len(ids) // max(count, 1)
+    return [ids[i * step : i * step + length].unsqueeze(0) for i in range(count)]
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..cli import _load
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = _load(args.model, torch.float32)
+    adapter, layers = find_moe_layers(model)
+    total = sum(int(x.experts.num_experts) for x in layers)
+    key_stride = max(int(x.experts.num_experts) for x in layers)
+    caches = [int(c) for c in args.cache_experts.split(",")] if args.cache_experts else [total // 2]
+    ratios = [float(r) for r in args.link_ratios.split(",")]
+    policies = args.policies.split(",")
+    predictors = [p.strip() for p in args.predictors.split(",")]
+    refs = [reference_run(model, p, args.new_tokens, key_stride) for p in _prompts(tokenizer, args.prompts,
+                                                                                    args.prompt_tokens,
+                                                                                    model.config.vocab_size)]
+    compute_layer = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
+    expert_bytes = _expert_bytes(layers)
+    plan = [(ratio, cache, policy, name) for ratio in ratios for cache in caches for policy in policies
+            for name in predictors]
+    if args.sweep_cache:
+        sweep = sorted({total // 4, total // 2, 3 * total // 4})
+        plan += [(ratios[len(ratios) // 2], c, pol, n) for c in sweep for pol in ("lru", "predictive")
+                 for n in ("none", "m2r2") if (ratios[len(ratios) // 2], c, pol, n) not in plan]
+    runs, recorders = [], {}
+    for ratio, cache, policy, name in tqdm(plan, desc="profile runs"):
+        link_s = ratio * compute_layer  # one expert's transfer time in this regime
+        gbps = expert_bytes / link_s / 1e9 if args.device == "cpu" else None
+        per_prompt = [offloaded_run(model, ref, args.new_tokens, name, cache, gbps, policy, args.adapters, args.depth,
+                                    args.device) for ref in refs]
+        limits = [limit_per_token(ref, cache, expert_bytes, gbps and gbps * 1e9, args.new_tokens) for ref in refs]
+        recorders[(ratio, cache, policy, name)] = per_prompt[0]["recorder"]
+        runs.append(_merge(name, ratio, cache, policy, per_prompt, limits, gbps, args.new_tokens - 1))
+    _share_of_gain(runs)
+    print(report.table(runs))
+    print(f"\nmodel {args.model}: {len(layers)} MoE layers, {total} experts, {expert_bytes / 1e6:.2f} MB per expert; "
+          f"compute {compute_layer * 1e3:.2f} ms per layer, {compute_layer * len(layers) * 1e3:.1f} ms per token "
+          f"(un-offloaded); {len(refs)} prompt(s) x {args.new_tokens} new tokens")
+    _outputs(args, runs, recorders, refs, ratios, caches, total)
+    return 0 if all(r["tokens_identical"] for r in runs) else 1
+
+
+def _expert_bytes(layers) -> int:
+    layer = layers[0]
+    return sum(getattr(layer.experts, n)[0].numel() * getattr(layer.experts, n).element_size()
+               for n in layer.param_names)
+
+
+def _merge(name, ratio, cache, policy, per_prompt, limits, gbps, decode_tokens) -> dict:
+    mean = lambda key: statistics.mean(p[key] for p in per_prompt)  # noqa: E731
+    total = lambda key: sum(p[key] for p in per_prompt)  # noqa: E731
+    return {
+        "predictor": name, "link_ratio": ratio, "cache_experts": cache, "policy": policy,
+        "link_gbps": gbps, "tokens": decode_tokens * len(per_prompt),
+        "time_per_token_s": mean("time_per_token_s"), "limit_per_token_s": statistics.mean(x[0] for x in limits),
+        "belady_loads": sum(x[1] for x in limits), "stall_s_per_token": mean("stall_s_per_token"),
+        "hits": total("hits"), "prefetch_hits": total("prefetch_hits"), "late_prefetches": total("late_prefetches"),
+        "misses": total("misses"), "bytes_to_device": total("bytes_to_device"), "wasted_bytes": total("wasted_bytes"),
+        "prefetches": total("prefetches"), "link_busy_s": total("link_busy_s"),
+        "tokens_identical": all(p["tokens_identical"] for p in per_prompt),
+    }
+
+
+def _share_of_gain(runs: list[dict]) -> None:
+    """(T_none - T_run) / (T_none - T_limit) against the `none` run of the same regime, cache and policy."""
+    base = {(r["link_ratio"], r["cache_experts"], r["policy"]): r for r in runs if r["predictor"] == "none"}
+    for r in runs:
+        b = base.get((r["link_ratio"], r["cache_experts"], r["policy"]))
+        gap = None if b is None else b["time_per_token_s"] - r["limit_per_token_s"]
+        r["speedup_vs_none"] = None if b is None else b["time_per_token_s"] / r["time_per_token_s"]
+        r["share_of_gain"] = None if not gap or gap <= 0 else (b["time_per_token_s"] - r["time_per_token_s"]) / gap
+
+
+def _outputs(args, runs, recorders, refs, ratios, caches, total) -> None:
+    mid = ratios[len(ratios) // 2]
+    key = (mid, caches[0], args.policies.split(",")[0], "m2r2")
+    chosen = recorders.get(key) or next(iter(recorders.values()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": runs}, indent=1, default=float))
+    if args.trace:
+        report.chrome_trace(chosen, args.trace, f"m2r2_moe profile {key}")
+    if args.plots:
+        out = Path(args.plots)
+        out.mkdir(parents=True, exist_ok=True)
+        report.plot_timeline(chosen, out / "timeline.png", (1, 4), f"decode steps 1-3, {key}")
+        series = {}
+        for (ratio, cache, policy, name), rec in recorders.items():
+            if ratio == mid and cache == caches[0] and policy == key[2]:
+                series[name] = [row["stall"] for row in rec.per_step()[1:]]
+        report.plot_stalls(series, out / "stalls.png", f"stall per decode token, link ratio {mid:g}, cache {caches[0]}")
+        sizes = sorted({r["cache_experts"] for r in runs} | {total // 4, total // 2, 3 * total // 4})
+        curve = lru_curve(refs[0], sizes)
+        uses = sum(len(q) for q in refs[0].requests[refs[0].prefill_requests:])
+        offline = {c: (1 - lru / uses, 1 - bel / uses) for c, (lru, bel) in curve.items()}
+        measured: dict[str, dict[int, float]] = {}
+        for r in runs:
+            if r["link_ratio"] == mid:
+                used = r["hits"] + r["prefetch_hits"] + r["late_prefetches"] + r["misses"]
+                measured.setdefault(f"{r['predictor']}/{r['policy']}", {})[r["cache_experts"]] = \
+                    (r["hits"] + r["prefetch_hits"]) / max(used, 1)
+        report.plot_hit_rate(measured, offline, out / "hit_rate.png", f"hit rate vs cache size, link ratio {mid:g}")

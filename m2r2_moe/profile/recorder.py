@@ -1,0 +1,123 @@
+"""Per-token, per-layer record of an offloaded model's expert traffic — attached from outside.
+
+The recorder wraps the offloader's `run_experts` and its copy engine's `submit` (no change to the hot
+path when it is off). For every MoE layer call it keeps the wall interval, the stall, and how many
+expert uses were hits / prefetch hits / late prefetches / misses (read as counter deltas, so the
+classification is the runtime's own); for every copy, its priority and link interval (CPU engine) and
+whether it was used. A forward of layer 0 starts a new step: step 0 is the prefill, then one step per
+decoded token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+_CLASSES = ("hits", "prefetch_hits", "late_prefetches", "misses")
+
+
+@dataclass
+class LayerEvent:
+    step: int
+    layer: int
+    start: float
+    end: float
+    stall: float
+    hits: int
+    prefetch_hits: int
+    late_prefetches: int
+    misses: int
+    tokens: int
+
+
+@dataclass
+class CopyEvent:
+    step: int
+    layer: int  # MoE layer that issued it (the one computing when it was queued)
+    key: int
+    priority: int  # 0 = demand load, d = prefetch for d layers ahead
+    nbytes: int
+    submitted: float
+    transfer: object = field(repr=False)
+
+    @property
+    def started(self) -> float:
+        return getattr(self.transfer, "started_at", 0.0)
+
+    @property
+    def finished(self) -> float:
+        return getattr(self.transfer, "finished_at", 0.0)
+
+    @property
+    def cancelled(self) -> bool:
+        return getattr(self.transfer, "cancelled", False)
+
+
+class Recorder:
+    """Attach to an `Offloader`; `detach()` restores it."""
+
+    def __init__(self, offloader):
+        self.offloader = offloader
+        self.layers: list[LayerEvent] = []
+        self.copies: list[CopyEvent] = []
+        self.step = -1
+        self.t0 = time.perf_counter()
+        self._current_layer = -1
+        self._run = offloader.run_experts
+        self._submit = offloader.engine.submit
+        offloader.run_experts = self._run_experts
+        offloader.engine.submit = self._submit_copy
+
+    def detach(self) -> None:
+        self.offloader.__dict__.pop("run_experts", None)
+        self.offloader.engine.__dict__.pop("submit", None)
+
+    def _run_experts(self, layer, hidden_states, top_k_index, top_k_weights):
+        stats = self.offloader.stats
+        if layer == 0:
+            self.step += 1
+        before = [getattr(stats, c) for c in _CLASSES] + [stats.stall_seconds]
+        self._current_layer = layer
+        start = time.perf_counter()
+        out = self._run(layer, hidden_states, top_k_index, top_k_weights)
+        end = time.perf_counter()
+        after = [getattr(stats, c) for c in _CLASSES] + [stats.stall_seconds]
+        delta = [a - b for a, b in zip(after, before)]
+        self.layers.append(LayerEvent(self.step, layer, start - self.t0, end - self.t0, delta[4], *delta[:4],
+                                      tokens=hidden_states.shape[0]))
+        return out
+
+    def _submit_copy(self, key, slot, dst, src, priority=0, after=None):
+        transfer = self._submit(key, slot, dst, src, priority, after=after)
+        self.copies.append(CopyEvent(self.step, self._current_layer, key, priority, transfer.nbytes,
+                                     time.perf_counter() - self.t0, transfer))
+        return transfer
+
+    # -- summaries ---------------------------------------------------------------------------------
+    def decode_layers(self) -> list[LayerEvent]:
+        return [e for e in self.layers if e.step >= 1]
+
+    def per_step(self) -> list[dict]:
+        """One row per step: wall time of its MoE layers' span, stall, and the four classes."""
+        rows: dict[int, dict] = {}
+        for e in self.layers:
+            row = rows.setdefault(e.step, {"step": e.step, "start": e.start, "end": e.end, "stall": 0.0,
+                                           **{c: 0 for c in _CLASSES}})
+            row["end"] = max(row["end"], e.end)
+            row["stall"] += e.stall
+            for c in _CLASSES:
+                row[c] += getattr(e, c)
+        return [rows[s] for s in sorted(rows)]
+
+    def per_layer(self, decode_only: bool = True) -> list[dict]:
+        rows: dict[int, dict] = {}
+        for e in self.decode_layers() if decode_only else self.layers:
+            row = rows.setdefault(e.layer, {"layer": e.layer, "stall": 0.0, **{c: 0 for c in _CLASSES}})
+            row["stall"] += e.stall
+            for c in _CLASSES:
+                row[c] += getattr(e, c)
+        return [rows[layer] for layer in sorted(rows)]
+
+    def link_busy_seconds(self) -> float:
+        """Seconds the (emulated) link spent on copies (CPU engine; copies carry no times on CUDA)."""
+        return sum(c.finished - c.started for c in self.copies if c.finished and not c.cancelled)

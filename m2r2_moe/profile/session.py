@@ -1,0 +1,117 @@
+"""One profiling session: a reference run, then offloaded runs of the same prompts, measured alike.
+
+For each prompt the un-offloaded model generates greedily (the reference tokens, the routing trace,
+and the compute time per decode token); each offloaded run (predictor × link ratio × cache size ×
+policy) generates the same prompt and is checked token for token against the reference.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import api
+from ..models import find_moe_layers
+from ..predict import OraclePredictor, make_predictor
+from ..predict.collect import LayerTap
+from .belady import belady_loads, lru_loads
+from .recorder import Recorder
+
+
+@dataclass
+class Reference:
+    """What the un-offloaded model did on one prompt."""
+
+    prompt: torch.Tensor  # [1, P]
+    tokens: torch.Tensor  # [1, P + N]
+    trace: torch.Tensor  # [positions, L, K] experts per position, in the order the model saw them
+    requests: list[frozenset[int]]  # per (forward, layer): the key set it needed
+    prefill_requests: int  # how many of `requests` belong to the prefill
+    decode_seconds_per_token: float
+
+
+def reference_run(model, prompt: torch.Tensor, new_tokens: int, key_stride: int) -> Reference:
+    _, layers = find_moe_layers(model)
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    chosen_per_forward: list[list[torch.Tensor]] = []
+    with LayerTap(layers) as tap, torch.no_grad():
+        hook = layers[-1].experts.register_forward_hook(
+            lambda m, a, o: chosen_per_forward.append([c.clone() for c in tap.chosen]))
+        try:
+            start = time.perf_counter()
+            model.generate(input_ids=prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+            prefill = time.perf_counter() - start
+            chosen_per_forward.clear()
+            start = time.perf_counter()
+            tokens = model.generate(input_ids=prompt, **gen)
+            total = time.perf_counter() - start
+        finally:
+            hook.remove()
+    trace = torch.cat([torch.stack(f, dim=1) for f in chosen_per_forward])  # [positions, L, K]
+    requests = [frozenset(l * key_stride + e for e in torch.unique(f[l]).tolist())
+                for f in chosen_per_forward for l in range(len(layers))]
+    return Reference(prompt, tokens, trace, requests, len(layers),
+                     (total - prefill) / max(new_tokens - 1, 1))
+
+
+def limit_per_token(ref: Reference, cache_experts: int, expert_bytes: int, link_bytes_per_s: float | None,
+                    new_tokens: int) -> tuple[float, int]:
+    """(max(compute, Belady's decode bytes / link bandwidth) per token, Belady's decode loads)."""
+    loads = belady_loads(ref.requests, cache_experts, count_from=ref.prefill_requests)
+    transfer = 0.0 if not link_bytes_per_s else loads * expert_bytes / link_bytes_per_s / max(new_tokens - 1, 1)
+    return max(ref.decode_seconds_per_token, transfer), loads
+
+
+def lru_curve(ref: Reference, sizes: list[int]) -> dict[int, tuple[int, int]]:
+    """{cache size: (LRU loads, Belady loads)} over the decode requests, without prefetching."""
+    return {c: (lru_loads(ref.requests, c, ref.prefill_requests), belady_loads(ref.requests, c, ref.prefill_requests))
+            for c in sizes}
+
+
+def offloaded_run(model, ref: Reference, new_tokens: int, predictor_name: str, cache_experts: int,
+                  link_gbps: float | None, policy: str, adapters=None, depth: int = 4, device=None) -> dict:
+    """Offload, generate the reference prompt, compare, measure; the model is restored afterwards."""
+    adapter, layers = find_moe_layers(model)
+    top_k = adapter.top_k(model)
+    if predictor_name == "oracle":
+        predictor = OraclePredictor(len(layers), max(int(x.experts.num_experts) for x in layers), top_k, depth,
+                                    ref.trace)
+    elif predictor_name == "none":
+        predictor = "none"
+    else:
+        predictor = make_predictor(predictor_name, model, adapter, layers, depth, adapters=adapters, device=device)
+    api.offload(model, device=device, cache_experts=cache_experts, link_gbps=link_gbps, policy=policy,
+                predictor=predictor, lookahead=depth)
+    offloader = api.get_offloader(model)
+    recorder = Recorder(offloader)
+    try:
+        offloader.reset_sequence()
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = model.generate(input_ids=ref.prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=0)
+            end = time.perf_counter()
+        stats = api.stats(model)
+    finally:
+        recorder.detach()
+        api.remove_offload(model)
+    first_decode = next((e.start for e in recorder.layers if e.step == 1), end - start)
+    decode_seconds = end - (recorder.t0 + first_decode)
+    decode = recorder.decode_layers()
+    return {
+        "tokens_identical": bool(torch.equal(out, ref.tokens)),
+        "time_per_token_s": decode_seconds / max(new_tokens - 1, 1),
+        "stall_s_per_token": sum(e.stall for e in decode) / max(new_tokens - 1, 1),
+        "hits": sum(e.hits for e in decode),
+        "prefetch_hits": sum(e.prefetch_hits for e in decode),
+        "late_prefetches": sum(e.late_prefetches for e in decode),
+        "misses": sum(e.misses for e in decode),
+        "bytes_to_device": sum(c.nbytes for c in recorder.copies if c.step >= 1 and not c.cancelled),
+        "wasted_bytes": stats.wasted_bytes,
+        "prefetches": stats.prefetches,
+        "link_busy_s": recorder.link_busy_seconds(),
+        "recorder": recorder,
+        "expert_bytes": offloader.expert_bytes[0],
+    }
