@@ -39,7 +39,7 @@ def select(scores: torch.Tensor, width: int | None = None, mass: float | None = 
     """Boolean mask `[T, E]` of predicted experts per token.
 
     `width`: the top-`width` experts. `mass`: confidence widening — take experts in score order until
-    their share of the token's total score reaches `mass` (at least one expert, at most `cap`)."""
+    their share of the token's total score reaches `mass` (at most `cap`, only experts scored above 0)."""
     if (width is None) == (mass is None):
         raise ValueError("give exactly one of width or mass")
     num_experts = scores.shape[-1]
@@ -50,7 +50,8 @@ def select(scores: torch.Tensor, width: int | None = None, mass: float | None = 
         sorted_scores = scores.gather(-1, order).clamp_min(0)
         share = sorted_scores.cumsum(-1) / sorted_scores.sum(-1, keepdim=True).clamp_min(1e-30)
         take = (share < mass).sum(-1) + 1  # experts needed to reach the mass
-        take = take.clamp(1, cap or num_experts)
+        # never more than `cap`, never an expert with no score (an empty prediction stays empty)
+        take = torch.minimum(take.clamp(max=cap or num_experts), (sorted_scores > 0).sum(-1))
     ranks = torch.arange(num_experts, device=scores.device).expand_as(order)
     mask = torch.zeros_like(scores, dtype=torch.bool)
     mask.scatter_(-1, order, ranks < take.unsqueeze(-1))

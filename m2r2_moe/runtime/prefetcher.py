@@ -70,7 +70,8 @@ class Prefetcher:
         if scores.shape[0] == 1:  # decode, batch 1: one sort instead of the general mask path
             values, order = scores[0].float().sort(descending=True)
             share = values.clamp_min(0).cumsum(0) / values.clamp_min(0).sum().clamp_min(1e-30)
-            take = min(int((share < self.mass).sum()) + 1, self.cap)  # device→host read: the copies depend on it
+            # device→host read: the copies to issue depend on it
+            take = min(int((share < self.mass).sum()) + 1, self.cap, int((values > 0).sum()))
             return order[:take].tolist()
         mask = select(scores, mass=self.mass, cap=self.cap)  # [T, E]
         total = (scores.float() * mask).sum(0)  # [E]

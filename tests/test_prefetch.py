@@ -1,0 +1,200 @@
+"""Prefetch pipeline: classification on a hand-made trace, de-duplication, cancellation, accounting,
+lossless outputs under every predictor/policy/link, Belady simulation, and the profile tool's JSON."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+import m2r2_moe
+from conftest import tiny_mixtral
+from m2r2_moe.predict.base import Predictor
+from m2r2_moe.profile import Recorder, belady_loads, lru_loads
+
+
+class ManualTransfer:
+    def __init__(self, key, nbytes, priority):
+        self.key, self.nbytes, self.priority = key, nbytes, priority
+        self.done = self.cancelled = self.started = False
+
+    def ready(self):
+        return self.done
+
+    def wait(self):
+        self.done = True
+        return 0.0
+
+
+class ManualEngine:
+    """Copies land when the test says so (or when compute waits for them)."""
+
+    def __init__(self):
+        self.transfers = []
+
+    def submit(self, key, slot, dst, src, priority=0, after=None):
+        dst.copy_(src)  # the bytes are real; only "arrival" is under the test's control
+        t = ManualTransfer(key, src.numel() * src.element_size(), priority)
+        self.transfers.append(t)
+        return t
+
+    def cancel(self, t):
+        if t.started or t.done:
+            return False
+        t.cancelled = t.done = True
+        return True
+
+    def drain_stall_seconds(self):
+        return 0.0
+
+    def close(self):
+        pass
+
+
+class Scripted(Predictor):
+    """Predicts, at layer l, exactly the experts in `script[(call, l)]` for layer l+1."""
+
+    name = "scripted"
+
+    def __init__(self, script):
+        super().__init__(num_layers=4, num_experts=8, top_k=2, depth=1)
+        self.script, self.call = script, 0
+
+    def predict(self, layer, residual):
+        scores = torch.zeros(1, 8)
+        for e in self.script.get((self.call, layer), []):
+            scores[0, e] = 1.0
+        if layer == 3:
+            self.call += 1
+        return {1: scores} if layer < 3 else {}
+
+
+def _offloaded(script, cache=6):
+    model = tiny_mixtral(layers=4)
+    m2r2_moe.offload(model, device="cpu", cache_experts=cache, predictor=Scripted(script))
+    off = m2r2_moe.get_offloader(model)
+    off.engine.close()
+    off.engine = ManualEngine()
+    off.prefetcher.mass = 1.0  # take every expert with a non-zero score
+    return model, off
+
+
+def _run(off, layer, experts):
+    h = torch.randn(1, 64)
+    idx = torch.tensor([experts])
+    return off.run_experts(layer, h, idx, torch.full((1, len(experts)), 0.5))
+
+
+def test_classification_on_a_hand_made_trace():
+    model, off = _offloaded({(0, 0): [2, 3]})
+    rec = Recorder(off)
+    try:
+        _run(off, 0, [0, 1])  # two misses; predicts layer 1 -> {2, 3}: two prefetches queued
+        prefetches = {t.key: t for t in off.engine.transfers if t.priority > 0}
+        assert sorted(prefetches) == [off.key_stride + 2, off.key_stride + 3]
+        prefetches[off.key_stride + 2].done = True  # expert 2 arrives in time, expert 3 does not
+        _run(off, 1, [2, 3])  # a prefetch hit and a late prefetch
+        _run(off, 1, [2, 5])  # a plain hit and a miss
+        counts = [(e.layer, e.hits, e.prefetch_hits, e.late_prefetches, e.misses) for e in rec.layers]
+        assert counts == [(0, 0, 0, 0, 2), (1, 0, 1, 1, 0), (1, 1, 0, 0, 1)]
+        s = m2r2_moe.stats(model)
+        assert (s.hits, s.prefetch_hits, s.late_prefetches, s.misses, s.prefetches) == (1, 1, 1, 3, 2)
+        assert s.bytes_to_device == 5 * off.expert_bytes[0]
+    finally:
+        rec.detach()
+        m2r2_moe.remove_offload(model)
+
+
+def test_deduplication_and_cancellation():
+    # each call predicts {4, 5} for layer 1; with 3 slots only one predicted expert fits beside the pinned two,
+    # and layer 1 never uses it: the queued prefetch is evicted unused and its copy withdrawn (not counted)
+    model, off = _offloaded({(0, 0): [4, 5], (1, 0): [4, 5]}, cache=3)
+    try:
+        for layer in range(4):
+            _run(off, layer, [0, 1] if layer == 0 else [6, 7])
+        queued = [t for t in off.engine.transfers if t.priority > 0]
+        assert len(queued) == 1  # budget: 3 slots - 2 pinned = 1 predicted expert
+        for layer in range(4):
+            _run(off, layer, [0, 1] if layer == 0 else [6, 7])
+        s = m2r2_moe.stats(model)
+        assert s.cancelled_prefetches >= 1  # the unused prefetch was evicted while still queued
+        expected = sum(t.nbytes for t in off.engine.transfers if not t.cancelled)
+        assert s.bytes_to_device == expected
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
+def test_no_expert_copied_twice_while_in_flight():
+    model, off = _offloaded({(0, 0): [4, 5], (0, 1): [4, 5]}, cache=8)
+    try:
+        _run(off, 0, [0, 1])
+        _run(off, 1, [0, 1])  # layer 1 predicts layer 2 -> {4, 5}: other keys than layer 1's prediction
+        keys = [t.key for t in off.engine.transfers if t.priority > 0]
+        assert len(keys) == len(set(keys)) == 4
+        off.prefetch(1, 4, priority=1)  # already in flight: no second copy
+        assert len([t for t in off.engine.transfers if t.priority > 0]) == 4
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
+@pytest.mark.parametrize("policy", ["lru", "predictive"])
+@pytest.mark.parametrize("predictor", ["history", "gate"])
+def test_prefetch_never_changes_outputs_with_random_link(policy, predictor):
+    model = tiny_mixtral(torch.bfloat16)
+    ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(11))
+    gen = dict(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(**gen, output_scores=True, return_dict_in_generate=True)
+    rng = torch.Generator().manual_seed(hash((policy, predictor)) % 1000)
+    gbps = float(torch.empty(1).uniform_(0.02, 2.0, generator=rng))
+    latency = float(torch.empty(1).uniform_(0, 300, generator=rng))
+    m2r2_moe.offload(model, device="cpu", cache_experts=5, predictor=predictor, policy=policy, link_gbps=gbps,
+                     link_latency_us=latency)
+    try:
+        off = m2r2_moe.get_offloader(model)
+        rec = Recorder(off)
+        with torch.no_grad():
+            out = model.generate(**gen, output_scores=True, return_dict_in_generate=True)
+        rec.detach()
+        s = m2r2_moe.stats(model)
+    finally:
+        m2r2_moe.remove_offload(model)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores))
+    # accounting adds up: per-layer stalls sum to the total, classes sum to the uses
+    assert sum(e.stall for e in rec.layers) == pytest.approx(s.stall_seconds, rel=1e-6, abs=1e-9)
+    assert sum(e.hits + e.prefetch_hits + e.late_prefetches + e.misses for e in rec.layers) == s.expert_uses
+    copied = [c for c in rec.copies if not c.cancelled]
+    assert s.bytes_to_device == sum(c.nbytes for c in copied) == len(copied) * off.expert_bytes[0]
+
+
+def test_belady_and_lru_by_hand():
+    A, B, C, D = 1, 2, 3, 4
+    requests = [frozenset({A}), frozenset({B}), frozenset({C}), frozenset({A}), frozenset({B}), frozenset({D}),
+                frozenset({A})]
+    # capacity 2. LRU: A B C(evict A) A(evict B) B(evict C) D(evict A) A(evict B) -> 7 loads
+    assert lru_loads(requests, 2) == 7
+    # Belady: A B C (then keeps A, B: C is never used again, so it is dropped right after use) A hit, B hit,
+    # D (keeps A: next use soonest) A hit -> 4 loads
+    assert belady_loads(requests, 2) == 4
+    assert belady_loads(requests, 2, count_from=3) == 1
+    assert belady_loads(requests, 4) == 4  # cold misses only
+
+
+def test_profile_tool_json_fields(tmp_path, monkeypatch):
+    from m2r2_moe.cli import main
+
+    out = tmp_path / "p.json"
+    monkeypatch.setattr(sys, "argv", ["m2r2-moe"])
+    code = main(["profile", "--model", "random", "--predictors", "none,gate,oracle", "--link-ratios", "2",
+                 "--new-tokens", "4", "--prompt-tokens", "8", "--json", str(out), "--trace", str(tmp_path / "t.json"),
+                 "--plots", str(tmp_path)])
+    runs = json.loads(out.read_text())["runs"]
+    fields = {"predictor", "link_ratio", "cache_experts", "policy", "tokens", "time_per_token_s", "limit_per_token_s",
+              "stall_s_per_token", "hits", "prefetch_hits", "late_prefetches", "misses", "bytes_to_device",
+              "wasted_bytes", "tokens_identical"}
+    assert len(runs) == 3 and all(fields <= set(r) for r in runs)
+    assert all(r["tokens_identical"] for r in runs) and code == 0
+    trace = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    assert any(e.get("tid") == 1 and e["ph"] == "X" for e in trace)
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("timeline.png", "stalls.png", "hit_rate.png"))
