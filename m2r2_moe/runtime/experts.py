@@ -19,9 +19,19 @@ class SlotView:
 
     def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor], num_slots: int):
         self.__dict__["_module"] = module
+        self.__dict__["_tensors"] = tensors
         self.__dict__.update(tensors)  # gate_up_proj [S, 2I, H], down_proj [S, H, I], biases [S, ...]
         self.__dict__["num_experts"] = num_slots  # one "expert" per slot; index num_slots is the sentinel
         self.__dict__["_is_expert_parallel"] = False
+        self.__dict__["_window"] = (0, num_slots - 1, self)
+
+    def window(self, lo: int, hi: int) -> "SlotView":
+        """A view of slots lo..hi only (slot lo becomes index 0); the last one is cached."""
+        last_lo, last_hi, view = self.__dict__["_window"]
+        if (lo, hi) != (last_lo, last_hi):
+            view = SlotView(self._module, {n: t[lo : hi + 1] for n, t in self._tensors.items()}, hi - lo + 1)
+            self.__dict__["_window"] = (lo, hi, view)
+        return view
 
     def __getattr__(self, name):  # only called for names not set on the view
         return getattr(self.__dict__["_module"], name)

@@ -144,14 +144,12 @@ class Offloader:
             return self._run_wave(layer, needed, hidden_states, top_k_index, top_k_weights, partial=False)
         return self._run_in_waves(layer, needed, hidden_states, top_k_index, top_k_weights)
 
-    def _run_eager_in_expert_order(self, layer, needed, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        """eager adds each expert's weighted rows into the output in the output dtype, expert by expert in
-        ascending id order. On slots that order becomes slot order; once a token has more than two
-        contributions (K > 2, or waves) the rounding would differ. So each (token, expert) pair is computed
-        as its own row with weight 1 (exact), `num_slots` experts at a time and only the rows of the wave
-        (no sentinel: GPT-OSS's eager kernel has none), then weighted as the kernel does and added to the
-        output in ascending expert order. Shapes: T tokens, K = top-k, H hidden."""
-        num_tokens, top_k = top_k_index.shape
+    def _pair_rows(self, layer, needed, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """`[T*K, H]`: each (token, expert) pair's output with weight 1 (exact: x * 1), computed `num_slots`
+        experts at a time on only the rows of the wave. No sentinel rows: GPT-OSS's eager kernel has no
+        sentinel, and grouped_mm's `histc(min=0, max=S-1)` counts sentinel rows into the group when
+        S = 1 (min = max = 0 means "use the data's range"), which changes the GEMM's rows and its rounding."""
+        top_k = top_k_index.shape[1]
         pair_hidden = hidden_states.repeat_interleave(top_k, dim=0)  # [T*K, H]
         pair_index = top_k_index.reshape(-1, 1)  # [T*K, 1]
         ones = torch.ones_like(top_k_weights).reshape(-1, 1)  # [T*K, 1]
@@ -161,6 +159,15 @@ class Offloader:
             rows_of_wave = torch.isin(pair_index[:, 0], torch.tensor(wave, device=pair_index.device))
             sel = rows_of_wave.nonzero().squeeze(1)  # [n]
             rows[sel] = self._run_wave(layer, wave, pair_hidden[sel], pair_index[sel], ones[sel], partial=False)
+        return rows
+
+    def _run_eager_in_expert_order(self, layer, needed, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """eager adds each expert's weighted rows into the output in the output dtype, expert by expert in
+        ascending id order. On slots that order becomes slot order; once a token has more than two
+        contributions (K > 2, or waves) the rounding would differ. So the pair rows are weighted as the
+        kernel does and added to the output in ascending expert order. Shapes: T tokens, K = top-k, H hidden."""
+        num_tokens, top_k = top_k_index.shape
+        rows = self._pair_rows(layer, needed, hidden_states, top_k_index, top_k_weights)  # [T*K, H]
         weighted = (rows * top_k_weights.reshape(-1, 1)).to(hidden_states.dtype)  # as the kernel rounds each row
         weighted = weighted.view(num_tokens, top_k, -1)  # [T, K, H]
         order = top_k_index.argsort(dim=1)  # [T, K]: a token's experts in ascending id order
@@ -172,19 +179,11 @@ class Offloader:
     def _run_in_waves(self, layer, needed, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """More distinct experts than slots (long prefill): compute them `num_slots` at a time.
 
-        grouped_mm / batched_mm sum a token's K weighted expert outputs in fp32 and round once, so here
-        each (token, expert) pair is computed as its own row with weight 1 (exact: x * 1.0), the rows of
-        all waves are gathered (each row is non-zero in exactly one wave), and the weighting and the fp32
-        sum over K are done as the kernel does them. Shapes: T tokens, K = top-k, H hidden."""
-        waves = [needed[i : i + self.num_slots] for i in range(0, len(needed), self.num_slots)]
+        grouped_mm / batched_mm sum a token's K weighted expert outputs in fp32 and round once, so the
+        pair rows of all waves are gathered and the weighting and the fp32 sum over K are done as the
+        kernel does them. Shapes: T tokens, K = top-k, H hidden."""
         num_tokens, top_k = top_k_index.shape
-        pair_hidden = hidden_states.repeat_interleave(top_k, dim=0)  # [T*K, H]
-        pair_index = top_k_index.reshape(-1, 1)  # [T*K, 1]
-        ones = torch.ones_like(top_k_weights).reshape(-1, 1)  # [T*K, 1]
-        rows = None
-        for wave in waves:
-            part = self._run_wave(layer, wave, pair_hidden, pair_index, ones, partial=True)  # [T*K, H]
-            rows = part if rows is None else rows.add_(part)
+        rows = self._pair_rows(layer, needed, hidden_states, top_k_index, top_k_weights)  # [T*K, H]
         weighted = rows * top_k_weights.reshape(-1, 1)  # [T*K, H], promoted like the kernel's weighted_out
         return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
@@ -195,12 +194,15 @@ class Offloader:
         slots = self._acquire(layer, wave, keys, self._routing)
         self._routing = None
         try:
-            table = [self.num_slots] * self.num_experts[layer]  # expert id -> slot id, sentinel S elsewhere
+            # the kernel sees only the slots lo..hi: its per-expert loop (grouped_mm) is as short as it can be
+            lo, hi = min(slots), max(slots)
+            view = self.views[layer].window(lo, hi)
+            sentinel = hi - lo + 1
+            table = [sentinel] * self.num_experts[layer]  # expert id -> window slot id, sentinel elsewhere
             for expert, slot in zip(wave, slots):
-                table[expert] = slot
+                table[expert] = slot - lo
             table = torch.tensor(table, dtype=torch.long, device=top_k_index.device)
-            slot_index, weights = remap_and_mask(top_k_index, top_k_weights, table, self.num_slots if partial else None)
-            view = self.views[layer]
+            slot_index, weights = remap_and_mask(top_k_index, top_k_weights, table, sentinel if partial else None)
             view.__dict__["_is_expert_parallel"] = partial  # sentinel-aware path of the kernels
             out = self.kernels[layer](view, hidden_states, slot_index, weights)
             if self.device.type == "cuda":
