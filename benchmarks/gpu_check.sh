@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One prepared check for a lent GPU machine (no network; python3 with torch+CUDA, transformers, pybind11,
+# scikit-build-core, cmake, ninja and nvcc already installed). From the repository root:
+#
+#     OUT=/some/dir bash benchmarks/gpu_check.sh        # OUT defaults to ./gpu_check_out
+#
+# 1. builds and installs the package with the CUDA copy engine required (M2R2_MOE_CUDA=ON) into a venv
+#    that sees the system packages (pip --no-build-isolation --no-deps: nothing is downloaded); if that
+#    fails, once more with M2R2_MOE_CUDA=AUTO, so the C++ part is still checked;
+# 2. runs the native-core tests and the gpu-marked tests, requiring both native parts;
+# 3. measures the copy engines' host→device bandwidth against one plain large pinned copy_.
+# Each step runs even when an earlier one failed. Files in $OUT (at most 8, flat): env.txt, build.log,
+# tests.log, bandwidth.log, bandwidth.md, bandwidth.json, summary.txt, trace.log (this script's set -x).
+set -u -o pipefail
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+exec 3>"$OUT/trace.log"
+BASH_XTRACEFD=3
+set -x
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+VENV="${VENV:-/tmp/m2r2-gpu-venv}"
+status() { echo "$1: $2" | tee -a "$OUT/summary.txt"; }
+: > "$OUT/summary.txt"
+
+{
+  date -u; uname -a; nvidia-smi || true; nvcc --version || true; cmake --version || true
+  "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" || true
+  "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|pybind11|scikit-build-core|cmake|ninja|hypothesis|pytest|safetensors) " || true
+} > "$OUT/env.txt" 2>&1
+
+# -- 1. build -----------------------------------------------------------------------------------
+# A venv that sees the interpreter's packages; where it does not (python3 itself a venv), the
+# interpreter itself (the machine is bare and handed back afterwards).
+VPY="$PY"; PIP_EXTRA=""
+if "$PY" -m venv --system-site-packages "$VENV" >>"$OUT/build.log" 2>&1 &&
+   "$VENV/bin/python" -c "import torch, scikit_build_core, pybind11" >>"$OUT/build.log" 2>&1; then
+  VPY="$VENV/bin/python"
+elif "$PY" -m pip install --help 2>/dev/null | grep -q -- --break-system-packages; then
+  PIP_EXTRA="--break-system-packages"
+fi
+echo "installing with $VPY $PIP_EXTRA" >>"$OUT/build.log"
+build() {  # $1 = M2R2_MOE_CUDA mode
+  echo "=== pip install, M2R2_MOE_CUDA=$1 ===" >>"$OUT/build.log"
+  local t0=$SECONDS
+  M2R2_MOE_CUDA="$1" "$VPY" -m pip install -v --no-build-isolation --no-deps --no-index $PIP_EXTRA . \
+    >>"$OUT/build.log" 2>&1
+  local rc=$?
+  echo "=== rc=$rc in $((SECONDS - t0)) s ===" >>"$OUT/build.log"
+  return $rc
+}
+if build ON; then
+  status build "ok with the CUDA part required"
+elif build AUTO; then
+  status build "FAILED with M2R2_MOE_CUDA=ON; ok with AUTO (see build.log)"
+else
+  status build "FAILED (see build.log)"
+fi
+# Outside the repository, so that the installed copy (not the source tree) is imported.
+(cd /tmp && "$VPY" -c "import m2r2_moe._ext as e, json; print(json.dumps(e.summary())); print('cuda_probe:', repr(e.cuda_probe()))") \
+  >>"$OUT/build.log" 2>&1
+status ext "$(cd /tmp && "$VPY" -c "import m2r2_moe._ext as e; print('HAS_EXT', e.HAS_EXT, 'HAS_CUDA_EXT', e.HAS_CUDA_EXT, 'probe', repr(e.cuda_probe()))" 2>&1 | tail -1)"
+
+# -- 2. tests -----------------------------------------------------------------------------------
+export M2R2_MOE_REQUIRE_EXT=1 M2R2_MOE_REQUIRE_CUDA_EXT=1 PYTHONUNBUFFERED=1
+timeout 420 "$VPY" -m pytest -q -rs -p no:cacheprovider tests/test_ext.py tests/test_slot_manager_diff.py tests/test_gpu.py \
+  >"$OUT/tests.log" 2>&1
+status tests "rc=$? ($(tail -1 "$OUT/tests.log"))"
+
+# -- 3. bandwidth -------------------------------------------------------------------------------
+timeout 240 "$VPY" benchmarks/copy_bandwidth.py --out "$OUT" >"$OUT/bandwidth.log" 2>&1
+status bandwidth "rc=$? (see bandwidth.md)"
+
+set +x
+[ -f "$OUT/bandwidth.md" ] && cat "$OUT/bandwidth.md"
+exit 0
