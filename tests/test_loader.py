@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, OlmoeConfig,
-                          OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+from transformers import (AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, LlamaConfig, LlamaForCausalLM,
+                          MixtralConfig, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 import m2r2_moe
 from conftest import tiny_mixtral
@@ -37,6 +38,15 @@ FAMILIES = {
                                                             num_experts_per_tok=2, head_dim=16,
                                                             tie_word_embeddings=True)),
     "olmoe": lambda: OlmoeForCausalLM(OlmoeConfig(**SMALL, intermediate_size=32, num_experts=8, num_experts_per_tok=2)),
+    # Qwen-style names, a dense first layer, shared experts, latent attention
+    "deepseek_v3": lambda: AutoModelForCausalLM.from_config(DeepseekV3Config(
+        **SMALL, moe_intermediate_size=32, intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+        topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, head_dim=8)),
+    # fused on disk, with biases
+    "gpt_oss": lambda: AutoModelForCausalLM.from_config(GptOssConfig(
+        **SMALL, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"])),
 }
 IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -88,11 +98,13 @@ def test_mixtral_sharded_identical_and_restores(mixtral_path, expert_store):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("expert_store", ["ram", "disk"])
-def test_qwen_style_families_identical(tmp_path, family, expert_store):
+def test_other_families_identical(tmp_path, family, expert_store):
     torch.manual_seed(0)
     path = _save(FAMILIES[family]().eval(), tmp_path / family)
     model = m2r2_moe.from_pretrained(path, device="cpu", cache_experts=3, expert_store=expert_store, progress=False)
     assert torch.equal(_logits(model), _reference(path))
+    layouts = m2r2_moe.loader.plan_checkpoint(path, device="cpu").layouts
+    assert set(layouts) == {"fused" if family == "gpt_oss" else "qwen"}
 
 
 @pytest.mark.parametrize("expert_store", ["ram", "disk"])
