@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,11 +156,15 @@ class Reader:
 
     def __init__(self):
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()  # opening only; reads need none
 
     def fd(self, file: Path) -> int:
         fd = self._fds.get(file)
         if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            with self._lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         return fd
 
     def read_into(self, file: Path, offset: int, dst: torch.Tensor) -> None:
@@ -181,9 +186,10 @@ class Reader:
         return out
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def __del__(self):
         self.close()

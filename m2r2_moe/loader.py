@@ -105,6 +105,7 @@ def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, conte
     config = _read_config(ckpt.path)
     dtype = _resolve_dtype(dtype, config, ckpt)
     model = _skeleton(config, dtype)
+    _generation_config(model, ckpt.path)
     adapter, layers = find_moe_layers(model)
     packings = [_packing(layer) for layer in layers]
     wmap = map_checkpoint(model, adapter, layers, packings, ckpt)
@@ -183,6 +184,20 @@ def _skeleton(config, dtype: torch.dtype) -> nn.Module:
     except ValueError as e:
         raise UnsupportedModelError(f"{config.model_type!r} is not a causal LM transformers can build: {e}") from e
     return model.eval()
+
+
+def _generation_config(model: nn.Module, path: Path) -> None:
+    """generation_config.json, else one derived from config.json: what transformers' from_pretrained uses."""
+    from transformers import GenerationConfig
+
+    model.config.name_or_path = str(path)
+    if not (hasattr(model, "can_generate") and model.can_generate()):
+        return
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json
+        model.generation_config = GenerationConfig.from_pretrained(path, config_file_name="config.json",
+                                                                   _from_model_config=True)
 
 
 def _check_complete(model: nn.Module, layers, wmap: WeightMap, ckpt: Checkpoint) -> None:

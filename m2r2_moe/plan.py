@@ -161,12 +161,15 @@ def _auto_slots(device, expert_store, top_k, total_experts, expert_bytes, store_
         where, limit = f"{device} ({source})", free
     else:
         margin = host_margin(mem["host_total"])
-        where, limit = "host RAM (psutil)", mem["host_available"] - (store_bytes if expert_store == "ram" else 0)
+        where = "host RAM (psutil)" + (", after the expert store" if expert_store == "ram" else "")
+        limit = mem["host_available"] - (store_bytes if expert_store == "ram" else 0)
     budget = limit - dense_bytes - kv_bytes - margin
+    if device.type == "cpu":  # the slot pool is a second host copy of what it caches: take half of what is left
+        budget //= 2
     slots = max(0, budget) // expert_bytes
     if slots < top_k:
         raise (DeviceMemoryError if device.type == "cuda" else HostMemoryError)(
-            f"cache_experts='auto': {where} has {limit / 1e6:,.0f} MB for this model; after {dense_bytes / 1e6:,.1f} MB "
+            f"cache_experts='auto': {where} has {limit / 1e6:,.0f} MB left for this model; after {dense_bytes / 1e6:,.1f} MB "
             f"of non-expert weights, a {kv_bytes / 1e6:,.1f} MB KV reserve and a {margin / 1e6:,.0f} MB margin there is "
             f"room for {slots} expert slot(s) of {expert_bytes / 1e6:.1f} MB, below top-k={top_k}. Options: a smaller "
             "dtype, a shorter context_length, expert_store='disk' (on CPU), or free memory."

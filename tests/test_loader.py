@@ -115,12 +115,21 @@ def test_fused_layout_and_dtype_cast(fused_path, expert_store):
     assert torch.equal(_logits(model), _reference(fused_path, dtype=torch.bfloat16))
 
 
-def test_greedy_generate_identical(mixtral_path):
-    kwargs = dict(input_ids=IDS[:1], max_new_tokens=8, do_sample=False)
-    ref = m2r2_moe.offload(AutoModelForCausalLM.from_pretrained(mixtral_path), device="cpu", cache_experts=2)
-    model = m2r2_moe.from_pretrained(mixtral_path, device="cpu", cache_experts=2, progress=False)
-    with torch.no_grad():
-        assert torch.equal(model.generate(**kwargs), ref.generate(**kwargs))
+def test_generate_identical_with_checkpoint_generation_config(mixtral_path, tmp_path):
+    """generation_config.json is honoured as transformers honours it (here: sampling, top-k, an extra eos)."""
+    path = _copy(mixtral_path, tmp_path / "m")
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**gen, "do_sample": True, "top_k": 5,
+                                                              "eos_token_id": [2, 7]}))
+    ref = m2r2_moe.offload(AutoModelForCausalLM.from_pretrained(path), device="cpu", cache_experts=2)
+    model = m2r2_moe.from_pretrained(path, device="cpu", cache_experts=2, progress=False)
+    assert model.generation_config.to_dict() == ref.generation_config.to_dict()
+    outs = []
+    for m in (ref, model):
+        torch.manual_seed(5)
+        with torch.no_grad():
+            outs.append(m.generate(input_ids=IDS[:1], max_new_tokens=8))
+    assert torch.equal(*outs)
 
 
 def test_budgets(mixtral_path):
@@ -135,8 +144,8 @@ def test_budgets(mixtral_path):
     assert "4 expert slots" in text and "mixtral" in text and "KV reserve" in text
 
 
-def test_auto_budget_on_cuda_math(monkeypatch):
-    """The CUDA 'auto' arithmetic, with the memory probe faked (no GPU here)."""
+def test_auto_budget_math(monkeypatch):
+    """The 'auto' arithmetic on CUDA and CPU, with the memory probes faked (no GPU here)."""
     monkeypatch.setattr(plan, "device_memory", lambda device: (10 * 2**30, 20 * 2**30, "fake"))
     kw = dict(device=torch.device("cuda"), expert_store="ram", top_k=2, total_experts=1000, expert_bytes=2**28,
               store_bytes=0, dense_bytes=2 * 2**30, kv_bytes=2**30)
@@ -145,6 +154,11 @@ def test_auto_budget_on_cuda_math(monkeypatch):
     monkeypatch.setattr(plan, "device_memory", lambda device: (3 * 2**30, 20 * 2**30, "fake"))
     with pytest.raises(errors.DeviceMemoryError, match="below top-k"):
         plan.resolve_slots("auto", **kw)
+    gib = 2**30
+    monkeypatch.setattr(plan, "host_memory", lambda: (20 * gib, 50 * gib))  # on CPU: half of what the store leaves
+    cpu = {**kw, "device": torch.device("cpu"), "store_bytes": 8 * gib}
+    slots, _, _ = plan.resolve_slots("auto", **cpu)
+    assert slots == int((20 - 8 - 2 - 1) * gib - plan.host_margin(50 * gib)) // 2 // 2**28
     assert plan.parse_bytes("8GB") == 8 * 10**9 and plan.parse_bytes("1.5 GiB") == 3 * 2**29
     with pytest.raises(OffloadConfigError):
         plan.parse_bytes("lots")
