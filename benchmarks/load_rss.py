@@ -52,9 +52,10 @@ else:
     if method == "load+offload":
         m2r2_moe.offload(model, device="cpu", cache_experts=slots)
 seconds = time.perf_counter() - start
-status = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(("VmHWM", "RssAnon"))}
-print(json.dumps({"seconds": seconds, "peak": status["VmHWM"] - before, "after": psutil.Process().memory_info().rss - before,
-                  "anon": status["RssAnon"] - anon_before}))
+status = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status")
+          if l.startswith(("VmHWM", "RssAnon"))}
+print(json.dumps({"seconds": seconds, "peak": status["VmHWM"] - before, "anon": status["RssAnon"] - anon_before,
+                  "after": psutil.Process().memory_info().rss - before}))
 """
 
 METHODS = ["m2r2_moe.from_pretrained", "m2r2_moe.from_pretrained disk", "load+offload", "transformers only"]
@@ -79,7 +80,8 @@ def write_checkpoint(path: Path, hidden: int, inter: int, layers: int, experts: 
                    p + "block_sparse_moe.gate.weight": (experts, hidden)}
         for e in range(experts):
             q = f"{p}block_sparse_moe.experts.{e}."
-            shapes |= {q + "w1.weight": (inter, hidden), q + "w3.weight": (inter, hidden), q + "w2.weight": (hidden, inter)}
+            shapes |= {q + "w1.weight": (inter, hidden), q + "w3.weight": (inter, hidden),
+                       q + "w2.weight": (hidden, inter)}
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(config))
     gen = torch.Generator().manual_seed(0)
@@ -154,13 +156,14 @@ def main() -> None:
              f"{args.layers} layers x {args.experts} experts, bf16, {nbytes / 1e6:,.0f} MB in "
              f"{SHARD_BYTES // 10**6} MB shards, page cache warm; device cpu with {args.slots} slots "
              f"({pool / 1e6:.0f} MB slot pool, host memory on CPU, included in every offloaded row). Peak = VmHWM "
-             f"after imports (max of {args.rounds} rounds), time = median. RSS counts file-backed pages too: transformers "
-             "reads the shards through mmap, so part of its RSS is page cache the kernel can reclaim; 'anon RSS "
-             "after' is the anonymous (non-reclaimable) part once loaded. Target: from_pretrained <= 1.15x, vs ~2x "
-             "for load-then-offload.\n")
+             f"after imports (max of {args.rounds} rounds), time = median. RSS counts file-backed pages too: "
+             "transformers reads the shards through mmap, so part of its RSS is page cache the kernel can "
+             "reclaim; 'anon RSS after' is the anonymous (non-reclaimable) part once loaded. Target: "
+             "from_pretrained <= 1.15x, vs ~2x for load-then-offload.\n")
     print(table + "\n" + extra)
     if not args.no_record:
-        print(f"appended to {append_section('Checkpoint load: peak RSS and time (benchmarks/load_rss.py)', table + chr(10) + extra)}")
+        title = "Checkpoint load: peak RSS and time (benchmarks/load_rss.py)"
+        print(f"appended to {append_section(title, table + chr(10) + extra)}")
 
 
 if __name__ == "__main__":

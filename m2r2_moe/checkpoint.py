@@ -81,8 +81,8 @@ def _shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
     """The safetensors files of the folder and the index's name → shard map ({} without index)."""
     if not path.is_dir():
         raise NotACheckpointError(
-            f"{str(path)!r} is not a checkpoint folder ({'a file' if path.exists() else 'no such path'}); pass the folder "
-            "that holds config.json and the model's *.safetensors files."
+            f"{str(path)!r} is not a checkpoint folder ({'a file' if path.exists() else 'no such path'}); pass the "
+            "folder that holds config.json and the model's *.safetensors files."
         )
     if not (path / "config.json").is_file():
         raise NotACheckpointError(f"{path} has no config.json: not a transformers checkpoint folder.")

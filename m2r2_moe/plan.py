@@ -169,8 +169,9 @@ def _auto_slots(device, expert_store, top_k, total_experts, expert_bytes, store_
     slots = max(0, budget) // expert_bytes
     if slots < top_k:
         raise (DeviceMemoryError if device.type == "cuda" else HostMemoryError)(
-            f"cache_experts='auto': {where} has {limit / 1e6:,.0f} MB left for this model; after {dense_bytes / 1e6:,.1f} MB "
-            f"of non-expert weights, a {kv_bytes / 1e6:,.1f} MB KV reserve and a {margin / 1e6:,.0f} MB margin there is "
+            f"cache_experts='auto': {where} has {limit / 1e6:,.0f} MB left for this model; after "
+            f"{dense_bytes / 1e6:,.1f} MB of non-expert weights, a {kv_bytes / 1e6:,.1f} MB KV reserve and a "
+            f"{margin / 1e6:,.0f} MB margin there is "
             f"room for {slots} expert slot(s) of {expert_bytes / 1e6:.1f} MB, below top-k={top_k}. Options: a smaller "
             "dtype, a shorter context_length, expert_store='disk' (on CPU), or free memory."
         )
@@ -193,8 +194,9 @@ def check_memory(plan: Plan, mem: dict) -> None:
             options.append("fewer device slots (cache_experts)")
         options.append("free host memory")
         raise HostMemoryError(
-            f"{plan.path}: this plan needs {plan.host_need / 1e6:,.0f} MB of host memory ({plan.store_bytes / 1e6:,.0f} "
-            f"MB of experts{' in RAM' if plan.expert_store == 'ram' else ' on disk'}), but only "
+            f"{plan.path}: this plan needs {plan.host_need / 1e6:,.0f} MB of host memory "
+            f"({plan.store_bytes / 1e6:,.0f} MB of experts {'in RAM' if plan.expert_store == 'ram' else 'on disk'}), "
+            "but only "
             f"{plan.host_available / 1e6:,.0f} MB are available. Options: " + "; ".join(options) + "."
         )
     if plan.device.type == "cuda" and mem["device"] is not None:

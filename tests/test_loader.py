@@ -179,7 +179,8 @@ def no_store(monkeypatch):
     made = []
     for cls in (store.HostExpertStore, disk_store.DiskExpertStore):
         init = cls.__init__
-        monkeypatch.setattr(cls, "__init__", lambda self, *a, _init=init, **k: (made.append(self), _init(self, *a, **k))[1])
+        monkeypatch.setattr(cls, "__init__",
+                            lambda self, *a, _init=init, **k: (made.append(self), _init(self, *a, **k))[1])
     yield
     assert made == []
 
@@ -261,7 +262,8 @@ def test_read_error_mid_stream_frees_the_store(mixtral_path, monkeypatch):
 
     made, calls = [], []
     init = store.HostExpertStore.__init__
-    monkeypatch.setattr(store.HostExpertStore, "__init__", lambda self, *a, **k: (made.append(self), init(self, *a, **k))[1])
+    monkeypatch.setattr(store.HostExpertStore, "__init__",
+                        lambda self, *a, **k: (made.append(self), init(self, *a, **k))[1])
     read_into = checkpoint.Reader.read_into
 
     def failing(self, *a):
