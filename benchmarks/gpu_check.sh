@@ -2,7 +2,7 @@
 # One prepared check for a lent GPU machine (no network; python3 with torch+CUDA, transformers, pybind11,
 # scikit-build-core, cmake, ninja and nvcc already installed). From the repository root:
 #
-#     OUT=/some/dir bash benchmarks/gpu_check.sh        # OUT defaults to ./gpu_check_out
+#     OUT=/some/dir bash benchmarks/gpu_check.sh        # OUT defaults to /tmp/m2r2_gpu_check
 #
 # 1. builds and installs the package with the CUDA copy engine required (M2R2_MOE_CUDA=ON) into a venv
 #    that sees the system packages (pip --no-build-isolation --no-deps: nothing is downloaded); if that
@@ -12,7 +12,7 @@
 # Each step runs even when an earlier one failed. Files in $OUT (at most 8, flat): env.txt, build.log,
 # tests.log, bandwidth.log, bandwidth.md, bandwidth.json, summary.txt, trace.log (this script's set -x).
 set -u -o pipefail
-OUT="${OUT:-$PWD/gpu_check_out}"
+OUT="${OUT:-/tmp/m2r2_gpu_check}"
 mkdir -p "$OUT"
 exec 3>"$OUT/trace.log"
 BASH_XTRACEFD=3
