@@ -2,21 +2,32 @@
 
 transformers 5.x keeps the routed experts of a sparse MoE block in one module with fused 3-D tensors
 (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`, optional biases) and a
-`forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]`. Every family that
-follows that layout is handled here; family adapters only say where the blocks and routers are.
+`forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]` dispatched through
+transformers' `ExpertsInterface` (`@use_experts_implementation`). Every family that follows that layout is
+handled here; family adapters (one file each) say only what differs: routing rule, top-k, names.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .routing import block_args, call_router, sigmoid_bias_scores, softmax_scores
 
 # Expert tensors that follow the fused layout, in the order they are packed into one buffer per expert.
 FUSED_EXPERT_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "up_proj", "up_proj_bias", "down_proj", "down_proj_bias")
+# Where transformers families keep things, tried in order.
+BLOCK_NAMES = ("mlp", "block_sparse_moe", "moe", "feed_forward", "mixer")  # decoder layer → sparse MoE block
+ROUTER_NAMES = ("gate", "router")  # block → router
+# decoder layer → the norm in front of the block (sandwich-norm families: the pre-feed-forward one first)
+NORM_NAMES = ("pre_feedforward_layernorm", "pre_ff_layernorm", "pre_mlp_layernorm", "pre_moe_layernorm",
+              "post_attention_layernorm", "ffn_norm", "norm")
+# block → always-active modules beside the routed experts: kept resident on the device, never offloaded
+SHARED_NAMES = ("shared_expert", "shared_experts", "shared_expert_gate", "shared_mlp")
 
 
 @dataclass
@@ -30,6 +41,7 @@ class MoELayer:
     router: nn.Module | None  # the router module (its own forward is the family's routing function)
     norm: nn.Module | None = None  # the norm applied to the residual before the block
     param_names: tuple[str, ...] = field(default_factory=tuple)  # expert tensors, packing order
+    shared: tuple[nn.Module, ...] = ()  # shared experts (and their gates): resident, not offloaded
 
 
 @dataclass(frozen=True)
@@ -55,9 +67,13 @@ class MoEAdapter:
     """Finds the MoE blocks of a model; the default works for any fused-layout family."""
 
     name = "generic"
+    model_types: tuple[str, ...] = ()  # config.model_type values the adapter is for (empty: any)
+
+    def __init__(self) -> None:
+        self._ranking_checked: weakref.WeakSet = weakref.WeakSet()  # routers whose scores were checked once
 
     def matches(self, model: nn.Module) -> bool:
-        return True
+        return not self.model_types or getattr(model.config, "model_type", None) in self.model_types
 
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         inner = getattr(model, "model", model)
@@ -85,46 +101,95 @@ class MoEAdapter:
                     block=block,
                     experts=experts,
                     router=self.router(block),
-                    norm=getattr(layer, "post_attention_layernorm", None),
+                    norm=self.norm(layer),
                     param_names=check_fused_layout(experts),
+                    shared=self.shared_experts(block),
                 )
             )
         return found
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
-        for name in ("mlp", "block_sparse_moe", "moe"):
+        for name in BLOCK_NAMES:
             block = getattr(layer, name, None)
-            if block is not None and hasattr(block, "experts"):
+            if isinstance(block, nn.Module) and isinstance(getattr(block, "experts", None), nn.Module):
                 return block
         return None
 
     def router(self, block: nn.Module) -> nn.Module | None:
-        for name in ("gate", "router"):
-            router = getattr(block, name, None)
-            if isinstance(router, nn.Module):
-                return router
-        return None
+        return _first_module(block, ROUTER_NAMES)
+
+    def norm(self, layer: nn.Module) -> nn.Module | None:
+        """The norm whose output the block reads; None when the block reads the residual itself."""
+        if hasattr(layer, "post_feedforward_layernorm") and not hasattr(layer, "pre_feedforward_layernorm"):
+            return None  # OLMo2-style post-norms: post_attention_layernorm normalises the attention output
+        norm = _first_module(layer, NORM_NAMES)
+        # Parallel attention + MLP (Cohere): both read input_layernorm(layer input)
+        return norm if norm is not None else _first_module(layer, ("input_layernorm",))
+
+    def shared_experts(self, block: nn.Module) -> tuple[nn.Module, ...]:
+        return tuple(m for name in SHARED_NAMES if isinstance(m := getattr(block, name, None), nn.Module))
 
     def route(self, layer: MoELayer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The family's own routing applied to `hidden [T, H]` (already normed as the block sees it).
 
-        Returns (`scores [T, E]` float32, higher = more likely chosen: the family's selection scores,
-        softmax probabilities for softmax routers; `top_k_index [T, K]` the experts the block would run).
-        Predictors call this to turn a (predicted) residual into expert choices. The default reads the
-        transformers 5 router output `(router_logits, router_scores, router_indices)`."""
-        out = layer.router(hidden)
-        if not (isinstance(out, tuple) and len(out) == 3):
+        Returns (`scores [T, E]`, `top_k_index [T, K]`): `top_k_index` is what the block's router picks
+        (its own forward, called without hooks, so transformers' router-logit recording is not fed);
+        `scores` (see `models/routing.py`) are float32, non-negative, sum to 1, rank the picked experts
+        first and are differentiable: softmax probabilities for softmax routers. Predictors call this to
+        turn a (predicted) residual into expert choices. On its first call for a router the ranking is
+        checked against the router's pick; a family whose rule the adapter does not know is refused."""
+        logits, indices = self.router_output(layer, hidden)
+        scores = self.scores(layer, logits)
+        if layer.router not in self._ranking_checked:
+            self._check_ranking(layer, scores, indices)
+            self._ranking_checked.add(layer.router)
+        return scores, indices
+
+    def router_output(self, layer: MoELayer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`router_logits [T, E]`, `top_k_index [T, K]`): the router's own forward (see `call_router`)."""
+        if layer.router is None:
+            raise UnsupportedModelError(f"{type(layer.block).__name__} has no `gate`/`router` module; add a family adapter")
+        return call_router(layer.router, layer.block, hidden)
+
+    def scores(self, layer: MoELayer, logits: torch.Tensor) -> torch.Tensor:
+        """Scores from `logits [T, E]` by the router's rule: softmax, unless the router carries a score
+        correction bias (DeepSeek-V3-style sigmoid + bias, group-limited when it has groups)."""
+        router = layer.router
+        bias = getattr(router, "e_score_correction_bias", None)
+        if not isinstance(bias, torch.Tensor):
+            bias = next((a for n, a in block_args(router, layer.block).items()
+                         if "bias" in n and isinstance(a, torch.Tensor)), None)
+        if bias is None:
+            return softmax_scores(logits)
+        groups = getattr(router, "num_group", None) or getattr(router, "n_group", None)
+        return sigmoid_bias_scores(logits, bias, groups, getattr(router, "topk_group", None))
+
+    def _check_ranking(self, layer: MoELayer, scores: torch.Tensor, indices: torch.Tensor) -> None:
+        """Every picked expert scores at least as high as every other one (ties allowed)."""
+        with torch.no_grad():
+            scores = scores.detach()
+            picked = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)  # [T, E]
+            lowest_picked = scores.masked_fill(~picked, float("inf")).amin(dim=-1)
+            best_other = scores.masked_fill(picked, float("-inf")).amax(dim=-1)
+            consistent = bool((lowest_picked >= best_other).all())  # host sync: once per router
+        if not consistent:
             raise UnsupportedModelError(
-                f"{type(layer.router).__name__} does not return (logits, scores, indices); add a family adapter"
+                f"{type(layer.router).__name__}: the {self.name!r} adapter's expert scores do not rank the router's "
+                "own choice first, so predictors would prefetch the wrong experts; this routing rule needs a family "
+                "adapter in m2r2_moe/models/ (see tools/check_families.py)."
             )
-        logits, _, indices = out
-        return torch.softmax(logits.float(), dim=-1), indices
 
     def top_k(self, model: nn.Module) -> int:
+        """Experts each token uses per MoE layer: from the config, else from the first router."""
         config = model.config
-        for name in ("num_experts_per_tok", "moe_top_k", "top_k"):
+        config = getattr(config, "text_config", None) or config
+        for name in ("num_experts_per_tok", "moe_top_k", "moe_topk", "top_k", "num_experts_per_token"):
             value = getattr(config, name, None)
-            if isinstance(value, int):
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        for module in model.modules():
+            value = getattr(module, "top_k", None)
+            if isinstance(value, int) and not isinstance(value, bool) and module is not model:
                 return value
         raise UnsupportedModelError(f"{type(model).__name__}: cannot find the routing top-k in its config")
 
@@ -151,7 +216,10 @@ class MoEAdapter:
 
 
 def check_fused_layout(experts: nn.Module) -> tuple[str, ...]:
-    """The expert tensor names of a fused experts module, or a clear error naming the class."""
+    """The expert tensor names of a fused experts module, or a clear error naming the class.
+
+    Besides the tensors, the class must dispatch through transformers' `ExpertsInterface`
+    (`@use_experts_implementation`): the runtime runs that forward on device slots."""
     params = dict(experts.named_parameters(recurse=False))
     names = tuple(n for n in FUSED_EXPERT_PARAMS if n in params)
     num_experts = getattr(experts, "num_experts", None)
@@ -161,6 +229,12 @@ def check_fused_layout(experts: nn.Module) -> tuple[str, ...]:
             f"{type(experts).__name__} is not a fused experts module (expected `gate_up_proj`/`up_proj` and "
             f"`down_proj` tensors of shape [num_experts, ...] and a `num_experts` attribute; found parameters "
             f"{sorted(params)}). This layout is not supported yet."
+        )
+    if not hasattr(experts, "has_gate") or getattr(experts, "config", None) is None:
+        raise UnsupportedModelError(
+            f"{type(experts).__name__} keeps fused expert tensors but its forward is its own (the class is not "
+            "decorated with transformers' @use_experts_implementation), so m2r2_moe cannot run it on device "
+            "slots. This layout is not supported yet."
         )
     extra = sorted(set(params) - set(names))
     if extra:
@@ -185,6 +259,19 @@ def expert_param_bytes(layer: MoELayer) -> int:
         p = getattr(layer.experts, n)
         total += p[0].numel() * p.element_size()
     return total
+
+
+def shared_param_bytes(layer: MoELayer) -> int:
+    """Bytes of the layer's shared experts (resident on the device, counted apart from the routed ones)."""
+    return sum(p.numel() * p.element_size() for m in layer.shared for p in m.parameters())
+
+
+def _first_module(parent: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    for name in names:
+        module = getattr(parent, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
 
 
 def is_meta(t: torch.Tensor) -> bool:
