@@ -62,7 +62,8 @@ fi
 status ext "$(cd /tmp && "$VPY" -c "import m2r2_moe._ext as e; print('HAS_EXT', e.HAS_EXT, 'HAS_CUDA_EXT', e.HAS_CUDA_EXT, 'probe', repr(e.cuda_probe()))" 2>&1 | tail -1)"
 
 # -- 2. tests -----------------------------------------------------------------------------------
-export M2R2_MOE_REQUIRE_EXT=1 M2R2_MOE_REQUIRE_CUDA_EXT=1 PYTHONUNBUFFERED=1
+# M2R2_MOE_NATIVE_CUDA=1: offloaded models use the native engine (the default is its torch twin until this passes)
+export M2R2_MOE_REQUIRE_EXT=1 M2R2_MOE_REQUIRE_CUDA_EXT=1 M2R2_MOE_NATIVE_CUDA=1 PYTHONUNBUFFERED=1
 timeout 420 "$VPY" -m pytest -q -rs -p no:cacheprovider tests/test_ext.py tests/test_slot_manager_diff.py tests/test_gpu.py \
   >"$OUT/tests.log" 2>&1
 status tests "rc=$? ($(tail -1 "$OUT/tests.log"))"

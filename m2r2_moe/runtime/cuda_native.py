@@ -75,6 +75,12 @@ class NativeCudaCopyEngine:
         self.bytes_copied = 0
         self.busy_seconds = 0.0  # not measured without a sync; the profiler times copies with events
         self.pending_stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._in_flight: list[NativeCudaTransfer] = []  # holds each copy's buffers until its event completes
+
+    def _hold(self, transfers: list[NativeCudaTransfer]) -> None:
+        """Keep source buffers (possibly short-lived staging memory) alive until their copy has run; the
+        caller may drop a transfer after a device-side `wait` that returns before the copy ends."""
+        self._in_flight = [t for t in self._in_flight if not t.event.query()] + transfers
 
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
                after=None) -> NativeCudaTransfer:
@@ -82,7 +88,9 @@ class NativeCudaCopyEngine:
         nbytes = _check_pair(dst, src)
         event = self._engine.submit(dst.data_ptr(), src.data_ptr(), nbytes, _event_handle(after))
         self.bytes_copied += nbytes
-        return NativeCudaTransfer(key, slot, nbytes, priority, event, self, src, dst)
+        transfer = NativeCudaTransfer(key, slot, nbytes, priority, event, self, src, dst)
+        self._hold([transfer])
+        return transfer
 
     def submit_many(self, keys, slots, dsts, srcs, priority: int = DEMAND, afters=None) -> list[NativeCudaTransfer]:
         """`submit` for a whole wave in one native call (copies are enqueued in order)."""
@@ -91,8 +99,10 @@ class NativeCudaCopyEngine:
         events = self._engine.submit_batch([d.data_ptr() for d in dsts], [s.data_ptr() for s in srcs], sizes,
                                            [_event_handle(a) for a in afters])
         self.bytes_copied += sum(sizes)
-        return [NativeCudaTransfer(k, sl, n, priority, ev, self, s, d)
-                for k, sl, n, ev, s, d in zip(keys, slots, sizes, events, srcs, dsts)]
+        transfers = [NativeCudaTransfer(k, sl, n, priority, ev, self, s, d)
+                     for k, sl, n, ev, s, d in zip(keys, slots, sizes, events, srcs, dsts)]
+        self._hold(transfers)
+        return transfers
 
     def link_seconds(self, nbytes: int) -> float:
         return 0.0
@@ -111,6 +121,7 @@ class NativeCudaCopyEngine:
     def close(self) -> None:
         # Copies still queued read pinned host memory that the store may free next: let them finish.
         self._engine.synchronize()
+        self._in_flight.clear()
 
 
 def _check_pair(dst: torch.Tensor, src: torch.Tensor) -> int:

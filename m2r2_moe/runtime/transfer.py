@@ -14,6 +14,7 @@ wait for it and returns the host seconds spent waiting (0 on CUDA, where the wai
 from __future__ import annotations
 
 import heapq
+import os
 import itertools
 import logging
 import threading
@@ -223,14 +224,16 @@ class CudaCopyEngine:
 
 def make_copy_engine(device: torch.device, link_gbps: float | None, link_latency_us: float):
     if device.type == "cuda":
-        # -- native engine (csrc/copy_engine.cu, via runtime/cuda_native.py) where built and usable;
-        #    CudaCopyEngine above is its torch twin; M2R2_MOE_NO_EXT=1 forces the twin. --
-        from . import cuda_native
+        # -- native engine (csrc/copy_engine.cu, via runtime/cuda_native.py): opt-in with
+        #    M2R2_MOE_NATIVE_CUDA=1 until it has been validated on a GPU (benchmarks/gpu_check.sh);
+        #    CudaCopyEngine above is its torch twin and the default. --
+        if os.environ.get("M2R2_MOE_NATIVE_CUDA") == "1":
+            from . import cuda_native
 
-        reason = cuda_native.available()
-        if not reason:
-            return cuda_native.NativeCudaCopyEngine(device)
-        logger.debug("native CUDA copy engine not used: %s", reason)
+            reason = cuda_native.available()
+            if not reason:
+                return cuda_native.NativeCudaCopyEngine(device)
+            logger.warning("M2R2_MOE_NATIVE_CUDA=1 but the native CUDA copy engine cannot run: %s", reason)
         # -- end native engine --
         return CudaCopyEngine(device)
     return ThreadCopyEngine(link_gbps, link_latency_us)
