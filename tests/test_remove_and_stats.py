@@ -99,4 +99,4 @@ def test_stall_grows_with_bytes_over_bandwidth():
         expected = s.bytes_to_device / (gbps * 1e9)
         assert 0.8 * expected <= s.stall_seconds <= 1.5 * expected + 0.05, (gbps, s.stall_seconds, expected)
         stalls[gbps] = s.stall_seconds
-    assert stalls[0.005] > 3 * stalls[0.02]
+    assert stalls[0.005] > 2.4 * stalls[0.02]  # 4x the transfer time; fixed per-copy overheads dilute it
