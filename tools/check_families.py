@@ -170,7 +170,8 @@ def check_family(model_type: str) -> dict:
             finally:
                 m2r2_moe.remove_offload(model)
             if not torch.equal(out, ref):
-                row["detail"] = f"logits differ at cache_experts={cache}: max |diff| {(out - ref).abs().max().item():.3g}"
+                diff = (out - ref).abs().max().item()
+                row["detail"] = f"logits differ at cache_experts={cache}: max |diff| {diff:.3g}"
                 return row
         stage = "restore"
         now = model.state_dict()

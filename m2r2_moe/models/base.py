@@ -148,7 +148,9 @@ class MoEAdapter:
     def router_output(self, layer: MoELayer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(`router_logits [T, E]`, `top_k_index [T, K]`): the router's own forward (see `call_router`)."""
         if layer.router is None:
-            raise UnsupportedModelError(f"{type(layer.block).__name__} has no `gate`/`router` module; add a family adapter")
+            raise UnsupportedModelError(
+                f"{type(layer.block).__name__} has no `gate`/`router` module; add a family adapter"
+            )
         return call_router(layer.router, layer.block, hidden)
 
     def scores(self, layer: MoELayer, logits: torch.Tensor) -> torch.Tensor:

@@ -85,9 +85,10 @@ def call_router(router: nn.Module, block: nn.Module, hidden: torch.Tensor) -> tu
             _ROUTER_WANTS_BATCH[cls] = True
     else:
         out = router.forward(hidden.unsqueeze(0) if _ROUTER_WANTS_BATCH[cls] else hidden, **kwargs)
-    if not (isinstance(out, tuple) and len(out) == 3):
+    well_formed = isinstance(out, tuple) and len(out) == 3 and not out[2].is_floating_point()
+    if not well_formed or out[0].shape[-1] < out[2].shape[-1]:
         raise UnsupportedModelError(
-            f"{cls.__name__} does not return (logits, weights, indices); add a family adapter"
+            f"{cls.__name__} does not return (logits [T, E], weights [T, K], indices [T, K]); add a family adapter"
         )
     logits, _, indices = out
     return logits.reshape(-1, logits.shape[-1]), indices.reshape(-1, indices.shape[-1])
