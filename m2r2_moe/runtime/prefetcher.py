@@ -33,7 +33,9 @@ class Prefetcher:
         self._hooks = []
         if predictor.needs_residual:
             for i, layer in enumerate(offloader.layers):
-                self._hooks.append(layer.norm.register_forward_pre_hook(self._keep_residual(i)))
+                # no pre-MoE norm (OLMo2-style post-norm families): the block's input is the residual itself
+                source = layer.norm if layer.norm is not None else layer.block
+                self._hooks.append(source.register_forward_pre_hook(self._keep_residual(i)))
 
     def _keep_residual(self, i: int):
         def hook(module, args):
