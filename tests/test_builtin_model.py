@@ -1,0 +1,127 @@
+"""The shipped built-in model (m2r2_moe/builtin/tiny-mixtral) against its own model card.
+
+Invariants:
+- stock transformers loads the folder like any checkpoint (Auto classes), weights bf16, <= 25 MB;
+- the held-out loss recomputed here on the card's check sequences equals the card's numbers, and
+  the card's held-out bits/byte beats the unigram baseline on the same split;
+- routing is learned and balanced per layer: every expert used in every layer, none above 45%;
+- routing depends on the input: different texts give different expert sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m2r2_moe import builtin
+from m2r2_moe.trace import record_trace
+
+MAX_SHARE = 0.45  # uniform is 1/8 = 12.5% of the top-2 choices
+MIN_SHARE = 0.01
+
+
+@pytest.fixture(scope="module")
+def path() -> Path:
+    return Path(builtin.builtin_model_path())
+
+
+@pytest.fixture(scope="module")
+def card(path) -> dict:
+    return json.loads((path / "card.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return builtin.load_builtin()
+
+
+def test_stock_transformers_loads_it(path, card):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert isinstance(model, MixtralForCausalLM)
+    cfg = model.config
+    assert cfg.num_hidden_layers >= 8 and cfg.num_local_experts == 8 and cfg.num_experts_per_tok == 2
+    assert cfg.vocab_size == len(tokenizer) == card["model"]["vocab"]
+    text = "def spam(eggs):\n    return eggs + 1\n"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert sum(p.stat().st_size for p in path.iterdir() if p.is_file()) <= 25 * 2**20
+
+
+def test_import_resolves_to_module_not_data_folder():
+    assert Path(builtin.__file__).name == "builtin.py"
+    assert callable(builtin.load_builtin)
+
+
+def test_heldout_loss_matches_card(loaded, card):
+    model, _ = loaded
+    check = card["check"]
+    ids = torch.tensor(check["input_ids"])  # [n, T] held-out chunks
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+    nats = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+    torch.testing.assert_close(nats, torch.tensor(check["nats"]), rtol=2e-3, atol=2e-3)
+    ev = card["eval"]
+    # A few chunks are a noisy sample of the whole split, but they must be of the same order.
+    assert abs(nats.mean().item() - ev["heldout_nats"]) < 0.35 * ev["heldout_nats"]
+    assert math.isclose(ev["heldout_bpb"], ev["heldout_nats"] / math.log(2) * ev["heldout_tokens_per_byte"])
+    # Well under both unigram baselines on the same split (it learned more than token frequencies).
+    assert ev["heldout_bpb"] < 0.75 * ev["unigram_bpb"]
+    assert ev["heldout_bpb"] < 0.5 * ev["byte_unigram_bpb"]
+
+
+def test_card_usage_not_degenerate(card):
+    usage = torch.tensor(card["routing"]["usage"])  # [L, E]
+    assert usage.shape == (card["model"]["layers"], card["model"]["experts"])
+    torch.testing.assert_close(usage.sum(1), torch.ones(len(usage)), rtol=0, atol=1e-6)
+    assert usage.min() >= MIN_SHARE, usage.min(1)
+    assert usage.max() <= MAX_SHARE, usage.max(1)
+    assert all(bits > 0 for bits in card["routing"]["mutual_information"]["consecutive_tokens_bits"])
+
+
+def test_every_expert_used_in_every_layer_on_heldout(loaded, card):
+    model, _ = loaded
+    trace = record_trace(model, torch.tensor(card["check"]["input_ids"]))
+    counts = torch.stack([torch.bincount(trace.experts[:, l].flatten(), minlength=trace.num_experts)
+                          for l in range(trace.num_layers)])  # [L, E]
+    share = counts / counts.sum(1, keepdim=True)
+    assert (counts > 0).all(), counts
+    assert share.max() <= MAX_SHARE, share.max(1)
+
+
+def test_routing_depends_on_input(loaded):
+    model, tokenizer = loaded
+    code = "import os\n\n\ndef walk(top):\n    for name in os.listdir(top):\n        yield name\n"
+    prose = "The quick brown fox jumps over the lazy dog, and then it runs far away into the hills."
+    a = record_trace(model, tokenizer(code, return_tensors="pt")["input_ids"])
+    b = record_trace(model, tokenizer(prose, return_tensors="pt")["input_ids"])
+    n = min(len(a), len(b))
+    assert not torch.equal(a.experts[:n], b.experts[:n])
+    # Within one text, too, the chosen experts change from token to token in every layer.
+    for l in range(a.num_layers):
+        assert len({tuple(sorted(e)) for e in a.experts[:, l].tolist()}) > 2
+    # The same text twice gives the same routing (it is a function of the input, not noise).
+    assert torch.equal(a.experts, record_trace(model, a.token_ids).experts)
+
+
+def test_load_builtin_dtype_and_generate(loaded):
+    model, tokenizer = loaded
+    assert not model.training and model.dtype == torch.float32
+    ids = tokenizer("def ", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert out.shape[1] > ids.shape[1]
+
+
+def test_missing_folder_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(builtin, "_folder", lambda: tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="config.json.*train_tiny_moe"):
+        builtin.builtin_model_path()
