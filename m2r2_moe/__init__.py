@@ -7,7 +7,7 @@
 """
 
 from .api import get_offloader, is_offloaded, offload, remove_offload, reset_stats, stats
-from .loader import from_pretrained
+from .builtin import builtin_model_path, load_builtin
 from .config import OffloadConfig, OffloadConfigError
 from .errors import (
     AlreadyOffloadedError,
@@ -17,6 +17,7 @@ from .errors import (
     SlotStateError,
     UnsupportedModelError,
 )
+from .loader import from_pretrained
 from .stats import OffloadStats
 
 __version__ = "0.1.0"
@@ -24,6 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "offload",
     "from_pretrained",
+    "builtin_model_path",
+    "load_builtin",
     "remove_offload",
     "stats",
     "reset_stats",

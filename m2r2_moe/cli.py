@@ -51,7 +51,9 @@ def demo(args: argparse.Namespace) -> int:
     total = sum(int(layer.experts.num_experts) for layer in _moe_layers(model))
     cache = args.cache_experts or max(model.config.num_experts_per_tok, total // 4)
     link = args.link_gbps if (args.device or "cpu") == "cpu" else None
-    api.offload(model, device=args.device, cache_experts=cache, link_gbps=link)
+    predictor = args.predictor or ("m2r2" if args.model == "builtin" or args.adapters else "none")
+    api.offload(model, device=args.device, cache_experts=cache, link_gbps=link, predictor=predictor,
+                adapters=args.adapters)
     try:
         start = time.perf_counter()
         with torch.no_grad():
@@ -64,7 +66,7 @@ def demo(args: argparse.Namespace) -> int:
     new = out[0, ids.shape[1]:]
     print(f"model: {args.model} ({dtype}), {total} experts in {len(offloader.layers)} MoE layers, "
           f"{offloader.expert_bytes[0] / 1e6:.2f} MB per expert")
-    print(f"offload: {cache} device slots on {offloader.device}"
+    print(f"offload: {cache} device slots on {offloader.device}, predictor {predictor}"
           + (f", emulated link {link} GB/s" if link else ""))
     print(f"prompt: {args.prompt!r}" if tokenizer is not None else f"prompt ids: {ids[0].tolist()}")
     print(f"generated ({len(new)} tokens, {elapsed:.2f} s, {len(new) / elapsed:.1f} tok/s): {_decode(tokenizer, new)!r}")
@@ -91,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--cache-experts", type=int, default=None, help="device slots (default: a quarter of experts)")
     p.add_argument("--link-gbps", type=float, default=2.0, help="CPU only: emulated link bandwidth in GB/s")
+    p.add_argument("--predictor", default=None, choices=["none", "history", "gate", "m2r2"],
+                   help="what drives prefetching (default: m2r2 with the shipped adapters on the built-in model)")
+    p.add_argument("--adapters", default=None, help="adapters file for --predictor m2r2 on another model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.set_defaults(func=demo)
     from .predict.commands import add_eval_parser, add_train_parser
