@@ -24,7 +24,6 @@ import math
 import os
 import shlex
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -38,34 +37,16 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from m2r2_moe.corpus import EXCLUDED_DIRS, is_heldout, stdlib_files  # noqa: E402  (one split for everything)
 DEFAULT_OUT = REPO / "m2r2_moe" / "builtin" / "tiny-mixtral"
 EOS = "<|endoftext|>"
-EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 # Generated English documentation (pydoc topics), not code: the card also reports held-out loss without it.
 PROSE_FILES = {"pydoc_data/topics.py"}
 
 
 # ----------------------------------------------------------------------------------------------
 # corpus and split
-
-
-def stdlib_files() -> tuple[Path, list[str]]:
-    """Sorted relative paths of the stdlib *.py files used as corpus."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    rels = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        parts = rel.parts
-        if any(p in EXCLUDED_DIRS or p.startswith("config-") for p in parts[:-1]):
-            continue
-        if parts[-1].startswith("_sysconfigdata"):  # build-machine specific
-            continue
-        rels.append(rel.as_posix())
-    return root, sorted(rels)
-
-
-def is_heldout(rel: str) -> bool:
-    return hashlib.sha256(rel.encode()).hexdigest()[0] == "0"
 
 
 def read_corpus(root: Path, rels: list[str]) -> tuple[dict[str, str], str]:
