@@ -10,8 +10,8 @@ Invariants, per family (tiny random model built from the family's transformers c
   form a distribution; the `gate` predictor (router of layer l+1 on layer l's residual) has a recall in
   [0, 1];
 - `remove_offload` gives back a bit-identical state_dict.
-Two families without a dedicated adapter (GLM-4-MoE: DeepSeek-V3-style router; MiniMax-M2: correction
-bias kept on the block) go through the generic path.
+Three families without a dedicated adapter go through the generic path: GLM-4-MoE (DeepSeek-V3-style
+router), MiniMax-M2 (correction bias kept on the block), FlexOlmo (post-norms: no pre-MoE norm).
 """
 
 import pytest
@@ -50,6 +50,7 @@ FAMILIES = {
                  "generic", [1, 2], True),
     "minimax_m2": (dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, head_dim=16),
                    "generic", [0, 1, 2], False),
+    "flex_olmo": (dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32), "generic", [0, 1, 2], False),
 }
 
 
@@ -81,7 +82,7 @@ def _run(model, ids, prompt):
     """Prefill logits of `ids` [2, T] and greedy generation (tokens and scores) from `prompt` [1, T']."""
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-        gen = model.generate(input_ids=prompt, max_new_tokens=5, do_sample=False, pad_token_id=0,
+        gen = model.generate(input_ids=prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
                              output_scores=True, return_dict_in_generate=True)
     return logits, gen.sequences, gen.scores
 
@@ -146,7 +147,8 @@ def test_route_is_the_blocks_choice_and_gate_recall(family):
     seen = [{} for _ in layers]
     hooks = []
     for i, layer in enumerate(layers):
-        hooks.append(layer.norm.register_forward_pre_hook(lambda m, a, i=i: seen[i].__setitem__("residual", a[0])))
+        residual_source = layer.norm if layer.norm is not None else layer.block  # FlexOlmo: the block reads r_l
+        hooks.append(residual_source.register_forward_pre_hook(lambda m, a, i=i: seen[i].__setitem__("residual", a[0])))
         hooks.append(layer.block.register_forward_pre_hook(lambda m, a, i=i: seen[i].__setitem__("input", a[0])))
         hooks.append(layer.experts.register_forward_pre_hook(lambda m, a, i=i: seen[i].__setitem__("chosen", a[1])))
     try:
@@ -175,6 +177,29 @@ def test_route_is_the_blocks_choice_and_gate_recall(family):
         used = seen[i + 1]["chosen"]
         recall = (predicted.unsqueeze(-1) == used.unsqueeze(-2)).any(-2).float().mean().item()
         assert 0.0 <= recall <= 1.0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gate_predictor_prefetches_through_route_losslessly(family, monkeypatch):
+    """predictor='gate' calls route() on every layer's residual during decode: tokens unchanged."""
+    model = tiny(family)
+    prompt = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(input_ids=prompt, **kwargs)
+    adapter = find_moe_layers(model)[0]
+    calls = []
+    route = adapter.route
+    monkeypatch.setattr(adapter, "route", lambda layer, hidden: calls.append(layer.index) or route(layer, hidden))
+    m2r2_moe.offload(model, device="cpu", cache_experts=adapter.top_k(model) + 2, predictor="gate", lookahead=1,
+                     link_gbps=2.0)
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=prompt, **kwargs)
+    finally:
+        m2r2_moe.remove_offload(model)
+    assert torch.equal(out, ref)
+    assert set(calls) == set(range(1, len(find_moe_layers(model)[1])))  # every target layer was predicted
 
 
 def test_unsupported_experts_class_is_refused_at_offload_naming_it():
