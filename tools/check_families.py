@@ -46,6 +46,7 @@ TINY = dict(
 
 # What a few families need beyond TINY to build small (their defaults are None or too big to cut).
 FAMILY_TINY = {
+    "doge": dict(is_moe=True),  # its MoE (product-key experts) is off by default
     "lfm2_moe": dict(layer_types=["full_attention", "conv", "full_attention", "conv"], num_dense_layers=1),
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
                            indexer_compress_ratio=2),
