@@ -22,7 +22,7 @@ def trained():
     adapter, layers = find_moe_layers(model)
     ids = torch.randint(3, 96, (1024,), generator=torch.Generator().manual_seed(0))
     adapters, report = train_adapters(model, adapter, layers, chunk_tokens(ids, 64, 4), depth=DEPTH, rank=8,
-                                      kl_steps=20, kl_samples=512, progress=False)
+                                      kl_steps=20, kl_samples=512, progress=False)  # with routing features
     return model, adapter, layers, adapters, report
 
 
@@ -39,14 +39,18 @@ def test_select_width_and_mass():
 def test_predictors_are_well_formed(trained):
     model, adapter, layers, adapters, _ = trained
     residual = torch.randn(5, 64)
+    chosen = torch.randint(0, 8, (5, 2))
     for name in ("history", "gate", "m2r2"):
         p = make_predictor(name, model, adapter, layers, DEPTH, adapters=adapters)
-        out = p.predict(0, residual)
+        out = p.predict(0, residual, chosen)
         assert sorted(out) == [1, 2]
         for scores in out.values():
             assert scores.shape == (5, 8) and torch.isfinite(scores).all()
-        assert sorted(p.predict(len(layers) - 2, residual)) == [1]  # no target beyond the last layer
-        assert p.predict(len(layers) - 1, residual) == {}
+        assert sorted(p.predict(len(layers) - 2, residual, chosen)) == [1]  # no target beyond the last layer
+        assert p.predict(len(layers) - 1, residual, chosen) == {}
+    m2r2 = make_predictor("m2r2", model, adapter, layers, DEPTH, adapters=adapters)
+    with pytest.raises(ValueError, match="expert choice"):
+        m2r2.predict(0, residual)  # routing-feature adapters need the source layer's choice
 
 
 def test_gate_depth1_equals_hand_computation(trained):
@@ -96,7 +100,7 @@ def test_identity_like_layers_m2r2_at_least_gate():
     adapter, layers = find_moe_layers(model)
     ids = torch.randint(3, 96, (1536,), generator=torch.Generator().manual_seed(1))
     adapters, _ = train_adapters(model, adapter, layers, chunk_tokens(ids[:1024], 64, 4), depth=DEPTH, rank=8,
-                                 kl_steps=0, progress=False)
+                                 kl_steps=0, route_features=False, progress=False)
     preds = {n: make_predictor(n, model, adapter, layers, DEPTH, adapters=adapters) for n in ("gate", "m2r2")}
     res = evaluate(preds, collect(model, layers, chunk_tokens(ids[1024:], 64, 1)), top_k=2, depth=DEPTH, widths=[2])
     for d in (1, 2):

@@ -1,7 +1,7 @@
 """The predictor protocol and set selection.
 
 A predictor sees, at each MoE layer l, the residual entering that layer's MoE block (`r_l`, before its
-norm) and the experts the router chose, and returns expert *scores* for the layers ahead:
+norm) and the experts the router chose there, and returns expert *scores* for the layers ahead:
 `{depth d: scores [T, E]}` for target layer l + d. Higher = more likely used. Turning scores into sets
 (`select`) is separate, so evaluation can compare predictors at equal width.
 """
@@ -26,8 +26,10 @@ class Predictor:
     def observe(self, layer: int, chosen: torch.Tensor) -> None:
         """Record the experts layer `layer` actually used (`chosen [T, K]`)."""
 
-    def predict(self, layer: int, residual: torch.Tensor | None) -> dict[int, torch.Tensor]:
-        """Scores for layers `layer + d`, d = 1..depth (only those that exist): `{d: [T, E]}`."""
+    def predict(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
+                ) -> dict[int, torch.Tensor]:
+        """Scores for layers `layer + d`, d = 1..depth (only those that exist): `{d: [T, E]}`, from the
+        residual `r_l [T, H]` and the experts `chosen [T, K]` layer `layer` routes to."""
         return {}
 
     def depths(self, layer: int) -> range:

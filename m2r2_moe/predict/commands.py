@@ -42,7 +42,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=262144, help="calibration tokens to use")
     p.add_argument("--ridge", type=float, default=1e-3)
-    p.add_argument("--kl-steps", type=int, default=300, help="Adam steps per (layer, rate) on the routing loss")
+    p.add_argument("--kl-steps", type=int, default=0, help="Adam steps per (layer, rate) on the routing loss")
+    p.add_argument("--no-route-features", action="store_true",
+                   help="adapters see only the residual, not the source layer's expert choice")
     p.add_argument("--kl-samples", type=int, default=16384, help="tokens kept for the routing fine-tune")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -58,9 +60,12 @@ def train_command(args: argparse.Namespace) -> int:
     adapters, report = train_adapters(
         model, adapter, layers, chunk_tokens(ids, args.seq_len, args.batch), depth=args.depth, rank=args.rank,
         ridge=args.ridge, kl_steps=args.kl_steps, kl_samples=args.kl_samples, seed=args.seed,
+        route_features=not args.no_route_features,
     )
     info = {"model": args.model, "files": len(files), "tokens": report["tokens"], "seconds": round(report["seconds"], 1),
-            "kl_steps": args.kl_steps, "ridge": args.ridge, "seed": args.seed, "mean_final": report["mean_final"]}
+            "kl_steps": args.kl_steps, "ridge": args.ridge, "seed": args.seed, "mean_final": report["mean_final"],
+            "by_depth": report["by_depth"], "max_tokens": args.max_tokens, "kl_samples": args.kl_samples,
+            "route_features": report["route_features"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     adapters.save(args.out, model_fingerprint(model, layers), info)
     m = report["mean_final"]
@@ -68,6 +73,9 @@ def train_command(args: argparse.Namespace) -> int:
           f"in {report['seconds']:.1f} s → {args.out}")
     print(f"calibration (mean over pairs): normalized MSE {m['nmse']:.3f}, KL {m['kl']:.4f}, "
           f"top-k recall {m['recall_topk']:.3f} (gate on the same pairs {m['gate_recall_topk']:.3f})")
+    for d, r in report["by_depth"].items():
+        print(f"  depth {d}: top-k recall gate {r['final_gate_recall_topk']:.3f}, closed form "
+              f"{r['closed_form_recall_topk']:.3f}, after routing fine-tune {r['final_recall_topk']:.3f}")
     return 0
 
 
@@ -79,6 +87,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--adapters", default=None, help="adapters file (default: the shipped ones for the built-in model)")
     p.add_argument("--text", nargs="+", default=None, help="held-out files; default 'builtin:heldout'")
     p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--offset-tokens", type=int, default=0,
+                   help="skip this many tokens of the text first (e.g. a validation window of the train split)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--mass", type=float, default=0.9, help="confidence widening: predicted probability mass")
     p.add_argument("--json", default=None, help="write the results here")
@@ -98,7 +108,8 @@ def eval_command(args: argparse.Namespace) -> int:
     dummy_trace = torch.zeros(1, len(layers), top_k, dtype=torch.long)  # replaced per sequence
     predictors = {n: make_predictor(n, model, adapter, layers, args.depth, adapters=args.adapters,
                                     trace=dummy_trace if n == "oracle" else None) for n in names if n != "none"}
-    ids = token_stream(tokenizer, resolve_text(args.text or ["builtin:heldout"]), args.max_tokens)
+    ids = token_stream(tokenizer, resolve_text(args.text or ["builtin:heldout"]), args.offset_tokens + args.max_tokens)
+    ids = ids[args.offset_tokens :]
     sequences = chunk_tokens(ids, args.seq_len, 1)
     tokens = sum(s.numel() for s in sequences)
     widths = sorted({top_k, top_k + 1, 2 * top_k})
@@ -141,13 +152,14 @@ def _cost(model, layers, predictors) -> dict:
     active = sum(p.numel() for p in model.parameters()) - experts - embed + experts * expert_share
     cost = {"model_active_params": int(active), "model_flops_per_token": int(2 * active)}
     residual = torch.randn(1, hidden, dtype=next(model.parameters()).dtype)
+    chosen = torch.arange(top_k).unsqueeze(0)  # [1, K]
     for name, p in predictors.items():
         if name == "oracle":
             continue
         start = time.perf_counter()
         for _ in range(20):
             for l in range(len(layers)):
-                p.predict(l, residual)
+                p.predict(l, residual, chosen)
         entry = {"seconds_per_token": (time.perf_counter() - start) / 20}
         if isinstance(p, M2R2Predictor):
             flops = sum(p.adapters.flops_per_token(l) for l in range(len(layers)))

@@ -45,7 +45,7 @@ def sequence_scores(predictor: Predictor, residuals: torch.Tensor, chosen: torch
     num_layers = residuals.shape[0]
     if predictor.name != "history":
         for l in range(num_layers - d):
-            yield l, predictor.predict(l, residuals[l])[d]
+            yield l, predictor.predict(l, residuals[l], chosen[l])[d]
         return
     predictor.reset()
     out = [torch.zeros(residuals.shape[1], predictor.num_experts) for _ in range(num_layers)]

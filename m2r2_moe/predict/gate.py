@@ -26,5 +26,6 @@ class GatePredictor(Predictor):
         return scores
 
     @torch.no_grad()
-    def predict(self, layer: int, residual: torch.Tensor | None) -> dict[int, torch.Tensor]:
+    def predict(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
+                ) -> dict[int, torch.Tensor]:
         return {d: self.target_scores(layer + d, residual) for d in self.depths(layer)}

@@ -2,10 +2,12 @@
 
 For source layer l and rate d, the accelerated residual is
 
-    r̂_{l→l+d} = r_l + (norm_l(r_l) @ U_{l,d}) @ V_{l,d} + b_{l,d}        U [H, R], V [R, H], b [H]
+    r̂_{l→l+d} = r_l + (x_l @ U_{l,d}) @ V_{l,d} + b_{l,d}        U [F, R], V [R, H], b [H]
 
-trained to land on r_{l+d}; the experts of layer l+d are predicted by the model's own router applied to
-`norm_{l+d}(r̂)`. Adapters are saved as safetensors with a JSON header (model fingerprint, depth, rank,
+where x_l = norm_l(r_l) [H] — with routing features, x_l = [norm_l(r_l), multi-hot of the experts layer l
+routes to] [H + E]: the router of layer l has already run when the prediction is made, and its choice
+says much about what the residual will become — trained to land on r_{l+d}; the experts of layer l+d
+are predicted by the model's own router applied to `norm_{l+d}(r̂)`. Adapters are saved as safetensors with a JSON header (model fingerprint, depth, rank,
 losses) and refused, with a clear error, for a model they were not trained on.
 """
 
@@ -57,18 +59,29 @@ def model_fingerprint(model: nn.Module, layers: list[MoELayer]) -> str:
 class AcceleratorAdapters(nn.Module):
     """Low-rank adapters `A_{l,d}` for every source layer l and rate d = 1..depth."""
 
-    def __init__(self, num_layers: int, hidden: int, depth: int, rank: int):
+    def __init__(self, num_layers: int, hidden: int, depth: int, rank: int, route_features: int = 0):
         super().__init__()
         self.num_layers, self.hidden, self.depth, self.rank = num_layers, hidden, depth, rank
-        self.U = nn.Parameter(torch.zeros(num_layers, depth, hidden, rank))  # [L, D, H, R]
+        self.route_features = route_features  # E when the source layer's expert choice is an input, else 0
+        self.U = nn.Parameter(torch.zeros(num_layers, depth, hidden + route_features, rank))  # [L, D, F, R]
         self.V = nn.Parameter(torch.zeros(num_layers, depth, rank, hidden))  # [L, D, R, H]
         self.b = nn.Parameter(torch.zeros(num_layers, depth, hidden))  # [L, D, H]
         self.meta: dict = {}
 
-    def delta(self, layer: int, depth: int, normed: torch.Tensor) -> torch.Tensor:
-        """`A_{l,d}(x)` for `normed [T, H]` (any float dtype) → `[T, H]` float32."""
+    def features(self, normed: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
+        """x_l `[T, F]` float32 from `normed [T, H]` and the source layer's `chosen [T, K]` experts."""
+        x = normed.float()
+        if not self.route_features:
+            return x
+        if chosen is None:
+            raise ValueError("these adapters take the source layer's expert choice: pass chosen [T, K]")
+        hot = torch.zeros(x.shape[0], self.route_features, device=x.device).scatter_(1, chosen.long(), 1.0)
+        return torch.cat([x, hot], dim=-1)
+
+    def delta(self, layer: int, depth: int, normed: torch.Tensor, chosen: torch.Tensor | None = None) -> torch.Tensor:
+        """`A_{l,d}(x)` for `normed [T, H]` (any float dtype) and `chosen [T, K]` → `[T, H]` float32."""
         i = depth - 1
-        return (normed.float() @ self.U[layer, i]) @ self.V[layer, i] + self.b[layer, i]
+        return (self.features(normed, chosen) @ self.U[layer, i]) @ self.V[layer, i] + self.b[layer, i]
 
     @property
     def num_parameters(self) -> int:
@@ -76,11 +89,13 @@ class AcceleratorAdapters(nn.Module):
 
     def flops_per_token(self, layer: int) -> int:
         """Multiply-adds ×2 of the adapters evaluated at one source layer (all rates)."""
-        return sum(4 * self.hidden * self.rank for d in range(1, self.depth + 1) if layer + d < self.num_layers)
+        per_rate = 2 * (self.hidden + self.route_features) * self.rank + 2 * self.rank * self.hidden
+        return sum(per_rate for d in range(1, self.depth + 1) if layer + d < self.num_layers)
 
     def save(self, path: str | Path, fingerprint: str, extra: dict | None = None) -> None:
         meta = {"format": FORMAT, "version": str(VERSION), "fingerprint": fingerprint, "num_layers": str(self.num_layers),
                 "hidden": str(self.hidden), "depth": str(self.depth), "rank": str(self.rank),
+                "route_features": str(self.route_features),
                 "info": json.dumps(extra or {})}
         tensors = {"U": self.U.detach().contiguous(), "V": self.V.detach().contiguous(), "b": self.b.detach().contiguous()}
         save_file(tensors, str(path), metadata=meta)
@@ -107,7 +122,8 @@ class AcceleratorAdapters(nn.Module):
                 f"{fingerprint}); train adapters for this model with `m2r2-moe train-adapters`."
             )
         try:
-            adapters = cls(int(meta["num_layers"]), int(meta["hidden"]), int(meta["depth"]), int(meta["rank"]))
+            adapters = cls(int(meta["num_layers"]), int(meta["hidden"]), int(meta["depth"]), int(meta["rank"]),
+                           int(meta.get("route_features", 0)))
             with torch.no_grad():
                 for name in ("U", "V", "b"):
                     getattr(adapters, name).copy_(tensors[name])
@@ -128,12 +144,14 @@ class M2R2Predictor(GatePredictor):
         super().__init__(num_layers, num_experts, top_k, min(depth, adapters.depth), adapter, layers)
         self.adapters = adapters
 
-    def accelerate(self, layer: int, depth: int, residual: torch.Tensor) -> torch.Tensor:
-        """`r̂_{l→l+d}` for `residual [T, H]`, in the residual's dtype."""
+    def accelerate(self, layer: int, depth: int, residual: torch.Tensor, chosen: torch.Tensor | None = None,
+                   ) -> torch.Tensor:
+        """`r̂_{l→l+d}` for `residual [T, H]` (and the layer's `chosen [T, K]`), in the residual's dtype."""
         source = self.layers[layer]
         normed = source.norm(residual) if source.norm is not None else residual
-        return (residual.float() + self.adapters.delta(layer, depth, normed)).to(residual.dtype)
+        return (residual.float() + self.adapters.delta(layer, depth, normed, chosen)).to(residual.dtype)
 
     @torch.no_grad()
-    def predict(self, layer: int, residual: torch.Tensor | None) -> dict[int, torch.Tensor]:
-        return {d: self.target_scores(layer + d, self.accelerate(layer, d, residual)) for d in self.depths(layer)}
+    def predict(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
+                ) -> dict[int, torch.Tensor]:
+        return {d: self.target_scores(layer + d, self.accelerate(layer, d, residual, chosen)) for d in self.depths(layer)}

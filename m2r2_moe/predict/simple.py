@@ -27,7 +27,8 @@ class HistoryPredictor(Predictor):
         hits = torch.bincount(chosen.reshape(-1).cpu(), minlength=self.num_experts).float()
         self.counts[layer] = self.counts[layer] * self.decay + hits
 
-    def predict(self, layer: int, residual: torch.Tensor | None) -> dict[int, torch.Tensor]:
+    def predict(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
+                ) -> dict[int, torch.Tensor]:
         tokens = 1 if residual is None else residual.shape[0]
         return {d: self.counts[layer + d].expand(tokens, -1) for d in self.depths(layer)}
 
@@ -58,7 +59,8 @@ class OraclePredictor(Predictor):
         """Called after each forward: the next forward starts `tokens` positions later."""
         self.position += tokens
 
-    def predict(self, layer: int, residual: torch.Tensor | None) -> dict[int, torch.Tensor]:
+    def predict(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
+                ) -> dict[int, torch.Tensor]:
         tokens = 1 if residual is None else residual.shape[0]
         rows = self.one_hot[self.position : self.position + tokens]  # [T', L, E], T' < T past the trace's end
         if len(rows) < tokens:

@@ -52,7 +52,7 @@ class Prefetcher:
     @torch.no_grad()
     def on_layer(self, layer: int, top_k_index: torch.Tensor, pinned: int) -> None:
         """Called by the offloader at layer `layer` once its `pinned` experts hold slots."""
-        predictions = self.predictor.predict(layer, self.residuals[layer])
+        predictions = self.predictor.predict(layer, self.residuals[layer], top_k_index)
         self.predictor.observe(layer, top_k_index)
         targets = {d: self._ranked(scores) for d, scores in predictions.items()}
         if self.refresh:  # farthest target first, so the nearest ends most recent
