@@ -1,4 +1,4 @@
-"""`m2r2-moe` command line: demo (more subcommands are added by the tools that own them)."""
+"""`m2r2-moe` command line: demo, train-adapters, eval-predictor, profile."""
 
 from __future__ import annotations
 
@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", default=None, help="adapters file for --predictor m2r2 on another model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.set_defaults(func=demo)
-    from .predict.commands import add_eval_parser, add_train_parser
+    from .predict.cli import add_eval_parser, add_train_parser
 
-    from .profile.command import add_parser as add_profile_parser
+    from .profile.cli import add_parser as add_profile_parser
 
     add_train_parser(sub)
     add_eval_parser(sub)

@@ -22,7 +22,7 @@ def trained():
     adapter, layers = find_moe_layers(model)
     ids = torch.randint(3, 96, (1024,), generator=torch.Generator().manual_seed(0))
     adapters, report = train_adapters(model, adapter, layers, chunk_tokens(ids, 64, 4), depth=DEPTH, rank=8,
-                                      kl_steps=20, kl_samples=512, progress=False)  # with routing features
+                                      kl_steps=20, kl_samples=512, route_features=True, progress=False)
     return model, adapter, layers, adapters, report
 
 
@@ -100,7 +100,7 @@ def test_identity_like_layers_m2r2_at_least_gate():
     adapter, layers = find_moe_layers(model)
     ids = torch.randint(3, 96, (1536,), generator=torch.Generator().manual_seed(1))
     adapters, _ = train_adapters(model, adapter, layers, chunk_tokens(ids[:1024], 64, 4), depth=DEPTH, rank=8,
-                                 kl_steps=0, route_features=False, progress=False)
+                                 kl_steps=0, progress=False)
     preds = {n: make_predictor(n, model, adapter, layers, DEPTH, adapters=adapters) for n in ("gate", "m2r2")}
     res = evaluate(preds, collect(model, layers, chunk_tokens(ids[1024:], 64, 1)), top_k=2, depth=DEPTH, widths=[2])
     for d in (1, 2):

@@ -43,8 +43,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=262144, help="calibration tokens to use")
     p.add_argument("--ridge", type=float, default=1e-3)
     p.add_argument("--kl-steps", type=int, default=0, help="Adam steps per (layer, rate) on the routing loss")
-    p.add_argument("--no-route-features", action="store_true",
-                   help="adapters see only the residual, not the source layer's expert choice")
+    p.add_argument("--route-features", action="store_true",
+                   help="adapters also see the source layer's expert choice (multi-hot)")
     p.add_argument("--kl-samples", type=int, default=16384, help="tokens kept for the routing fine-tune")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -60,7 +60,7 @@ def train_command(args: argparse.Namespace) -> int:
     adapters, report = train_adapters(
         model, adapter, layers, chunk_tokens(ids, args.seq_len, args.batch), depth=args.depth, rank=args.rank,
         ridge=args.ridge, kl_steps=args.kl_steps, kl_samples=args.kl_samples, seed=args.seed,
-        route_features=not args.no_route_features,
+        route_features=args.route_features,
     )
     info = {"model": args.model, "files": len(files), "tokens": report["tokens"], "seconds": round(report["seconds"], 1),
             "kl_steps": args.kl_steps, "ridge": args.ridge, "seed": args.seed, "mean_final": report["mean_final"],
