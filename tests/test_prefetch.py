@@ -52,21 +52,26 @@ class ManualEngine:
 
 
 class Scripted(Predictor):
-    """Predicts, at layer l, exactly the experts in `script[(call, l)]` for layer l+1."""
+    """Predicts, at layer l of call c, `script[(c, l)]`: experts for layer l+1, or {depth: experts}."""
 
     name = "scripted"
 
     def __init__(self, script):
-        super().__init__(num_layers=4, num_experts=8, top_k=2, depth=1)
+        super().__init__(num_layers=4, num_experts=8, top_k=2, depth=2)
         self.script, self.call = script, 0
 
     def predict(self, layer, residual, chosen=None):
-        scores = torch.zeros(1, 8)
-        for e in self.script.get((self.call, layer), []):
-            scores[0, e] = 1.0
+        wanted = self.script.get((self.call, layer), [])
+        wanted = wanted if isinstance(wanted, dict) else {1: wanted}
+        out = {}
+        for d in self.depths(layer):
+            scores = torch.zeros(1, 8)
+            for e in wanted.get(d, []):
+                scores[0, e] = 1.0
+            out[d] = scores
         if layer == 3:
             self.call += 1
-        return {1: scores} if layer < 3 else {}
+        return out
 
 
 def _offloaded(script, cache=6):
@@ -75,7 +80,7 @@ def _offloaded(script, cache=6):
     off = m2r2_moe.get_offloader(model)
     off.engine.close()
     off.engine = ManualEngine()
-    off.prefetcher.mass = 1.0  # take every expert with a non-zero score
+    off.prefetcher.min_prob = 0.0  # take every expert with a non-zero score
     return model, off
 
 
@@ -105,21 +110,36 @@ def test_classification_on_a_hand_made_trace():
         m2r2_moe.remove_offload(model)
 
 
-def test_deduplication_and_cancellation():
-    # each call predicts {4, 5} for layer 1; with 3 slots only one predicted expert fits beside the pinned two,
-    # and layer 1 never uses it: the queued prefetch is evicted unused and its copy withdrawn (not counted)
-    model, off = _offloaded({(0, 0): [4, 5], (1, 0): [4, 5]}, cache=3)
+def test_eviction_of_a_queued_prefetch_withdraws_it():
+    # 3 slots, 2 pinned by layer 0: prefetching 4 then 5 for layer 1 evicts 4 while its copy is still queued:
+    # the copy is withdrawn, neither counted nor wasted
+    model, off = _offloaded({(0, 0): [4, 5]}, cache=3)
     try:
-        for layer in range(4):
-            _run(off, layer, [0, 1] if layer == 0 else [6, 7])
+        _run(off, 0, [0, 1])
         queued = [t for t in off.engine.transfers if t.priority > 0]
-        assert len(queued) == 1  # budget: 3 slots - 2 pinned = 1 predicted expert
-        for layer in range(4):
-            _run(off, layer, [0, 1] if layer == 0 else [6, 7])
+        assert [t.key - off.key_stride for t in queued] == [4, 5]
+        assert queued[0].cancelled and not queued[1].cancelled
         s = m2r2_moe.stats(model)
-        assert s.cancelled_prefetches >= 1  # the unused prefetch was evicted while still queued
-        expected = sum(t.nbytes for t in off.engine.transfers if not t.cancelled)
-        assert s.bytes_to_device == expected
+        assert s.cancelled_prefetches == 1 and s.wasted_bytes == 0
+        assert s.bytes_to_device == sum(t.nbytes for t in off.engine.transfers if not t.cancelled)
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
+def test_a_newer_prediction_cancels_what_it_contradicts():
+    # layer 0 predicts expert 4 for layer 2; layer 1 predicts 5 for layer 2 instead: 4's queued copy is withdrawn
+    model, off = _offloaded({(0, 0): {2: [4]}, (0, 1): {1: [5]}}, cache=8)
+    try:
+        _run(off, 0, [0, 1])
+        _run(off, 1, [0, 1])
+        prefetches = {t.key - 2 * off.key_stride: t for t in off.engine.transfers if t.priority > 0}
+        assert prefetches[4].cancelled and not prefetches[5].cancelled
+        assert off.slots.lookup(2 * off.key_stride + 4) == -1  # its slot was freed
+        s = m2r2_moe.stats(model)
+        assert s.cancelled_prefetches == 1 and s.prefetches == 2
+        _run(off, 2, [4, 5])  # 4 is now a miss (demand load), 5 a late prefetch
+        s = m2r2_moe.stats(model)
+        assert (s.misses, s.late_prefetches) == (2 + 2 + 1, 1)
     finally:
         m2r2_moe.remove_offload(model)
 

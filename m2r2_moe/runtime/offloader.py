@@ -275,6 +275,24 @@ class Offloader:
         self.stats.prefetches += 1
         return True
 
+    def queued_prefetches(self) -> int:
+        """Prefetch copies not finished yet (the link's backlog of predicted bytes)."""
+        return sum(1 for t in self._prefetched.values() if not t.ready())
+
+    def withdraw(self, layer: int, expert: int) -> bool:
+        """Cancel a prefetch a newer prediction contradicts, if its copy has not started; the slot is freed.
+        Returns whether it was withdrawn."""
+        key = layer * self.key_stride + expert
+        transfer = self._prefetched.get(key)
+        cancel = getattr(self.engine, "cancel", None)
+        if transfer is None or cancel is None or transfer.ready() or self.slots.pins(key) or not cancel(transfer):
+            return False
+        del self._prefetched[key]
+        self.slots.evict(key)
+        self.stats.bytes_to_device -= transfer.nbytes
+        self.stats.cancelled_prefetches += 1
+        return True
+
     def touch(self, layer: int, expert: int) -> None:
         """Make a resident expert the most recently used (prediction-aware eviction)."""
         key = layer * self.key_stride + expert

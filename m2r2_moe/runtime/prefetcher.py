@@ -2,47 +2,52 @@
 
 At MoE layer l, after the layer's own experts are pinned (so a prefetch can never evict them) and their
 demand loads are queued (so a prefetch never delays them), the predictor turns the residual r_l into
-expert scores for layers l+1..l+D. The prefetcher takes each target's set (confidence-widened), nearest
-layer first — that is deadline order — and:
-- skips experts already resident or in flight (de-duplication); with the `predictive` policy it
-  refreshes their recency so that eviction picks experts no prediction wants (prediction-aware
-  eviction), while plain `lru` leaves recency to actual use;
-- stops when the experts predicted this round would fill the slots not pinned by the current layer, so
-  that predictions for a nearer layer are never evicted by predictions for a farther one;
-- queues each copy with priority d (demand loads have 0): on CPU the copy engine runs them in deadline
-  order; on CUDA the single copy stream runs them in submission order, which is the same.
+expert scores for layers l+1..l+D. For each target the prefetcher takes the top-k experts whose predicted
+probability (the target router's softmax on the accelerated residual, for `gate`/`m2r2`) is at least
+`min_prob`, and, nearest target first (deadline order):
+- skips experts already resident or in flight (de-duplication); with the `predictive` policy it refreshes
+  their recency so that eviction picks experts no prediction wants (prediction-aware eviction), while
+  plain `lru` leaves recency to actual use;
+- withdraws queued copies for a target that the newer prediction no longer wants (cancellation);
+- keeps at most `max_queued` prefetch copies unfinished: the link then carries only the most urgent, most
+  likely experts, and prefetches cannot evict more of the cache than the link can refill in time. A
+  prefetch only ever evicts an unpinned expert, and the copy engine runs demand loads first.
+Copies are queued with priority d (demand loads: 0): on CPU the copy engine runs them in deadline order;
+on CUDA the single copy stream runs them in submission order, which is the same.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..predict.base import Predictor, select
+from ..predict.base import Predictor
 
 
 class Prefetcher:
     """Drives one predictor for one offloaded model."""
 
-    def __init__(self, offloader, predictor: Predictor, mass: float = 0.9, cap: int | None = None,
-                 refresh: bool = True):
+    def __init__(self, offloader, predictor: Predictor, min_prob: float = 0.15, width: int | None = None,
+                 max_queued: int | None = None, refresh: bool = True):
         self.offloader, self.predictor = offloader, predictor
         self.refresh = refresh  # the `predictive` policy: predicted resident experts become most recent
-        self.mass = mass
-        self.cap = cap or 2 * offloader.top_k
+        self.min_prob = min_prob
+        self.width = width or offloader.top_k
+        self.max_queued = max_queued or 2 * offloader.top_k
         self.residuals: list[torch.Tensor | None] = [None] * len(offloader.layers)
+        self._wanted: dict[int, set[int]] = {}  # target layer -> experts the latest prediction wants
         self._hooks = []
         if predictor.needs_residual:
             for i, layer in enumerate(offloader.layers):
-                # no pre-MoE norm (OLMo2-style post-norm families): the block's input is the residual itself
-                source = layer.norm if layer.norm is not None else layer.block
-                self._hooks.append(source.register_forward_pre_hook(self._keep_residual(i)))
+                self._hooks.append(self._residual_hook(layer, i))
 
-    def _keep_residual(self, i: int):
-        def hook(module, args):
+    def _residual_hook(self, layer, i: int):
+        """r_i [T, H]: the input of the pre-MoE norm, or of the block itself where there is no such norm."""
+        def keep(module, args):
             x = args[0]
-            self.residuals[i] = x.reshape(-1, x.shape[-1])  # r_i [T, H], the input of the pre-MoE norm
+            self.residuals[i] = x.reshape(-1, x.shape[-1])
 
-        return hook
+        module = layer.norm if layer.norm is not None else layer.block
+        return module.register_forward_pre_hook(keep)
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -54,28 +59,34 @@ class Prefetcher:
         """Called by the offloader at layer `layer` once its `pinned` experts hold slots."""
         predictions = self.predictor.predict(layer, self.residuals[layer], top_k_index)
         self.predictor.observe(layer, top_k_index)
-        targets = {d: self._ranked(scores) for d, scores in predictions.items()}
+        targets = {layer + d: self._ranked(scores) for d, scores in predictions.items()}
+        self._wanted.pop(layer, None)
+        for target, experts in targets.items():
+            for expert in self._wanted.get(target, set()) - set(experts):
+                self.offloader.withdraw(target, expert)
+            self._wanted[target] = set(experts)
         if self.refresh:  # farthest target first, so the nearest ends most recent
-            for d in sorted(targets, reverse=True):
-                for expert in targets[d]:
-                    self.offloader.touch(layer + d, expert)
-        budget = self.offloader.num_slots - pinned  # slots the predicted experts may occupy together
-        for d in sorted(targets):  # deadline order
-            for expert in targets[d][: max(budget, 0)]:
-                self.offloader.prefetch(layer + d, expert, priority=d)
-            budget -= len(targets[d])
+            for target in sorted(targets, reverse=True):
+                for expert in targets[target]:
+                    self.offloader.touch(target, expert)
+        queued = self.offloader.queued_prefetches()
+        for target in sorted(targets):  # deadline order
+            for expert in targets[target]:
+                if queued >= self.max_queued:
+                    break
+                queued += self.offloader.prefetch(target, expert, priority=target - layer)
         if layer == len(self.offloader.layers) - 1 and hasattr(self.predictor, "advance"):
             self.predictor.advance(top_k_index.shape[0])
 
     def _ranked(self, scores: torch.Tensor) -> list[int]:
-        """The confidence-widened set of a target (union over the batch), most likely first."""
-        if scores.shape[0] == 1:  # decode, batch 1: one sort instead of the general mask path
-            values, order = scores[0].float().sort(descending=True)
-            share = values.clamp_min(0).cumsum(0) / values.clamp_min(0).sum().clamp_min(1e-30)
-            # device→host read: the copies to issue depend on it
-            take = min(int((share < self.mass).sum()) + 1, self.cap, int((values > 0).sum()))
-            return order[:take].tolist()
-        mask = select(scores, mass=self.mass, cap=self.cap)  # [T, E]
-        total = (scores.float() * mask).sum(0)  # [E]
-        # one device→host read per target: which copies to issue depends on it
-        return total.argsort(descending=True)[: int(mask.any(0).sum())].tolist()
+        """Experts to bring for one target, most likely first: each token's top `width` experts whose
+        share of the token's scores is at least `min_prob` (union over the batch)."""
+        scores = scores.float().clamp_min(0)
+        probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)  # [T, E]
+        top, order = probs.topk(min(self.width, probs.shape[-1]), dim=-1)  # [T, W]
+        keep = (top >= self.min_prob) & (top > 0)  # an empty prediction stays empty
+        if probs.shape[0] == 1:  # decode, batch 1
+            # one device→host read per target: which copies to issue depends on it
+            return order[0][keep[0]].tolist()
+        best = torch.zeros_like(probs).scatter_(-1, order, top * keep).amax(0)  # [E]
+        return [e for e in best.argsort(descending=True).tolist() if best[e] > 0]
