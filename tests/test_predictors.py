@@ -140,3 +140,19 @@ def _chosen_per_position(model, layers, sequences):
     """[N, L, K] experts per token position of a full sequence (what the oracle replays)."""
     _, chosen = next(collect(model, layers, [sequences[:, :-1]]))  # [L, N, K]
     return chosen.permute(1, 0, 2)
+
+
+def test_stacked_routing_matches_the_reference_path(trained):
+    """The batched fast path of gate/m2r2 gives the reference's scores (and is used on Mixtral)."""
+    model, adapter, layers, adapters, _ = trained
+    for name in ("gate", "m2r2"):
+        p = make_predictor(name, model, adapter, layers, DEPTH, adapters=adapters)
+        assert all(s is not None for s in p.stacked[: len(layers) - 1])
+        r, chosen = torch.randn(4, 64), torch.randint(0, 8, (4, 2))
+        fast = p.predict(0, r, chosen)
+        if name == "m2r2":  # reference: one adapter and one routing call per depth
+            ref = {d: p.target_scores(d, p.accelerate(0, d, r, chosen)) for d in p.depths(0)}
+        else:
+            ref = {d: p.target_scores(d, r) for d in p.depths(0)}
+        assert sorted(fast) == sorted(ref)
+        assert all(torch.allclose(fast[d], ref[d], atol=1e-5) for d in ref)

@@ -6,6 +6,7 @@ import torch
 
 from ..models.base import MoEAdapter, MoELayer
 from .base import Predictor
+from .stacked import StackedRouting
 
 
 class GatePredictor(Predictor):
@@ -17,6 +18,9 @@ class GatePredictor(Predictor):
     def __init__(self, num_layers, num_experts, top_k, depth, adapter: MoEAdapter, layers: list[MoELayer]):
         super().__init__(num_layers, num_experts, top_k, depth)
         self.adapter, self.layers = adapter, layers
+        # per source layer: the targets' routing batched (predict/stacked.py), or None for the reference path
+        self.stacked = [StackedRouting.build(adapter, layers, [l + d for d in self.depths(l)])
+                        for l in range(num_layers)]
 
     def target_scores(self, target: int, residual: torch.Tensor) -> torch.Tensor:
         """The family's expert scores `[T, E]` at layer `target` for a (predicted) residual `[T, H]`."""
@@ -25,7 +29,16 @@ class GatePredictor(Predictor):
         scores, _ = self.adapter.route(layer, hidden)
         return scores
 
+    def _scores(self, layer: int, residuals: torch.Tensor) -> dict[int, torch.Tensor]:
+        """`residuals [D, T, H]` predicted for targets layer+1..layer+D → `{d: scores [T, E]}`."""
+        depths = self.depths(layer)
+        if self.stacked[layer] is not None:
+            scores = self.stacked[layer].scores(residuals)  # [D, T, E]
+            return {d: scores[i] for i, d in enumerate(depths)}
+        return {d: self.target_scores(layer + d, residuals[i]) for i, d in enumerate(depths)}
+
     @torch.no_grad()
     def predict(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
                 ) -> dict[int, torch.Tensor]:
-        return {d: self.target_scores(layer + d, residual) for d in self.depths(layer)}
+        depths = self.depths(layer)
+        return self._scores(layer, residual.expand(len(depths), *residual.shape)) if len(depths) else {}

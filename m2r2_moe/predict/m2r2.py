@@ -154,4 +154,13 @@ class M2R2Predictor(GatePredictor):
     @torch.no_grad()
     def predict(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
                 ) -> dict[int, torch.Tensor]:
-        return {d: self.target_scores(layer + d, self.accelerate(layer, d, residual, chosen)) for d in self.depths(layer)}
+        depths = self.depths(layer)
+        if not len(depths):
+            return {}
+        source = self.layers[layer]
+        normed = source.norm(residual) if source.norm is not None else residual
+        x = self.adapters.features(normed, chosen)  # [T, F]
+        n = len(depths)
+        u, v, b = self.adapters.U[layer, :n], self.adapters.V[layer, :n], self.adapters.b[layer, :n]
+        delta = torch.bmm(torch.bmm(x.expand(n, *x.shape), u), v) + b.unsqueeze(1)  # [D, T, H]
+        return self._scores(layer, (residual.float() + delta).to(residual.dtype))

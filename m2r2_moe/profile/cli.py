@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 import statistics
 from pathlib import Path
@@ -36,7 +37,8 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-experts", default=None,
                    help="comma-separated slot counts (default: half of all experts)")
     p.add_argument("--policies", default="predictive", help="comma-separated: lru, predictive")
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--depth", default="auto",
+                   help="prefetch lookahead in layers; 'auto' = ceil(link ratio), 1..4: the lead time a copy needs")
     p.add_argument("--prompts", type=int, default=1, help="held-out prompts to run")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -85,11 +87,13 @@ def main(args: argparse.Namespace) -> int:
     for ratio, cache, policy, name in tqdm(plan, desc="profile runs"):
         link_s = ratio * compute_layer  # one expert's transfer time in this regime
         gbps = expert_bytes / link_s / 1e9 if args.device == "cpu" else None
-        per_prompt = [offloaded_run(model, ref, args.new_tokens, name, cache, gbps, policy, args.adapters, args.depth,
+        depth = min(max(math.ceil(ratio), 1), 4) if args.depth == "auto" else int(args.depth)
+        per_prompt = [offloaded_run(model, ref, args.new_tokens, name, cache, gbps, policy, args.adapters, depth,
                                     args.device) for ref in refs]
         limits = [limit_per_token(ref, cache, expert_bytes, gbps and gbps * 1e9, args.new_tokens) for ref in refs]
         recorders[(ratio, cache, policy, name)] = per_prompt[0]["recorder"]
         runs.append(_merge(name, ratio, cache, policy, per_prompt, limits, gbps, args.new_tokens - 1))
+        runs[-1]["lookahead"] = depth
     _share_of_gain(runs)
     print(report.table(runs))
     print(f"\nmodel {args.model}: {len(layers)} MoE layers, {total} experts, {expert_bytes / 1e6:.2f} MB per expert; "

@@ -57,6 +57,8 @@ class Offloader:
         self._slot_free: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last compute reading the slot
         self._moved = 0  # layers whose weights live in the store (for rollback)
         self._prefetched: dict[int, object] = {}  # key -> transfer of a prefetched expert not used yet
+        self._step = 0  # forwards seen (a decode step is one forward)
+        self._last_used: dict[int, int] = {}  # key -> step of its last use (the `predictive` policy)
         self.top_k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)  # sizes predicted sets
         self.prefetcher = None  # set by attach_predictor
 
@@ -131,6 +133,7 @@ class Offloader:
         """hidden_states [T, H], top_k_index / top_k_weights [T, K] → [T, H]."""
         if layer == 0:
             self.stats.tokens += hidden_states.shape[0]
+            self._step += 1
         self.stats.layer_calls += 1
         # Host sync on CUDA: the set of experts decides which copies to issue (paid once per layer).
         needed = torch.unique(top_k_index).tolist()
@@ -223,6 +226,7 @@ class Offloader:
             for expert, key in zip(wave, keys):
                 slot, hit, evicted = self.slots.acquire(key)
                 slots.append(slot)
+                self._last_used[key] = self._step
                 if evicted >= 0:
                     self._evicted(evicted)
                 if hit:
@@ -230,8 +234,11 @@ class Offloader:
                     continue
                 self.stats.misses += 1
                 waits.append(self._copy(layer, expert, key, slot, DEMAND))
-            if self.prefetcher is not None and top_k_index is not None:
-                self.prefetcher.on_layer(layer, top_k_index, pinned=len(wave))
+            if top_k_index is not None:  # once per layer call
+                if self.config.policy == "predictive":
+                    self._order_by_next_use(layer)
+                if self.prefetcher is not None:
+                    self.prefetcher.on_layer(layer, top_k_index, pinned=len(wave))
             for transfer in waits:
                 self.stats.stall_seconds += transfer.wait()
         except BaseException:
@@ -292,6 +299,25 @@ class Offloader:
         self.stats.bytes_to_device -= transfer.nbytes
         self.stats.cancelled_prefetches += 1
         return True
+
+    def _order_by_next_use(self, layer: int) -> None:
+        """The `predictive` policy's eviction order: an estimate of each resident expert's next use.
+
+        An expert used at its layer's most recent turn is likely used again at the next one; older ones
+        much less. Layers run in a cycle, so among experts of the same age the one whose
+        layer comes back last (the layers just computed) is needed last. The recency order is rewritten to
+        (age in tokens, then layer distance), most distant first, so the slot manager's LRU victim is the
+        expert with the farthest estimated next use — not, as plain LRU picks in a pool shared by all
+        layers, an expert of the very next layer."""
+        num_layers, step = len(self.layers), self._step
+        def remoteness(key: int) -> tuple[int, int]:
+            j = key // self.key_stride
+            last_turn = step if j <= layer else step - 1  # the step of layer j's most recent turn
+            age = min(last_turn - self._last_used.get(key, -10**9), 10**6)  # its layer's turns since its last use
+            return age, (j - layer - 1) % num_layers  # 0 = the next layer
+        for key, _ in sorted(self.slots.resident(), key=lambda item: remoteness(item[0]), reverse=True):
+            self.slots.acquire(key)  # acquire + release = a recency refresh (see touch); pinned keys too,
+            self.slots.release(key)  # or they would fall to the old end and be the first victims once released
 
     def touch(self, layer: int, expert: int) -> None:
         """Make a resident expert the most recently used (prediction-aware eviction)."""
