@@ -69,10 +69,11 @@ def plot_timeline(recorder: Recorder, path: str | Path, steps: tuple[int, int], 
             ax.broken_barh([(1e3 * (e.start - t0), 1e3 * e.stall)], (2, 0.8), facecolors="#c44e52")
     end = layers[-1].end
     for c in recorder.copies:
-        if not c.finished or c.cancelled or c.finished < layers[0].start - 0.05 or c.started > end:
+        started, finished = c.started - recorder.t0, c.finished - recorder.t0  # relative, like the layers
+        if not c.finished or c.cancelled or finished < t0 or started > end:
             continue
         color = "#dd8452" if c.priority == 0 else "#55a868"
-        ax.broken_barh([(1e3 * (c.started - recorder.t0 - t0), 1e3 * (c.finished - c.started))], (0.6, 0.8),
+        ax.broken_barh([(1e3 * (started - t0), 1e3 * (finished - started))], (0.6, 0.8),
                        facecolors=color, edgecolor="white", linewidth=0.3)
     ax.set_yticks([1.0, 2.4], ["link: demand (orange) / prefetch (green)", "compute: MoE layers (stall red)"])
     ax.set_xlabel("ms")
