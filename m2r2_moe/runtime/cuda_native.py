@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from .transfer import DEMAND
+from .transfer import DEMAND, CudaCopyEngine
 
 
 def available() -> str:
@@ -61,8 +61,9 @@ class NativeCudaTransfer:
         return 0.0
 
 
-class NativeCudaCopyEngine:
-    """Host→device copies on one dedicated stream through the native engine, one event per expert."""
+class NativeCudaCopyEngine(CudaCopyEngine):
+    """Host→device copies on one dedicated stream through the native engine, one event per expert.
+    Stall accounting (`drain_stall_seconds`) and `link_seconds` are the torch twin's."""
 
     def __init__(self, device: torch.device):
         reason = available()
@@ -103,20 +104,6 @@ class NativeCudaCopyEngine:
                      for k, sl, n, ev, s, d in zip(keys, slots, sizes, events, srcs, dsts)]
         self._hold(transfers)
         return transfers
-
-    def link_seconds(self, nbytes: int) -> float:
-        return 0.0
-
-    def drain_stall_seconds(self) -> float:
-        """Seconds the compute stream waited on copies, for the waits whose end events have completed."""
-        total_ms, pending = 0.0, []
-        for start, end in self.pending_stalls:
-            if end.query():
-                total_ms += start.elapsed_time(end)
-            else:
-                pending.append((start, end))
-        self.pending_stalls = pending
-        return total_ms / 1e3
 
     def close(self) -> None:
         # Copies still queued read pinned host memory that the store may free next: let them finish.
