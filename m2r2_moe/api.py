@@ -51,7 +51,7 @@ def _offload(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None) 
     top_k = adapter.top_k(model)
     num_slots = _resolve_slots(cfg, top_k, sum(int(layer.experts.num_experts) for layer in layers))
     predictor = _build_predictor(cfg, model, adapter, layers)  # before anything moves: bad adapters change nothing
-    offloader = Offloader(model, layers, cfg, num_slots, adapter.name, store=store)
+    offloader = Offloader(model, layers, cfg, num_slots, adapter, store=store)
     offloader.install(model, fill_store=fill_store)
     offloader.attach_predictor(predictor)
     model.__dict__[_ATTR] = offloader

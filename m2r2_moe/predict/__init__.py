@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..models.base import MoEAdapter, MoELayer
-from .base import Predictor, select, union
+from .base import Predictor, select
 from .gate import GatePredictor
 from .m2r2 import AcceleratorAdapters, AdapterFileError, AdapterMismatchError, M2R2Predictor, model_fingerprint
 from .simple import HistoryPredictor, OraclePredictor
@@ -60,5 +60,5 @@ def make_predictor(name: str, model: nn.Module, adapter: MoEAdapter, layers: lis
 
 __all__ = [
     "Predictor", "HistoryPredictor", "GatePredictor", "M2R2Predictor", "OraclePredictor", "AcceleratorAdapters",
-    "AdapterFileError", "AdapterMismatchError", "make_predictor", "model_fingerprint", "select", "union", "PREDICTORS",
+    "AdapterFileError", "AdapterMismatchError", "make_predictor", "model_fingerprint", "select", "PREDICTORS",
 ]

@@ -58,8 +58,3 @@ def select(scores: torch.Tensor, width: int | None = None, mass: float | None = 
     mask = torch.zeros_like(scores, dtype=torch.bool)
     mask.scatter_(-1, order, ranks < take.unsqueeze(-1))
     return mask
-
-
-def union(mask: torch.Tensor) -> list[int]:
-    """Experts predicted for any token of the batch (`mask [T, E]`)."""
-    return torch.nonzero(mask.any(0)).flatten().tolist()

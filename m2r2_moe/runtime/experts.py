@@ -21,8 +21,8 @@ class SlotView:
         self.__dict__["_module"] = module
         self.__dict__["_tensors"] = tensors
         self.__dict__.update(tensors)  # gate_up_proj [S, 2I, H], down_proj [S, H, I], biases [S, ...]
-        self.__dict__["num_experts"] = num_slots  # one "expert" per slot; index num_slots is the sentinel
-        self.__dict__["_is_expert_parallel"] = False
+        self.__dict__["num_experts"] = num_slots  # one "expert" per slot
+        self.__dict__["_is_expert_parallel"] = False  # every routed index is a real slot: no EP sentinels
         self.__dict__["_window"] = (0, num_slots - 1, self)
 
     def window(self, lo: int, hi: int) -> "SlotView":
@@ -35,19 +35,6 @@ class SlotView:
 
     def __getattr__(self, name):  # only called for names not set on the view
         return getattr(self.__dict__["_module"], name)
-
-
-def remap_and_mask(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, table: torch.Tensor,
-                   sentinel: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert ids → slot ids through `table` (`[E]`, experts outside the wave map to `sentinel` = S).
-
-    `top_k_index [T, K]` expert ids; returns (`[T, K]` slot ids, `[T, K]` weights). In a partial wave
-    (`sentinel` given) the pairs routed to experts outside the wave carry the sentinel and a zero weight,
-    so the kernel skips them (eager, grouped_mm) or adds exact zeros (batched_mm)."""
-    slot_index = table[top_k_index]
-    if sentinel is None:
-        return slot_index, top_k_weights
-    return slot_index, top_k_weights.masked_fill(slot_index == sentinel, 0)
 
 
 def make_offloaded_forward(runtime, layer: int):

@@ -16,7 +16,7 @@ from ..config import OffloadConfig
 from ..models.base import MoELayer
 from ..stats import OffloadStats
 from .cache import make_slot_manager
-from .experts import SlotView, make_offloaded_forward, remap_and_mask
+from .experts import SlotView, make_offloaded_forward
 from .store import ExpertPacking, HostExpertStore
 from .transfer import DEMAND, make_copy_engine
 
@@ -27,11 +27,11 @@ class Offloader:
     """Owns everything an offloaded model needs; built by `m2r2_moe.offload`."""
 
     def __init__(self, model: nn.Module, layers: list[MoELayer], config: OffloadConfig, num_slots: int,
-                 adapter_name: str, store=None):
+                 adapter, store=None):
         self.config = config
         self.device = config.resolved_device()
         self.layers = layers
-        self.adapter_name = adapter_name
+        self.adapter = adapter  # the family's MoEAdapter
         self.original_device = next(model.parameters()).device
         self.num_experts = [int(layer.experts.num_experts) for layer in layers]
         self.key_stride = max(self.num_experts)
@@ -59,7 +59,7 @@ class Offloader:
         self._prefetched: dict[int, object] = {}  # key -> transfer of a prefetched expert not used yet
         self._step = 0  # forwards seen (a decode step is one forward)
         self._last_used: dict[int, int] = {}  # key -> step of its last use (the `predictive` policy)
-        self.top_k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)  # sizes predicted sets
+        self.top_k = adapter.top_k(model)  # sizes predicted sets
         self.prefetcher = None  # set by attach_predictor
 
     @property
@@ -144,7 +144,7 @@ class Offloader:
         if eager and (top_k_index.shape[1] > 2 or len(needed) > self.num_slots):
             return self._run_eager_in_expert_order(layer, needed, hidden_states, top_k_index, top_k_weights)
         if len(needed) <= self.num_slots:
-            return self._run_wave(layer, needed, hidden_states, top_k_index, top_k_weights, partial=False)
+            return self._run_wave(layer, needed, hidden_states, top_k_index, top_k_weights)
         return self._run_in_waves(layer, needed, hidden_states, top_k_index, top_k_weights)
 
     def _pair_rows(self, layer, needed, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
@@ -161,7 +161,7 @@ class Offloader:
             wave = needed[start : start + self.num_slots]
             rows_of_wave = torch.isin(pair_index[:, 0], torch.tensor(wave, device=pair_index.device))
             sel = rows_of_wave.nonzero().squeeze(1)  # [n]
-            rows[sel] = self._run_wave(layer, wave, pair_hidden[sel], pair_index[sel], ones[sel], partial=False)
+            rows[sel] = self._run_wave(layer, wave, pair_hidden[sel], pair_index[sel], ones[sel])
         return rows
 
     def _run_eager_in_expert_order(self, layer, needed, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
@@ -190,8 +190,9 @@ class Offloader:
         weighted = rows * top_k_weights.reshape(-1, 1)  # [T*K, H], promoted like the kernel's weighted_out
         return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
-    def _run_wave(self, layer, wave, hidden_states, top_k_index, top_k_weights, partial: bool) -> torch.Tensor:
-        """Acquire the wave's experts, run the model's kernel on their slots, release."""
+    def _run_wave(self, layer, wave, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """Acquire the wave's experts, run the model's kernel on their slots, release. Every expert
+        `top_k_index` routes to is in `wave` (callers pass only the wave's rows)."""
         self.stats.waves += 1
         keys = [layer * self.key_stride + e for e in wave]
         slots = self._acquire(layer, wave, keys, self._routing)
@@ -200,14 +201,11 @@ class Offloader:
             # the kernel sees only the slots lo..hi: its per-expert loop (grouped_mm) is as short as it can be
             lo, hi = min(slots), max(slots)
             view = self.views[layer].window(lo, hi)
-            sentinel = hi - lo + 1
-            table = [sentinel] * self.num_experts[layer]  # expert id -> window slot id, sentinel elsewhere
+            table = [hi - lo + 1] * self.num_experts[layer]  # expert id -> window slot id (out of range elsewhere)
             for expert, slot in zip(wave, slots):
                 table[expert] = slot - lo
-            table = torch.tensor(table, dtype=torch.long, device=top_k_index.device)
-            slot_index, weights = remap_and_mask(top_k_index, top_k_weights, table, sentinel if partial else None)
-            view.__dict__["_is_expert_parallel"] = partial  # sentinel-aware path of the kernels
-            out = self.kernels[layer](view, hidden_states, slot_index, weights)
+            slot_index = torch.tensor(table, dtype=torch.long, device=top_k_index.device)[top_k_index]  # [T, K]
+            out = self.kernels[layer](view, hidden_states, slot_index, top_k_weights)
             if self.device.type == "cuda":
                 done = torch.cuda.Event()
                 done.record()  # on the compute stream, after the kernels reading these slots

@@ -89,4 +89,5 @@ class Prefetcher:
             # one device→host read per target: which copies to issue depends on it
             return order[0][keep[0]].tolist()
         best = torch.zeros_like(probs).scatter_(-1, order, top * keep).amax(0)  # [E]
-        return [e for e in best.argsort(descending=True).tolist() if best[e] > 0]
+        ranked = best.argsort(descending=True)
+        return ranked[: int((best > 0).sum())].tolist()
