@@ -10,6 +10,7 @@ import time
 import torch
 
 from . import api
+from .models import find_moe_layers
 
 
 def _load(model: str, dtype: torch.dtype):
@@ -48,8 +49,9 @@ def demo(args: argparse.Namespace) -> int:
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id)
     with torch.no_grad():
         reference = model.generate(input_ids=ids, **gen)
-    total = sum(int(layer.experts.num_experts) for layer in _moe_layers(model))
-    cache = args.cache_experts or max(model.config.num_experts_per_tok, total // 4)
+    adapter, layers = find_moe_layers(model)
+    total = sum(int(layer.experts.num_experts) for layer in layers)
+    cache = args.cache_experts or max(adapter.top_k(model), total // 4)
     link = args.link_gbps if (args.device or "cpu") == "cpu" else None
     predictor = args.predictor or ("m2r2" if args.model == "builtin" or args.adapters else "none")
     api.offload(model, device=args.device, cache_experts=cache, link_gbps=link, predictor=predictor,
@@ -74,12 +76,6 @@ def demo(args: argparse.Namespace) -> int:
     print(f"lossless: offloaded tokens {'==' if identical else '!='} original tokens")
     print(stats)
     return 0 if identical else 1
-
-
-def _moe_layers(model):
-    from .models import find_moe_layers
-
-    return find_moe_layers(model)[1]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -145,7 +145,7 @@ def _cost(model, layers, predictors) -> dict:
     from .m2r2 import M2R2Predictor
 
     hidden = model.config.hidden_size
-    top_k = getattr(model.config, "num_experts_per_tok", 2)
+    top_k = predictors[next(iter(predictors))].top_k if predictors else 2
     experts = sum(p.numel() for layer in layers for p in layer.experts.parameters())
     expert_share = top_k / max(int(layers[0].experts.num_experts), 1)
     embed = model.get_input_embeddings().weight.numel()
