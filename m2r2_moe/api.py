@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from torch import nn
 
 from .config import OffloadConfig, OffloadConfigError
 from .errors import AlreadyOffloadedError, NotOffloadedError, UnsupportedModelError
+from .guard import UseGuard
 from .models import find_moe_layers
 from .runtime.offloader import Offloader
 from .stats import OffloadStats
@@ -15,6 +17,7 @@ from .stats import OffloadStats
 logger = logging.getLogger(__name__)
 
 _ATTR = "_m2r2_offloader"
+_GUARD = "_m2r2_guard"
 
 
 def offload(model: nn.Module, config: OffloadConfig | None = None, **kwargs) -> nn.Module:
@@ -24,6 +27,9 @@ def offload(model: nn.Module, config: OffloadConfig | None = None, **kwargs) -> 
     `cache_experts` device slots, shared by all layers, holds the experts being used; the rest of the
     model (attention, norms, routers, embeddings) moves to `device`. Outputs are unchanged: same kernels,
     same logits. On any error the model is left exactly as it was.
+
+    One forward at a time: calling the offloaded model from a second thread while it runs raises
+    `ConcurrentUseError` (two different offloaded models may run on two threads).
 
     Args:
         model: a transformers causal LM with sparse MoE blocks, on CPU.
@@ -41,6 +47,8 @@ def offload(model: nn.Module, config: OffloadConfig | None = None, **kwargs) -> 
 def _offload(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None) -> nn.Module:
     """`offload`; with `fill_store` (from_pretrained) the expert params are still on meta and the store is
     filled from the checkpoint by `fill_store(store)`; `store` replaces the host store (disk tier)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"offload() expects a transformers model (a torch.nn.Module), got {type(model).__name__}")
     if is_offloaded(model):
         raise AlreadyOffloadedError(
             f"{type(model).__name__} is already offloaded; call m2r2_moe.remove_offload(model) first to change settings."
@@ -52,9 +60,21 @@ def _offload(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None) 
     num_slots = _resolve_slots(cfg, top_k, sum(int(layer.experts.num_experts) for layer in layers))
     predictor = _build_predictor(cfg, model, adapter, layers)  # before anything moves: bad adapters change nothing
     offloader = Offloader(model, layers, cfg, num_slots, adapter, store=store)
-    offloader.install(model, fill_store=fill_store)
-    offloader.attach_predictor(predictor)
-    model.__dict__[_ATTR] = offloader
+    guard = None
+    try:
+        offloader.install(model, fill_store=fill_store)  # rolls itself back on error
+        offloader.attach_predictor(predictor)
+        guard = UseGuard(model)
+        model.__dict__[_ATTR] = offloader
+        model.__dict__[_GUARD] = guard
+    except BaseException:
+        if guard is not None:
+            guard.remove()
+        model.__dict__.pop(_ATTR, None)
+        model.__dict__.pop(_GUARD, None)
+        offloader.uninstall(model)  # idempotent: nothing left to undo when install rolled back already
+        _release(offloader)
+        raise
     logger.info(
         "offloaded %d MoE layers (%s adapter): %d slots on %s, %.1f MB of experts in host memory",
         len(layers), adapter.name, num_slots, offloader.device, offloader.store.nbytes / 1e6,
@@ -65,8 +85,14 @@ def _offload(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None) 
 def remove_offload(model: nn.Module) -> nn.Module:
     """Undo `offload`: expert weights back in the model bit for bit, original forwards, original device."""
     offloader = _get(model)
-    offloader.uninstall(model)
+    guard = model.__dict__.get(_GUARD)
+    with guard.hold() if guard is not None else contextlib.nullcontext():  # no forward may run meanwhile
+        offloader.uninstall(model)
+    if guard is not None:
+        guard.remove()
+    model.__dict__.pop(_GUARD, None)
     del model.__dict__[_ATTR]
+    _release(offloader)
     return model
 
 
@@ -97,6 +123,18 @@ def _get(model: nn.Module) -> Offloader:
     return offloader
 
 
+def _release(offloader: Offloader) -> None:
+    """Free the host store (pinned memory) and the device slot pool now, not when the last reference to the
+    runtime goes: a failed `offload`'s traceback, or a handle from `get_offloader`, may outlive it long."""
+    store = offloader.store
+    if isinstance(getattr(store, "buffers", None), list):
+        store.buffers.clear()
+    if callable(getattr(store, "close", None)):
+        store.close()  # the disk tier's open checkpoint files
+    offloader.views = []
+    offloader.pool = None
+
+
 def _merge_config(config: OffloadConfig | None, kwargs: dict) -> OffloadConfig:
     if config is not None and not isinstance(config, OffloadConfig):
         raise TypeError(f"config must be an OffloadConfig, got {type(config).__name__}")
@@ -112,12 +150,28 @@ def _merge_config(config: OffloadConfig | None, kwargs: dict) -> OffloadConfig:
 def _build_predictor(cfg: OffloadConfig, model, adapter, layers):
     from .predict import Predictor, make_predictor
 
+    if cfg.adapters is not None and cfg.predictor != "m2r2":
+        raise OffloadConfigError(f"adapters={str(cfg.adapters)!r} is only read by predictor='m2r2' (predictor is "
+                                 f"{getattr(cfg.predictor, 'name', cfg.predictor)!r}): pass predictor='m2r2' too, "
+                                 "or drop adapters.")
     if isinstance(cfg.predictor, Predictor):
+        _check_predictor_fits(cfg.predictor, layers)
         return cfg.predictor
     if cfg.predictor == "none":
         return None
     return make_predictor(cfg.predictor, model, adapter, layers, cfg.lookahead, adapters=cfg.adapters,
                           device=cfg.resolved_device())
+
+
+def _check_predictor_fits(predictor, layers) -> None:
+    """A predictor object built for another model would index past its tables in the middle of a forward."""
+    num_experts = max(int(layer.experts.num_experts) for layer in layers)
+    if (predictor.num_layers, predictor.num_experts) != (len(layers), num_experts):
+        raise OffloadConfigError(
+            f"the {type(predictor).__name__} was built for {predictor.num_layers} MoE layers of "
+            f"{predictor.num_experts} experts; this model has {len(layers)} MoE layers of {num_experts}. Build it "
+            "for this model (m2r2_moe.predict.make_predictor(name, model, ...))."
+        )
 
 
 def _check_on_cpu(model: nn.Module) -> None:

@@ -51,3 +51,7 @@ class HostMemoryError(M2R2Error, MemoryError):
 
 class DeviceMemoryError(M2R2Error, MemoryError):
     """The device budget cannot hold the non-expert weights and at least top-k expert slots."""
+
+
+class ConcurrentUseError(M2R2Error, RuntimeError):
+    """An offloaded model was called from a second thread while a forward of it was running."""
