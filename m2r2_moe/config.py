@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -53,25 +54,25 @@ class OffloadConfig:
         _check_device(self.device)
         if self.cache_experts is not None:
             if isinstance(self.cache_experts, bool) or not isinstance(self.cache_experts, int):
+                hint = (" (byte budgets like '8GB' and 'auto' are m2r2_moe.from_pretrained's)"
+                        if isinstance(self.cache_experts, str) else "")
                 raise OffloadConfigError(
-                    f"cache_experts must be a whole number of expert slots, got {self.cache_experts!r}"
+                    f"cache_experts must be a whole number of expert slots, got {self.cache_experts!r}{hint}"
                 )
             if self.cache_experts < 1:
                 raise OffloadConfigError(f"cache_experts must be >= 1, got {self.cache_experts}")
         _check_choice("policy", self.policy, POLICIES)
-        if not hasattr(self.predictor, "predict"):
-            _check_choice("predictor", self.predictor, PREDICTORS)
+        _check_predictor(self.predictor)
         if self.adapters is not None and not isinstance(self.adapters, (str, os.PathLike)):
             raise OffloadConfigError(f"adapters must be a path to an adapters file, got {type(self.adapters).__name__}")
         if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 1:
             raise OffloadConfigError(f"lookahead must be an integer >= 1, got {self.lookahead!r}")
-        if self.pin_memory not in (None, True, False):
+        if not any(self.pin_memory is v for v in (None, True, False)):  # `is`: 1 == True would slip through
             raise OffloadConfigError(f"pin_memory must be True, False or None, got {self.pin_memory!r}")
-        if self.link_gbps is not None:
-            if not isinstance(self.link_gbps, (int, float)) or not self.link_gbps > 0:
-                raise OffloadConfigError(f"link_gbps must be a positive number of GB/s, got {self.link_gbps!r}")
-        if not isinstance(self.link_latency_us, (int, float)) or self.link_latency_us < 0:
-            raise OffloadConfigError(f"link_latency_us must be >= 0, got {self.link_latency_us!r}")
+        if self.link_gbps is not None and not (_is_number(self.link_gbps) and self.link_gbps > 0):
+            raise OffloadConfigError(f"link_gbps must be a positive number of GB/s, got {self.link_gbps!r}")
+        if not (_is_number(self.link_latency_us) and 0 <= self.link_latency_us < math.inf):
+            raise OffloadConfigError(f"link_latency_us must be a finite number >= 0, got {self.link_latency_us!r}")
         if (self.link_gbps is not None or self.link_latency_us) and self.resolved_device().type != "cpu":
             raise OffloadConfigError(
                 "link_gbps / link_latency_us emulate a link on CPU only; on a GPU the real link is used. "
@@ -82,7 +83,7 @@ class OffloadConfig:
         """The device experts run on, with `None` resolved."""
         if self.device is None:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return _as_device(self.device)
 
     def resolved_pin_memory(self) -> bool:
         if self.pin_memory is None:
@@ -97,16 +98,47 @@ class OffloadConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
 
+def _check_predictor(predictor) -> None:
+    if isinstance(predictor, str):
+        _check_choice("predictor", predictor, PREDICTORS)
+        return
+    from .predict.base import Predictor  # lazy: predict/ imports the models, which config must not
+
+    if not isinstance(predictor, Predictor):
+        raise OffloadConfigError(
+            f"predictor must be one of {', '.join(map(repr, PREDICTORS))} or a m2r2_moe.predict.Predictor object "
+            f"(e.g. an OraclePredictor); got {type(predictor).__name__} {predictor!r}"
+        )
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise OffloadConfigError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def _check_device(device: str | None) -> None:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_device(device) -> torch.device:
+    """`device` as a torch.device; a bare integer N means `cuda:N`, as in torch (without needing CUDA)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return torch.device("cuda", device)
+    return torch.device(device)
+
+
+def _check_device(device) -> None:
     if device is None:
         return
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise OffloadConfigError(
+            f"device must be a string like 'cpu', 'cuda' or 'cuda:1', a torch.device or a CUDA index; got "
+            f"{type(device).__name__} {device!r}"
+        )
+    if isinstance(device, int) and device < 0:
+        raise OffloadConfigError(f"device {device} is not a CUDA index (>= 0)")
     try:
-        dev = torch.device(device)
+        dev = _as_device(device)
     except (RuntimeError, TypeError) as e:
         raise OffloadConfigError(f"device {device!r} is not a device torch knows ('cpu', 'cuda', 'cuda:1'): {e}")
     if dev.type == "cuda":

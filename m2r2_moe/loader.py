@@ -62,18 +62,24 @@ def from_pretrained(path: str | os.PathLike, device: str | None = None, cache_ex
         UnsupportedModelError, HostMemoryError, DeviceMemoryError: before anything is allocated.
     """
     cfg = _config(device, predictor, adapters, options)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
     plan, model, layers, packings, wmap, ckpt = _prepare(path, cfg, cache_experts, dtype, expert_store,
                                                          context_length)
+    _check_adapters_file(cfg)  # the fingerprint needs the routers' weights: checked once they are loaded
     logger.info("%s", plan)
-    reader = Reader()
+    reader, store = Reader(), None
     try:
         _load_dense(model, layers, wmap, reader, cfg.resolved_device(), plan.dtype, progress)
-        store = None
         if expert_store == "disk":
             store = DiskExpertStore(packings, [int(l.experts.num_experts) for l in layers], wmap.expert_pieces(),
                                     cfg.resolved_pin_memory())
         fill = (lambda s: None) if store is not None else (lambda s: _fill_host_store(s, wmap, reader, progress))
         api._offload(model, cfg.replace(cache_experts=plan.num_slots), fill_store=fill, store=store)
+    except BaseException:
+        if store is not None:
+            store.close()  # its open checkpoint files, now rather than when the traceback goes
+        raise
     finally:
         reader.close()
     return model
@@ -95,11 +101,21 @@ def _config(device, predictor, adapters, options) -> OffloadConfig:
     return OffloadConfig(device=device, predictor=predictor, adapters=adapters, **options)
 
 
+def _check_adapters_file(cfg: OffloadConfig) -> None:
+    """A missing or corrupted adapters file fails before any weight is read."""
+    if cfg.predictor == "m2r2" and cfg.adapters is not None:
+        from .predict import AcceleratorAdapters
+
+        AcceleratorAdapters.load(cfg.adapters)
+
+
 def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, context_length):
     """Everything that only reads headers and builds meta tensors: fails fast, allocates nothing."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a checkpoint folder (str or os.PathLike), got {type(path).__name__} {path!r}")
     if expert_store not in STORES:
         raise OffloadConfigError(f"expert_store must be one of {STORES}, got {expert_store!r}")
-    if not isinstance(context_length, int) or context_length < 0:
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 0:
         raise OffloadConfigError(f"context_length must be a whole number of tokens >= 0, got {context_length!r}")
     ckpt = Checkpoint.open(path)
     config = _read_config(ckpt.path)
@@ -160,10 +176,13 @@ def _read_config(path: Path):
 def _resolve_dtype(dtype, config, ckpt: Checkpoint) -> torch.dtype:
     """As transformers 5 does: an explicit dtype, else ("auto") the config's, else the weights'."""
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point or dtype.is_complex:
+            raise OffloadConfigError(f"dtype must be a floating-point dtype (torch.bfloat16, torch.float16, "
+                                     f"torch.float32), got {dtype}")
         return dtype
     if dtype not in (None, "auto"):
         if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-            return getattr(torch, dtype)
+            return _resolve_dtype(getattr(torch, dtype), config, ckpt)
         raise OffloadConfigError(f"dtype must be a torch.dtype, a dtype name or 'auto', got {dtype!r}")
     value = getattr(config, "dtype", None)
     if isinstance(value, str):
