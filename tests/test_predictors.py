@@ -156,3 +156,7 @@ def test_stacked_routing_matches_the_reference_path(trained):
             ref = {d: p.target_scores(d, r) for d in p.depths(0)}
         assert sorted(fast) == sorted(ref)
         assert all(torch.allclose(fast[d], ref[d], atol=1e-5) for d in ref)
+        # the prefetcher's per-layer path (stacked tensor, fused adapters, the model's own normed input)
+        depths, stacked = p.predict_stacked(0, r, chosen, normed=layers[0].norm(r))
+        assert depths == sorted(ref) and stacked.shape == (len(depths), 4, 8)
+        assert all(torch.allclose(stacked[i], ref[d], atol=1e-5) for i, d in enumerate(depths))

@@ -16,6 +16,7 @@ class Predictor:
 
     name = "none"
     needs_residual = False
+    scores_are_probabilities = False  # predict_stacked's scores sum to 1 per token (the prefetcher skips normalising)
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, depth: int):
         self.num_layers, self.num_experts, self.top_k, self.depth = num_layers, num_experts, top_k, depth
@@ -31,6 +32,14 @@ class Predictor:
         """Scores for layers `layer + d`, d = 1..depth (only those that exist): `{d: [T, E]}`, from the
         residual `r_l [T, H]` and the experts `chosen [T, K]` layer `layer` routes to."""
         return {}
+
+    def predict_stacked(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
+                        normed: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor | None]:
+        """`predict` as one tensor, for the prefetcher's per-layer path: (depths, scores `[D, T, E]`).
+        `normed` is `norm_l(residual)` when the caller has it (the model computed it already)."""
+        predictions = self.predict(layer, residual, chosen)
+        depths = sorted(predictions)
+        return depths, (torch.stack([predictions[d] for d in depths]) if depths else None)
 
     def depths(self, layer: int) -> range:
         return range(1, min(self.depth, self.num_layers - 1 - layer) + 1)

@@ -14,6 +14,7 @@ class GatePredictor(Predictor):
 
     name = "gate"
     needs_residual = True
+    scores_are_probabilities = True
 
     def __init__(self, num_layers, num_experts, top_k, depth, adapter: MoEAdapter, layers: list[MoELayer]):
         super().__init__(num_layers, num_experts, top_k, depth)
@@ -37,8 +38,23 @@ class GatePredictor(Predictor):
             return {d: scores[i] for i, d in enumerate(depths)}
         return {d: self.target_scores(layer + d, residuals[i]) for i, d in enumerate(depths)}
 
+    def _probabilities(self, layer: int, residuals: torch.Tensor) -> torch.Tensor:
+        """`residuals [D, T, H]` → scores `[D, T, E]` normalised to sum to 1 per token (softmax routers
+        already do; the stacked path is only taken for those)."""
+        if self.stacked[layer] is not None:
+            return self.stacked[layer].scores(residuals)
+        scores = torch.stack(list(self._scores(layer, residuals).values())).float().clamp_min(0)
+        return scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)
+
     @torch.no_grad()
     def predict(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
                 ) -> dict[int, torch.Tensor]:
         depths = self.depths(layer)
         return self._scores(layer, residual.expand(len(depths), *residual.shape)) if len(depths) else {}
+
+    @torch.no_grad()
+    def predict_stacked(self, layer, residual, chosen=None, normed=None):
+        depths = list(self.depths(layer))
+        if not depths:
+            return [], None
+        return depths, self._probabilities(layer, residual.expand(len(depths), *residual.shape))

@@ -23,14 +23,16 @@ class SlotView:
         self.__dict__.update(tensors)  # gate_up_proj [S, 2I, H], down_proj [S, H, I], biases [S, ...]
         self.__dict__["num_experts"] = num_slots  # one "expert" per slot
         self.__dict__["_is_expert_parallel"] = False  # every routed index is a real slot: no EP sentinels
-        self.__dict__["_window"] = (0, num_slots - 1, self)
+        self.__dict__["_window"] = (0, num_slots - 1, 1, self)
 
-    def window(self, lo: int, hi: int) -> "SlotView":
-        """A view of slots lo..hi only (slot lo becomes index 0); the last one is cached."""
-        last_lo, last_hi, view = self.__dict__["_window"]
-        if (lo, hi) != (last_lo, last_hi):
-            view = SlotView(self._module, {n: t[lo : hi + 1] for n, t in self._tensors.items()}, hi - lo + 1)
-            self.__dict__["_window"] = (lo, hi, view)
+    def window(self, lo: int, hi: int, step: int = 1) -> "SlotView":
+        """A view of slots lo, lo + step, ..., hi only (slot lo becomes index 0; a strided view, no copy);
+        the last one is cached."""
+        last, view = self.__dict__["_window"][:3], self.__dict__["_window"][3]
+        if (lo, hi, step) != last:
+            count = (hi - lo) // step + 1
+            view = SlotView(self._module, {n: t[lo : hi + 1 : step] for n, t in self._tensors.items()}, count)
+            self.__dict__["_window"] = (lo, hi, step, view)
         return view
 
     def __getattr__(self, name):  # only called for names not set on the view

@@ -8,6 +8,7 @@ model's own kernels on the slots, release.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from ..models.base import MoELayer
 from ..stats import OffloadStats
 from .cache import make_slot_manager
 from .experts import SlotView, make_offloaded_forward
+from .policy import NextUsePolicy
 from .store import ExpertPacking, HostExpertStore
 from .transfer import DEMAND, make_copy_engine
 
@@ -58,7 +60,12 @@ class Offloader:
         self._moved = 0  # layers whose weights live in the store (for rollback)
         self._prefetched: dict[int, object] = {}  # key -> transfer of a prefetched expert not used yet
         self._step = 0  # forwards seen (a decode step is one forward)
-        self._last_used: dict[int, int] = {}  # key -> step of its last use (the `predictive` policy)
+        self._layer_now = 0  # the MoE layer being computed
+        self.layer_seconds = 0.0  # running estimate of one layer's compute time (host clock, stalls excluded)
+        self._last_call = (-1, 0.0, 0.0)  # (layer, perf_counter, stall seconds) at the previous layer call
+        # the `predictive` policy's next-use estimates (runtime/policy.py); `lru` leaves eviction to the slot manager
+        self.policy = NextUsePolicy(len(layers)) if config.policy == "predictive" else None
+        self._wave_keys: frozenset[int] = frozenset()  # keys of the wave being acquired: never victims
         self.top_k = adapter.top_k(model)  # sizes predicted sets
         self.prefetcher = None  # set by attach_predictor
 
@@ -134,6 +141,8 @@ class Offloader:
         if layer == 0:
             self.stats.tokens += hidden_states.shape[0]
             self._step += 1
+        self._layer_now = layer
+        self._time_layer(layer)
         self.stats.layer_calls += 1
         # Host sync on CUDA: the set of experts decides which copies to issue (paid once per layer).
         needed = torch.unique(top_k_index).tolist()
@@ -146,6 +155,16 @@ class Offloader:
         if len(needed) <= self.num_slots:
             return self._run_wave(layer, needed, hidden_states, top_k_index, top_k_weights)
         return self._run_in_waves(layer, needed, hidden_states, top_k_index, top_k_weights)
+
+    def _time_layer(self, layer: int) -> None:
+        """Update `layer_seconds` from the time since the previous layer's call, less its stalls (the
+        prefetcher weighs a copy's transfer time against it)."""
+        now, stall = time.perf_counter(), self.stats.stall_seconds
+        last_layer, last_time, last_stall = self._last_call
+        if layer == last_layer + 1:
+            sample = max(now - last_time - (stall - last_stall), 0.0)
+            self.layer_seconds = sample if not self.layer_seconds else 0.9 * self.layer_seconds + 0.1 * sample
+        self._last_call = (layer, now, stall)
 
     def _pair_rows(self, layer, needed, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """`[T*K, H]`: each (token, expert) pair's output with weight 1 (exact: x * 1), computed `num_slots`
@@ -198,12 +217,12 @@ class Offloader:
         slots = self._acquire(layer, wave, keys, self._routing)
         self._routing = None
         try:
-            # the kernel sees only the slots lo..hi: its per-expert loop (grouped_mm) is as short as it can be
-            lo, hi = min(slots), max(slots)
-            view = self.views[layer].window(lo, hi)
-            table = [hi - lo + 1] * self.num_experts[layer]  # expert id -> window slot id (out of range elsewhere)
+            # the kernel sees as few slots as possible: its per-expert loop (grouped_mm) costs per slot seen
+            lo, hi, step = _window(slots)
+            view = self.views[layer].window(lo, hi, step)
+            table = [view.num_experts] * self.num_experts[layer]  # expert id -> view index (out of range elsewhere)
             for expert, slot in zip(wave, slots):
-                table[expert] = slot - lo
+                table[expert] = (slot - lo) // step
             slot_index = torch.tensor(table, dtype=torch.long, device=top_k_index.device)[top_k_index]  # [T, K]
             out = self.kernels[layer](view, hidden_states, slot_index, top_k_weights)
             if self.device.type == "cuda":
@@ -220,11 +239,16 @@ class Offloader:
         """Pin a slot for each expert of the wave; demand-load the absent ones; let the prefetcher look
         ahead (the wave is pinned, its loads queued first); wait for the wave's copies."""
         slots, waits = [], []
+        now = self.now(layer)
+        self._wave_keys = frozenset(keys)
         try:
             for expert, key in zip(wave, keys):
+                if self.policy is not None:
+                    self._make_room(key, now)
                 slot, hit, evicted = self.slots.acquire(key)
                 slots.append(slot)
-                self._last_used[key] = self._step
+                if self.policy is not None:
+                    self.policy.used(key, now)
                 if evicted >= 0:
                     self._evicted(evicted)
                 if hit:
@@ -233,8 +257,6 @@ class Offloader:
                 self.stats.misses += 1
                 waits.append(self._copy(layer, expert, key, slot, DEMAND))
             if top_k_index is not None:  # once per layer call
-                if self.config.policy == "predictive":
-                    self._order_by_next_use(layer)
                 if self.prefetcher is not None:
                     self.prefetcher.on_layer(layer, top_k_index, pinned=len(wave))
             for transfer in waits:
@@ -267,15 +289,23 @@ class Offloader:
 
     def prefetch(self, layer: int, expert: int, priority: int) -> bool:
         """Start bringing `expert` of MoE layer `layer` in, if it is neither resident nor in flight.
-        Returns whether a copy was queued. A resident expert has its recency refreshed."""
+        Returns whether a copy was queued: with the `predictive` policy not when every expert it could
+        displace is needed no later than this one."""
         key = layer * self.key_stride + expert
         if self.slots.lookup(key) >= 0:
             return False
+        if self.policy is not None:
+            now = self.now(self._layer_now)
+            when = now + priority  # a prefetch's priority is its target's distance in layers
+            if not self._make_room(key, now, needed_at=when):
+                return False
         slot, evicted = self.slots.prefetch(key)
         if slot < 0:
             return False
         if evicted >= 0:
             self._evicted(evicted)
+        if self.policy is not None:
+            self.policy.predicted(key, when, now)
         self._prefetched[key] = self._copy(layer, expert, key, slot, priority)
         self.stats.prefetches += 1
         return True
@@ -294,39 +324,40 @@ class Offloader:
             return False
         del self._prefetched[key]
         self.slots.evict(key)
+        if self.policy is not None:
+            self.policy.forget(key)
         self.stats.bytes_to_device -= transfer.nbytes
         self.stats.cancelled_prefetches += 1
         return True
 
-    def _order_by_next_use(self, layer: int) -> None:
-        """The `predictive` policy's eviction order: an estimate of each resident expert's next use.
-
-        An expert used at its layer's most recent turn is likely used again at the next one; older ones
-        much less. Layers run in a cycle, so among experts of the same age the one whose
-        layer comes back last (the layers just computed) is needed last. The recency order is rewritten to
-        (age in tokens, then layer distance), most distant first, so the slot manager's LRU victim is the
-        expert with the farthest estimated next use — not, as plain LRU picks in a pool shared by all
-        layers, an expert of the very next layer."""
-        num_layers, step = len(self.layers), self._step
-        def remoteness(key: int) -> tuple[int, int]:
-            j = key // self.key_stride
-            last_turn = step if j <= layer else step - 1  # the step of layer j's most recent turn
-            age = min(last_turn - self._last_used.get(key, -10**9), 10**6)  # its layer's turns since its last use
-            return age, (j - layer - 1) % num_layers  # 0 = the next layer
-        for key, _ in sorted(self.slots.resident(), key=lambda item: remoteness(item[0]), reverse=True):
-            self.slots.acquire(key)  # acquire + release = a recency refresh (see touch); pinned keys too,
-            self.slots.release(key)  # or they would fall to the old end and be the first victims once released
-
-    def touch(self, layer: int, expert: int) -> None:
-        """Make a resident expert the most recently used (prediction-aware eviction)."""
+    def expect(self, layer: int, expert: int, distance: int) -> None:
+        """A prediction wants a resident expert of `layer` in `distance` layer turns (the `predictive`
+        policy then keeps it over experts needed later)."""
         key = layer * self.key_stride + expert
-        if self.slots.lookup(key) >= 0:
-            self.slots.acquire(key)  # acquire + release = a recency refresh; the slot manager's own
-            self.slots.release(key)  # hit counter counts it, the runtime's stats do not
+        if self.policy is not None and key in self.policy.next_use:
+            now = self.now(self._layer_now)
+            self.policy.predicted(key, now + distance, now)
+
+    def now(self, layer: int) -> int:
+        """The current time in layer turns (runtime/policy.py)."""
+        return self._step * len(self.layers) + layer
+
+    def _make_room(self, key: int, now: int, needed_at: int | None = None) -> bool:
+        """`predictive` policy: when the pool is full and `key` is absent, evict the policy's victim so
+        the slot manager places `key` in the freed slot. False when no expert may be evicted."""
+        if key in self.policy.next_use or len(self.policy.next_use) < self.num_slots:
+            return True
+        victim = self.policy.victim(now, self._wave_keys, needed_at)
+        if victim < 0 or not self.slots.evict(victim):
+            return False
+        self._evicted(victim)
+        return True
 
     def _evicted(self, key: int) -> None:
         """`key` lost its slot: a prefetched copy never used is wasted (or withdrawn if still queued)."""
         self.stats.evictions += 1
+        if self.policy is not None:
+            self.policy.forget(key)
         transfer = self._prefetched.pop(key, None)
         if transfer is None:
             return
@@ -340,7 +371,8 @@ class Offloader:
     def _forget(self, key: int) -> None:
         """Undo an acquire whose slot may hold garbage: unpin and evict it."""
         self.slots.release(key)
-        self.slots.evict(key)
+        if self.slots.evict(key) and self.policy is not None:
+            self.policy.forget(key)
 
     def collect_device_stalls(self) -> None:
         self.stats.stall_seconds += self.engine.drain_stall_seconds()
@@ -348,6 +380,17 @@ class Offloader:
     def reset_stats(self) -> None:
         self.stats = OffloadStats()
         self.slots.reset_counters()
+
+
+def _window(slots: list[int]) -> tuple[int, int, int]:
+    """(lo, hi, step) of the smallest strided range of slots covering `slots`: the slots themselves when
+    they are evenly spaced (always so for one or two: top-2 decode), else every slot from lo to hi."""
+    ordered = sorted(slots)
+    lo, hi = ordered[0], ordered[-1]
+    step = ordered[1] - lo if len(ordered) > 1 else 1
+    if any(b - a != step for a, b in zip(ordered, ordered[1:])):
+        step = 1
+    return lo, hi, step
 
 
 def _packing(layer: MoELayer) -> ExpertPacking:

@@ -18,6 +18,8 @@ on CUDA the single copy stream runs them in submission order, which is the same.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..predict.base import Predictor
@@ -29,25 +31,35 @@ class Prefetcher:
     def __init__(self, offloader, predictor: Predictor, min_prob: float = 0.15, width: int | None = None,
                  max_queued: int | None = None, refresh: bool = True):
         self.offloader, self.predictor = offloader, predictor
-        self.refresh = refresh  # the `predictive` policy: predicted resident experts become most recent
+        self.refresh = refresh  # the `predictive` policy: predicted resident experts are marked as needed soon
         self.min_prob = min_prob
         self.width = width or offloader.top_k
         self.max_queued = max_queued or 2 * offloader.top_k
-        self.residuals: list[torch.Tensor | None] = [None] * len(offloader.layers)
+        self.residuals: list[torch.Tensor | None] = [None] * len(offloader.layers)  # r_l [T, H]
+        self.normed: list[torch.Tensor | None] = [None] * len(offloader.layers)  # norm_l(r_l) [T, H], as the model computed it
         self._wanted: dict[int, set[int]] = {}  # target layer -> experts the latest prediction wants
+        self.link_busy = 0.0  # running estimate of the link's busy fraction (ratio-aware admission)
+        self._busy_mark = (0.0, 0.0)  # (perf_counter, engine busy seconds) at the last layer-0 call
         self._hooks = []
         if predictor.needs_residual:
             for i, layer in enumerate(offloader.layers):
                 self._hooks.append(self._residual_hook(layer, i))
 
     def _residual_hook(self, layer, i: int):
-        """r_i [T, H]: the input of the pre-MoE norm, or of the block itself where there is no such norm."""
-        def keep(module, args):
+        """Keep r_i, the input of the pre-MoE norm (and the norm's output, which predictors would otherwise
+        recompute), or of the block itself where there is no such norm."""
+        def keep_normed(module, args, output):
             x = args[0]
             self.residuals[i] = x.reshape(-1, x.shape[-1])
+            self.normed[i] = output.reshape(-1, output.shape[-1])
 
-        module = layer.norm if layer.norm is not None else layer.block
-        return module.register_forward_pre_hook(keep)
+        def keep(module, args):
+            x = args[0]
+            self.residuals[i] = self.normed[i] = x.reshape(-1, x.shape[-1])
+
+        if layer.norm is not None:
+            return layer.norm.register_forward_hook(keep_normed)
+        return layer.block.register_forward_pre_hook(keep)
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -57,37 +69,83 @@ class Prefetcher:
     @torch.no_grad()
     def on_layer(self, layer: int, top_k_index: torch.Tensor, pinned: int) -> None:
         """Called by the offloader at layer `layer` once its `pinned` experts hold slots."""
-        predictions = self.predictor.predict(layer, self.residuals[layer], top_k_index)
+        if layer == 0:
+            self._measure_link()
+        depths, scores = self.predictor.predict_stacked(layer, self.residuals[layer], top_k_index,
+                                                        normed=self.normed[layer])
         self.predictor.observe(layer, top_k_index)
-        targets = {layer + d: self._ranked(scores) for d, scores in predictions.items()}
+        targets = self._ranked(layer, depths, scores) if depths else {}
         self._wanted.pop(layer, None)
         for target, experts in targets.items():
-            for expert in self._wanted.get(target, set()) - set(experts):
+            for expert in self._wanted.get(target, set()).difference(experts):
                 self.offloader.withdraw(target, expert)
             self._wanted[target] = set(experts)
-        if self.refresh:  # farthest target first, so the nearest ends most recent
-            for target in sorted(targets, reverse=True):
-                for expert in targets[target]:
-                    self.offloader.touch(target, expert)
-        queued = self.offloader.queued_prefetches()
+        if self.refresh:
+            for target, experts in targets.items():
+                for expert in experts:
+                    self.offloader.expect(target, expert, target - layer)
+        queued, budget = self.offloader.queued_prefetches(), self._link_budget()
         for target in sorted(targets):  # deadline order
             for expert in targets[target]:
-                if queued >= self.max_queued:
+                if queued >= budget:
                     break
                 queued += self.offloader.prefetch(target, expert, priority=target - layer)
         if layer == len(self.offloader.layers) - 1 and hasattr(self.predictor, "advance"):
             self.predictor.advance(top_k_index.shape[0])
 
-    def _ranked(self, scores: torch.Tensor) -> list[int]:
-        """Experts to bring for one target, most likely first: each token's top `width` experts whose
-        share of the token's scores is at least `min_prob` (union over the batch)."""
-        scores = scores.float().clamp_min(0)
-        probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)  # [T, E]
-        top, order = probs.topk(min(self.width, probs.shape[-1]), dim=-1)  # [T, W]
-        keep = (top >= self.min_prob) & (top > 0)  # an empty prediction stays empty
-        if probs.shape[0] == 1:  # decode, batch 1
-            # one device→host read per target: which copies to issue depends on it
-            return order[0][keep[0]].tolist()
-        best = torch.zeros_like(probs).scatter_(-1, order, top * keep).amax(0)  # [E]
-        ranked = best.argsort(descending=True)
-        return ranked[: int((best > 0).sum())].tolist()
+    def _transfer_ratio(self) -> float:
+        """One expert's transfer time / one layer's compute time, as measured (0 while unknown, or when
+        the engine cannot tell its link's speed)."""
+        link_seconds = getattr(self.offloader.engine, "link_seconds", None)
+        transfer = link_seconds(self.offloader.expert_bytes[0]) if link_seconds else 0.0
+        compute = self.offloader.layer_seconds
+        return transfer / compute if transfer > 0 and compute > 0 else 0.0
+
+    def _measure_link(self) -> None:
+        """Once per forward: the share of the last forward the link spent copying."""
+        now, busy = time.perf_counter(), getattr(self.offloader.engine, "busy_seconds", 0.0)
+        last_now, last_busy = self._busy_mark
+        if last_now and now > last_now:
+            sample = min((busy - last_busy) / (now - last_now), 1.0)
+            self.link_busy = 0.7 * self.link_busy + 0.3 * sample
+        self._busy_mark = (now, busy)
+
+    def _link_budget(self) -> int:
+        """Prefetch copies allowed unfinished: what the link can deliver within the lookahead (a copy that
+        cannot arrive before its deadline delays the demand loads behind it), at least one."""
+        ratio = self._transfer_ratio()
+        if not ratio:
+            return self.max_queued
+        return max(1, min(self.max_queued, int(self.predictor.depth / ratio)))
+
+    def _thresholds(self, depths: list[int], top: torch.Tensor):
+        """Minimum predicted probability per target `[D, 1, 1]` (or a float). Ratio-aware admission: a
+        copy at distance d saves at most min(T, d·C) of stall when right (T = transfer, C = layer compute);
+        when wrong it holds the link for T, which delays other copies about as often as the link is busy
+        (u). It is worth it when p·min(T, dC) > (1 − p)·u·T, i.e. p > uT / (uT + min(T, dC)); never below
+        `min_prob`. An idle link admits freely, a saturated slow link only confident predictions."""
+        ratio, busy = self._transfer_ratio(), self.link_busy
+        floor = max(self.min_prob, 1e-12)  # > 0: an expert with no score is never fetched
+        if not ratio or not busy:
+            return floor
+        need = [max(floor, busy * ratio / (busy * ratio + min(ratio, d))) for d in depths]
+        return torch.tensor(need, dtype=top.dtype, device=top.device).view(-1, 1, 1)
+
+    def _ranked(self, layer: int, depths: list[int], scores: torch.Tensor) -> dict[int, list[int]]:
+        """`scores [D, T, E]` → {target layer: experts to bring, most likely first}: each token's top `width`
+        experts whose share of the token's scores is at least `min_prob` (union over the batch). All targets
+        at once, one device→host read (which copies to issue depends on it)."""
+        if self.predictor.scores_are_probabilities:
+            probs = scores
+        else:
+            scores = scores.float().clamp_min(0)
+            probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)  # [D, T, E]
+        top, order = probs.topk(min(self.width, probs.shape[-1]), dim=-1)  # [D, T, W]
+        keep = top >= self._thresholds(depths, top)  # an empty prediction stays empty
+        if probs.shape[1] == 1:  # decode, batch 1
+            rows = torch.where(keep, order, -1)[:, 0].tolist()  # [D][W]
+        else:
+            best = torch.zeros_like(probs).scatter_(-1, order, top * keep).amax(1)  # [D, E]
+            value, ranked = best.sort(-1, descending=True)
+            rows = torch.where(value > 0, ranked, -1).tolist()
+        return {layer + d: [e for e in row if e >= 0] for d, row in zip(depths, rows)}

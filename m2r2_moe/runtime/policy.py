@@ -1,0 +1,55 @@
+"""The `predictive` eviction policy: evict the resident expert whose estimated next use is farthest.
+
+Time is counted in layer turns: `now = step * L + layer` for the MoE layer `layer` (of L) being computed
+in forward `step`. Every resident expert carries an estimate of the turn it is needed next:
+
+- used at its layer's turn `now`: `now + L`, its layer's next turn (decode routing repeats often);
+- predicted for target layer t from source layer l: `now + (t - l)`, the target's coming turn.
+
+An estimate that is not in the future (`<= now`) is *stale*: its layer's turn came and went without the
+expert (or is happening now without it). Victim choice, O(resident) but only when a slot must be freed:
+1. the stale expert with the oldest estimate (it missed the most turns), else
+2. the expert needed farthest ahead — in a pool that cycles through the layers this is the layer just
+   computed, where plain LRU would evict the next layer's experts, the worst possible choice.
+A prefetch may only displace a stale expert or one needed later than the prefetched one (Belady: never
+replace what is needed sooner with what is needed later).
+
+Only the runtime calls this; the slot manager keeps doing the placement (free slots first) and pins.
+"""
+
+from __future__ import annotations
+
+
+class NextUsePolicy:
+    """Next-use estimates for the resident experts of one offloaded model."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.next_use: dict[int, int] = {}  # resident key -> estimated turn of its next use
+
+    def used(self, key: int, now: int) -> None:
+        """`key` is used at turn `now` (its own layer's turn)."""
+        self.next_use[key] = now + self.num_layers
+
+    def predicted(self, key: int, when: int, now: int) -> None:
+        """At turn `now` a prediction wants `key` at turn `when`; a sooner need already recorded stands."""
+        known = self.next_use.get(key)
+        if known is None or known <= now or known > when:  # unknown, stale or later: the prediction wins
+            self.next_use[key] = when
+
+    def forget(self, key: int) -> None:
+        self.next_use.pop(key, None)
+
+    def victim(self, now: int, pinned, needed_at: int | None = None) -> int:
+        """The key to evict (not in `pinned`), or -1 if none may be: with `needed_at` (a prefetch for that
+        turn) only a stale key or one needed later than `needed_at` qualifies."""
+        best, best_rank = -1, None
+        for key, when in self.next_use.items():
+            if key in pinned:
+                continue
+            rank = (0, when) if when <= now else (1, -when)  # stale first (oldest first), then farthest
+            if best_rank is None or rank < best_rank:
+                best, best_rank = key, rank
+        if best >= 0 and needed_at is not None and best_rank[0] == 1 and -best_rank[1] <= needed_at:
+            return -1  # every candidate is needed no later than the prefetched expert
+        return best

@@ -1,0 +1,92 @@
+"""The `predictive` eviction policy (runtime/policy.py) and the prefetcher's ratio-aware admission.
+
+Invariants: a stale expert (its layer's turn passed without it) goes first, oldest first; otherwise the
+expert needed farthest ahead; pinned experts never; a prefetch never displaces an expert needed sooner
+than the one it brings. Admission: an idle or unknown link admits at `min_prob`; a busy slow link only
+confident predictions, and fewer copies in flight."""
+
+import pytest
+import torch
+
+import m2r2_moe
+from conftest import tiny_mixtral
+from m2r2_moe.runtime.policy import NextUsePolicy
+
+L = 4  # layers
+
+
+def test_stale_oldest_first_then_farthest_next_use():
+    p = NextUsePolicy(L)
+    p.used(10, now=0)  # next use at turn 4
+    p.used(11, now=1)  # turn 5
+    p.used(12, now=2)  # turn 6
+    assert p.victim(now=3, pinned=()) == 12  # none stale: the one needed farthest ahead
+    assert p.victim(now=5, pinned=()) == 10  # 10 missed turn 4 (5 is now, unused): the oldest stale one
+    assert p.victim(now=5, pinned={10, 11}) == 12
+    assert p.victim(now=3, pinned={10, 11, 12}) == -1
+
+
+def test_prediction_keeps_the_sooner_need():
+    p = NextUsePolicy(L)
+    p.used(7, now=0)  # turn 4
+    p.predicted(7, when=2, now=1)
+    assert p.next_use[7] == 2
+    p.predicted(7, when=3, now=1)  # a later wish does not push a sooner one back
+    assert p.next_use[7] == 2
+    p.predicted(7, when=9, now=6)  # but a stale estimate is replaced
+    assert p.next_use[7] == 9
+
+
+def test_a_prefetch_never_displaces_an_expert_needed_sooner():
+    p = NextUsePolicy(L)
+    p.used(1, now=0)  # turn 4
+    p.used(2, now=1)  # turn 5
+    assert p.victim(now=2, pinned=(), needed_at=3) == 2  # needed at 5, later than the prefetched expert
+    assert p.victim(now=2, pinned=(), needed_at=5) == -1  # every candidate is needed no later than it
+    p.used(3, now=1)  # stale by turn 6 ...
+    assert p.victim(now=6, pinned=(), needed_at=7) == 1  # ... stale experts may always go, oldest first
+
+
+def test_predictive_policy_keeps_the_next_layers_experts():
+    """A pool that cycles through the layers: LRU evicts exactly what the next layer needs; the
+    predictive policy evicts the layer just computed. Same routing every token, pool one expert short."""
+    model = tiny_mixtral(layers=4)
+    misses = {}
+    for policy in ("lru", "predictive"):
+        m2r2_moe.offload(model, device="cpu", cache_experts=7, policy=policy)
+        off = m2r2_moe.get_offloader(model)
+        for _ in range(6):
+            for layer in range(4):
+                off.run_experts(layer, torch.randn(1, 64), torch.tensor([[layer, layer + 1]]), torch.full((1, 2), 0.5))
+        misses[policy] = m2r2_moe.stats(model).misses
+        m2r2_moe.remove_offload(model)
+    assert misses["lru"] == 6 * 8  # every use misses
+    assert misses["predictive"] < misses["lru"] / 3
+
+
+def _prefetcher(link_gbps):
+    model = tiny_mixtral(layers=4)
+    m2r2_moe.offload(model, device="cpu", cache_experts=8, predictor="history", lookahead=2, link_gbps=link_gbps)
+    off = m2r2_moe.get_offloader(model)
+    return model, off, off.prefetcher
+
+
+def test_admission_is_free_on_an_idle_or_unknown_link():
+    model, off, pf = _prefetcher(None)
+    off.layer_seconds, pf.link_busy = 1e-3, 1.0
+    assert pf._thresholds([1, 2], torch.zeros(2, 1, 2)) == pytest.approx(pf.min_prob)  # no link emulated
+    assert pf._link_budget() == pf.max_queued
+    m2r2_moe.remove_offload(model)
+
+
+def test_admission_tightens_on_a_busy_slow_link():
+    model, off, pf = _prefetcher(0.001)
+    transfer = off.engine.link_seconds(off.expert_bytes[0])
+    off.layer_seconds = transfer / 8  # link ratio 8
+    pf.link_busy = 0.0
+    assert pf._thresholds([1, 2], torch.zeros(2, 1, 2)) == pytest.approx(pf.min_prob)  # idle link
+    pf.link_busy = 1.0
+    need = pf._thresholds([1, 2], torch.zeros(2, 1, 2)).flatten().tolist()
+    assert need == pytest.approx([8 / 9, 8 / 10])  # p > uT / (uT + min(T, dC))
+    assert pf._link_budget() == 1  # lookahead 2 layers carry a quarter of one copy: one at a time
+    m2r2_moe.remove_offload(model)
