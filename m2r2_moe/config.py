@@ -26,9 +26,10 @@ class OffloadConfig:
             a GPU is present, else `"cpu"`.
         cache_experts: number of expert slots on the device, shared by all MoE layers. Must be at least
             the model's top-k. `None` means half of all experts (at least top-k).
-        policy: slot eviction policy. `"lru"`: least recently used. `"predictive"`: LRU order in which
-            experts predicted for the next layers are refreshed every layer (nearest target last), so the
-            victim is an expert no prediction wants, oldest first. Same as `"lru"` without a predictor.
+        policy: slot eviction policy. `"lru"`: least recently used. `"predictive"`: evict the expert whose
+            estimated next use is farthest (runtime/policy.py): one whose layer's turn passed without it,
+            oldest first, else the layer just computed — not the next layer's experts, which plain LRU
+            evicts in a pool shared by all layers. Predictions mark their experts as needed soon.
         predictor: what drives prefetching: `"none"` (on-demand loading only), `"history"`, `"gate"`
             (next layers' routers on the current residual), `"m2r2"` (accelerated residual adapters), or a
             `m2r2_moe.predict.Predictor` object (e.g. an `OraclePredictor` replaying a recorded trace).
@@ -38,6 +39,9 @@ class OffloadConfig:
         link_gbps: CPU only: emulate a host→device link of this bandwidth in GB/s (10^9 bytes per
             second) so that transfer stalls can be studied without a GPU. `None`: no emulation.
         link_latency_us: CPU only: fixed latency added to every emulated transfer, in microseconds.
+        copy_timeout_s: longest the compute side waits for one expert copy before it raises
+            `CopyTimeoutError` naming the layer and expert (a copy that never lands must not hang a
+            generate). CPU copy engine; CUDA waits happen on the device.
     """
 
     device: str | None = None
@@ -49,6 +53,7 @@ class OffloadConfig:
     pin_memory: bool | None = None
     link_gbps: float | None = None
     link_latency_us: float = 0.0
+    copy_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         _check_device(self.device)
@@ -73,6 +78,8 @@ class OffloadConfig:
             raise OffloadConfigError(f"link_gbps must be a positive number of GB/s, got {self.link_gbps!r}")
         if not (_is_number(self.link_latency_us) and 0 <= self.link_latency_us < math.inf):
             raise OffloadConfigError(f"link_latency_us must be a finite number >= 0, got {self.link_latency_us!r}")
+        if not (_is_number(self.copy_timeout_s) and 0 < self.copy_timeout_s < math.inf):
+            raise OffloadConfigError(f"copy_timeout_s must be a finite number of seconds > 0, got {self.copy_timeout_s!r}")
         if (self.link_gbps is not None or self.link_latency_us) and self.resolved_device().type != "cpu":
             raise OffloadConfigError(
                 "link_gbps / link_latency_us emulate a link on CPU only; on a GPU the real link is used. "

@@ -55,3 +55,11 @@ class DeviceMemoryError(M2R2Error, MemoryError):
 
 class ConcurrentUseError(M2R2Error, RuntimeError):
     """An offloaded model was called from a second thread while a forward of it was running."""
+
+
+class CopyError(M2R2Error, RuntimeError):
+    """A host→device expert copy failed, and so did its retry."""
+
+
+class CopyTimeoutError(CopyError, TimeoutError):
+    """An expert copy did not land within `OffloadConfig.copy_timeout_s`."""

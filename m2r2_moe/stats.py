@@ -17,6 +17,9 @@ class OffloadStats:
     - bytes_to_device: bytes copied host→device (demand loads and prefetches).
     - stall_seconds: time the compute side waited for experts to arrive.
     - tokens: token positions processed (prefill and decode, all sequences of a batch).
+    - failed_copies: copies that failed and were redone as demand loads (outputs unaffected).
+    - predictor_failures: predictors that raised and were switched off (prefetching stops, outputs
+      unaffected).
     """
 
     hits: int = 0
@@ -32,6 +35,8 @@ class OffloadStats:
     prefetches: int = 0
     cancelled_prefetches: int = 0
     wasted_bytes: int = 0
+    failed_copies: int = 0
+    predictor_failures: int = 0
 
     @property
     def expert_uses(self) -> int:
@@ -67,5 +72,7 @@ class OffloadStats:
             ("  wasted (prefetched, unused)", f"{self.wasted_bytes / 1e6:.2f} MB"),
             ("stall", f"{self.stall_seconds * 1e3:.2f} ms"),
         ]
+        rows += [(name, f"{n}") for name, n in (("failed copies (redone)", self.failed_copies),
+                                                  ("predictor failures", self.predictor_failures)) if n]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v:>14}" for k, v in rows)

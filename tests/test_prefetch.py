@@ -21,7 +21,7 @@ class ManualTransfer:
     def ready(self):
         return self.done
 
-    def wait(self):
+    def wait(self, timeout=None):
         self.done = True
         return 0.0
 

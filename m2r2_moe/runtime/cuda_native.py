@@ -47,7 +47,7 @@ class NativeCudaTransfer:
     def ready(self) -> bool:
         return self.event.query()  # cudaEventQuery: never blocks
 
-    def wait(self) -> float:
+    def wait(self, timeout: float | None = None) -> float:
         """Device-side wait: the current (compute) stream stalls until the copy's event; the host does not
         block. The stall is timed with a pair of torch events read later (`drain_stall_seconds`)."""
         if self.event.query():
@@ -76,6 +76,7 @@ class NativeCudaCopyEngine(CudaCopyEngine):
         self.bytes_copied = 0
         self.busy_seconds = 0.0  # not measured without a sync; the profiler times copies with events
         self.pending_stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.fault = None  # test-only hook (runtime/transfer.py)
         self._in_flight: list[NativeCudaTransfer] = []  # holds each copy's buffers until its event completes
 
     def _hold(self, transfers: list[NativeCudaTransfer]) -> None:
@@ -86,6 +87,8 @@ class NativeCudaCopyEngine(CudaCopyEngine):
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
                after=None) -> NativeCudaTransfer:
         """Enqueue `dst.copy_(src)` after `after` (the event guarding the slot's previous tenant)."""
+        if self.fault is not None:
+            self.fault(key, slot, priority)
         nbytes = _check_pair(dst, src)
         event = self._engine.submit(dst.data_ptr(), src.data_ptr(), nbytes, _event_handle(after))
         self.bytes_copied += nbytes

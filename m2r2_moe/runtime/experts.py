@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import DeviceMemoryError
+
 
 class SlotView:
     """Stands in for an experts module: expert tensors are slot-pool views, all else is the module's."""
@@ -37,6 +39,31 @@ class SlotView:
 
     def __getattr__(self, name):  # only called for names not set on the view
         return getattr(self.__dict__["_module"], name)
+
+
+def allocate_pool(num_slots: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The device slot pool `[S, numel]`, or `DeviceMemoryError` saying how much did not fit."""
+    try:
+        return torch.zeros(num_slots, numel, dtype=dtype, device=device)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:  # nothing is installed yet: model untouched
+        if not isinstance(e, MemoryError) and "allocate memory" not in str(e):  # the CPU allocator's words
+            raise
+        size = num_slots * numel * torch.empty(0, dtype=dtype).element_size()
+        raise DeviceMemoryError(
+            f"could not allocate {num_slots} expert slots ({size / 2**30:.2f} GiB) on {device}: {e}. "
+            "Lower cache_experts (or free device memory) and offload again."
+        ) from e
+
+
+def slot_range(slots: list[int]) -> tuple[int, int, int]:
+    """(lo, hi, step) of the smallest strided range of slots covering `slots`: the slots themselves when
+    they are evenly spaced (always so for one or two: top-2 decode), else every slot from lo to hi."""
+    ordered = sorted(slots)
+    lo, hi = ordered[0], ordered[-1]
+    step = ordered[1] - lo if len(ordered) > 1 else 1
+    if any(b - a != step for a, b in zip(ordered, ordered[1:])):
+        step = 1
+    return lo, hi, step
 
 
 def make_offloaded_forward(runtime, layer: int):

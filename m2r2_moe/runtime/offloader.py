@@ -14,13 +14,15 @@ import torch
 from torch import nn
 
 from ..config import OffloadConfig
+from ..errors import CopyError, CopyTimeoutError
 from ..models.base import MoELayer
 from ..stats import OffloadStats
+from . import waves
 from .cache import make_slot_manager
-from .experts import SlotView, make_offloaded_forward
+from .experts import SlotView, allocate_pool, make_offloaded_forward, slot_range
 from .policy import NextUsePolicy
 from .store import ExpertPacking, HostExpertStore
-from .transfer import DEMAND, make_copy_engine
+from .transfer import DEMAND, FailedTransfer, make_copy_engine
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class Offloader:
         self.store = store
         slot_numel = max(p.numel for p in self.packings)
         # zeros, not empty: a kernel may read a never-filled slot in batched_mm's clamped sentinel rows (x 0 weight)
-        self.pool = torch.zeros(num_slots, slot_numel, dtype=dtype, device=self.device)  # [S, numel]
+        self.pool = allocate_pool(num_slots, slot_numel, dtype, self.device)  # [S, numel]
         self.views = [SlotView(layer.experts, p.views(self.pool), num_slots) for layer, p in zip(layers, self.packings)]
         self.kernels = [type(layer.experts).forward for layer in layers]
         # the kernel the model dispatches to (read once: config attribute access is slow in transformers 5)
@@ -151,10 +153,10 @@ class Offloader:
             return torch.zeros_like(hidden_states)
         eager = self._eager[layer]
         if eager and (top_k_index.shape[1] > 2 or len(needed) > self.num_slots):
-            return self._run_eager_in_expert_order(layer, needed, hidden_states, top_k_index, top_k_weights)
+            return waves.run_eager_in_expert_order(self, layer, needed, hidden_states, top_k_index, top_k_weights)
         if len(needed) <= self.num_slots:
-            return self._run_wave(layer, needed, hidden_states, top_k_index, top_k_weights)
-        return self._run_in_waves(layer, needed, hidden_states, top_k_index, top_k_weights)
+            return self.run_wave(layer, needed, hidden_states, top_k_index, top_k_weights)
+        return waves.run_in_waves(self, layer, needed, hidden_states, top_k_index, top_k_weights)
 
     def _time_layer(self, layer: int) -> None:
         """Update `layer_seconds` from the time since the previous layer's call, less its stalls (the
@@ -166,50 +168,7 @@ class Offloader:
             self.layer_seconds = sample if not self.layer_seconds else 0.9 * self.layer_seconds + 0.1 * sample
         self._last_call = (layer, now, stall)
 
-    def _pair_rows(self, layer, needed, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        """`[T*K, H]`: each (token, expert) pair's output with weight 1 (exact: x * 1), computed `num_slots`
-        experts at a time on only the rows of the wave. No sentinel rows: GPT-OSS's eager kernel has no
-        sentinel, and grouped_mm's `histc(min=0, max=S-1)` counts sentinel rows into the group when
-        S = 1 (min = max = 0 means "use the data's range"), which changes the GEMM's rows and its rounding."""
-        top_k = top_k_index.shape[1]
-        pair_hidden = hidden_states.repeat_interleave(top_k, dim=0)  # [T*K, H]
-        pair_index = top_k_index.reshape(-1, 1)  # [T*K, 1]
-        ones = torch.ones_like(top_k_weights).reshape(-1, 1)  # [T*K, 1]
-        rows = torch.empty_like(pair_hidden)
-        for start in range(0, len(needed), self.num_slots):
-            wave = needed[start : start + self.num_slots]
-            rows_of_wave = torch.isin(pair_index[:, 0], torch.tensor(wave, device=pair_index.device))
-            sel = rows_of_wave.nonzero().squeeze(1)  # [n]
-            rows[sel] = self._run_wave(layer, wave, pair_hidden[sel], pair_index[sel], ones[sel])
-        return rows
-
-    def _run_eager_in_expert_order(self, layer, needed, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        """eager adds each expert's weighted rows into the output in the output dtype, expert by expert in
-        ascending id order. On slots that order becomes slot order; once a token has more than two
-        contributions (K > 2, or waves) the rounding would differ. So the pair rows are weighted as the
-        kernel does and added to the output in ascending expert order. Shapes: T tokens, K = top-k, H hidden."""
-        num_tokens, top_k = top_k_index.shape
-        rows = self._pair_rows(layer, needed, hidden_states, top_k_index, top_k_weights)  # [T*K, H]
-        weighted = (rows * top_k_weights.reshape(-1, 1)).to(hidden_states.dtype)  # as the kernel rounds each row
-        weighted = weighted.view(num_tokens, top_k, -1)  # [T, K, H]
-        order = top_k_index.argsort(dim=1)  # [T, K]: a token's experts in ascending id order
-        out = torch.zeros_like(hidden_states)  # [T, H]
-        for j in range(top_k):
-            out += weighted[torch.arange(num_tokens, device=order.device), order[:, j]]
-        return out
-
-    def _run_in_waves(self, layer, needed, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        """More distinct experts than slots (long prefill): compute them `num_slots` at a time.
-
-        grouped_mm / batched_mm sum a token's K weighted expert outputs in fp32 and round once, so the
-        pair rows of all waves are gathered and the weighting and the fp32 sum over K are done as the
-        kernel does them. Shapes: T tokens, K = top-k, H hidden."""
-        num_tokens, top_k = top_k_index.shape
-        rows = self._pair_rows(layer, needed, hidden_states, top_k_index, top_k_weights)  # [T*K, H]
-        weighted = rows * top_k_weights.reshape(-1, 1)  # [T*K, H], promoted like the kernel's weighted_out
-        return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
-
-    def _run_wave(self, layer, wave, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    def run_wave(self, layer, wave, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """Acquire the wave's experts, run the model's kernel on their slots, release. Every expert
         `top_k_index` routes to is in `wave` (callers pass only the wave's rows)."""
         self.stats.waves += 1
@@ -218,7 +177,7 @@ class Offloader:
         self._routing = None
         try:
             # the kernel sees as few slots as possible: its per-expert loop (grouped_mm) costs per slot seen
-            lo, hi, step = _window(slots)
+            lo, hi, step = slot_range(slots)
             view = self.views[layer].window(lo, hi, step)
             table = [view.num_experts] * self.num_experts[layer]  # expert id -> view index (out of range elsewhere)
             for expert, slot in zip(wave, slots):
@@ -252,25 +211,30 @@ class Offloader:
                 if evicted >= 0:
                     self._evicted(evicted)
                 if hit:
-                    self._classify_hit(key, waits)
+                    self._classify_hit(layer, expert, key, slot, waits)
                     continue
                 self.stats.misses += 1
                 waits.append(self._copy(layer, expert, key, slot, DEMAND))
-            if top_k_index is not None:  # once per layer call
-                if self.prefetcher is not None:
-                    self.prefetcher.on_layer(layer, top_k_index, pinned=len(wave))
+            if top_k_index is not None and self.prefetcher is not None:  # once per layer call
+                self._look_ahead(layer, top_k_index, len(wave))
             for transfer in waits:
-                self.stats.stall_seconds += transfer.wait()
+                self.stats.stall_seconds += self._wait(layer, transfer)
         except BaseException:
             for key in keys[: len(slots)]:
                 self._forget(key)
             raise
         return slots
 
-    def _classify_hit(self, key: int, waits: list) -> None:
+    def _classify_hit(self, layer: int, expert: int, key: int, slot: int, waits: list) -> None:
         transfer = self._prefetched.pop(key, None)
         if transfer is None:
             self.stats.hits += 1
+        elif getattr(transfer, "error", None) is not None:  # the prefetch failed: a demand load after all
+            self.stats.misses += 1
+            self.stats.failed_copies += 1
+            logger.warning("prefetch of layer %d expert %d failed (%r); loading it on demand", layer, expert,
+                           transfer.error)
+            waits.append(self._copy(layer, expert, key, slot, DEMAND))
         elif transfer.ready():
             self.stats.prefetch_hits += 1
         else:
@@ -281,11 +245,50 @@ class Offloader:
             waits.append(transfer)
 
     def _copy(self, layer: int, expert: int, key: int, slot: int, priority: int):
+        """Queue the copy of an expert into its slot. A submission that raises gives a `FailedTransfer`,
+        handled like a copy that failed on the link (a failed prefetch is redone on demand, a failed
+        demand load once more)."""
         src = self.store.expert(layer, expert)
-        transfer = self.engine.submit(key, slot, self.pool[slot, : src.numel()], src, priority,
-                                      after=self._slot_free[slot])
+        try:
+            transfer = self.engine.submit(key, slot, self.pool[slot, : src.numel()], src, priority,
+                                          after=self._slot_free[slot])
+        except Exception as e:  # noqa: BLE001 — reported where the copy is waited for
+            return FailedTransfer(key, slot, src.numel() * src.element_size(), priority, e)
         self.stats.bytes_to_device += transfer.nbytes
         return transfer
+
+    def _wait(self, layer: int, transfer) -> float:
+        """Wait for a copy of this layer's wave: host seconds waited. A failed copy is redone once as a
+        demand load; a second failure, or a copy that does not land within `copy_timeout_s`, raises an
+        error naming the layer and expert (the wave's slots are then dropped by `_acquire`)."""
+        expert, timeout = transfer.key - layer * self.key_stride, self.config.copy_timeout_s
+        try:
+            try:
+                return transfer.wait(timeout)
+            except CopyError as first:
+                self.stats.failed_copies += 1
+                logger.warning("copy of layer %d expert %d failed (%s); retrying", layer, expert, first)
+                return self._copy(layer, expert, transfer.key, transfer.slot, DEMAND).wait(timeout)
+        except CopyError as e:
+            raise CopyError(f"layer {layer} expert {expert}: the copy into slot {transfer.slot} failed twice "
+                            f"({e}); the model is unchanged, generate again once the cause is fixed") from e
+        except TimeoutError as e:
+            raise CopyTimeoutError(
+                f"layer {layer} expert {expert}: its copy into slot {transfer.slot} did not land within "
+                f"copy_timeout_s={timeout} s; the copy engine is stuck or the link far slower than expected"
+            ) from e
+
+    def _look_ahead(self, layer: int, top_k_index: torch.Tensor, pinned: int) -> None:
+        """Let the prefetcher predict and issue copies. A predictor that raises is switched off with one
+        warning (prefetching only ever changes speed, never outputs) and counted in the stats."""
+        try:
+            self.prefetcher.on_layer(layer, top_k_index, pinned=pinned)
+        except Exception as e:  # noqa: BLE001 — any predictor bug: fall back to on-demand loading
+            name = self.prefetcher.predictor.name
+            self.stats.predictor_failures += 1
+            self.attach_predictor(None)
+            logger.warning("predictor %r raised at layer %d (%r); prefetching is off for this model from now "
+                           "on, outputs are unaffected", name, layer, e)
 
     def prefetch(self, layer: int, expert: int, priority: int) -> bool:
         """Start bringing `expert` of MoE layer `layer` in, if it is neither resident nor in flight.
@@ -359,7 +362,7 @@ class Offloader:
         if self.policy is not None:
             self.policy.forget(key)
         transfer = self._prefetched.pop(key, None)
-        if transfer is None:
+        if transfer is None or getattr(transfer, "error", None) is not None:  # nothing, or nothing useful, landed
             return
         cancel = getattr(self.engine, "cancel", None)
         if cancel is not None and not transfer.ready() and cancel(transfer):
@@ -380,17 +383,6 @@ class Offloader:
     def reset_stats(self) -> None:
         self.stats = OffloadStats()
         self.slots.reset_counters()
-
-
-def _window(slots: list[int]) -> tuple[int, int, int]:
-    """(lo, hi, step) of the smallest strided range of slots covering `slots`: the slots themselves when
-    they are evenly spaced (always so for one or two: top-2 decode), else every slot from lo to hi."""
-    ordered = sorted(slots)
-    lo, hi = ordered[0], ordered[-1]
-    step = ordered[1] - lo if len(ordered) > 1 else 1
-    if any(b - a != step for a, b in zip(ordered, ordered[1:])):
-        step = 1
-    return lo, hi, step
 
 
 def _packing(layer: MoELayer) -> ExpertPacking:

@@ -7,8 +7,12 @@
   so transfer/compute overlap and stalls can be studied without a GPU. Demand loads jump the queue ahead
   of prefetches.
 
-A `Transfer` is the handle of one in-flight copy: `ready()` never blocks; `wait()` makes the compute side
-wait for it and returns the host seconds spent waiting (0 on CUDA, where the wait is on the device).
+A `Transfer` is the handle of one in-flight copy: `ready()` never blocks; `wait(timeout)` makes the compute
+side wait for it and returns the host seconds spent waiting (0 on CUDA, where the wait is on the device);
+it raises `CopyError` when the copy failed and `TimeoutError` when it did not land in time.
+
+Both engines have a test-only fault hook: `engine.fault = fn(key, slot, priority)` runs before each copy
+(on the worker thread on CPU, in `submit` on CUDA); raising fails that copy, sleeping slows it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import threading
 import time
 
 import torch
+
+from ..errors import CopyError
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +49,28 @@ class Transfer:
     def ready(self) -> bool:
         return self._done.is_set()
 
-    def wait(self) -> float:
+    def wait(self, timeout: float | None = None) -> float:
         start = time.perf_counter()
-        self._done.wait()
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"copy of expert key {self.key} into slot {self.slot} did not land in {timeout} s")
         if self.error is not None:
-            raise RuntimeError(f"copy of expert key {self.key} into slot {self.slot} failed") from self.error
+            raise CopyError(f"copy of expert key {self.key} into slot {self.slot} failed: {self.error!r}") from self.error
         return time.perf_counter() - start
+
+
+class FailedTransfer:
+    """A copy whose submission raised: ready at once, its wait raises `CopyError` (so it is redone)."""
+
+    __slots__ = ("key", "slot", "nbytes", "priority", "error")
+
+    def __init__(self, key: int, slot: int, nbytes: int, priority: int, error: BaseException):
+        self.key, self.slot, self.nbytes, self.priority, self.error = key, slot, nbytes, priority, error
+
+    def ready(self) -> bool:
+        return True
+
+    def wait(self, timeout: float | None = None) -> float:
+        raise CopyError(f"copy of expert key {self.key} into slot {self.slot} failed: {self.error!r}") from self.error
 
 
 class ThreadCopyEngine:
@@ -65,6 +87,7 @@ class ThreadCopyEngine:
         self._closed = False
         self._link_free_at = 0.0
         self._args: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fault = None  # test-only hook, see the module docstring
         self._worker = threading.Thread(target=self._run, name="m2r2-copy", daemon=True)
         self._worker.start()
 
@@ -137,6 +160,8 @@ class ThreadCopyEngine:
     def _copy(self, transfer: Transfer, dst: torch.Tensor, src: torch.Tensor) -> None:
         start = time.perf_counter()
         try:
+            if self.fault is not None:
+                self.fault(transfer.key, transfer.slot, transfer.priority)
             dst.copy_(src)
         except BaseException as e:  # reported to the waiter, never lost in the thread
             transfer.error = e
@@ -166,7 +191,7 @@ class CudaTransfer:
     def ready(self) -> bool:
         return self.event.query()  # non-blocking poll
 
-    def wait(self) -> float:
+    def wait(self, timeout: float | None = None) -> float:
         """Device-side wait: the compute stream stalls until the copy's event; the host does not block.
         The stall is timed with a pair of events read later (`drain_stall_seconds`), never synchronously."""
         if self.event.query():
@@ -189,9 +214,12 @@ class CudaCopyEngine:
         self.bytes_copied = 0
         self.busy_seconds = 0.0  # not measured on CUDA without a sync; the profiler times copies with events
         self.pending_stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.fault = None  # test-only hook, see the module docstring
 
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
                after: torch.cuda.Event | None = None) -> CudaTransfer:
+        if self.fault is not None:
+            self.fault(key, slot, priority)
         event = torch.cuda.Event()
         with torch.cuda.stream(self.stream):
             if after is not None:
