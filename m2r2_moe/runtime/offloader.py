@@ -53,8 +53,9 @@ class Offloader:
         self.views = [SlotView(layer.experts, p.views(self.pool), num_slots) for layer, p in zip(layers, self.packings)]
         self.kernels = [type(layer.experts).forward for layer in layers]
         # the kernel the model dispatches to (read once: config attribute access is slow in transformers 5)
-        self._eager = [getattr(layer.experts, "config", None) is not None
-                       and layer.experts.config._experts_implementation == "eager" for layer in layers]
+        self.kernel_names = [getattr(getattr(layer.experts, "config", None), "_experts_implementation", None)
+                             for layer in layers]
+        self._eager = [name == "eager" for name in self.kernel_names]
         self.slots = make_slot_manager(num_slots)
         self.engine = make_copy_engine(self.device, config.link_gbps, config.link_latency_us)
         self.stats = OffloadStats()

@@ -17,11 +17,17 @@ def pair_rows(runtime, layer, needed, hidden_states, top_k_index, top_k_weights)
     pair_index = top_k_index.reshape(-1, 1)  # [T*K, 1]
     ones = torch.ones_like(top_k_weights).reshape(-1, 1)  # [T*K, 1]
     rows = torch.empty_like(pair_hidden)
+    batched = runtime.kernel_names[layer] == "batched_mm"
     for start in range(0, len(needed), runtime.num_slots):
         wave = needed[start : start + runtime.num_slots]
         rows_of_wave = torch.isin(pair_index[:, 0], torch.tensor(wave, device=pair_index.device))
         sel = rows_of_wave.nonzero().squeeze(1)  # [n]
-        rows[sel] = runtime.run_wave(layer, wave, pair_hidden[sel], pair_index[sel], ones[sel])
+        # batched_mm runs one bmm over the rows: with a batch of one it rounds differently from the same row
+        # in the model's larger batch, so a lone row is computed twice and the first copy kept
+        pad = batched and len(sel) == 1 < len(pair_index)
+        take = sel.repeat(2) if pad else sel
+        out = runtime.run_wave(layer, wave, pair_hidden[take], pair_index[take], ones[take])
+        rows[sel] = out[:1] if pad else out
     return rows
 
 
