@@ -12,6 +12,11 @@ from .config import OffloadConfig, OffloadConfigError
 from .errors import (
     AlreadyOffloadedError,
     CacheFullError,
+    ConcurrentUseError,
+    CopyError,
+    CopyTimeoutError,
+    DeviceMemoryError,
+    HostMemoryError,
     M2R2Error,
     NotOffloadedError,
     SlotStateError,
@@ -41,4 +46,9 @@ __all__ = [
     "NotOffloadedError",
     "CacheFullError",
     "SlotStateError",
+    "ConcurrentUseError",
+    "CopyError",
+    "CopyTimeoutError",
+    "DeviceMemoryError",
+    "HostMemoryError",
 ]
