@@ -212,8 +212,10 @@ def test_profile_tool_json_fields(tmp_path, monkeypatch):
     runs = json.loads(out.read_text())["runs"]
     fields = {"predictor", "link_ratio", "cache_experts", "policy", "tokens", "time_per_token_s", "limit_per_token_s",
               "stall_s_per_token", "hits", "prefetch_hits", "late_prefetches", "misses", "bytes_to_device",
-              "wasted_bytes", "tokens_identical"}
+              "wasted_bytes", "tokens_identical", "share_of_gain", "stall_removed"}
     assert len(runs) == 3 and all(fields <= set(r) for r in runs)
+    none = next(r for r in runs if r["predictor"] == "none")
+    assert none["speedup_vs_none"] == 1.0 and none["stall_removed"] in (None, 0.0)
     assert all(r["tokens_identical"] for r in runs) and code == 0
     trace = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
     assert any(e.get("tid") == 1 and e["ph"] == "X" for e in trace)

@@ -125,13 +125,17 @@ def _merge(name, ratio, cache, policy, per_prompt, limits, gbps, decode_tokens) 
 
 
 def _share_of_gain(runs: list[dict]) -> None:
-    """(T_none - T_run) / (T_none - T_limit) against the `none` run of the same regime, cache and policy."""
+    """(T_none - T_run) / (T_none - T_limit) against the `none` run of the same regime, cache and policy;
+    and the share of `none`'s stall the run removed."""
     base = {(r["link_ratio"], r["cache_experts"], r["policy"]): r for r in runs if r["predictor"] == "none"}
     for r in runs:
         b = base.get((r["link_ratio"], r["cache_experts"], r["policy"]))
         gap = None if b is None else b["time_per_token_s"] - r["limit_per_token_s"]
         r["speedup_vs_none"] = None if b is None else b["time_per_token_s"] / r["time_per_token_s"]
         r["share_of_gain"] = None if not gap or gap <= 0 else (b["time_per_token_s"] - r["time_per_token_s"]) / gap
+        # the part of the gap that is waiting for copies (the rest is the runtime's own cost per token)
+        stall = None if b is None else b["stall_s_per_token"]
+        r["stall_removed"] = None if not stall else (stall - r["stall_s_per_token"]) / stall
 
 
 def _outputs(args, runs, recorders, refs, ratios, caches, total) -> None:
