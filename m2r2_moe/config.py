@@ -11,6 +11,8 @@ import torch
 
 PREDICTORS = ("none", "history", "gate", "m2r2")  # "oracle" needs a trace: pass an OraclePredictor object
 POLICIES = ("lru", "predictive")
+MIN_LINK_GBPS = 1e-3  # an emulated link slower than 1 MB/s would stall for minutes per expert
+MAX_LINK_LATENCY_US = 1e6
 
 
 class OffloadConfigError(ValueError):
@@ -74,10 +76,13 @@ class OffloadConfig:
             raise OffloadConfigError(f"lookahead must be an integer >= 1, got {self.lookahead!r}")
         if not any(self.pin_memory is v for v in (None, True, False)):  # `is`: 1 == True would slip through
             raise OffloadConfigError(f"pin_memory must be True, False or None, got {self.pin_memory!r}")
-        if self.link_gbps is not None and not (_is_number(self.link_gbps) and self.link_gbps > 0):
-            raise OffloadConfigError(f"link_gbps must be a positive number of GB/s, got {self.link_gbps!r}")
-        if not (_is_number(self.link_latency_us) and 0 <= self.link_latency_us < math.inf):
-            raise OffloadConfigError(f"link_latency_us must be a finite number >= 0, got {self.link_latency_us!r}")
+        # bounded: an emulated copy sleeps latency + bytes / bandwidth, and an absurd value is a hang, not a link
+        if self.link_gbps is not None and not (_is_number(self.link_gbps) and self.link_gbps >= MIN_LINK_GBPS):
+            raise OffloadConfigError(f"link_gbps must be a positive number of GB/s, at least {MIN_LINK_GBPS} (1 MB/s); "
+                                     f"got {self.link_gbps!r}")
+        if not (_is_number(self.link_latency_us) and 0 <= self.link_latency_us <= MAX_LINK_LATENCY_US):
+            raise OffloadConfigError(f"link_latency_us must be a number of microseconds in "
+                                     f"[0, {MAX_LINK_LATENCY_US:g}] (1 s), got {self.link_latency_us!r}")
         if not (_is_number(self.copy_timeout_s) and 0 < self.copy_timeout_s < math.inf):
             raise OffloadConfigError(f"copy_timeout_s must be a finite number of seconds > 0, got {self.copy_timeout_s!r}")
         if (self.link_gbps is not None or self.link_latency_us) and self.resolved_device().type != "cpu":
