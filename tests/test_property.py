@@ -39,7 +39,7 @@ from conftest import same_weights, snapshot
 from m2r2_moe.models import find_moe_layers
 from m2r2_moe.predict import AcceleratorAdapters, model_fingerprint
 
-EXAMPLES = 40
+EXAMPLES = 120
 NEW_TOKENS = 4
 COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
