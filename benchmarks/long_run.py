@@ -28,6 +28,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import m2r2_moe  # noqa: E402
 from _report import append_section, markdown_table  # noqa: E402
+from m2r2_moe.corpus import split_files, token_stream  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
 
 CONTAINERS = (dict, list, set, deque, tuple)
@@ -136,9 +137,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = m2r2_moe.load_builtin()
     experts = sum(int(layer.experts.num_experts) for layer in find_moe_layers(model)[1])
-    text = Path(m2r2_moe.__file__).read_text()
-    prompts = [tokenizer(text[i * 2000 : i * 2000 + 400], return_tensors="pt").input_ids[:, :64]
-               for i in range(args.sequences)]
+    stream = token_stream(tokenizer, split_files("heldout"), max_tokens=64 * 50 * args.sequences)
+    prompts = [stream[i * 64 * 50 : i * 64 * 50 + 64].unsqueeze(0) for i in range(args.sequences)]  # held-out text
     link = args.link_gbps if args.device == "cpu" else None
     monitor, stats = run(model, prompts, args.new_tokens, args.every, device=args.device,
                          cache_experts=experts // 2, predictor=args.predictor, link_gbps=link)
