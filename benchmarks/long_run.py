@@ -110,7 +110,8 @@ def run(model, prompts: list[torch.Tensor], new_tokens: int, every: int, **offlo
 def _table(samples: list[dict], stride: int) -> str:
     rows, previous = [], None
     for s in samples:
-        if previous is not None and s is not samples[-1] and s["tokens"] % stride:
+        repeated = previous is not None and s["tokens"] == previous["tokens"]
+        if repeated or previous is not None and s is not samples[-1] and s["tokens"] % stride:
             continue
         rate = "" if previous is None or s["seconds"] == previous["seconds"] else \
             f"{(s['tokens'] - previous['tokens']) / (s['seconds'] - previous['seconds']):.1f}"
