@@ -10,6 +10,8 @@ import time
 import torch
 
 from . import api
+from .config import OffloadConfigError
+from .errors import M2R2Error
 from .models import find_moe_layers
 
 
@@ -107,7 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (M2R2Error, OffloadConfigError, FileNotFoundError) as e:  # the user's input: one line, not a traceback
+        if args.verbose:
+            raise
+        print(f"m2r2-moe {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

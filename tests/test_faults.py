@@ -144,3 +144,21 @@ def test_a_slot_pool_that_does_not_fit_is_a_clear_error(monkeypatch):
     monkeypatch.undo()
     assert not m2r2_moe.is_offloaded(model)
     assert all(p is params[n] for n, p in model.named_parameters()) and same_weights(model, snap)
+
+
+def test_the_copy_worker_survives_anything_a_copy_raises():
+    """An error in the worker's link emulation (here an absurd link: time.sleep overflows) is the copy's
+    error, reported to its waiter at once; the worker lives on for the next copy."""
+    from m2r2_moe.runtime.transfer import ThreadCopyEngine
+
+    engine = ThreadCopyEngine(link_gbps=1e-300)  # OffloadConfig refuses such a link; the engine must not die of it
+    try:
+        dst, src = torch.zeros(4), torch.ones(4)
+        with pytest.raises(CopyError, match="OverflowError"):
+            engine.submit(0, 0, dst, src).wait(timeout=10)
+        assert engine._worker.is_alive()
+        engine.bytes_per_s = None  # a sane link again
+        engine.submit(1, 0, dst, src).wait(timeout=10)
+        assert torch.equal(dst, src)
+    finally:
+        engine.close()

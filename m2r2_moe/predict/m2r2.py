@@ -104,6 +104,8 @@ class AcceleratorAdapters(nn.Module):
     def load(cls, path: str | Path, fingerprint: str | None = None) -> "AcceleratorAdapters":
         """Load adapters; with `fingerprint`, refuse a file trained for another model."""
         path = Path(path)
+        if path.is_dir():
+            raise AdapterFileError(f"{path} is a folder; pass the adapters .safetensors file inside it")
         if not path.is_file():
             raise AdapterFileError(f"adapters file {path} does not exist; train one with `m2r2-moe train-adapters`")
         try:

@@ -158,25 +158,27 @@ class ThreadCopyEngine:
             self._copy(transfer, dst, src)
 
     def _copy(self, transfer: Transfer, dst: torch.Tensor, src: torch.Tensor) -> None:
-        start = time.perf_counter()
+        """Copy, then hold the emulated link; whatever raises is reported to the waiter, and the transfer is
+        always marked done: the worker never dies and never leaves a waiter hanging."""
+        start = transfer.started_at = time.perf_counter()
         try:
             if self.fault is not None:
                 self.fault(transfer.key, transfer.slot, transfer.priority)
             dst.copy_(src)
-        except BaseException as e:  # reported to the waiter, never lost in the thread
+            if self.bytes_per_s is not None:
+                # Serial link: this transfer starts when the link is free and occupies it for its duration.
+                transfer.started_at = max(start, self._link_free_at)
+                self._link_free_at = transfer.started_at + self.link_seconds(transfer.nbytes)
+                delay = self._link_free_at - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            self.bytes_copied += transfer.nbytes
+        except BaseException as e:  # noqa: BLE001 — reported to the waiter, never lost in the thread
             transfer.error = e
-        transfer.started_at = start
-        if self.bytes_per_s is not None:
-            # Serial link: this transfer starts when the link is free and occupies it for its duration.
-            transfer.started_at = max(start, self._link_free_at)
-            self._link_free_at = transfer.started_at + self.link_seconds(transfer.nbytes)
-            delay = self._link_free_at - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-        end = transfer.finished_at = time.perf_counter()
-        self.busy_seconds += end - start
-        self.bytes_copied += transfer.nbytes
-        transfer._done.set()
+        finally:
+            end = transfer.finished_at = time.perf_counter()
+            self.busy_seconds += end - start
+            transfer._done.set()
 
 
 class CudaTransfer:
