@@ -74,19 +74,22 @@ def _prefetcher(link_gbps):
 def test_admission_is_free_on_an_idle_or_unknown_link():
     model, off, pf = _prefetcher(None)
     off.layer_seconds, pf.link_busy = 1e-3, 1.0
-    assert pf._thresholds([1, 2], torch.zeros(2, 1, 2)) == pytest.approx(pf.min_prob)  # no link emulated
-    assert pf._link_budget() == pf.max_queued
+    assert pf._transfer_ratio() == 0.0  # no link emulated: unknown
+    assert pf._thresholds([1, 2], torch.zeros(2, 1, 2), 0.0) == pytest.approx(pf.min_prob)
+    assert pf._link_budget(0.0) == pf.max_queued
     m2r2_moe.remove_offload(model)
 
 
 def test_admission_tightens_on_a_busy_slow_link():
     model, off, pf = _prefetcher(0.001)
     transfer = off.engine.link_seconds(off.expert_bytes[0])
-    off.layer_seconds = transfer / 8  # link ratio 8
+    off.layer_seconds = transfer / 8
+    ratio = pf._transfer_ratio()
+    assert ratio == pytest.approx(8)
     pf.link_busy = 0.0
-    assert pf._thresholds([1, 2], torch.zeros(2, 1, 2)) == pytest.approx(pf.min_prob)  # idle link
+    assert pf._thresholds([1, 2], torch.zeros(2, 1, 2), ratio) == pytest.approx(pf.min_prob)  # idle link
     pf.link_busy = 1.0
-    need = pf._thresholds([1, 2], torch.zeros(2, 1, 2)).flatten().tolist()
+    need = pf._thresholds([1, 2], torch.zeros(2, 1, 2), ratio).flatten().tolist()
     assert need == pytest.approx([8 / 9, 8 / 10])  # p > uT / (uT + min(T, dC))
-    assert pf._link_budget() == 1  # lookahead 2 layers carry a quarter of one copy: one at a time
+    assert pf._link_budget(ratio) == 1  # lookahead 2 layers carry a quarter of one copy: one at a time
     m2r2_moe.remove_offload(model)

@@ -56,6 +56,11 @@ def model_fingerprint(model: nn.Module, layers: list[MoELayer]) -> str:
     return h.hexdigest()[:32]
 
 
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """`t` as float32 (no op dispatched when it already is: this runs per layer per token)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 class AcceleratorAdapters(nn.Module):
     """Low-rank adapters `A_{l,d}` for every source layer l and rate d = 1..depth."""
 
@@ -164,13 +169,14 @@ class M2R2Predictor(GatePredictor):
         routing features as a row gather instead of a multi-hot product, up-projection fused with the bias
         and the residual. Same arithmetic up to float summation order."""
         u_normed, u_route, v, b = self._fused[layer]
-        z = normed.float() @ u_normed  # [T, D*R]
+        z = _float(normed) @ u_normed  # [T, D*R]
         if self.adapters.route_features:
             if chosen is None:
                 raise ValueError("these adapters take the source layer's expert choice: pass chosen [T, K]")
-            z = z + u_route[chosen.long()].sum(1)  # the multi-hot's product: a sum of the chosen rows
+            z = z + u_route[chosen if chosen.dtype == torch.long else chosen.long()].sum(1)  # the multi-hot's product: a sum of the chosen rows
         z = z.view(z.shape[0], v.shape[0], -1).transpose(0, 1)  # [D, T, R]
-        return torch.baddbmm(residual.float() + b, z, v).to(residual.dtype)  # [D, T, H]
+        out = torch.baddbmm(_float(residual) + b, z, v)  # [D, T, H]
+        return out if out.dtype == residual.dtype else out.to(residual.dtype)
 
     def accelerate(self, layer: int, depth: int, residual: torch.Tensor, chosen: torch.Tensor | None = None,
                    ) -> torch.Tensor:

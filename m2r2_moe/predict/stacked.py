@@ -21,9 +21,18 @@ class StackedRouting:
         self.norm_weight = norm_weight  # [D, 1, H]
         self.eps = eps  # [D, 1, 1]
         self.router_weight_t = router_weight.transpose(1, 2)  # [D, H, E]
+        # float32 models: the norm's weight folded into the router (diag(g) W^T), and one eps for all targets
+        # when they share it, so that scoring is three ops: a fused rms_norm, one bmm, the softmax
+        self.folded = None
+        if router_weight.dtype == torch.float32 and len(set(eps.flatten().tolist())) == 1:
+            self.folded = (norm_weight.transpose(1, 2) * self.router_weight_t, float(eps.flatten()[0]))  # [D, H, E]
 
     def scores(self, residuals: torch.Tensor) -> torch.Tensor:
         """`residuals [D, T, H]` (model dtype) → softmax scores `[D, T, E]` float32, as the reference."""
+        if self.folded is not None and residuals.dtype == torch.float32:
+            weight_t, eps = self.folded
+            x = torch.nn.functional.rms_norm(residuals, residuals.shape[-1:], eps=eps)
+            return torch.softmax(torch.bmm(x, weight_t), dim=-1)
         x = residuals.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         normed = self.norm_weight * x.to(residuals.dtype)

@@ -44,6 +44,7 @@ class Offloader:
         if any(p.dtype != dtype for p in self.packings):
             raise TypeError("all MoE layers must keep their experts in one dtype")
         self.num_slots = num_slots
+        self.expert_bytes = [p.nbytes for p in self.packings]  # bytes one expert transfer moves, per layer
         if store is None:  # else a pre-built store with HostExpertStore's interface (from_pretrained's disk tier)
             store = HostExpertStore(self.packings, self.num_experts, config.resolved_pin_memory())
         self.store = store
@@ -72,10 +73,6 @@ class Offloader:
         self.top_k = adapter.top_k(model)  # sizes predicted sets
         self.prefetcher = None  # set by attach_predictor
 
-    @property
-    def expert_bytes(self) -> list[int]:
-        """Bytes one expert transfer moves, per layer."""
-        return [p.nbytes for p in self.packings]
 
     # -- installing and removing -----------------------------------------------------------------
     def install(self, model: nn.Module, fill_store=None) -> None:

@@ -74,7 +74,8 @@ class Prefetcher:
         depths, scores = self.predictor.predict_stacked(layer, self.residuals[layer], top_k_index,
                                                         normed=self.normed[layer])
         self.predictor.observe(layer, top_k_index)
-        targets = self._ranked(layer, depths, scores) if depths else {}
+        ratio = self._transfer_ratio()
+        targets = self._ranked(layer, depths, scores, ratio) if depths else {}
         self._wanted.pop(layer, None)
         for target, experts in targets.items():
             for expert in self._wanted.get(target, set()).difference(experts):
@@ -84,7 +85,7 @@ class Prefetcher:
             for target, experts in targets.items():
                 for expert in experts:
                     self.offloader.expect(target, expert, target - layer)
-        queued, budget = self.offloader.queued_prefetches(), self._link_budget()
+        queued, budget = self.offloader.queued_prefetches(), self._link_budget(ratio)
         for target in sorted(targets):  # deadline order
             for expert in targets[target]:
                 if queued >= budget:
@@ -110,28 +111,28 @@ class Prefetcher:
             self.link_busy = 0.7 * self.link_busy + 0.3 * sample
         self._busy_mark = (now, busy)
 
-    def _link_budget(self) -> int:
+    def _link_budget(self, ratio: float) -> int:
         """Prefetch copies allowed unfinished: what the link can deliver within the lookahead (a copy that
-        cannot arrive before its deadline delays the demand loads behind it), at least one."""
-        ratio = self._transfer_ratio()
+        cannot arrive before its deadline delays the demand loads behind it), at least one. `ratio`: see
+        `_transfer_ratio`."""
         if not ratio:
             return self.max_queued
         return max(1, min(self.max_queued, int(self.predictor.depth / ratio)))
 
-    def _thresholds(self, depths: list[int], top: torch.Tensor):
+    def _thresholds(self, depths: list[int], top: torch.Tensor, ratio: float):
         """Minimum predicted probability per target `[D, 1, 1]` (or a float). Ratio-aware admission: a
         copy at distance d saves at most min(T, d·C) of stall when right (T = transfer, C = layer compute);
         when wrong it holds the link for T, which delays other copies about as often as the link is busy
         (u). It is worth it when p·min(T, dC) > (1 − p)·u·T, i.e. p > uT / (uT + min(T, dC)); never below
         `min_prob`. An idle link admits freely, a saturated slow link only confident predictions."""
-        ratio, busy = self._transfer_ratio(), self.link_busy
+        busy = self.link_busy
         floor = max(self.min_prob, 1e-12)  # > 0: an expert with no score is never fetched
         if not ratio or not busy:
             return floor
         need = [max(floor, busy * ratio / (busy * ratio + min(ratio, d))) for d in depths]
         return torch.tensor(need, dtype=top.dtype, device=top.device).view(-1, 1, 1)
 
-    def _ranked(self, layer: int, depths: list[int], scores: torch.Tensor) -> dict[int, list[int]]:
+    def _ranked(self, layer: int, depths: list[int], scores: torch.Tensor, ratio: float) -> dict[int, list[int]]:
         """`scores [D, T, E]` → {target layer: experts to bring, most likely first}: each token's top `width`
         experts whose share of the token's scores is at least `min_prob` (union over the batch). All targets
         at once, one device→host read (which copies to issue depends on it)."""
@@ -141,7 +142,7 @@ class Prefetcher:
             scores = scores.float().clamp_min(0)
             probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)  # [D, T, E]
         top, order = probs.topk(min(self.width, probs.shape[-1]), dim=-1)  # [D, T, W]
-        keep = top >= self._thresholds(depths, top)  # an empty prediction stays empty
+        keep = top >= self._thresholds(depths, top, ratio)  # an empty prediction stays empty
         if probs.shape[1] == 1:  # decode, batch 1
             rows = torch.where(keep, order, -1)[:, 0].tolist()  # [D][W]
         else:
