@@ -1,8 +1,9 @@
 """All-hit decode overhead: offloaded model with a cache that holds every expert vs the original model.
 
 Side by side in one run, interleaved rounds, medians; plus the runtime's own bookkeeping time per MoE
-layer (time in `run_experts` minus time in the experts kernel it calls). Prints a table and appends it
-to BENCHMARKS.md.
+layer (time in `run_experts` minus time in the experts kernel it calls), and the same all-hit decode with
+the stall profiler's recorder attached (what leaving it on costs). Prints a table and appends it to
+BENCHMARKS.md.
 
     python benchmarks/overhead.py [--model builtin|random|PATH] [--tokens 64] [--rounds 5]
 """
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import m2r2_moe  # noqa: E402
 from _report import append_section, markdown_table  # noqa: E402
 from m2r2_moe.cli import _load  # noqa: E402
+from m2r2_moe.profile import Recorder  # noqa: E402
 
 
 def decode_seconds(model, ids, tokens: int) -> float:
@@ -75,26 +77,31 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = _load(args.model, torch.float32)
     ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    plain, offloaded, timers = [], [], []
+    plain, offloaded, recorded, timers = [], [], [], []
     for _ in range(args.rounds):
         plain.append(decode_seconds(model, ids, args.tokens))
         m2r2_moe.offload(model, device="cpu", cache_experts=10**9)  # every expert fits
         decode_seconds(model, ids, args.tokens)  # warm: the same greedy run loads every expert it uses
         m2r2_moe.reset_stats(model)
         offloader = m2r2_moe.get_offloader(model)
-        timer = LayerTimer(offloader)
-        offloaded.append(decode_seconds(model, ids, args.tokens))
+        offloaded.append(decode_seconds(model, ids, args.tokens))  # no instrumentation
+        recorder = Recorder(offloader)
+        recorded.append(decode_seconds(model, ids, args.tokens))
+        recorder.detach()
+        timer = LayerTimer(offloader)  # its own wrappers cost time: used for the split only, not the ratios
+        decode_seconds(model, ids, args.tokens)
         timer.restore()
         stats = m2r2_moe.stats(model)
         m2r2_moe.remove_offload(model)
         assert stats.misses == 0, "the all-hit run must not load any expert"
         timers.append(timer)
-    t_plain, t_off = statistics.median(plain), statistics.median(offloaded)
+    t_plain, t_off, t_rec = statistics.median(plain), statistics.median(offloaded), statistics.median(recorded)
     per_layer = statistics.median((t.total - t.kernel) / t.calls for t in timers) * 1e6
     kernel_per_layer = statistics.median(t.kernel / t.calls for t in timers) * 1e6
     rows = [
         ["original", f"{1 / t_plain:.1f}", f"{t_plain * 1e3:.2f}", "1.00"],
         ["offloaded, all hits", f"{1 / t_off:.1f}", f"{t_off * 1e3:.2f}", f"{t_off / t_plain:.3f}"],
+        ["offloaded, all hits, profiler recording", f"{1 / t_rec:.1f}", f"{t_rec * 1e3:.2f}", f"{t_rec / t_plain:.3f}"],
     ]
     table = markdown_table(["model", "decode tok/s", "ms/token", "time ratio"], rows)
     extra = (f"\nRuntime bookkeeping per MoE layer call (run_experts minus the experts kernel): "
