@@ -31,7 +31,9 @@ class OffloadConfig:
         policy: slot eviction policy. `"lru"`: least recently used. `"predictive"`: evict the expert whose
             estimated next use is farthest (runtime/policy.py): one whose layer's turn passed without it,
             oldest first, else the layer just computed — not the next layer's experts, which plain LRU
-            evicts in a pool shared by all layers. Predictions mark their experts as needed soon.
+            evicts in a pool shared by all layers. Predictions mark their experts as needed soon. The
+            default: on the built-in model it keeps more experts than `lru` at 16, 32 and 48 slots, with
+            and without prefetching (BENCHMARKS.md), and LRU with prefetching evicts what comes next.
         predictor: what drives prefetching: `"none"` (on-demand loading only), `"history"`, `"gate"`
             (next layers' routers on the current residual), `"m2r2"` (accelerated residual adapters), or a
             `m2r2_moe.predict.Predictor` object (e.g. an `OraclePredictor` replaying a recorded trace).
@@ -48,7 +50,7 @@ class OffloadConfig:
 
     device: str | None = None
     cache_experts: int | None = None
-    policy: str = "lru"
+    policy: str = "predictive"
     predictor: object = "none"
     lookahead: int = 4
     adapters: str | os.PathLike | None = None

@@ -74,9 +74,10 @@ class Scripted(Predictor):
         return out
 
 
-def _offloaded(script, cache=6):
+def _offloaded(script, cache=6, policy="lru"):
+    """The hand-made traces below are written for LRU eviction (pass policy="predictive" for the other)."""
     model = tiny_mixtral(layers=4)
-    m2r2_moe.offload(model, device="cpu", cache_experts=cache, predictor=Scripted(script))
+    m2r2_moe.offload(model, device="cpu", cache_experts=cache, predictor=Scripted(script), policy=policy)
     off = m2r2_moe.get_offloader(model)
     off.engine.close()
     off.engine = ManualEngine()
@@ -122,6 +123,19 @@ def test_eviction_of_a_queued_prefetch_withdraws_it():
         s = m2r2_moe.stats(model)
         assert s.cancelled_prefetches == 1 and s.wasted_bytes == 0
         assert s.bytes_to_device == sum(t.nbytes for t in off.engine.transfers if not t.cancelled)
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
+def test_predictive_policy_never_displaces_a_prefetch_needed_as_soon():
+    # the same trace with `predictive` eviction: 5 is needed no later than 4's queued copy, so it is not
+    # brought at 4's expense; nothing is withdrawn
+    model, off = _offloaded({(0, 0): [4, 5]}, cache=3, policy="predictive")
+    try:
+        _run(off, 0, [0, 1])
+        queued = [t for t in off.engine.transfers if t.priority > 0]
+        assert [t.key - off.key_stride for t in queued] == [4] and not queued[0].cancelled
+        assert m2r2_moe.stats(model).cancelled_prefetches == 0
     finally:
         m2r2_moe.remove_offload(model)
 
