@@ -45,6 +45,12 @@ class Predictor:
         return range(1, min(self.depth, self.num_layers - 1 - layer) + 1)
 
 
+def as_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """Scores `[..., E]` as shares of each token's total (negative scores count as 0), float32."""
+    scores = scores.float().clamp_min(0)
+    return scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
 def select(scores: torch.Tensor, width: int | None = None, mass: float | None = None, cap: int | None = None,
            ) -> torch.Tensor:
     """Boolean mask `[T, E]` of predicted experts per token.

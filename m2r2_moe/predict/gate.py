@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..models.base import MoEAdapter, MoELayer
-from .base import Predictor
+from .base import Predictor, as_probabilities
 from .stacked import StackedRouting
 
 
@@ -43,8 +43,7 @@ class GatePredictor(Predictor):
         already do; the stacked path is only taken for those)."""
         if self.stacked[layer] is not None:
             return self.stacked[layer].scores(residuals)
-        scores = torch.stack(list(self._scores(layer, residuals).values())).float().clamp_min(0)
-        return scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)
+        return as_probabilities(torch.stack(list(self._scores(layer, residuals).values())))
 
     @torch.no_grad()
     def predict(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,

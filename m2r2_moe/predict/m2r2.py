@@ -154,7 +154,7 @@ class M2R2Predictor(GatePredictor):
 
     @torch.no_grad()
     def _fuse(self, layer: int):
-        """The rates of `layer` side by side, for `_accelerated_fused`: U as one matrix `[F, D*R]` (split into
+        """The rates of `layer` side by side, for `_accelerated`: U as one matrix `[F, D*R]` (split into
         the normed-residual rows and the routing-feature rows `[E, D*R]`), V `[D, R, H]`, b `[D, 1, H]`."""
         n = len(self.depths(layer))
         if not n:
@@ -163,17 +163,22 @@ class M2R2Predictor(GatePredictor):
         u = a.U[layer, :n].detach().permute(1, 0, 2).reshape(a.hidden + a.route_features, n * a.rank).contiguous()
         return u[: a.hidden], u[a.hidden :], a.V[layer, :n].detach(), a.b[layer, :n].detach().unsqueeze(1)
 
-    def _accelerated_fused(self, layer: int, residual: torch.Tensor, chosen: torch.Tensor | None,
-                           normed: torch.Tensor) -> torch.Tensor:
-        """`_accelerated` in fewer ops (the per-token path): one matmul for every rate's down-projection, the
-        routing features as a row gather instead of a multi-hot product, up-projection fused with the bias
-        and the residual. Same arithmetic up to float summation order."""
+    def _accelerated(self, layer: int, residual: torch.Tensor, chosen: torch.Tensor | None,
+                     normed: torch.Tensor | None = None) -> torch.Tensor:
+        """`r̂_{l→l+d}` for every rate d of `layer` at once, `[D, T, H]` in the residual's dtype (`accelerate`
+        is the per-rate reference). In few ops, as it runs per layer per token: one matmul for every rate's
+        down-projection, the routing features as a row gather instead of a multi-hot product, the
+        up-projection fused with the bias and the residual. `normed`: norm_l(residual) when known."""
+        if normed is None:
+            source = self.layers[layer]
+            normed = source.norm(residual) if source.norm is not None else residual
         u_normed, u_route, v, b = self._fused[layer]
         z = _float(normed) @ u_normed  # [T, D*R]
         if self.adapters.route_features:
             if chosen is None:
                 raise ValueError("these adapters take the source layer's expert choice: pass chosen [T, K]")
-            z = z + u_route[chosen if chosen.dtype == torch.long else chosen.long()].sum(1)  # the multi-hot's product: a sum of the chosen rows
+            rows = u_route[chosen if chosen.dtype == torch.long else chosen.long()]  # [T, K, D*R]
+            z = z + rows.sum(1)  # the multi-hot's product: a sum of the chosen rows
         z = z.view(z.shape[0], v.shape[0], -1).transpose(0, 1)  # [D, T, R]
         out = torch.baddbmm(_float(residual) + b, z, v)  # [D, T, H]
         return out if out.dtype == residual.dtype else out.to(residual.dtype)
@@ -184,16 +189,6 @@ class M2R2Predictor(GatePredictor):
         source = self.layers[layer]
         normed = source.norm(residual) if source.norm is not None else residual
         return (residual.float() + self.adapters.delta(layer, depth, normed, chosen)).to(residual.dtype)
-
-    def _accelerated(self, layer: int, residual: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
-        """`r̂_{l→l+d}` for every rate d of `layer` at once: `[D, T, H]` in the residual's dtype."""
-        source = self.layers[layer]
-        normed = source.norm(residual) if source.norm is not None else residual
-        x = self.adapters.features(normed, chosen)  # [T, F]
-        n = len(self.depths(layer))
-        u, v, b = self.adapters.U[layer, :n], self.adapters.V[layer, :n], self.adapters.b[layer, :n]
-        delta = torch.bmm(torch.bmm(x.expand(n, *x.shape), u), v) + b.unsqueeze(1)  # [D, T, H]
-        return (residual.float() + delta).to(residual.dtype)
 
     @torch.no_grad()
     def predict(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
@@ -207,7 +202,4 @@ class M2R2Predictor(GatePredictor):
         depths = list(self.depths(layer))
         if not depths:
             return [], None
-        if normed is None:
-            source = self.layers[layer]
-            normed = source.norm(residual) if source.norm is not None else residual
-        return depths, self._probabilities(layer, self._accelerated_fused(layer, residual, chosen, normed))
+        return depths, self._probabilities(layer, self._accelerated(layer, residual, chosen, normed))

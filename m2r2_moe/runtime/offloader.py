@@ -73,7 +73,6 @@ class Offloader:
         self.top_k = adapter.top_k(model)  # sizes predicted sets
         self.prefetcher = None  # set by attach_predictor
 
-
     # -- installing and removing -----------------------------------------------------------------
     def install(self, model: nn.Module, fill_store=None) -> None:
         """Move expert weights into the store, free them from the model, swap the experts' forward, move
@@ -112,8 +111,7 @@ class Offloader:
 
         if self.prefetcher is not None:
             self.prefetcher.remove()
-        self.prefetcher = None if predictor is None or predictor.name == "none" else Prefetcher(
-            self, predictor, refresh=self.config.policy == "predictive")
+        self.prefetcher = None if predictor is None or predictor.name == "none" else Prefetcher(self, predictor)
 
     def reset_sequence(self) -> None:
         """A new prompt starts: predictors forget per-sequence state."""

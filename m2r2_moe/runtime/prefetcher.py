@@ -3,14 +3,15 @@
 At MoE layer l, after the layer's own experts are pinned (so a prefetch can never evict them) and their
 demand loads are queued (so a prefetch never delays them), the predictor turns the residual r_l into
 expert scores for layers l+1..l+D. For each target the prefetcher takes the top-k experts whose predicted
-probability (the target router's softmax on the accelerated residual, for `gate`/`m2r2`) is at least
-`min_prob`, and, nearest target first (deadline order):
-- skips experts already resident or in flight (de-duplication); with the `predictive` policy it refreshes
-  their recency so that eviction picks experts no prediction wants (prediction-aware eviction), while
-  plain `lru` leaves recency to actual use;
+probability (the target router's softmax on the accelerated residual, for `gate`/`m2r2`) clears the
+admission threshold (`min_prob`, raised on a slow busy link: `_thresholds`), and, nearest target first
+(deadline order):
+- skips experts already resident or in flight (de-duplication); with the `predictive` policy it marks the
+  resident ones as needed at their target's turn, so eviction keeps them (prediction-aware eviction),
+  while plain `lru` leaves recency to actual use;
 - withdraws queued copies for a target that the newer prediction no longer wants (cancellation);
-- keeps at most `max_queued` prefetch copies unfinished: the link then carries only the most urgent, most
-  likely experts, and prefetches cannot evict more of the cache than the link can refill in time. A
+- keeps at most `max_queued` prefetch copies unfinished, fewer when the link cannot deliver them within
+  the lookahead (`_link_budget`): the link then carries only the most urgent, most likely experts. A
   prefetch only ever evicts an unpinned expert, and the copy engine runs demand loads first.
 Copies are queued with priority d (demand loads: 0): on CPU the copy engine runs them in deadline order;
 on CUDA the single copy stream runs them in submission order, which is the same.
@@ -22,16 +23,15 @@ import time
 
 import torch
 
-from ..predict.base import Predictor
+from ..predict.base import Predictor, as_probabilities
 
 
 class Prefetcher:
     """Drives one predictor for one offloaded model."""
 
     def __init__(self, offloader, predictor: Predictor, min_prob: float = 0.15, width: int | None = None,
-                 max_queued: int | None = None, refresh: bool = True):
+                 max_queued: int | None = None):
         self.offloader, self.predictor = offloader, predictor
-        self.refresh = refresh  # the `predictive` policy: predicted resident experts are marked as needed soon
         self.min_prob = min_prob
         self.width = width or offloader.top_k
         self.max_queued = max_queued or 2 * offloader.top_k
@@ -81,7 +81,7 @@ class Prefetcher:
             for expert in self._wanted.get(target, set()).difference(experts):
                 self.offloader.withdraw(target, expert)
             self._wanted[target] = set(experts)
-        if self.refresh:
+        if self.offloader.policy is not None:  # `predictive`: predicted resident experts are needed soon
             for target, experts in targets.items():
                 for expert in experts:
                     self.offloader.expect(target, expert, target - layer)
@@ -134,13 +134,9 @@ class Prefetcher:
 
     def _ranked(self, layer: int, depths: list[int], scores: torch.Tensor, ratio: float) -> dict[int, list[int]]:
         """`scores [D, T, E]` → {target layer: experts to bring, most likely first}: each token's top `width`
-        experts whose share of the token's scores is at least `min_prob` (union over the batch). All targets
+        experts whose share of the token's scores clears the admission threshold (union over the batch). All targets
         at once, one device→host read (which copies to issue depends on it)."""
-        if self.predictor.scores_are_probabilities:
-            probs = scores
-        else:
-            scores = scores.float().clamp_min(0)
-            probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)  # [D, T, E]
+        probs = scores if self.predictor.scores_are_probabilities else as_probabilities(scores)  # [D, T, E]
         top, order = probs.topk(min(self.width, probs.shape[-1]), dim=-1)  # [D, T, W]
         keep = top >= self._thresholds(depths, top, ratio)  # an empty prediction stays empty
         if probs.shape[1] == 1:  # decode, batch 1
