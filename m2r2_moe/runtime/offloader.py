@@ -56,7 +56,6 @@ class Offloader:
         # the kernel the model dispatches to (read once: config attribute access is slow in transformers 5)
         self.kernel_names = [getattr(getattr(layer.experts, "config", None), "_experts_implementation", None)
                              for layer in layers]
-        self._eager = [name == "eager" for name in self.kernel_names]
         self.slots = make_slot_manager(num_slots)
         self.engine = make_copy_engine(self.device, config.link_gbps, config.link_latency_us)
         self.stats = OffloadStats()
@@ -147,8 +146,7 @@ class Offloader:
         self._routing = top_k_index  # the prefetcher looks ahead once per layer call, at its first wave
         if not needed:
             return torch.zeros_like(hidden_states)
-        eager = self._eager[layer]
-        if eager and (top_k_index.shape[1] > 2 or len(needed) > self.num_slots):
+        if self.kernel_names[layer] == "eager" and (top_k_index.shape[1] > 2 or len(needed) > self.num_slots):
             return waves.run_eager_in_expert_order(self, layer, needed, hidden_states, top_k_index, top_k_weights)
         if len(needed) <= self.num_slots:
             return self.run_wave(layer, needed, hidden_states, top_k_index, top_k_weights)

@@ -54,7 +54,7 @@ class Transfer:
         if not self._done.wait(timeout):
             raise TimeoutError(f"copy of expert key {self.key} into slot {self.slot} did not land in {timeout} s")
         if self.error is not None:
-            raise CopyError(f"copy of expert key {self.key} into slot {self.slot} failed: {self.error!r}") from self.error
+            raise _failed(self)
         return time.perf_counter() - start
 
 
@@ -70,7 +70,14 @@ class FailedTransfer:
         return True
 
     def wait(self, timeout: float | None = None) -> float:
-        raise CopyError(f"copy of expert key {self.key} into slot {self.slot} failed: {self.error!r}") from self.error
+        raise _failed(self)
+
+
+def _failed(transfer) -> CopyError:
+    """The error a waiter gets for a copy that failed (its cause attached)."""
+    error = CopyError(f"copy of expert key {transfer.key} into slot {transfer.slot} failed: {transfer.error!r}")
+    error.__cause__ = transfer.error
+    return error
 
 
 class ThreadCopyEngine:
