@@ -226,7 +226,8 @@ def test_profile_tool_json_fields(tmp_path, monkeypatch):
     runs = json.loads(out.read_text())["runs"]
     fields = {"predictor", "link_ratio", "cache_experts", "policy", "tokens", "time_per_token_s", "limit_per_token_s",
               "stall_s_per_token", "hits", "prefetch_hits", "late_prefetches", "misses", "bytes_to_device",
-              "wasted_bytes", "tokens_identical", "share_of_gain", "stall_removed"}
+              "wasted_bytes", "tokens_identical", "share_of_gain", "stall_removed", "floor_per_token_s",
+              "share_ceiling"}
     assert len(runs) == 3 and all(fields <= set(r) for r in runs)
     none = next(r for r in runs if r["predictor"] == "none")
     assert none["speedup_vs_none"] == 1.0 and none["stall_removed"] in (None, 0.0)
@@ -234,3 +235,23 @@ def test_profile_tool_json_fields(tmp_path, monkeypatch):
     trace = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
     assert any(e.get("tid") == 1 and e["ph"] == "X" for e in trace)
     assert all((tmp_path / f).stat().st_size > 0 for f in ("timeline.png", "stalls.png", "hit_rate.png"))
+
+
+def test_share_of_gain_and_ceiling_on_hand_made_runs():
+    from m2r2_moe.profile.cli import _share_of_gain
+
+    def run(name, t, stall, limit=0.010):
+        return {"predictor": name, "link_ratio": 2.0, "cache_experts": 32, "policy": "predictive",
+                "time_per_token_s": t, "stall_s_per_token": stall, "limit_per_token_s": limit}
+
+    runs = [run("none", 0.020, 0.006), run("m2r2", 0.016, 0.003), run("oracle", 0.012, 0.0)]
+    _share_of_gain(runs, floor=0.013)
+    none, m2r2, oracle = runs
+    assert none["share_of_gain"] == 0.0 and none["speedup_vs_none"] == 1.0
+    assert m2r2["share_of_gain"] == pytest.approx(0.4) and m2r2["stall_removed"] == pytest.approx(0.5)
+    assert m2r2["speedup_vs_none"] == pytest.approx(1.25)
+    # the ceiling: no stall and no prediction cost, i.e. the floor: (20 - 13) / (20 - 10)
+    assert all(r["share_ceiling"] == pytest.approx(0.7) and r["floor_per_token_s"] == 0.013 for r in runs)
+    assert oracle["share_of_gain"] == pytest.approx(0.8)  # a run may beat the floor's ceiling only by noise
+    _share_of_gain(runs)  # without a floor there is no ceiling
+    assert all(r["share_ceiling"] is None for r in runs)

@@ -83,6 +83,9 @@ def main(args: argparse.Namespace) -> int:
         sweep = sorted({total // 4, total // 2, 3 * total // 4})
         plan += [(ratios[len(ratios) // 2], c, pol, n) for c in sweep for pol in ("lru", "predictive")
                  for n in ("none", "m2r2") if (ratios[len(ratios) // 2], c, pol, n) not in plan]
+    floor_runs = [offloaded_run(model, ref, args.new_tokens, "none", total, None, "lru", device=args.device)
+                  for ref in refs]  # every expert cached, no link delay: the runtime's own cost, no stall
+    floor = statistics.mean(r["time_per_token_s"] for r in floor_runs)
     runs, recorders = [], {}
     for ratio, cache, policy, name in tqdm(plan, desc="profile runs"):
         link_s = ratio * compute_layer  # one expert's transfer time in this regime
@@ -94,13 +97,15 @@ def main(args: argparse.Namespace) -> int:
         recorders[(ratio, cache, policy, name)] = per_prompt[0]["recorder"]
         runs.append(_merge(name, ratio, cache, policy, per_prompt, limits, gbps, args.new_tokens - 1))
         runs[-1]["lookahead"] = depth
-    _share_of_gain(runs)
+    _share_of_gain(runs, floor)
     print(report.table(runs))
     print(f"\nmodel {args.model}: {len(layers)} MoE layers, {total} experts, {expert_bytes / 1e6:.2f} MB per expert; "
           f"compute {compute_layer * 1e3:.2f} ms per layer, {compute_layer * len(layers) * 1e3:.1f} ms per token "
           f"(un-offloaded); {len(refs)} prompt(s) x {args.new_tokens} new tokens")
+    print(f"runtime floor (every expert cached, no stall): {floor * 1e3:.1f} ms per token; 'ceiling' = the share of "
+          f"gain a run without any stall or prediction cost would reach")
     _outputs(args, runs, recorders, refs, ratios, caches, total)
-    return 0 if all(r["tokens_identical"] for r in runs) else 1
+    return 0 if all(r["tokens_identical"] for r in runs + floor_runs) else 1
 
 
 def _expert_bytes(layers) -> int:
@@ -124,9 +129,11 @@ def _merge(name, ratio, cache, policy, per_prompt, limits, gbps, decode_tokens) 
     }
 
 
-def _share_of_gain(runs: list[dict]) -> None:
+def _share_of_gain(runs: list[dict], floor: float | None = None) -> None:
     """(T_none - T_run) / (T_none - T_limit) against the `none` run of the same regime, cache and policy;
-    and the share of `none`'s stall the run removed."""
+    the share of `none`'s stall the run removed; and, with the runtime's `floor` (time per token with every
+    expert cached), the *ceiling*: (T_none - T_floor) / (T_none - T_limit), the share a run with no stall and
+    no prediction cost would reach (the rest of the gap is the runtime's own cost, which no predictor removes)."""
     base = {(r["link_ratio"], r["cache_experts"], r["policy"]): r for r in runs if r["predictor"] == "none"}
     for r in runs:
         b = base.get((r["link_ratio"], r["cache_experts"], r["policy"]))
@@ -136,6 +143,9 @@ def _share_of_gain(runs: list[dict]) -> None:
         # the part of the gap that is waiting for copies (the rest is the runtime's own cost per token)
         stall = None if b is None else b["stall_s_per_token"]
         r["stall_removed"] = None if not stall else (stall - r["stall_s_per_token"]) / stall
+        r["floor_per_token_s"] = floor
+        r["share_ceiling"] = (None if floor is None or not gap or gap <= 0
+                              else min(1.0, (b["time_per_token_s"] - floor) / gap))
 
 
 def _outputs(args, runs, recorders, refs, ratios, caches, total) -> None:

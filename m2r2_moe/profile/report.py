@@ -8,7 +8,7 @@ from pathlib import Path
 from .recorder import Recorder
 
 COLUMNS = ["predictor", "link_ratio", "cache_experts", "policy", "ms/token", "limit ms", "stall ms/token",
-           "hits", "pf hits", "late", "misses", "MB moved", "MB wasted", "share of gain", "stall removed", "identical"]
+           "hits", "pf hits", "late", "misses", "MB moved", "MB wasted", "share of gain", "ceiling", "stall removed", "identical"]
 
 
 def table(runs: list[dict]) -> str:
@@ -17,6 +17,7 @@ def table(runs: list[dict]) -> str:
              f"{r['stall_s_per_token'] * 1e3:.1f}", r["hits"], r["prefetch_hits"], r["late_prefetches"], r["misses"],
              f"{r['bytes_to_device'] / 1e6:.1f}", f"{r['wasted_bytes'] / 1e6:.1f}",
              "" if r.get("share_of_gain") is None else f"{r['share_of_gain']:.2f}",
+             "" if r.get("share_ceiling") is None else f"{r['share_ceiling']:.2f}",
              "" if r.get("stall_removed") is None else f"{r['stall_removed']:.2f}",
              "yes" if r["tokens_identical"] else "NO"] for r in runs]
     widths = [max(len(str(x)) for x in col) for col in zip(COLUMNS, *rows)]
