@@ -75,7 +75,7 @@ def test_admission_is_free_on_an_idle_or_unknown_link():
     model, off, pf = _prefetcher(None)
     off.layer_seconds, pf.link_busy = 1e-3, 1.0
     assert pf._transfer_ratio() == 0.0  # no link emulated: unknown
-    assert pf._thresholds([1, 2], torch.zeros(2, 1, 2), 0.0) == pytest.approx(pf.min_prob)
+    assert pf._thresholds([1, 2], 0.0) == pytest.approx([pf.min_prob] * 2)
     assert pf._link_budget(0.0) == pf.max_queued
     m2r2_moe.remove_offload(model)
 
@@ -87,9 +87,29 @@ def test_admission_tightens_on_a_busy_slow_link():
     ratio = pf._transfer_ratio()
     assert ratio == pytest.approx(8)
     pf.link_busy = 0.0
-    assert pf._thresholds([1, 2], torch.zeros(2, 1, 2), ratio) == pytest.approx(pf.min_prob)  # idle link
+    assert pf._thresholds([1, 2], ratio) == pytest.approx([pf.min_prob] * 2)  # idle link
     pf.link_busy = 1.0
-    need = pf._thresholds([1, 2], torch.zeros(2, 1, 2), ratio).flatten().tolist()
+    need = pf._thresholds([1, 2], ratio)
     assert need == pytest.approx([8 / 9, 8 / 10])  # p > uT / (uT + min(T, dC))
     assert pf._link_budget(ratio) == 1  # lookahead 2 layers carry a quarter of one copy: one at a time
+    m2r2_moe.remove_offload(model)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_decode_ranking_on_the_host_matches_the_batched_tensor_path(seed):
+    """Batch-1 decode ranks predictions with Python on one host read; a batch of one token given twice
+    (the tensor path, which takes the union over the batch) must choose the same experts in the same order."""
+    model, off, pf = _prefetcher(0.001)
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(3 * torch.randn(3, 1, 8, generator=g), -1)
+    pf.width, pf.link_busy, ratio = 3, 0.1 + 0.15 * seed, 2.0  # thresholds from min_prob up to ~0.6
+    host = pf._ranked(0, [1, 2, 3], probs, ratio)
+    batched = pf._ranked(0, [1, 2, 3], probs.expand(3, 2, 8), ratio)
+    assert host == batched and set(host) == {1, 2, 3}
+    need = pf._thresholds([1, 2, 3], ratio)
+    for d, floor in zip((1, 2, 3), need):
+        row = probs[d - 1, 0]
+        expected = [e for e in row.argsort(descending=True)[:3].tolist() if row[e] >= floor]
+        assert host[d] == expected
+    assert 0 < sum(map(len, host.values())) < 9  # the threshold cut some experts, not all
     m2r2_moe.remove_offload(model)

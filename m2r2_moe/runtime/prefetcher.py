@@ -119,30 +119,36 @@ class Prefetcher:
             return self.max_queued
         return max(1, min(self.max_queued, int(self.predictor.depth / ratio)))
 
-    def _thresholds(self, depths: list[int], top: torch.Tensor, ratio: float):
-        """Minimum predicted probability per target `[D, 1, 1]` (or a float). Ratio-aware admission: a
-        copy at distance d saves at most min(T, d·C) of stall when right (T = transfer, C = layer compute);
-        when wrong it holds the link for T, which delays other copies about as often as the link is busy
-        (u). It is worth it when p·min(T, dC) > (1 − p)·u·T, i.e. p > uT / (uT + min(T, dC)); never below
-        `min_prob`. An idle link admits freely, a saturated slow link only confident predictions."""
+    def _thresholds(self, depths: list[int], ratio: float) -> list[float]:
+        """Minimum predicted probability per target. Ratio-aware admission: a copy at distance d saves at
+        most min(T, d·C) of stall when right (T = transfer, C = layer compute); when wrong it holds the link
+        for T, which delays other copies about as often as the link is busy (u). It is worth it when
+        p·min(T, dC) > (1 − p)·u·T, i.e. p > uT / (uT + min(T, dC)); never below `min_prob`. An idle link
+        admits freely, a saturated slow link only confident predictions."""
         busy = self.link_busy
         floor = max(self.min_prob, 1e-12)  # > 0: an expert with no score is never fetched
         if not ratio or not busy:
-            return floor
-        need = [max(floor, busy * ratio / (busy * ratio + min(ratio, d))) for d in depths]
-        return torch.tensor(need, dtype=top.dtype, device=top.device).view(-1, 1, 1)
+            return [floor] * len(depths)
+        return [max(floor, busy * ratio / (busy * ratio + min(ratio, d))) for d in depths]
 
     def _ranked(self, layer: int, depths: list[int], scores: torch.Tensor, ratio: float) -> dict[int, list[int]]:
         """`scores [D, T, E]` → {target layer: experts to bring, most likely first}: each token's top `width`
         experts whose share of the token's scores clears the admission threshold (union over the batch). All targets
         at once, one device→host read (which copies to issue depends on it)."""
         probs = scores if self.predictor.scores_are_probabilities else as_probabilities(scores)  # [D, T, E]
-        top, order = probs.topk(min(self.width, probs.shape[-1]), dim=-1)  # [D, T, W]
-        keep = top >= self._thresholds(depths, top, ratio)  # an empty prediction stays empty
-        if probs.shape[1] == 1:  # decode, batch 1
-            rows = torch.where(keep, order, -1)[:, 0].tolist()  # [D][W]
-        else:
-            best = torch.zeros_like(probs).scatter_(-1, order, top * keep).amax(1)  # [D, E]
-            value, ranked = best.sort(-1, descending=True)
-            rows = torch.where(value > 0, ranked, -1).tolist()
+        need = self._thresholds(depths, ratio)
+        width = min(self.width, probs.shape[-1])
+        if probs.shape[1] == 1:  # decode, batch 1: D x E numbers, ranked on the host (cheaper than tensor ops)
+            return {layer + d: _top(row, width, floor) for d, row, floor in zip(depths, probs[:, 0].tolist(), need)}
+        top, order = probs.topk(width, dim=-1)  # [D, T, W]
+        keep = top >= torch.tensor(need, dtype=top.dtype, device=top.device).view(-1, 1, 1)
+        best = torch.zeros_like(probs).scatter_(-1, order, top * keep).amax(1)  # [D, E]
+        value, ranked = best.sort(-1, descending=True)
+        rows = torch.where(value > 0, ranked, -1).tolist()
         return {layer + d: [e for e in row if e >= 0] for d, row in zip(depths, rows)}
+
+
+def _top(row: list[float], width: int, floor: float) -> list[int]:
+    """The `width` largest entries of `row` (most likely first) that are at least `floor`: their indices."""
+    best = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:width]
+    return [e for e in best if row[e] >= floor]
