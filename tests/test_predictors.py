@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import m2r2_moe
+from m2r2_moe.profile import Recorder
 from conftest import tiny_mixtral
 from m2r2_moe.models import find_moe_layers, get_adapter
 from m2r2_moe.predict import (AcceleratorAdapters, AdapterFileError, AdapterMismatchError, OraclePredictor,
@@ -141,6 +142,35 @@ def test_prefetching_never_changes_outputs(trained, name):
         finally:
             m2r2_moe.remove_offload(model)
         assert s.misses < 0.7 * on_demand.misses and s.prefetch_hits + s.late_prefetches > 0
+
+
+def test_oracle_across_the_token_boundary_covers_the_first_layers(trained):
+    """`oracle-wrap` also prefetches the next token's first layers, which no within-token prediction reaches:
+    in decode, layer 0's uses become prefetch hits or late prefetches instead of misses; outputs identical."""
+    model, adapter, layers, adapters, _ = trained
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(5))
+    gen = dict(input_ids=ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(**gen)
+    trace = _chosen_per_position(model, layers, ref)
+    first_layer = {}
+    for wrap in (False, True):
+        predictor = OraclePredictor(len(layers), 8, 2, DEPTH, trace, wrap=wrap)
+        assert predictor.name == ("oracle-wrap" if wrap else "oracle") and list(predictor.depths(len(layers) - 1)) == (
+            list(range(1, DEPTH + 1)) if wrap else [])
+        m2r2_moe.offload(model, device="cpu", cache_experts=6, link_gbps=0.2, predictor=predictor)
+        try:
+            rec = Recorder(m2r2_moe.get_offloader(model))
+            with torch.no_grad():
+                out = model.generate(**gen)
+            rec.detach()
+        finally:
+            m2r2_moe.remove_offload(model)
+        assert torch.equal(out, ref)
+        decode0 = [e for e in rec.decode_layers() if e.layer == 0]
+        first_layer[wrap] = (sum(e.prefetch_hits + e.late_prefetches for e in decode0), sum(e.misses for e in decode0))
+    assert first_layer[False][0] == 0 and first_layer[True][0] > 0
+    assert first_layer[True][1] < first_layer[False][1]
 
 
 def _chosen_per_position(model, layers, sequences):

@@ -171,6 +171,30 @@ def test_no_expert_copied_twice_while_in_flight():
         m2r2_moe.remove_offload(model)
 
 
+def test_a_wrapping_prediction_prefetches_the_next_forwards_first_layers():
+    """A predictor that `wraps` names targets past the last layer: layer 3 (of 4) at distance 1 and 2 is the
+    next forward's layers 0 and 1, queued with their distance as priority and used there as prefetch hits;
+    in a forward of several positions (prefill) such targets are ignored."""
+    script = {(0, 3): {1: [6], 2: [7]}, (1, 0): {1: [7]}, (1, 3): {1: [5]}}  # (1, 0) confirms 7 for layer 1
+    model, off = _offloaded(script, cache=10)
+    off.prefetcher.predictor.wraps = True
+    try:
+        for layer in range(4):
+            _run(off, layer, [0, 1])
+        wrapped = {(t.key, t.priority) for t in off.engine.transfers if t.priority > 0}
+        assert wrapped == {(0 * off.key_stride + 6, 1), (1 * off.key_stride + 7, 2)}
+        _run(off, 0, [6, 1])
+        _run(off, 1, [7, 1])
+        s = m2r2_moe.stats(model)
+        assert s.late_prefetches == 2 and s.prefetch_hits == 0  # the manual engine had not landed them yet
+        assert set(off.prefetcher._wanted) <= set(range(4))  # bookkeeping keyed by layer: bounded
+        for layer in (2, 3):
+            off.run_experts(layer, torch.randn(3, 64), torch.tensor([[0, 1]] * 3), torch.full((3, 2), 0.5))
+        assert not [t for t in off.engine.transfers if t.key == 5]  # prefill-sized forward: no wrapped target
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
 @pytest.mark.parametrize("policy", ["lru", "predictive"])
 @pytest.mark.parametrize("predictor", ["history", "gate"])
 def test_prefetch_never_changes_outputs_with_random_link(policy, predictor):

@@ -17,6 +17,7 @@ class Predictor:
     name = "none"
     needs_residual = False
     scores_are_probabilities = False  # predict_stacked's scores sum to 1 per token (the prefetcher skips normalising)
+    wraps = False  # predicts across the token boundary: a target layer l + d >= L is layer l + d - L of the next forward
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, depth: int):
         self.num_layers, self.num_experts, self.top_k, self.depth = num_layers, num_experts, top_k, depth
@@ -42,6 +43,10 @@ class Predictor:
         return depths, (torch.stack([predictions[d] for d in depths]) if depths else None)
 
     def depths(self, layer: int) -> range:
+        """Distances predicted from `layer`: up to `depth`, within the forward unless the predictor `wraps`
+        (then up to one full cycle of layers, into the next forward)."""
+        if self.wraps:
+            return range(1, min(self.depth, self.num_layers) + 1)
         return range(1, min(self.depth, self.num_layers - 1 - layer) + 1)
 
 

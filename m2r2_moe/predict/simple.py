@@ -37,12 +37,17 @@ class OraclePredictor(Predictor):
     """Replays recorded routing: the true experts of each future layer (an upper bound, never a default).
 
     `experts [N, L, K]`: the recorded choice for token position n (in the order the model sees tokens,
-    batch 1) at MoE layer l."""
+    batch 1) at MoE layer l. `wrap=True` (name `oracle-wrap`) also predicts across the token boundary: from
+    layer l, the next forward's layers up to l + depth - L (decode, one position per forward) — the bound for
+    a predictor that could see the next token's routing, which within-token predictors cannot."""
 
     name = "oracle"
 
-    def __init__(self, num_layers, num_experts, top_k, depth, experts: torch.Tensor):
+    def __init__(self, num_layers, num_experts, top_k, depth, experts: torch.Tensor, wrap: bool = False):
         super().__init__(num_layers, num_experts, top_k, depth)
+        self.wraps = wrap
+        if wrap:
+            self.name = "oracle-wrap"
         self.load_sequence(experts.permute(1, 0, 2))
 
     def reset(self) -> None:
@@ -62,7 +67,17 @@ class OraclePredictor(Predictor):
     def predict(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
                 ) -> dict[int, torch.Tensor]:
         tokens = 1 if residual is None else residual.shape[0]
-        rows = self.one_hot[self.position : self.position + tokens]  # [T', L, E], T' < T past the trace's end
+        out = {}
+        for d in self.depths(layer):
+            target, start = layer + d, self.position
+            if target >= self.num_layers:  # the next forward's layer: its positions start `tokens` later
+                target, start = target - self.num_layers, start + tokens
+            out[d] = self._rows(start, tokens)[:, target]
+        return out
+
+    def _rows(self, start: int, tokens: int) -> torch.Tensor:
+        """One-hot choices `[tokens, L, E]` from position `start` (zeros past the trace's end)."""
+        rows = self.one_hot[start : start + tokens]
         if len(rows) < tokens:
             rows = torch.cat([rows, rows.new_zeros(tokens - len(rows), *rows.shape[1:])])
-        return {d: rows[:, layer + d] for d in self.depths(layer)}
+        return rows

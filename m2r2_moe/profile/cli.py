@@ -31,7 +31,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("profile", help="expert-switch stalls per predictor, link regime and cache size",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin")
-    p.add_argument("--predictors", default="none,history,gate,m2r2,oracle")
+    p.add_argument("--predictors", default="none,history,gate,m2r2,oracle,oracle-wrap",
+                   help="comma-separated: none, history, gate, m2r2, oracle, oracle-wrap (the oracle also across the "
+                        "token boundary, into the next token's layers: a bound no within-token predictor reaches)")
     p.add_argument("--adapters", default=None, help="m2r2 adapters (default: the shipped ones for the built-in model)")
     p.add_argument("--link-ratios", default="0.5,2,8", help="expert transfer time / layer compute time, per regime")
     p.add_argument("--cache-experts", default=None,

@@ -75,9 +75,9 @@ def offloaded_run(model, ref: Reference, new_tokens: int, predictor_name: str, c
     """Offload, generate the reference prompt, compare, measure; the model is restored afterwards."""
     adapter, layers = find_moe_layers(model)
     top_k = adapter.top_k(model)
-    if predictor_name == "oracle":
+    if predictor_name in ("oracle", "oracle-wrap"):
         predictor = OraclePredictor(len(layers), max(int(x.experts.num_experts) for x in layers), top_k, depth,
-                                    ref.trace)
+                                    ref.trace, wrap=predictor_name == "oracle-wrap")
     elif predictor_name == "none":
         predictor = "none"
     else:

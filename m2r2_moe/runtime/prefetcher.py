@@ -2,7 +2,8 @@
 
 At MoE layer l, after the layer's own experts are pinned (so a prefetch can never evict them) and their
 demand loads are queued (so a prefetch never delays them), the predictor turns the residual r_l into
-expert scores for layers l+1..l+D. For each target the prefetcher takes the top-k experts whose predicted
+expert scores for layers l+1..l+D (a predictor that `wraps` may name layers past the last one: the next
+forward's, used in decode at batch 1). For each target the prefetcher takes the top-k experts whose predicted
 probability (the target router's softmax on the accelerated residual, for `gate`/`m2r2`) clears the
 admission threshold (`min_prob`, raised on a slow busy link: `_thresholds`), and, nearest target first
 (deadline order):
@@ -75,22 +76,25 @@ class Prefetcher:
                                                         normed=self.normed[layer])
         self.predictor.observe(layer, top_k_index)
         ratio = self._transfer_ratio()
-        targets = self._ranked(layer, depths, scores, ratio) if depths else {}
+        targets = self._ranked(layer, depths, scores, ratio) if depths else {}  # {layer + d: experts}
+        count = len(self.offloader.layers)
+        if top_k_index.shape[0] > 1:  # a target past the last layer is the next forward's: decode at batch 1 only
+            targets = {t: experts for t, experts in targets.items() if t < count}
         self._wanted.pop(layer, None)
-        for target, experts in targets.items():
-            for expert in self._wanted.get(target, set()).difference(experts):
-                self.offloader.withdraw(target, expert)
-            self._wanted[target] = set(experts)
+        for target, experts in targets.items():  # keyed by layer index: a wrapped target's own turn is still ahead
+            for expert in self._wanted.get(target % count, set()).difference(experts):
+                self.offloader.withdraw(target % count, expert)
+            self._wanted[target % count] = set(experts)
         if self.offloader.policy is not None:  # `predictive`: predicted resident experts are needed soon
             for target, experts in targets.items():
                 for expert in experts:
-                    self.offloader.expect(target, expert, target - layer)
+                    self.offloader.expect(target % count, expert, target - layer)
         queued, budget = self.offloader.queued_prefetches(), self._link_budget(ratio)
         for target in sorted(targets):  # deadline order
             for expert in targets[target]:
                 if queued >= budget:
                     break
-                queued += self.offloader.prefetch(target, expert, priority=target - layer)
+                queued += self.offloader.prefetch(target % count, expert, priority=target - layer)
         if layer == len(self.offloader.layers) - 1 and hasattr(self.predictor, "advance"):
             self.predictor.advance(top_k_index.shape[0])
 
