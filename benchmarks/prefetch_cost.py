@@ -1,0 +1,172 @@
+"""What prefetching costs and what it saves, per MoE layer call, in the runtime itself.
+
+For each link regime and predictor the built-in model decodes the same prompts, offloaded with the
+`predictive` policy at half of all experts, while timers wrap the pieces of the hot path:
+
+- `kernel`: the experts kernel on the slots; `wait`: waiting for copies (the stall);
+- `prefetch path`: the prefetcher's whole per-layer step (`Prefetcher.on_layer`), of which `predict`
+  (the predictor's scores), `rank` (threshold + top-k on the host) and `issue` (placing and queueing copies).
+
+`saved` is the wait the predictor removed against `none` in the same regime, `net` = saved − prefetch path
+− the kernel's slowdown (copies landing while the kernel runs): positive when prefetching pays for itself.
+The timers' own cost is in every row alike. Prints a table and appends it to BENCHMARKS.md.
+
+    python benchmarks/prefetch_cost.py [--link-ratios 0.5,2,8] [--predictors none,gate,m2r2,oracle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import m2r2_moe  # noqa: E402
+from _report import append_section, markdown_table  # noqa: E402
+from m2r2_moe.cli import _load  # noqa: E402
+from m2r2_moe.models import find_moe_layers  # noqa: E402
+from m2r2_moe.predict import OraclePredictor, make_predictor  # noqa: E402
+from m2r2_moe.profile.cli import _expert_bytes, _prompts  # noqa: E402
+from m2r2_moe.profile.session import reference_run  # noqa: E402
+
+PARTS = ("run_experts", "kernel", "wait", "on_layer", "predict", "rank", "issue")
+
+
+class Timers:
+    """Wall seconds per part, summed, through instance-level wrappers (removed by `restore`)."""
+
+    def __init__(self, offloader):
+        self.seconds = collections.Counter()
+        self.calls, self.misses, self.active = 0, 0, False  # decode layer calls (batch 1) only
+        self.offloader, self._kernels = offloader, list(offloader.kernels)
+        self._wrapped = [(offloader, "run_experts"), (offloader, "_wait"), (offloader, "prefetch")]
+        run = offloader.run_experts
+
+        def run_experts(layer, hidden_states, *args):
+            self.active = hidden_states.shape[0] == 1
+            misses = offloader.stats.misses
+            try:
+                return run(layer, hidden_states, *args)
+            finally:
+                self.calls += self.active
+                self.misses += (offloader.stats.misses - misses) * self.active
+
+        offloader.run_experts = run_experts
+        self._wrap(offloader, "run_experts", "run_experts")
+        self._wrap(offloader, "_wait", "wait")
+        self._wrap(offloader, "prefetch", "issue")
+        pf = offloader.prefetcher
+        if pf is not None:
+            for obj, name, part in ((pf, "on_layer", "on_layer"), (pf.predictor, "predict_stacked", "predict"),
+                                    (pf, "_ranked", "rank")):
+                self._wrap(obj, name, part)
+                self._wrapped.append((obj, name))
+        offloader.kernels = [self._timed(k, "kernel") for k in self._kernels]
+
+    def _timed(self, fn, part):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.active:
+                    self.seconds[part] += time.perf_counter() - start
+        return timed
+
+    def _wrap(self, obj, name, part):
+        setattr(obj, name, self._timed(getattr(obj, name), part))
+
+    def restore(self):
+        for obj, name in self._wrapped:
+            obj.__dict__.pop(name, None)
+        self.offloader.kernels = self._kernels
+
+
+def measure(model, ref, name, gbps, depth, cache, tokens) -> dict:
+    """One offloaded decode of `ref.prompt`: µs per MoE layer call for each part, ms per token, misses."""
+    adapter, layers = find_moe_layers(model)
+    if name == "oracle":
+        predictor = OraclePredictor(len(layers), int(layers[0].experts.num_experts), adapter.top_k(model), depth,
+                                    ref.trace)
+    else:
+        predictor = name if name == "none" else make_predictor(name, model, adapter, layers, depth)
+    m2r2_moe.offload(model, cache_experts=cache, link_gbps=gbps, predictor=predictor, lookahead=depth)
+    offloader = m2r2_moe.get_offloader(model)
+    try:
+        gen = dict(input_ids=ref.prompt, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            offloader.reset_sequence()
+            model.generate(max_new_tokens=1, **gen)  # warm-up prefill
+            timers = Timers(offloader)
+            start = time.perf_counter()
+            model.generate(max_new_tokens=1, **gen)
+            prefill = time.perf_counter() - start
+            offloader.reset_sequence()
+            start = time.perf_counter()
+            model.generate(max_new_tokens=tokens + 1, min_new_tokens=tokens + 1, **gen)
+            total = time.perf_counter() - start
+            timers.restore()
+    finally:
+        m2r2_moe.remove_offload(model)
+    row = {part: timers.seconds[part] / timers.calls * 1e6 for part in PARTS}
+    row.update(ms_per_token=(total - prefill) / tokens * 1e3, misses=timers.misses)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--link-ratios", default="0.5,2,8")
+    parser.add_argument("--predictors", default="none,gate,m2r2,oracle")
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = _load("builtin", torch.float32)
+    _, layers = find_moe_layers(model)
+    total_experts = sum(int(x.experts.num_experts) for x in layers)
+    refs = [reference_run(model, p, args.tokens, max(int(x.experts.num_experts) for x in layers))
+            for p in _prompts(tokenizer, args.prompts, 64, model.config.vocab_size)]
+    layer_s = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
+    ratios, names = [float(r) for r in args.link_ratios.split(",")], args.predictors.split(",")
+    results = collections.defaultdict(list)
+    for ref in refs:  # prompts outermost: every configuration sees the machine's drift alike
+        for ratio in ratios:
+            gbps = _expert_bytes(layers) / (ratio * layer_s) / 1e9
+            depth = min(max(math.ceil(ratio), 1), 4)
+            for name in names:
+                results[ratio, name].append(measure(model, ref, name, gbps, depth, total_experts // 2, args.tokens))
+    table = markdown_table(["link ratio", "predictor", "ms/token", "decode misses", *(f"{p} µs" for p in PARTS),
+                            "saved µs", "net µs"], _rows(results, ratios, names))
+    extra = (f"\nPer MoE layer call (decode), mean of {args.prompts} prompt(s) x {args.tokens} tokens; built-in model, "
+             f"cache {total_experts // 2} of {total_experts} experts, `predictive` policy, lookahead ceil(ratio) ≤ 4; "
+             f"un-offloaded compute {layer_s * 1e6:.0f} µs per layer. `prefetch path` = on_layer.\n")
+    print(table + "\n" + extra)
+    if not args.no_record:
+        print(f"appended to {append_section('Prefetch cost per layer (benchmarks/prefetch_cost.py)', table + chr(10) + extra)}")
+
+
+def _rows(results, ratios, names) -> list[list]:
+    rows = []
+    for ratio in ratios:
+        base = {p: statistics.mean(r[p] for r in results[ratio, "none"]) for p in PARTS} if "none" in names else None
+        for name in names:
+            mean = {p: statistics.mean(r[p] for r in results[ratio, name]) for p in (*PARTS, "ms_per_token", "misses")}
+            saved = net = ""
+            if base is not None:
+                saved_us = base["wait"] - mean["wait"]
+                saved, net = f"{saved_us:.0f}", f"{saved_us - mean['on_layer'] - (mean['kernel'] - base['kernel']):.0f}"
+            rows.append([f"{ratio:g}", name, f"{mean['ms_per_token']:.2f}", f"{mean['misses']:.0f}",
+                         *(f"{mean[p]:.0f}" for p in PARTS), saved, net])
+    return rows
+
+
+if __name__ == "__main__":
+    main()
