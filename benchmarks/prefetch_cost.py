@@ -91,9 +91,9 @@ class Timers:
 def measure(model, ref, name, gbps, depth, cache, tokens) -> dict:
     """One offloaded decode of `ref.prompt`: µs per MoE layer call for each part, ms per token, misses."""
     adapter, layers = find_moe_layers(model)
-    if name == "oracle":
+    if name in ("oracle", "oracle-wrap"):
         predictor = OraclePredictor(len(layers), int(layers[0].experts.num_experts), adapter.top_k(model), depth,
-                                    ref.trace)
+                                    ref.trace, wrap=name == "oracle-wrap")
     else:
         predictor = name if name == "none" else make_predictor(name, model, adapter, layers, depth)
     m2r2_moe.offload(model, cache_experts=cache, link_gbps=gbps, predictor=predictor, lookahead=depth)
