@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 import torch
 
 from m2r2_moe.runtime.transfer import DEMAND, PREFETCH, ThreadCopyEngine
@@ -34,17 +35,57 @@ def test_emulated_link_is_serial_and_timed():
         engine.close()
 
 
-def test_demand_loads_jump_queued_prefetches():
+def test_demand_loads_jump_queued_prefetches_and_preempt_the_one_on_the_link():
     engine = ThreadCopyEngine(link_gbps=0.001)  # 1 MB/s: 10 ms per 10 kB copy
     try:
-        blocker = engine.submit(0, 0, torch.zeros(2500), torch.randn(2500), PREFETCH)  # occupies the link
+        src = torch.randn(2500)
+        blocker_dst = torch.zeros(2500)
+        blocker = engine.submit(0, 0, blocker_dst, src, PREFETCH)  # occupies the link
         time.sleep(0.002)
         prefetches = [engine.submit(10 + i, 1, torch.zeros(250), torch.randn(250), PREFETCH) for i in range(3)]
         demand = engine.submit(99, 2, torch.zeros(250), torch.randn(250), DEMAND)
         for t in [demand, *prefetches, blocker]:
             t.wait()
-        # queued last, the demand load ran right after the copy already on the link
-        assert blocker.finished_at <= demand.started_at < min(p.started_at for p in prefetches)
+        # the demand load cut into the copy on the link at once, ahead of the queued prefetches
+        assert blocker.started_at < demand.started_at < blocker.finished_at
+        assert demand.finished_at <= min(p.started_at for p in prefetches)
+        assert blocker.finished_at <= min(p.started_at for p in prefetches)  # the started prefetch finishes first
+        assert demand.started_at - blocker.started_at < 0.002 + 0.005  # submitted 2 ms in, plus scheduling slack
+        assert torch.equal(blocker_dst, src)
+        assert blocker.busy == pytest.approx(0.010, abs=0.005)  # the link time it used, not its wall span
+        assert blocker.finished_at - blocker.started_at >= blocker.busy + 0.9 * demand.busy
+    finally:
+        engine.close()
+
+
+def test_a_prefetch_never_preempts_another():
+    """Only demand loads cut in: a nearer prefetch queued while a farther one holds the link goes next."""
+    engine = ThreadCopyEngine(link_gbps=0.001)
+    try:
+        far = engine.submit(0, 0, torch.zeros(2500), torch.randn(2500), priority=3)
+        time.sleep(0.002)
+        near = engine.submit(1, 1, torch.zeros(250), torch.randn(250), priority=1)
+        near.wait()
+        assert far.ready() and far.finished_at <= near.started_at
+    finally:
+        engine.close()
+
+
+def test_promoting_a_partly_copied_prefetch_runs_its_rest_first():
+    engine = ThreadCopyEngine(link_gbps=0.001)
+    try:
+        first = engine.submit(0, 0, torch.zeros(2500), torch.randn(2500), PREFETCH)
+        time.sleep(0.002)  # `first` is on the link
+        other = engine.submit(1, 1, torch.zeros(250), torch.randn(250), PREFETCH)
+        late = engine.submit(2, 2, torch.zeros(2500), torch.randn(2500), PREFETCH)
+        time.sleep(0.0125)  # `first` done, `other` done, `late` partly copied
+        engine.promote(late)
+        demand = engine.submit(3, 3, torch.zeros(250), torch.randn(250), DEMAND)
+        for t in (first, other, late, demand):
+            t.wait()
+        # promoted, its remaining pieces go before the demand load queued after the promotion
+        assert late.priority == DEMAND and late.finished_at <= demand.started_at
+        assert late.busy == pytest.approx(0.010, abs=0.005)
     finally:
         engine.close()
 
@@ -59,5 +100,23 @@ def test_failed_copy_reports_to_the_waiter():
             assert "expert key 3" in str(e)
         else:
             raise AssertionError("a failed copy must raise in wait()")
+    finally:
+        engine.close()
+
+
+def test_a_later_copy_into_the_same_slot_wins_over_a_preempted_one():
+    """A demand load into a slot whose evicted prefetch is still on the link (it cannot be withdrawn any
+    more) pre-empts it; the slot ends up with the demand load's bytes, never the older copy's."""
+    engine = ThreadCopyEngine(link_gbps=0.001)
+    try:
+        slot = torch.zeros(2500)
+        old = engine.submit(0, 7, slot, torch.ones(2500), PREFETCH)
+        time.sleep(0.003)  # `old` is on the link
+        assert not engine.cancel(old)  # started: it cannot be withdrawn
+        new = engine.submit(1, 7, slot, torch.full((2500,), 2.0), DEMAND)
+        new.wait()
+        assert torch.equal(slot, torch.full((2500,), 2.0)) and not old.ready()
+        old.wait()
+        assert torch.equal(slot, torch.full((2500,), 2.0))
     finally:
         engine.close()

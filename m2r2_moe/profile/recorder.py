@@ -120,4 +120,5 @@ class Recorder:
 
     def link_busy_seconds(self) -> float:
         """Seconds the (emulated) link spent on copies (CPU engine; copies carry no times on CUDA)."""
-        return sum(c.finished - c.started for c in self.copies if c.finished and not c.cancelled)
+        return sum(getattr(c.transfer, "busy", c.finished - c.started) for c in self.copies
+                   if c.finished and not c.cancelled)

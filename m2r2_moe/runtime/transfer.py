@@ -5,7 +5,11 @@
 - `ThreadCopyEngine`: the CPU twin. A worker thread does the real memcpy into the slot buffer and, when a
   link is emulated, holds the transfer until `latency + bytes / bandwidth` has passed on a serial link,
   so transfer/compute overlap and stalls can be studied without a GPU. Demand loads jump the queue ahead
-  of prefetches.
+  of prefetches, and on an emulated link a demand load also pre-empts a prefetch already on the link: the
+  prefetch gives the link up at once and resumes its remaining link time after the demand load (prefetch
+  traffic never holds a demand load up). The bytes of a copy are moved when it first gets the link.
+  The CUDA copy stream does not pre-empt yet: there a demand load queues behind the prefetches submitted
+  before it (feeding prefetches to the stream in pieces from the host would give it the same property).
 
 A `Transfer` is the handle of one in-flight copy: `ready()` never blocks; `wait(timeout)` makes the compute
 side wait for it and returns the host seconds spent waiting (0 on CUDA, where the wait is on the device);
@@ -37,14 +41,18 @@ class Transfer:
     """Handle of one copy into a slot."""
 
     __slots__ = ("key", "slot", "nbytes", "priority", "_done", "error", "started_at", "finished_at", "claimed",
-                 "cancelled")
+                 "cancelled", "busy", "dst", "src", "entry", "remaining")
 
     def __init__(self, key: int, slot: int, nbytes: int, priority: int):
         self.key, self.slot, self.nbytes, self.priority = key, slot, nbytes, priority
         self._done = threading.Event()
         self.error: BaseException | None = None
         self.started_at = self.finished_at = 0.0  # perf_counter times on the (emulated) link
+        self.busy = 0.0  # seconds it held the link (less than finished - started when a demand load cut in)
         self.claimed = self.cancelled = False  # taken by the worker / withdrawn before it was
+        self.dst = self.src = None  # the copy's arguments, held until it is done (CPU engine)
+        self.entry = -1  # sequence number of its live queue entry (older entries of a promoted copy are stale)
+        self.remaining = None  # emulated link seconds still to hold (None until its bytes have moved)
 
     def ready(self) -> bool:
         return self._done.is_set()
@@ -88,12 +96,12 @@ class ThreadCopyEngine:
         self.latency_s = link_latency_us * 1e-6
         self.bytes_copied = 0
         self.busy_seconds = 0.0
-        self._queue: list[tuple[int, int, Transfer, torch.Tensor, torch.Tensor]] = []
+        self._queue: list[tuple[int, int, Transfer]] = []  # (priority, sequence, transfer)
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
         self._link_free_at = 0.0
-        self._args: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._holding: int | None = None  # priority of the copy holding the emulated link, None when idle
         self.fault = None  # test-only hook, see the module docstring
         self._worker = threading.Thread(target=self._run, name="m2r2-copy", daemon=True)
         self._worker.start()
@@ -112,32 +120,37 @@ class ThreadCopyEngine:
         """Queue `dst.copy_(src)`. `after` (a device event guarding the slot's previous tenant) is unused
         on CPU, where compute is synchronous."""
         transfer = Transfer(key, slot, src.numel() * src.element_size(), priority)
+        transfer.dst, transfer.src = dst, src
         with self._cv:
             if self._closed:
                 raise RuntimeError("copy engine is closed")
-            heapq.heappush(self._queue, (priority, next(self._seq), transfer, dst, src))
-            if priority != DEMAND:
-                self._args[id(transfer)] = (dst, src)  # for a later promotion
-            self._cv.notify()
+            self._push(transfer, priority)
         return transfer
 
+    def _push(self, transfer: Transfer, priority: int) -> None:
+        """Queue (or re-queue) `transfer`; wake the worker when it is idle or this pre-empts its copy."""
+        transfer.entry = next(self._seq)
+        heapq.heappush(self._queue, (priority, transfer.entry, transfer))
+        if self._holding is None or (priority == DEMAND and self._holding != DEMAND):
+            self._cv.notify()
+
     def cancel(self, transfer: Transfer) -> bool:
-        """Withdraw a queued copy. False when the worker has already taken it (it then completes before
-        any copy submitted later into the same slot, since there is one worker)."""
+        """Withdraw a queued copy. False when the worker has already started it (its bytes have moved; a
+        later copy into the same slot moves its own bytes after them)."""
         with self._cv:
             if transfer.claimed:
                 return False
             transfer.cancelled = True
+            transfer.dst = transfer.src = None
         transfer._done.set()
         return True
 
     def promote(self, transfer: Transfer) -> None:
-        """Move a queued prefetch ahead of all other prefetches: the compute side now waits for it."""
+        """Run a prefetch (queued, or pre-empted partway) before all other prefetches: compute waits for it."""
         with self._cv:
-            if not transfer.claimed and not transfer.cancelled and transfer.priority != DEMAND:
+            if not transfer.cancelled and not transfer.ready() and transfer.priority != DEMAND:
                 transfer.priority = DEMAND
-                heapq.heappush(self._queue, (DEMAND, next(self._seq), transfer, None, None))
-                self._cv.notify()
+                self._push(transfer, DEMAND)
 
     def close(self) -> None:
         with self._cv:
@@ -152,40 +165,65 @@ class ThreadCopyEngine:
                     self._cv.wait()
                 if not self._queue:
                     return
-                _, _, transfer, dst, src = heapq.heappop(self._queue)
-                if transfer.claimed or transfer.cancelled:
-                    if transfer.cancelled:
-                        self._args.pop(id(transfer), None)
-                    continue  # a promoted copy's older queue entry, or a withdrawn one
+                _, seq, transfer = heapq.heappop(self._queue)
+                if transfer.cancelled or transfer.entry != seq or transfer.ready():
+                    continue  # withdrawn, or an older entry of a promoted copy
                 transfer.claimed = True
-                if dst is None:  # a promotion entry: the copy's arguments live in its original entry
-                    dst, src = self._args.pop(id(transfer))
-                else:
-                    self._args.pop(id(transfer), None)
-            self._copy(transfer, dst, src)
+            if not self._serve(transfer):
+                with self._cv:  # pre-empted: back in its place, unless a promotion queued it anew meanwhile
+                    if transfer.entry == seq:
+                        heapq.heappush(self._queue, (transfer.priority, seq, transfer))
 
-    def _copy(self, transfer: Transfer, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Copy, then hold the emulated link; whatever raises is reported to the waiter, and the transfer is
-        always marked done: the worker never dies and never leaves a waiter hanging."""
-        start = transfer.started_at = time.perf_counter()
+    def _serve(self, transfer: Transfer) -> bool:
+        """Move the copy's bytes (the first time it gets the link), then hold the emulated link for its
+        remaining time unless a more urgent copy arrives. True when the transfer is done: whatever raises is
+        reported to the waiter, and the worker never dies nor leaves a waiter hanging."""
+        start, held, done = time.perf_counter(), None, True
         try:
-            if self.fault is not None:
-                self.fault(transfer.key, transfer.slot, transfer.priority)
-            dst.copy_(src)
+            if transfer.remaining is None:
+                transfer.started_at = start
+                if self.fault is not None:
+                    self.fault(transfer.key, transfer.slot, transfer.priority)
+                transfer.dst.copy_(transfer.src)
+                transfer.remaining = self.link_seconds(transfer.nbytes)
+                if self.bytes_per_s is not None:
+                    transfer.started_at = max(start, self._link_free_at)
             if self.bytes_per_s is not None:
-                # Serial link: this transfer starts when the link is free and occupies it for its duration.
-                transfer.started_at = max(start, self._link_free_at)
-                self._link_free_at = transfer.started_at + self.link_seconds(transfer.nbytes)
-                delay = self._link_free_at - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-            self.bytes_copied += transfer.nbytes
+                held, done = self._hold_link(transfer, start)
+            if done:
+                self.bytes_copied += transfer.nbytes
         except BaseException as e:  # noqa: BLE001 — reported to the waiter, never lost in the thread
-            transfer.error = e
-        finally:
-            end = transfer.finished_at = time.perf_counter()
-            self.busy_seconds += end - start
+            transfer.error, done = e, True
+        end = time.perf_counter()
+        busy = end - start if held is None else held  # the link's time on an emulated link, else the copy's
+        transfer.busy += busy
+        self.busy_seconds += busy
+        if done:
+            transfer.finished_at = end
+            transfer.dst = transfer.src = None
             transfer._done.set()
+        return done
+
+    def _hold_link(self, transfer: Transfer, start: float) -> tuple[float, bool]:
+        """Serial link: the copy holds it from when it is free (at the earliest `start`, before its bytes
+        moved: the memcpy is part of the transfer) for its remaining time, or until a copy of higher
+        priority is queued. Returns (seconds held, finished)."""
+        link_start = max(start, self._link_free_at)
+        deadline = link_start + transfer.remaining
+        with self._cv:
+            self._holding = transfer.priority
+            try:
+                while (left := deadline - time.perf_counter()) > 0:
+                    if self._queue and self._queue[0][0] == DEMAND and transfer.priority != DEMAND:
+                        now = time.perf_counter()  # pre-empted: the link is free from now on
+                        transfer.remaining, self._link_free_at = deadline - now, now
+                        return max(now - link_start, 0.0), False
+                    self._cv.wait(left)
+            finally:
+                self._holding = None
+        self._link_free_at = deadline
+        transfer.remaining = 0.0
+        return deadline - link_start, True
 
 
 class CudaTransfer:
