@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 
@@ -55,17 +56,23 @@ def _same(out, ref) -> bool:
     return torch.equal(out.sequences, ref.sequences) and all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores))
 
 
+def _cache_arg(model) -> str:
+    """The KV-cache argument's name: `cache` from transformers 5.24 on (`past_key_values` is deprecated)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _decode_steps(models, prompts, steps: int) -> list[list[torch.Tensor]]:
     """Greedy decoding of every model, one step of each in turn; per model the logits of every step."""
     from transformers import DynamicCache
 
     caches = [DynamicCache(config=m.config) for m in models]
+    names = [_cache_arg(m) for m in models]
     inputs = list(prompts)
     logits: list[list[torch.Tensor]] = [[] for _ in models]
     with torch.no_grad():
         for _ in range(steps):
             for i, model in enumerate(models):
-                out = model(input_ids=inputs[i], past_key_values=caches[i], use_cache=True)
+                out = model(input_ids=inputs[i], use_cache=True, **{names[i]: caches[i]})
                 logits[i].append(out.logits[:, -1])
                 inputs[i] = out.logits[:, -1:].argmax(-1)
     return logits

@@ -15,6 +15,7 @@ available" from a skip into a failure.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import warnings
@@ -179,14 +180,15 @@ def _decode_syncs(cache_experts: int, steps: int = 6):
     try:
         with torch.no_grad():
             for _ in range(2):
+                name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
                 out = model(input_ids=ids, use_cache=True)
-                state = [out.past_key_values, out.logits[:, -1:].argmax(-1)]  # next token stays on the GPU
+                state = [getattr(out, name), out.logits[:, -1:].argmax(-1)]  # next token stays on the GPU
                 m2r2_moe.reset_stats(model)
 
                 def decode():
                     for _ in range(steps):
-                        step = model(input_ids=state[1], past_key_values=state[0], use_cache=True)
-                        state[:] = [step.past_key_values, step.logits[:, -1:].argmax(-1)]
+                        step = model(input_ids=state[1], use_cache=True, **{name: state[0]})
+                        state[:] = [getattr(step, name), step.logits[:, -1:].argmax(-1)]
 
                 syncs = _count_syncs(decode)
             return syncs, m2r2_moe.stats(model)
