@@ -38,6 +38,10 @@ class OffloadConfig:
             (next layers' routers on the current residual), `"m2r2"` (accelerated residual adapters), or a
             `m2r2_moe.predict.Predictor` object (e.g. an `OraclePredictor` replaying a recorded trace).
         lookahead: how many layers ahead a predictor looks (D).
+        prefetch_min_prob: the smallest predicted probability for which an expert is prefetched (in
+            (0, 1]; on a slow, busy link the prefetcher raises it further, see runtime/prefetcher.py). Higher:
+            fewer wrong copies and less eviction of useful experts, fewer prefetches. On the built-in model
+            0.3 removes more stall than the default at link ratios 2 and 8 and less at 0.5 (BENCHMARKS.md).
         adapters: path of a trained adapters file for predictors that need one.
         pin_memory: page-lock the host expert store. `None` means yes when CUDA is available.
         link_gbps: CPU only: emulate a host→device link of this bandwidth in GB/s (10^9 bytes per
@@ -53,6 +57,7 @@ class OffloadConfig:
     policy: str = "predictive"
     predictor: object = "none"
     lookahead: int = 4
+    prefetch_min_prob: float = 0.15
     adapters: str | os.PathLike | None = None
     pin_memory: bool | None = None
     link_gbps: float | None = None
@@ -76,6 +81,8 @@ class OffloadConfig:
             raise OffloadConfigError(f"adapters must be a path to an adapters file, got {type(self.adapters).__name__}")
         if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 1:
             raise OffloadConfigError(f"lookahead must be an integer >= 1, got {self.lookahead!r}")
+        if not (_is_number(self.prefetch_min_prob) and 0 < self.prefetch_min_prob <= 1):
+            raise OffloadConfigError(f"prefetch_min_prob must be a probability in (0, 1], got {self.prefetch_min_prob!r}")
         if not any(self.pin_memory is v for v in (None, True, False)):  # `is`: 1 == True would slip through
             raise OffloadConfigError(f"pin_memory must be True, False or None, got {self.pin_memory!r}")
         # bounded: an emulated copy sleeps latency + bytes / bandwidth, and an absurd value is a hang, not a link

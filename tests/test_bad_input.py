@@ -38,6 +38,10 @@ def model_and_ref():
         (dict(policy="fifo"), m2r2_moe.OffloadConfigError, "policy must be one of"),
         (dict(link_gbps=-1.0), m2r2_moe.OffloadConfigError, "positive"),
         (dict(lookahead=0), m2r2_moe.OffloadConfigError, "lookahead"),
+        (dict(prefetch_min_prob=0), m2r2_moe.OffloadConfigError, "prefetch_min_prob"),
+        (dict(prefetch_min_prob=1.5), m2r2_moe.OffloadConfigError, "prefetch_min_prob"),
+        (dict(prefetch_min_prob=True), m2r2_moe.OffloadConfigError, "prefetch_min_prob"),
+        (dict(prefetch_min_prob="0.3"), m2r2_moe.OffloadConfigError, "prefetch_min_prob"),
         (dict(cache_slots=4), TypeError, "valid options"),
     ],
 )

@@ -113,3 +113,13 @@ def test_decode_ranking_on_the_host_matches_the_batched_tensor_path(seed):
         assert host[d] == expected
     assert 0 < sum(map(len, host.values())) < 9  # the threshold cut some experts, not all
     m2r2_moe.remove_offload(model)
+
+
+def test_prefetch_min_prob_reaches_the_prefetcher():
+    model = tiny_mixtral(layers=3)
+    m2r2_moe.offload(model, device="cpu", cache_experts=6, predictor="gate", prefetch_min_prob=0.4)
+    try:
+        pf = m2r2_moe.get_offloader(model).prefetcher
+        assert pf.min_prob == 0.4 and pf._thresholds([1, 2], 0.0) == [0.4, 0.4]
+    finally:
+        m2r2_moe.remove_offload(model)

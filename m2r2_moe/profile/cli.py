@@ -41,6 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--policies", default="predictive", help="comma-separated: lru, predictive")
     p.add_argument("--depth", default="auto",
                    help="prefetch lookahead in layers; 'auto' = ceil(link ratio), 1..4: the lead time a copy needs")
+    p.add_argument("--min-prob", type=float, default=None,
+                   help="prefetch_min_prob: smallest predicted probability worth a prefetch (default: the runtime's)")
     p.add_argument("--prompts", type=int, default=1, help="held-out prompts to run")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -94,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
         gbps = expert_bytes / link_s / 1e9 if args.device == "cpu" else None
         depth = min(max(math.ceil(ratio), 1), 4) if args.depth == "auto" else int(args.depth)
         per_prompt = [offloaded_run(model, ref, args.new_tokens, name, cache, gbps, policy, args.adapters, depth,
-                                    args.device) for ref in refs]
+                                    args.device, args.min_prob) for ref in refs]
         limits = [limit_per_token(ref, cache, expert_bytes, gbps and gbps * 1e9, args.new_tokens) for ref in refs]
         recorders[(ratio, cache, policy, name)] = per_prompt[0]["recorder"]
         runs.append(_merge(name, ratio, cache, policy, per_prompt, limits, gbps, args.new_tokens - 1))

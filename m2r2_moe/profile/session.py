@@ -71,8 +71,10 @@ def lru_curve(ref: Reference, sizes: list[int]) -> dict[int, tuple[int, int]]:
 
 
 def offloaded_run(model, ref: Reference, new_tokens: int, predictor_name: str, cache_experts: int,
-                  link_gbps: float | None, policy: str, adapters=None, depth: int = 4, device=None) -> dict:
-    """Offload, generate the reference prompt, compare, measure; the model is restored afterwards."""
+                  link_gbps: float | None, policy: str, adapters=None, depth: int = 4, device=None,
+                  min_prob: float | None = None) -> dict:
+    """Offload, generate the reference prompt, compare, measure; the model is restored afterwards.
+    `min_prob`: the prefetcher's `prefetch_min_prob` (None: the default)."""
     adapter, layers = find_moe_layers(model)
     top_k = adapter.top_k(model)
     if predictor_name in ("oracle", "oracle-wrap"):
@@ -82,8 +84,9 @@ def offloaded_run(model, ref: Reference, new_tokens: int, predictor_name: str, c
         predictor = "none"
     else:
         predictor = make_predictor(predictor_name, model, adapter, layers, depth, adapters=adapters, device=device)
+    extra = {} if min_prob is None else {"prefetch_min_prob": min_prob}
     api.offload(model, device=device, cache_experts=cache_experts, link_gbps=link_gbps, policy=policy,
-                predictor=predictor, lookahead=depth)
+                predictor=predictor, lookahead=depth, **extra)
     offloader = api.get_offloader(model)
     recorder = Recorder(offloader)
     try:
