@@ -41,7 +41,8 @@ class OffloadConfig:
         prefetch_min_prob: the smallest predicted probability for which an expert is prefetched (in
             (0, 1]; on a slow, busy link the prefetcher raises it further, see runtime/prefetcher.py). Higher:
             fewer wrong copies and less eviction of useful experts, fewer prefetches. On the built-in model
-            0.3 removes more stall than the default at link ratios 2 and 8 and less at 0.5 (BENCHMARKS.md).
+            0.3 moves ~10x fewer wasted bytes for about the same stall at link ratios 2 and 8, and removes
+            less stall at 0.5 (BENCHMARKS.md).
         adapters: path of a trained adapters file for predictors that need one.
         pin_memory: page-lock the host expert store. `None` means yes when CUDA is available.
         link_gbps: CPU only: emulate a host→device link of this bandwidth in GB/s (10^9 bytes per
