@@ -40,9 +40,11 @@ class OffloadConfig:
         lookahead: how many layers ahead a predictor looks (D).
         prefetch_min_prob: the smallest predicted probability for which an expert is prefetched (in
             (0, 1]; on a slow, busy link the prefetcher raises it further, see runtime/prefetcher.py). Higher:
-            fewer wrong copies and less eviction of useful experts, fewer prefetches. On the built-in model
-            0.3 moves ~10x fewer wasted bytes for about the same stall at link ratios 2 and 8, and removes
-            less stall at 0.5 (BENCHMARKS.md).
+            fewer wrong copies and less eviction of useful experts, fewer prefetches. `None`: 0.6 / top-k
+            (0.3 for top-2 routing: a share of the router's mass a little above half of an average chosen
+            expert's). On the built-in model (top-2 of 8) 0.3 against 0.15 over 128 decoded tokens: m2r2
+            removes 30 % of on-demand's stall instead of adding 11 % at link ratio 2, with 20x fewer wasted
+            bytes, and 47 % instead of 66 % at ratio 0.5 (BENCHMARKS.md). Not measured on fine-grained MoEs.
         adapters: path of a trained adapters file for predictors that need one.
         pin_memory: page-lock the host expert store. `None` means yes when CUDA is available.
         link_gbps: CPU only: emulate a host→device link of this bandwidth in GB/s (10^9 bytes per
@@ -58,7 +60,7 @@ class OffloadConfig:
     policy: str = "predictive"
     predictor: object = "none"
     lookahead: int = 4
-    prefetch_min_prob: float = 0.15
+    prefetch_min_prob: float | None = None
     adapters: str | os.PathLike | None = None
     pin_memory: bool | None = None
     link_gbps: float | None = None
@@ -82,7 +84,8 @@ class OffloadConfig:
             raise OffloadConfigError(f"adapters must be a path to an adapters file, got {type(self.adapters).__name__}")
         if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 1:
             raise OffloadConfigError(f"lookahead must be an integer >= 1, got {self.lookahead!r}")
-        if not (_is_number(self.prefetch_min_prob) and 0 < self.prefetch_min_prob <= 1):
+        if self.prefetch_min_prob is not None and not (_is_number(self.prefetch_min_prob)
+                                                       and 0 < self.prefetch_min_prob <= 1):
             raise OffloadConfigError(f"prefetch_min_prob must be a probability in (0, 1], got {self.prefetch_min_prob!r}")
         if not any(self.pin_memory is v for v in (None, True, False)):  # `is`: 1 == True would slip through
             raise OffloadConfigError(f"pin_memory must be True, False or None, got {self.pin_memory!r}")

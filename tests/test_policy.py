@@ -123,3 +123,8 @@ def test_prefetch_min_prob_reaches_the_prefetcher():
         assert pf.min_prob == 0.4 and pf._thresholds([1, 2], 0.0) == [0.4, 0.4]
     finally:
         m2r2_moe.remove_offload(model)
+    m2r2_moe.offload(model, device="cpu", cache_experts=6, predictor="gate")  # default: 0.6 / top-k
+    try:
+        assert m2r2_moe.get_offloader(model).prefetcher.min_prob == pytest.approx(0.6 / 2)
+    finally:
+        m2r2_moe.remove_offload(model)

@@ -121,7 +121,9 @@ def test_prefetching_never_changes_outputs(trained, name):
         predictor = OraclePredictor(len(layers), 8, 2, DEPTH, trace)
     else:
         predictor = make_predictor(name, model, adapter, layers, DEPTH, adapters=adapters)
-    m2r2_moe.offload(model, device="cpu", cache_experts=6, link_gbps=0.2, predictor=predictor)
+    # a low admission floor: the tiny random model's routers are nearly uniform, and this test is about
+    # the copies prefetching makes, not about which the default admits
+    m2r2_moe.offload(model, device="cpu", cache_experts=6, link_gbps=0.2, predictor=predictor, prefetch_min_prob=0.05)
     try:
         with torch.no_grad():
             out = model.generate(**gen, output_scores=True, return_dict_in_generate=True)
