@@ -30,7 +30,7 @@ from ..predict.base import Predictor, as_probabilities
 class Prefetcher:
     """Drives one predictor for one offloaded model."""
 
-    def __init__(self, offloader, predictor: Predictor, min_prob: float = 0.15, width: int | None = None,
+    def __init__(self, offloader, predictor: Predictor, min_prob: float = 0.3, width: int | None = None,
                  max_queued: int | None = None):
         self.offloader, self.predictor = offloader, predictor
         self.min_prob = min_prob
