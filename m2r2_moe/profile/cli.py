@@ -170,9 +170,10 @@ def _outputs(args, runs, recorders, refs, ratios, caches, total) -> None:
                 series[name] = [row["stall"] for row in rec.per_step()[1:]]
         report.plot_stalls(series, out / "stalls.png", f"stall per decode token, link ratio {mid:g}, cache {caches[0]}")
         sizes = sorted({r["cache_experts"] for r in runs} | {total // 4, total // 2, 3 * total // 4})
-        curve = lru_curve(refs[0], sizes)
-        uses = sum(len(q) for q in refs[0].requests[refs[0].prefill_requests:])
-        offline = {c: (1 - lru / uses, 1 - bel / uses) for c, (lru, bel) in curve.items()}
+        curves = [lru_curve(ref, sizes) for ref in refs]  # over every prompt, as the measured runs
+        uses = sum(len(q) for ref in refs for q in ref.requests[ref.prefill_requests:])
+        offline = {c: (1 - sum(cv[c][0] for cv in curves) / uses, 1 - sum(cv[c][1] for cv in curves) / uses)
+                   for c in sizes}
         measured: dict[str, dict[int, float]] = {}
         for r in runs:
             if r["link_ratio"] == mid:
