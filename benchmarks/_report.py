@@ -43,3 +43,10 @@ def append_section(title: str, body: str, path: Path | None = None) -> Path:
     with path.open("a") as f:
         f.write(f"{header}\n## {title}\n\n- command: `{command}`\n- machine: {machine()}\n- date: {stamp}\n\n{body}\n")
     return path
+
+
+def publish(title: str, table: str, extra: str, record: bool = True) -> None:
+    """Print a benchmark's table and notes; unless `record` is false, append them to BENCHMARKS.md as `title`."""
+    print(table + "\n" + extra)
+    if record:
+        print(f"appended to {append_section(title, table + chr(10) + extra)}")

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import m2r2_moe  # noqa: E402
-from _report import append_section, markdown_table  # noqa: E402
+from _report import markdown_table, publish  # noqa: E402
 from m2r2_moe.cli import _load  # noqa: E402
 from m2r2_moe.corpus import resolve_text, token_stream  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
@@ -103,12 +103,11 @@ def main() -> None:
     k = test[1].shape[-1]
     table = markdown_table(["distance d", "source → target", "m2r2 (fitted)", "gate", "previous token",
                             "within-token m2r2 at d"], rows)
-    extra = (f"\nTop-{k} recall of {int(layers[0].experts.num_experts)} experts (chance: {k / int(layers[0].experts.num_experts):.3f}); "
+    experts = int(layers[0].experts.num_experts)
+    extra = (f"\nTop-{k} recall of {experts} experts (chance: {k / experts:.3f}); "
              f"fitted on {args.train_tokens} train-split tokens, measured on {args.test_tokens} held-out tokens, "
              f"rank {args.rank}.\n")
-    print(table + "\n" + extra)
-    if not args.no_record:
-        print(f"appended to {append_section('Cross-token expert prediction (benchmarks/cross_token_recall.py)', table + chr(10) + extra)}")
+    publish("Cross-token expert prediction (benchmarks/cross_token_recall.py)", table, extra, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import append_section, markdown_table  # noqa: E402
+from _report import markdown_table, publish  # noqa: E402
 from m2r2_moe.cli import _load  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
 from m2r2_moe.predict import make_predictor  # noqa: E402
@@ -106,9 +106,7 @@ def main() -> None:
              f"(`predictive` policy), top-{args.width} predictions from up to {args.depth} layers back within the "
              f"token. `covered`: demand loads predicted from some distance; `removable stall`: mean best "
              f"min(1, d / ratio) (0 for loads no prediction covers).\n")
-    print(table + "\n" + extra)
-    if not args.no_record:
-        print(f"appended to {append_section('Upper bound from miss coverage (benchmarks/miss_coverage.py)', table + chr(10) + extra)}")
+    publish("Upper bound from miss coverage (benchmarks/miss_coverage.py)", table, extra, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import m2r2_moe  # noqa: E402
-from _report import append_section, markdown_table  # noqa: E402
+from _report import markdown_table, publish  # noqa: E402
 from m2r2_moe.cli import _load  # noqa: E402
 from m2r2_moe.profile import Recorder  # noqa: E402
 
@@ -108,9 +108,7 @@ def main() -> None:
              f"{per_layer:.1f} µs; the experts kernel itself: {kernel_per_layer:.1f} µs. "
              f"Model: {args.model}, {args.tokens} decode tokens, median of {args.rounds} interleaved rounds, "
              f"{args.threads} torch thread(s). Target: time ratio ≤ 1.3.\n")
-    print(table + "\n" + extra)
-    if not args.no_record:
-        print(f"appended to {append_section('All-hit decode overhead (benchmarks/overhead.py)', table + chr(10) + extra)}")
+    publish("All-hit decode overhead (benchmarks/overhead.py)", table, extra, record=not args.no_record)
 
 
 if __name__ == "__main__":

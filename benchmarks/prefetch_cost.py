@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import m2r2_moe  # noqa: E402
-from _report import append_section, markdown_table  # noqa: E402
+from _report import markdown_table, publish  # noqa: E402
 from m2r2_moe.cli import _load  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
 from m2r2_moe.predict import OraclePredictor, make_predictor  # noqa: E402
@@ -148,9 +148,7 @@ def main() -> None:
     extra = (f"\nPer MoE layer call (decode), mean of {args.prompts} prompt(s) x {args.tokens} tokens; built-in model, "
              f"cache {total_experts // 2} of {total_experts} experts, `predictive` policy, lookahead ceil(ratio) ≤ 4; "
              f"un-offloaded compute {layer_s * 1e6:.0f} µs per layer. `prefetch path` = on_layer.\n")
-    print(table + "\n" + extra)
-    if not args.no_record:
-        print(f"appended to {append_section('Prefetch cost per layer (benchmarks/prefetch_cost.py)', table + chr(10) + extra)}")
+    publish("Prefetch cost per layer (benchmarks/prefetch_cost.py)", table, extra, record=not args.no_record)
 
 
 def _rows(results, ratios, names) -> list[list]:
