@@ -78,24 +78,26 @@ class Prefetcher:
         ratio = self._transfer_ratio()
         targets = self._ranked(layer, depths, scores, ratio) if depths else {}  # {layer + d: experts}
         count = len(self.offloader.layers)
-        if top_k_index.shape[0] > 1:  # a target past the last layer is the next forward's: decode at batch 1 only
-            targets = {t: experts for t, experts in targets.items() if t < count}
+        # (target layer, distance, experts), deadline order; a target past the last layer is the next forward's
+        # layer (target % count), taken only in decode at batch 1
+        plan = [(t % count, t - layer, experts) for t, experts in sorted(targets.items())
+                if t < count or top_k_index.shape[0] == 1]
         self._wanted.pop(layer, None)
-        for target, experts in targets.items():  # keyed by layer index: a wrapped target's own turn is still ahead
-            for expert in self._wanted.get(target % count, set()).difference(experts):
-                self.offloader.withdraw(target % count, expert)
-            self._wanted[target % count] = set(experts)
+        for target, _, experts in plan:  # keyed by layer index: a wrapped target's own turn is still ahead
+            for expert in self._wanted.get(target, set()).difference(experts):
+                self.offloader.withdraw(target, expert)
+            self._wanted[target] = set(experts)
         if self.offloader.policy is not None:  # `predictive`: predicted resident experts are needed soon
-            for target, experts in targets.items():
+            for target, distance, experts in plan:
                 for expert in experts:
-                    self.offloader.expect(target % count, expert, target - layer)
+                    self.offloader.expect(target, expert, distance)
         queued, budget = self.offloader.queued_prefetches(), self._link_budget(ratio)
-        for target in sorted(targets):  # deadline order
-            for expert in targets[target]:
+        for target, distance, experts in plan:
+            for expert in experts:
                 if queued >= budget:
                     break
-                queued += self.offloader.prefetch(target % count, expert, priority=target - layer)
-        if layer == len(self.offloader.layers) - 1 and hasattr(self.predictor, "advance"):
+                queued += self.offloader.prefetch(target, expert, priority=distance)
+        if layer == count - 1 and hasattr(self.predictor, "advance"):
             self.predictor.advance(top_k_index.shape[0])
 
     def _transfer_ratio(self) -> float:
@@ -126,9 +128,11 @@ class Prefetcher:
     def _thresholds(self, depths: list[int], ratio: float) -> list[float]:
         """Minimum predicted probability per target. Ratio-aware admission: a copy at distance d saves at
         most min(T, d·C) of stall when right (T = transfer, C = layer compute); when wrong it holds the link
-        for T, which delays other copies about as often as the link is busy (u). It is worth it when
-        p·min(T, dC) > (1 − p)·u·T, i.e. p > uT / (uT + min(T, dC)); never below `min_prob`. An idle link
-        admits freely, a saturated slow link only confident predictions."""
+        for T, which delays other copies about as often as the link is busy (u) — other prefetches on the CPU
+        engine, where demand loads pre-empt it, demand loads too on CUDA. It is worth it when
+        p·min(T, dC) > (1 − p)·u·T, i.e. p > uT / (uT + min(T, dC)); never below `min_prob`, which stands for
+        what this leaves out: a prefetch also evicts a resident expert that may be needed. An idle link
+        admits down to `min_prob`, a saturated slow link only confident predictions."""
         busy = self.link_busy
         floor = max(self.min_prob, 1e-12)  # > 0: an expert with no score is never fetched
         if not ratio or not busy:
