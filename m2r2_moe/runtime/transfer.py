@@ -176,7 +176,7 @@ class ThreadCopyEngine:
 
     def _serve(self, transfer: Transfer) -> bool:
         """Move the copy's bytes (the first time it gets the link), then hold the emulated link for its
-        remaining time unless a more urgent copy arrives. True when the transfer is done: whatever raises is
+        remaining time unless a demand load pre-empts it. True when the transfer is done: whatever raises is
         reported to the waiter, and the worker never dies nor leaves a waiter hanging."""
         start, held, done = time.perf_counter(), None, True
         try:
@@ -206,8 +206,8 @@ class ThreadCopyEngine:
 
     def _hold_link(self, transfer: Transfer, start: float) -> tuple[float, bool]:
         """Serial link: the copy holds it from when it is free (at the earliest `start`, before its bytes
-        moved: the memcpy is part of the transfer) for its remaining time, or until a copy of higher
-        priority is queued. Returns (seconds held, finished)."""
+        moved: the memcpy is part of the transfer) for its remaining time, or, a prefetch, until a demand load
+        (or a promoted prefetch) is queued. Returns (seconds held, finished)."""
         link_start = max(start, self._link_free_at)
         deadline = link_start + transfer.remaining
         with self._cv:
