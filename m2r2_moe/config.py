@@ -39,12 +39,13 @@ class OffloadConfig:
             `m2r2_moe.predict.Predictor` object (e.g. an `OraclePredictor` replaying a recorded trace).
         lookahead: how many layers ahead a predictor looks (D).
         prefetch_min_prob: the smallest predicted probability for which an expert is prefetched (in
-            (0, 1]; on a slow, busy link the prefetcher raises it further, see runtime/prefetcher.py). Higher:
-            fewer wrong copies and less eviction of useful experts, fewer prefetches. `None`: 0.6 / top-k
-            (0.3 for top-2 routing: a share of the router's mass a little above half of an average chosen
-            expert's). On the built-in model (top-2 of 8) 0.3 against 0.15 over 128 decoded tokens: m2r2
-            removes 30 % of on-demand's stall instead of adding 11 % at link ratio 2, with 20x fewer wasted
-            bytes, and 47 % instead of 66 % at ratio 0.5 (BENCHMARKS.md). Not measured on fine-grained MoEs.
+            (0, 1]; on a slow, busy link the prefetcher raises it further, on a link measured faster than the
+            compute it halves it, see runtime/prefetcher.py). Higher: fewer wrong copies and less eviction
+            of useful experts, fewer prefetches. `None`: 0.6 / top-k (0.3 for top-2 routing: a little above
+            half of an average chosen expert's share of the router's mass). On the built-in model (top-2 of
+            8) over 128 decoded tokens at link ratio 2, 0.3 against 0.15: m2r2 removes 30 % of on-demand's
+            stall instead of adding 11 %, with 20x fewer wasted bytes; on faster links 0.15 removes more
+            (BENCHMARKS.md), hence the halving. Not measured on fine-grained MoEs.
         adapters: path of a trained adapters file for predictors that need one.
         pin_memory: page-lock the host expert store. `None` means yes when CUDA is available.
         link_gbps: CPU only: emulate a host→device link of this bandwidth in GB/s (10^9 bytes per

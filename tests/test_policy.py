@@ -120,7 +120,10 @@ def test_prefetch_min_prob_reaches_the_prefetcher():
     m2r2_moe.offload(model, device="cpu", cache_experts=6, predictor="gate", prefetch_min_prob=0.4)
     try:
         pf = m2r2_moe.get_offloader(model).prefetcher
-        assert pf.min_prob == 0.4 and pf._thresholds([1, 2], 0.0) == [0.4, 0.4]
+        assert pf.min_prob == 0.4 and pf._thresholds([1, 2], 0.0) == [0.4, 0.4]  # link unknown: the floor
+        pf.link_busy = 0.0
+        assert pf._thresholds([1, 2], 0.5) == [0.2, 0.2]  # a link faster than the compute: half the floor
+        assert pf._thresholds([1, 2], 2.0) == [0.4, 0.4]
     finally:
         m2r2_moe.remove_offload(model)
     m2r2_moe.offload(model, device="cpu", cache_experts=6, predictor="gate")  # default: 0.6 / top-k

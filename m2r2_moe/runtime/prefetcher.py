@@ -130,11 +130,13 @@ class Prefetcher:
         most min(T, d·C) of stall when right (T = transfer, C = layer compute); when wrong it holds the link
         for T, which delays other copies about as often as the link is busy (u) — other prefetches on the CPU
         engine, where demand loads pre-empt it, demand loads too on CUDA. It is worth it when
-        p·min(T, dC) > (1 − p)·u·T, i.e. p > uT / (uT + min(T, dC)); never below `min_prob`, which stands for
-        what this leaves out: a prefetch also evicts a resident expert that may be needed. An idle link
-        admits down to `min_prob`, a saturated slow link only confident predictions."""
+        p·min(T, dC) > (1 − p)·u·T, i.e. p > uT / (uT + min(T, dC)); never below the floor `min_prob`, which
+        stands for what this leaves out: a prefetch also evicts a resident expert that may be needed. On a
+        link measured faster than the compute (ratio < 1) the floor is halved: there an evicted expert that
+        is needed again is brought back in time by the next prediction. An idle link admits down to the
+        floor, a saturated slow link only confident predictions."""
         busy = self.link_busy
-        floor = max(self.min_prob, 1e-12)  # > 0: an expert with no score is never fetched
+        floor = max(self.min_prob * (0.5 if 0 < ratio < 1 else 1.0), 1e-12)  # > 0: no score, no fetch
         if not ratio or not busy:
             return [floor] * len(depths)
         return [max(floor, busy * ratio / (busy * ratio + min(ratio, d))) for d in depths]
