@@ -65,7 +65,7 @@ class Offloader:
         self._step = 0  # forwards seen (a decode step is one forward)
         self._layer_now = 0  # the MoE layer being computed
         self.layer_seconds = 0.0  # running estimate of one layer's compute time (host clock, stalls excluded)
-        self._last_call = (-1, 0.0, 0.0)  # (layer, perf_counter, stall seconds) at the previous layer call
+        self._last_call = (-1, 0.0, 0.0, 0)  # (layer, perf_counter, stall seconds, tokens) at the previous call
         # the `predictive` policy's next-use estimates (runtime/policy.py); `lru` leaves eviction to the slot manager
         self.policy = NextUsePolicy(len(layers)) if config.policy == "predictive" else None
         self._wave_keys: frozenset[int] = frozenset()  # keys of the wave being acquired: never victims
@@ -141,7 +141,7 @@ class Offloader:
             self.stats.tokens += hidden_states.shape[0]
             self._step += 1
         self._layer_now = layer
-        self._time_layer(layer)
+        self._time_layer(layer, hidden_states.shape[0])
         self.stats.layer_calls += 1
         # Host sync on CUDA: the set of experts decides which copies to issue (paid once per layer).
         needed = torch.unique(top_k_index).tolist()
@@ -154,15 +154,18 @@ class Offloader:
             return self.run_wave(layer, needed, hidden_states, top_k_index, top_k_weights)
         return waves.run_in_waves(self, layer, needed, hidden_states, top_k_index, top_k_weights)
 
-    def _time_layer(self, layer: int) -> None:
+    def _time_layer(self, layer: int, tokens: int) -> None:
         """Update `layer_seconds` from the time since the previous layer's call, less its stalls (the
-        prefetcher weighs a copy's transfer time against it)."""
+        prefetcher weighs a copy's transfer time against it). A forward of another size (decode after a
+        prefill) starts the estimate afresh: a prefill's layer times say nothing about a decode step's."""
         now, stall = time.perf_counter(), self.stats.stall_seconds
-        last_layer, last_time, last_stall = self._last_call
-        if layer == last_layer + 1:
+        last_layer, last_time, last_stall, last_tokens = self._last_call
+        if tokens != last_tokens:
+            self.layer_seconds = 0.0  # unknown until this size's first sample: the prefetcher then uses its floor
+        elif layer == last_layer + 1:
             sample = max(now - last_time - (stall - last_stall), 0.0)
             self.layer_seconds = sample if not self.layer_seconds else 0.9 * self.layer_seconds + 0.1 * sample
-        self._last_call = (layer, now, stall)
+        self._last_call = (layer, now, stall, tokens)
 
     def run_wave(self, layer, wave, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """Acquire the wave's experts, run the model's kernel on their slots, release. Every expert
