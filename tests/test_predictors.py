@@ -199,3 +199,13 @@ def test_stacked_routing_matches_the_reference_path(trained):
         depths, stacked = p.predict_stacked(0, r, chosen, normed=layers[0].norm(r))
         assert depths == sorted(ref) and stacked.shape == (len(depths), 4, 8)
         assert all(torch.allclose(stacked[i], ref[d], atol=1e-5) for i, d in enumerate(depths))
+
+
+def test_the_oracle_predicts_its_experts_with_certainty():
+    """The oracle's scores are probabilities of use (1 for the recorded experts), not shares of the top-k:
+    the prefetcher's admission threshold, below 1 on any link, never throttles a perfect prediction."""
+    trace = torch.tensor([[[1, 3], [0, 2]]])  # [N=1, L=2, K=2]
+    oracle = OraclePredictor(2, 4, 2, 1, trace)
+    depths, scores = oracle.predict_stacked(0, torch.zeros(1, 8))
+    assert oracle.scores_are_probabilities and depths == [1]
+    assert scores[0, 0].tolist() == [1.0, 0.0, 1.0, 0.0]

@@ -16,7 +16,9 @@ class Predictor:
 
     name = "none"
     needs_residual = False
-    scores_are_probabilities = False  # predict_stacked's scores sum to 1 per token (the prefetcher skips normalising)
+    # predict_stacked's scores are read as each expert's probability as they are (a softmax router's share, the
+    # oracle's 0/1); else the prefetcher normalises them to shares of each token's total
+    scores_are_probabilities = False
     wraps = False  # predicts across the token boundary: a target layer l + d >= L is layer l + d - L of the next forward
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, depth: int):

@@ -42,6 +42,9 @@ class OraclePredictor(Predictor):
     a predictor that could see the next token's routing, which within-token predictors cannot."""
 
     name = "oracle"
+    # its one-hot rows are each expert's probability of use: 1 for the chosen (normalised to shares they would
+    # read 1 / top-k, and the prefetcher's admission would throttle a perfect prediction on a slow busy link)
+    scores_are_probabilities = True
 
     def __init__(self, num_layers, num_experts, top_k, depth, experts: torch.Tensor, wrap: bool = False):
         super().__init__(num_layers, num_experts, top_k, depth)
