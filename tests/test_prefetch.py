@@ -245,6 +245,7 @@ def test_profile_tool_json_fields(tmp_path, monkeypatch):
     out = tmp_path / "p.json"
     monkeypatch.setattr(sys, "argv", ["m2r2-moe"])
     code = main(["profile", "--model", "random", "--predictors", "none,gate,oracle", "--link-ratios", "2",
+                 "--repeats", "2",
                  "--new-tokens", "4", "--prompt-tokens", "8", "--json", str(out), "--trace", str(tmp_path / "t.json"),
                  "--plots", str(tmp_path)])
     runs = json.loads(out.read_text())["runs"]
@@ -279,3 +280,11 @@ def test_share_of_gain_and_ceiling_on_hand_made_runs():
     assert oracle["share_of_gain"] == pytest.approx(0.8)  # a run may beat the floor's ceiling only by noise
     _share_of_gain(runs)  # without a floor there is no ceiling
     assert all(r["share_ceiling"] is None for r in runs)
+
+
+def test_profile_tool_refuses_zero_repeats(capsys):
+    from m2r2_moe.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", "--model", "random", "--repeats", "0"])
+    assert exit_info.value.code == 2 and "at least 1" in capsys.readouterr().err
