@@ -35,6 +35,7 @@ from .models import find_moe_layers
 from .predict import make_predictor
 from .predict.base import Predictor
 from .predict.collect import LayerTap
+from .trace import ExpertChoices, check_format, read_safetensors, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ RECORDED = ("history", "gate", "m2r2", "oracle")
 
 
 @dataclass
-class RoutingRecord:
+class RoutingRecord(ExpertChoices):
     """What a model did on one prompt, position by position.
 
     experts: [N, L, K] int64, the experts each MoE layer chose.
@@ -65,14 +66,6 @@ class RoutingRecord:
         return self.experts.shape[0]
 
     @property
-    def num_layers(self) -> int:
-        return self.experts.shape[1]
-
-    @property
-    def top_k(self) -> int:
-        return self.experts.shape[2]
-
-    @property
     def num_experts(self) -> int:
         return int(self.meta["num_experts"])
 
@@ -81,23 +74,16 @@ class RoutingRecord:
         return int(self.meta["depth"])
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
         tensors = {"experts": self.experts.to(torch.int32), "weights": self.weights.float(),
                    "tokens": self.tokens.long()}
-        tensors.update({f"scores.{name}": s.float().contiguous() for name, s in self.scores.items()})
+        tensors.update({f"scores.{name}": s.float() for name, s in self.scores.items()})
         header = {"format": FORMAT, "prompt_tokens": str(self.prompt_tokens), "meta": json.dumps(self.meta)}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=header)
+        write_safetensors(path, tensors, header)
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutingRecord":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a routing record ({FORMAT}); header: {header}")
+        tensors, header = read_safetensors(path)
+        check_format(header, FORMAT, path, "routing record")
         scores = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("scores.")}
         return cls(tensors["experts"].long(), tensors["weights"].float(), scores, tensors["tokens"].long(),
                    int(header["prompt_tokens"]), json.loads(header["meta"]))

@@ -27,8 +27,41 @@ FORMAT = "m2r2_moe.trace/1"
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
 
 
+class ExpertChoices:
+    """Shape accessors of a record holding `experts [N, L, K]` (RoutingTrace here, replay.RoutingRecord)."""
+
+    experts: torch.Tensor
+
+    @property
+    def num_layers(self) -> int:
+        return self.experts.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return self.experts.shape[2]
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=header)
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def check_format(header: dict, expected: str, path, what: str) -> None:
+    """A file's header must name the format its reader expects."""
+    if header.get("format") != expected:
+        raise ValueError(f"{path} is not a {what} ({expected}); header: {header}")
+
+
 @dataclass
-class RoutingTrace:
+class RoutingTrace(ExpertChoices):
     """Per-token routing of a model over some token sequences.
 
     experts:   [N, L, K] int64, the experts the router chose (in the router's own order).
@@ -59,14 +92,6 @@ class RoutingTrace:
         return self.experts.shape[0]
 
     @property
-    def num_layers(self) -> int:
-        return self.experts.shape[1]
-
-    @property
-    def top_k(self) -> int:
-        return self.experts.shape[2]
-
-    @property
     def num_experts(self) -> int:
         return self.probs.shape[2]
 
@@ -86,9 +111,7 @@ class RoutingTrace:
         header = {"format": FORMAT, "model_name": self.model_name, "layers": json.dumps(self.layers),
                   "meta": json.dumps(self.meta)}
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=header)
+            write_safetensors(path, tensors, header)
         elif path.suffix == ".npz":
             np.savez_compressed(path, **{k: v.numpy() for k, v in tensors.items()},
                                 header=np.array(json.dumps(header)))
@@ -100,19 +123,14 @@ class RoutingTrace:
         """Read a trace written by `save`."""
         path = Path(path)
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors, header = read_safetensors(path)
         elif path.suffix == ".npz":
             with np.load(path) as data:
                 header = json.loads(str(data["header"]))
                 tensors = {k: torch.from_numpy(data[k]) for k in data.files if k != "header"}
         else:
             raise ValueError(f"unknown trace format {path.suffix!r}: use .safetensors or .npz")
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a routing trace ({FORMAT}); header: {header}")
+        check_format(header, FORMAT, path, "routing trace")
         return cls(tensors["experts"].long(), tensors["probs"].float(), tensors["token_ids"].long(),
                    tensors["sequence"].long(), json.loads(header["layers"]), header.get("model_name", ""),
                    json.loads(header.get("meta", "{}")))
