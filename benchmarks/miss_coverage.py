@@ -31,8 +31,8 @@ from m2r2_moe.cli import _load  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
 from m2r2_moe.predict import make_predictor  # noqa: E402
 from m2r2_moe.predict.collect import LayerTap  # noqa: E402
-from m2r2_moe.profile.cli import _expert_bytes, _prompts  # noqa: E402
-from m2r2_moe.profile.session import limit_per_token, offloaded_run, reference_run  # noqa: E402
+from m2r2_moe.profile.cli import _expert_bytes, references  # noqa: E402
+from m2r2_moe.profile.session import limit_per_token, offloaded_run  # noqa: E402
 
 
 @torch.no_grad()
@@ -96,8 +96,7 @@ def main() -> None:
     adapter, layers = find_moe_layers(model)
     names = args.predictors.split(",")
     predictors = {n: make_predictor(n, model, adapter, layers, args.depth) for n in names}
-    refs = [reference_run(model, p, args.new_tokens, max(int(x.experts.num_experts) for x in layers))
-            for p in _prompts(tokenizer, args.prompts, 64, model.config.vocab_size)]
+    refs = references(model, tokenizer, layers, args.prompts, 64, args.new_tokens)
     rows = [row for ratio in (float(r) for r in args.link_ratios.split(","))
             for row in regime(model, refs, layers, names, predictors, ratio, args.width, args.new_tokens)]
     table = markdown_table(["link ratio", "predictor", "demand loads", "covered", "removable stall",

@@ -32,8 +32,7 @@ from _report import markdown_table, publish  # noqa: E402
 from m2r2_moe.cli import _load  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
 from m2r2_moe.predict import OraclePredictor, make_predictor  # noqa: E402
-from m2r2_moe.profile.cli import _expert_bytes, _prompts  # noqa: E402
-from m2r2_moe.profile.session import reference_run  # noqa: E402
+from m2r2_moe.profile.cli import _expert_bytes, references  # noqa: E402
 
 PARTS = ("run_experts", "kernel", "wait", "on_layer", "predict", "rank", "issue")
 
@@ -132,8 +131,7 @@ def main() -> None:
     model, tokenizer = _load("builtin", torch.float32)
     _, layers = find_moe_layers(model)
     total_experts = sum(int(x.experts.num_experts) for x in layers)
-    refs = [reference_run(model, p, args.tokens, max(int(x.experts.num_experts) for x in layers))
-            for p in _prompts(tokenizer, args.prompts, 64, model.config.vocab_size)]
+    refs = references(model, tokenizer, layers, args.prompts, 64, args.tokens)
     layer_s = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
     ratios, names = [float(r) for r in args.link_ratios.split(",")], args.predictors.split(",")
     results = collections.defaultdict(list)

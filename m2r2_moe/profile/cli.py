@@ -65,6 +65,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fastest(run, repeats: int, key):
+    """The fastest of `repeats` calls of `run()` by `key` (noise only adds time)."""
+    return min((run() for _ in range(repeats)), key=key)
+
+
+def references(model, tokenizer, layers, count: int, prompt_tokens: int, new_tokens: int,
+               repeats: int = 1) -> list:
+    """The reference run of each of `count` held-out prompts (the fastest of `repeats`)."""
+    stride = max(int(x.experts.num_experts) for x in layers)
+    return [_fastest(lambda: reference_run(model, p, new_tokens, stride), repeats,
+                     lambda ref: ref.decode_seconds_per_token)
+            for p in _prompts(tokenizer, count, prompt_tokens, model.config.vocab_size)]
+
+
 def _prompts(tokenizer, count: int, length: int, vocab: int) -> list[torch.Tensor]:
     if tokenizer is None:  # a random model: random prompts
         return [torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(i)) for i in range(count)]
@@ -80,14 +94,11 @@ def main(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args.model, torch.float32)
     adapter, layers = find_moe_layers(model)
     total = sum(int(x.experts.num_experts) for x in layers)
-    key_stride = max(int(x.experts.num_experts) for x in layers)
     caches = [int(c) for c in args.cache_experts.split(",")] if args.cache_experts else [total // 2]
     ratios = [float(r) for r in args.link_ratios.split(",")]
     policies = args.policies.split(",")
     predictors = [p.strip() for p in args.predictors.split(",")]
-    prompts = _prompts(tokenizer, args.prompts, args.prompt_tokens, model.config.vocab_size)
-    refs = [min((reference_run(model, p, args.new_tokens, key_stride) for _ in range(args.repeats)),
-                key=lambda ref: ref.decode_seconds_per_token) for p in prompts]  # the fastest, as below
+    refs = references(model, tokenizer, layers, args.prompts, args.prompt_tokens, args.new_tokens, args.repeats)
     compute_layer = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
     expert_bytes = _expert_bytes(layers)
     plan = [(ratio, cache, policy, name) for ratio in ratios for cache in caches for policy in policies
@@ -97,17 +108,17 @@ def main(args: argparse.Namespace) -> int:
         plan += [(ratios[len(ratios) // 2], c, pol, n) for c in sweep for pol in ("lru", "predictive")
                  for n in ("none", "m2r2") if (ratios[len(ratios) // 2], c, pol, n) not in plan]
     # every expert cached, no link delay: the runtime's own cost, no stall
-    floor_runs = [min((offloaded_run(model, ref, args.new_tokens, "none", total, None, "lru", device=args.device)
-                       for _ in range(args.repeats)), key=lambda run: run["time_per_token_s"]) for ref in refs]
+    floor_runs = [_fastest(lambda: offloaded_run(model, ref, args.new_tokens, "none", total, None, "lru",
+                                                 device=args.device), args.repeats, _time) for ref in refs]
     floor = statistics.mean(r["time_per_token_s"] for r in floor_runs)
     runs, recorders = [], {}
     for ratio, cache, policy, name in tqdm(plan, desc="profile runs"):
         link_s = ratio * compute_layer  # one expert's transfer time in this regime
         gbps = expert_bytes / link_s / 1e9 if args.device == "cpu" else None
         depth = min(max(math.ceil(ratio), 1), 4) if args.depth == "auto" else int(args.depth)
-        per_prompt = [min((offloaded_run(model, ref, args.new_tokens, name, cache, gbps, policy, args.adapters,
-                                         depth, args.device, args.min_prob) for _ in range(args.repeats)),
-                          key=lambda run: run["time_per_token_s"]) for ref in refs]  # the fastest of the repeats
+        per_prompt = [_fastest(lambda: offloaded_run(model, ref, args.new_tokens, name, cache, gbps, policy,
+                                                     args.adapters, depth, args.device, args.min_prob),
+                               args.repeats, _time) for ref in refs]
         limits = [limit_per_token(ref, cache, expert_bytes, gbps and gbps * 1e9, args.new_tokens) for ref in refs]
         recorders[(ratio, cache, policy, name)] = per_prompt[0]["recorder"]
         runs.append(_merge(name, ratio, cache, policy, per_prompt, limits, gbps, args.new_tokens - 1))
@@ -121,6 +132,10 @@ def main(args: argparse.Namespace) -> int:
           f"gain a run without any stall or prediction cost would reach")
     _outputs(args, runs, recorders, refs, ratios, caches, total)
     return 0 if all(r["tokens_identical"] for r in runs + floor_runs) else 1
+
+
+def _time(run: dict) -> float:
+    return run["time_per_token_s"]
 
 
 def _expert_bytes(layers) -> int:
