@@ -110,9 +110,8 @@ class Offloader:
 
         if self.prefetcher is not None:
             self.prefetcher.remove()
-        min_prob = self.config.prefetch_min_prob or 0.6 / self.top_k  # see OffloadConfig.prefetch_min_prob
         self.prefetcher = (None if predictor is None or predictor.name == "none"
-                           else Prefetcher(self, predictor, min_prob=min_prob))
+                           else Prefetcher(self, predictor, min_prob=self.config.prefetch_min_prob))
 
     def reset_sequence(self) -> None:
         """A new prompt starts: predictors forget per-sequence state."""

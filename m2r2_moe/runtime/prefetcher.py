@@ -30,10 +30,10 @@ from ..predict.base import Predictor, as_probabilities
 class Prefetcher:
     """Drives one predictor for one offloaded model."""
 
-    def __init__(self, offloader, predictor: Predictor, min_prob: float = 0.3, width: int | None = None,
+    def __init__(self, offloader, predictor: Predictor, min_prob: float | None = None, width: int | None = None,
                  max_queued: int | None = None):
         self.offloader, self.predictor = offloader, predictor
-        self.min_prob = min_prob
+        self.min_prob = min_prob or 0.6 / offloader.top_k  # the admission floor: OffloadConfig.prefetch_min_prob
         self.width = width or offloader.top_k
         self.max_queued = max_queued or 2 * offloader.top_k
         self.residuals: list[torch.Tensor | None] = [None] * len(offloader.layers)  # r_l [T, H]
