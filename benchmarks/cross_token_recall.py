@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import m2r2_moe  # noqa: E402
+import m2r2_moe.builtin  # noqa: E402
 from _report import markdown_table, publish  # noqa: E402
 from m2r2_moe.cli import _load  # noqa: E402
 from m2r2_moe.corpus import resolve_text, token_stream  # noqa: E402
@@ -89,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = _load("builtin", torch.float32)
     adapter, layers = find_moe_layers(model)
-    shipped = AcceleratorAdapters.load(Path(m2r2_moe.__file__).parent / "builtin" / "adapters.safetensors")
+    shipped = AcceleratorAdapters.load(m2r2_moe.builtin.builtin_adapters_path())
     train = gather(model, tokenizer, layers, "builtin:train", args.train_tokens)
     test = gather(model, tokenizer, layers, "builtin:heldout", args.test_tokens)
     num_layers, rows = len(layers), []

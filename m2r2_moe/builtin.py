@@ -1,61 +1,84 @@
-"""The built-in reference MoE model: a tiny Mixtral trained on the Python standard library.
+"""The built-in reference MoE models, shipped as package data in `m2r2_moe/builtin/<name>/`.
 
-It ships as package data in `m2r2_moe/builtin/tiny-mixtral/` (a normal `save_pretrained` folder:
-config, bf16 safetensors, tokenizer, MODEL_CARD.md, card.json) and is the default model of
-`m2r2-moe demo`, the profiler and the predictor benchmarks. `tools/train_tiny_moe.py` reproduces it.
+Each folder is a normal `save_pretrained` checkpoint (config, bf16 safetensors, tokenizer) with its model
+card (MODEL_CARD.md, card.json, figures) and the M2R2 adapters trained for it (`adapters.safetensors`).
+`tiny-mixtral` (the default: `demo`, the profiler and the predictor benchmarks) is a tiny Mixtral trained on
+the Python standard library; `tools/train_tiny_moe.py` reproduces it.
+
+The folders are found next to this module's source file (`__file__`), never through
+`importlib.resources`: under an editable install that returns a multiplexed path object, not a folder.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_NAME = "tiny-mixtral"
+BUILTIN_NAME = "tiny-mixtral"  # the default built-in model
+ADAPTERS_FILE = "adapters.safetensors"
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
+_ROOT = Path(__file__).resolve().parent / "builtin"
 
 
-def _folder() -> Path:
-    # importlib.resources gives the installed package's directory (a real directory for wheels and
-    # editable installs; zipped installs are not supported because from_pretrained needs a folder).
-    return Path(str(resources.files("m2r2_moe"))) / "builtin" / BUILTIN_NAME
+def builtin_names() -> list[str]:
+    """Names of the built-in models present in this install, the default first."""
+    found = sorted(p.name for p in _ROOT.iterdir() if (p / "config.json").is_file()) if _ROOT.is_dir() else []
+    return sorted(found, key=lambda n: n != BUILTIN_NAME)
 
 
-def builtin_model_path() -> str:
-    """Folder of the built-in checkpoint, loadable by `AutoModelForCausalLM/AutoTokenizer.from_pretrained`.
+def resolve_name(name: str | None) -> str:
+    """`None`, `"builtin"` → the default; `"builtin:NAME"` or `"NAME"` → NAME (checked to exist)."""
+    if name is None or name == "builtin":
+        return BUILTIN_NAME
+    name = name.removeprefix("builtin:")
+    names = builtin_names()
+    if name not in names and name != BUILTIN_NAME:
+        raise FileNotFoundError(f"no built-in model named {name!r}; the built-in models are: {', '.join(names)}")
+    return name
 
-    Raises FileNotFoundError, naming what is missing, when the package was installed without its data.
-    """
-    folder = _folder()
-    missing = [name for name in _REQUIRED if not (folder / name).is_file()]
+
+def builtin_model_path(name: str | None = None) -> str:
+    """Folder of a built-in checkpoint (default: `tiny-mixtral`), loadable by
+    `AutoModelForCausalLM/AutoTokenizer.from_pretrained`.
+
+    Raises FileNotFoundError, naming what is missing, when the package was installed without its data."""
+    name = resolve_name(name)
+    folder = _ROOT / name
+    missing = [file for file in _REQUIRED if not (folder / file).is_file()]
     if missing:
         raise FileNotFoundError(
             f"the built-in model is missing from {folder} ({', '.join(missing)} not found). The package was "
-            "installed without its package data; reinstall m2r2_moe from a wheel or source tree that includes "
-            "m2r2_moe/builtin/tiny-mixtral/, or regenerate it with `python tools/train_tiny_moe.py`."
+            f"installed without its package data; reinstall m2r2_moe from a wheel or source tree that includes "
+            f"m2r2_moe/builtin/{name}/, or regenerate it with the training script in tools/."
         )
     return str(folder)
 
 
-def builtin_card() -> dict:
-    """The built-in model's card.json: corpus, split, losses, per-layer expert usage."""
-    return json.loads((Path(builtin_model_path()) / "card.json").read_text())
+def builtin_adapters_path(name: str | None = None) -> Path | None:
+    """The M2R2 adapters shipped with a built-in model, or None when there are none."""
+    path = _ROOT / resolve_name(name) / ADAPTERS_FILE
+    return path if path.is_file() else None
 
 
-def load_builtin(dtype: torch.dtype = torch.float32, **kwargs):
-    """(model, tokenizer) of the built-in model, on CPU in `dtype`, in eval mode.
+def builtin_card(name: str | None = None) -> dict:
+    """A built-in model's card.json: corpus, split, losses, per-layer expert usage."""
+    return json.loads((Path(builtin_model_path(name)) / "card.json").read_text())
+
+
+def load_builtin(dtype: torch.dtype = torch.float32, name: str | None = None, **kwargs):
+    """(model, tokenizer) of a built-in model (default `tiny-mixtral`), on CPU in `dtype`, in eval mode.
 
     Extra keyword arguments go to `AutoModelForCausalLM.from_pretrained`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = builtin_model_path()
+    path = builtin_model_path(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    logger.debug("loaded built-in model %s from %s", BUILTIN_NAME, path)
+    logger.debug("loaded built-in model %s from %s", resolve_name(name), path)
     return model, tokenizer

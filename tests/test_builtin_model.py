@@ -122,6 +122,6 @@ def test_load_builtin_dtype_and_generate(loaded):
 
 
 def test_missing_folder_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(builtin, "_folder", lambda: tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="config.json.*train_tiny_moe"):
+    monkeypatch.setattr(builtin, "_ROOT", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="config.json.*training script in tools"):
         builtin.builtin_model_path()

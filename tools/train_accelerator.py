@@ -2,7 +2,7 @@
 """Train M2R2 accelerator adapters: the same code as `m2r2-moe train-adapters`.
 
     python tools/train_accelerator.py --model builtin --text builtin:train --depth 4 --rank 16 \
-        --out m2r2_moe/builtin/adapters.safetensors
+        --out m2r2_moe/builtin/tiny-mixtral/adapters.safetensors
 """
 
 import sys

@@ -15,15 +15,17 @@ from .simple import HistoryPredictor, OraclePredictor
 
 PREDICTORS = ("none", "history", "gate", "m2r2", "oracle")
 
-BUILTIN_ADAPTERS = Path(__file__).resolve().parents[1] / "builtin" / "adapters.safetensors"
 
 
 def default_adapters_path(model: nn.Module, layers: list[MoELayer]) -> Path:
-    """The shipped adapters when `model` is the built-in model; otherwise a clear error."""
-    if BUILTIN_ADAPTERS.is_file():
-        meta = AcceleratorAdapters.load(BUILTIN_ADAPTERS)
-        if meta.meta.get("fingerprint") == model_fingerprint(model, layers):
-            return BUILTIN_ADAPTERS
+    """The shipped adapters when `model` is one of the built-in models; otherwise a clear error."""
+    from ..builtin import builtin_adapters_path, builtin_names
+
+    fingerprint = model_fingerprint(model, layers)
+    for name in builtin_names():
+        path = builtin_adapters_path(name)
+        if path is not None and AcceleratorAdapters.load(path).meta.get("fingerprint") == fingerprint:
+            return path
     raise AdapterFileError(
         "predictor='m2r2' needs adapters trained for this model: pass adapters=PATH "
         "(train them with `m2r2-moe train-adapters --model PATH --text FILES --out adapters.safetensors`)"
