@@ -19,7 +19,7 @@ from ..models.base import MoELayer
 from ..stats import OffloadStats
 from . import waves
 from .cache import make_slot_manager
-from .experts import SlotView, allocate_pool, make_offloaded_forward, slot_range
+from .experts import SlotView, allocate_pool, make_offloaded_forward, slot_range, to_device
 from .policy import NextUsePolicy
 from .store import ExpertPacking, HostExpertStore
 from .transfer import DEMAND, FailedTransfer, make_copy_engine
@@ -147,11 +147,13 @@ class Offloader:
         self._routing = top_k_index  # the prefetcher looks ahead once per layer call, at its first wave
         if not needed:
             return torch.zeros_like(hidden_states)
-        if self.kernel_names[layer] == "eager" and (top_k_index.shape[1] > 2 or len(needed) > self.num_slots):
-            return waves.run_eager_in_expert_order(self, layer, needed, hidden_states, top_k_index, top_k_weights)
-        if len(needed) <= self.num_slots:
-            return self.run_wave(layer, needed, hidden_states, top_k_index, top_k_weights)
-        return waves.run_in_waves(self, layer, needed, hidden_states, top_k_index, top_k_weights)
+        tokens, top_k = top_k_index.shape
+        if len(needed) <= self.num_slots and waves.direct_is_exact(self.kernel_names[layer], tokens, top_k):
+            def compute(view, table):
+                return self.kernels[layer](view, hidden_states, table[top_k_index], top_k_weights)
+
+            return self.run_wave(layer, needed, compute)
+        return waves.run_pairs(self, layer, needed, hidden_states, top_k_index, top_k_weights)
 
     def _time_layer(self, layer: int, tokens: int) -> None:
         """Update `layer_seconds` from the time since the previous layer's call, less its stalls (the
@@ -166,22 +168,21 @@ class Offloader:
             self.layer_seconds = sample if not self.layer_seconds else 0.9 * self.layer_seconds + 0.1 * sample
         self._last_call = (layer, now, stall, tokens)
 
-    def run_wave(self, layer, wave, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        """Acquire the wave's experts, run the model's kernel on their slots, release. Every expert
-        `top_k_index` routes to is in `wave` (callers pass only the wave's rows)."""
+    def run_wave(self, layer: int, wave: list[int], compute) -> torch.Tensor:
+        """Acquire the wave's experts, run `compute(view, table)` on their slots, release. `view` stands in
+        for the experts module with as few slots as possible (grouped_mm's per-expert loop costs per slot
+        seen); `table [E]` maps an expert id of the wave to its index in `view` (out of range elsewhere)."""
         self.stats.waves += 1
         keys = [layer * self.key_stride + e for e in wave]
         slots = self._acquire(layer, wave, keys, self._routing)
         self._routing = None
         try:
-            # the kernel sees as few slots as possible: its per-expert loop (grouped_mm) costs per slot seen
             lo, hi, step = slot_range(slots)
             view = self.views[layer].window(lo, hi, step)
-            table = [view.num_experts] * self.num_experts[layer]  # expert id -> view index (out of range elsewhere)
+            table = [view.num_experts] * self.num_experts[layer]
             for expert, slot in zip(wave, slots):
                 table[expert] = (slot - lo) // step
-            slot_index = torch.tensor(table, dtype=torch.long, device=top_k_index.device)[top_k_index]  # [T, K]
-            out = self.kernels[layer](view, hidden_states, slot_index, top_k_weights)
+            out = compute(view, to_device(table, self.device))
             if self.device.type == "cuda":
                 done = torch.cuda.Event()
                 done.record()  # on the compute stream, after the kernels reading these slots
