@@ -36,3 +36,28 @@ def same_weights(model: torch.nn.Module, snap: dict[str, torch.Tensor]) -> bool:
 @pytest.fixture
 def mixtral():
     return tiny_mixtral()
+
+
+class ExpertUseCounter:
+    """Counts the expert uses the model's routers actually asked for: the distinct experts of every call of
+    every routed-experts module (what `OffloadStats.expert_uses` must equal, however each use was served)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.uses = 0
+        experts = [m for m in model.modules() if type(m).__name__.endswith("Experts")]  # every family's name
+        assert experts, f"no experts modules found in {type(model).__name__}"
+        self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in experts]
+
+    def _hook(self, module, args, kwargs):
+        index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        self.uses += len(torch.unique(index))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def __enter__(self) -> "ExpertUseCounter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -206,19 +206,22 @@ def test_nested_forward_on_the_same_thread_passes():
         m2r2_moe.remove_offload(model)
 
 
-def test_guard_hooks_are_removed_and_cheap():
+def test_guard_hooks_are_removed_and_cheap(monkeypatch):
+    """One pre-hook and one hook per model; the uncontended path never searches thread stacks (the only
+    costly step, taken only when the model is found held by another thread)."""
+    from m2r2_moe import guard as guard_module
+
+    def no_search(*args):
+        raise AssertionError("the uncontended path searched a thread's stack")
+
     model = tiny_mixtral()
     hooks_before = (len(model._forward_pre_hooks), len(model._forward_hooks))
     m2r2_moe.offload(model, device="cpu", cache_experts=4)
-    guard = model.__dict__["_m2r2_guard"]
+    monkeypatch.setattr(guard_module, "_forwards_on_stack", no_search)
     assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == (hooks_before[0] + 1, hooks_before[1] + 1)
-    n = 20000
-    start = time.perf_counter()
-    for _ in range(n):
-        guard._enter(model, ())
-        guard._exit(model, (), None)
-    per_forward = (time.perf_counter() - start) / n
+    with torch.no_grad():
+        model(torch.randint(3, 96, (1, 4)))
+        model(torch.randint(3, 96, (1, 4)))
     m2r2_moe.remove_offload(model)
     assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks_before
     assert "_m2r2_guard" not in model.__dict__
-    assert per_forward < 50e-6  # measured ~1 µs; a forward of even this tiny model takes ~1 ms

@@ -24,6 +24,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from conftest import ExpertUseCounter  # noqa: E402
 from long_run import growth, quarters, run  # noqa: E402
 
 SEQUENCES, NEW_TOKENS, EVERY = 5, 410, 40
@@ -45,8 +46,9 @@ def test_long_run_memory_threads_and_bookkeeping_stay_flat(one_torch_thread):
     torch.manual_seed(0)
     model = MixtralForCausalLM(config).eval()
     prompts = [torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(i)) for i in range(SEQUENCES)]
-    monitor, stats = run(model, prompts, NEW_TOKENS, EVERY, device="cpu", predictor="gate", policy="predictive",
-                         link_gbps=1.0, prefetch_min_prob=0.05)  # near-uniform random routers: admit freely
+    with ExpertUseCounter(model) as counted:
+        monitor, stats = run(model, prompts, NEW_TOKENS, EVERY, device="cpu", predictor="gate", policy="predictive",
+                             link_gbps=1.0, prefetch_min_prob=0.05)  # near-uniform random routers: admit freely
     samples, keys, slots = monitor.samples, 4 * 8, 16
     assert monitor.tokens >= 2000
     first, last = quarters(samples, warmup_tokens=NEW_TOKENS)
@@ -60,4 +62,4 @@ def test_long_run_memory_threads_and_bookkeeping_stay_flat(one_torch_thread):
         assert late <= max(early, keys), f"{name} grew from {early} to {late}"
     assert max(s["prefetched"] for s in samples) <= slots
     assert stats.prefetches > 0 and stats.misses > 0
-    assert stats.expert_uses == stats.hits + stats.prefetch_hits + stats.late_prefetches + stats.misses
+    assert stats.expert_uses == counted.uses  # every use the routers asked for, counted once

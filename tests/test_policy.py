@@ -133,21 +133,26 @@ def test_prefetch_min_prob_reaches_the_prefetcher():
         m2r2_moe.remove_offload(model)
 
 
-def test_layer_time_estimate_restarts_when_the_forward_size_changes():
+def test_layer_time_estimate_restarts_when_the_forward_size_changes(monkeypatch):
     """A prefill's slow layers must not make the first decode steps' link ratio look small (that halves the
-    admission floor): the estimate starts afresh when the number of tokens per forward changes."""
-    import time
+    admission floor): the estimate starts afresh when the number of tokens per forward changes. The clock is
+    a fake one, so the figures are exact on any machine."""
+    from types import SimpleNamespace
 
+    from m2r2_moe.runtime import offloader as offloader_module
+
+    clock = [100.0]
+    monkeypatch.setattr(offloader_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     model, off, pf = _prefetcher(0.001)
     try:
         off._time_layer(0, 64)
-        time.sleep(0.02)
+        clock[0] += 0.02
         off._time_layer(1, 64)
-        assert off.layer_seconds >= 0.02
+        assert off.layer_seconds == pytest.approx(0.02)
         off._time_layer(0, 1)  # decode starts
         assert off.layer_seconds == 0.0 and pf._transfer_ratio() == 0.0  # unknown: the full floor applies
-        time.sleep(0.002)
+        clock[0] += 0.002
         off._time_layer(1, 1)
-        assert 0.002 <= off.layer_seconds < 0.015
+        assert off.layer_seconds == pytest.approx(0.002)
     finally:
         m2r2_moe.remove_offload(model)

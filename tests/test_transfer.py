@@ -8,6 +8,12 @@ import torch
 from m2r2_moe.runtime.transfer import DEMAND, PREFETCH, ThreadCopyEngine
 
 
+def _until_on_link(transfer) -> None:
+    """Wait until the worker has started `transfer` (a fixed sleep is too short on a busy machine)."""
+    while transfer.started_at == 0.0:
+        time.sleep(0.0005)
+
+
 def test_copies_land_in_the_slot():
     engine = ThreadCopyEngine()
     try:
@@ -29,7 +35,11 @@ def test_emulated_link_is_serial_and_timed():
         for t in transfers:
             t.wait()
         elapsed = time.perf_counter() - start
-        assert 3 * 0.011 * 0.9 <= elapsed <= 3 * 0.011 + 0.1
+        assert elapsed >= 3 * 0.011 * 0.99  # serial: the three hold the link one after the other (a busy machine
+        # only adds time, so no upper bound is asserted)
+        spans = sorted((t.started_at, t.finished_at) for t in transfers)
+        assert all(a_end <= b_start + 1e-4 for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+        assert all(t.busy == pytest.approx(0.011, rel=1e-6) for t in transfers)  # link time held, from the clock
         assert abs(engine.link_seconds(10_000) - 0.011) < 1e-9
     finally:
         engine.close()
@@ -41,7 +51,7 @@ def test_demand_loads_jump_queued_prefetches_and_preempt_the_one_on_the_link():
         src = torch.randn(2500)
         blocker_dst = torch.zeros(2500)
         blocker = engine.submit(0, 0, blocker_dst, src, PREFETCH)  # occupies the link
-        time.sleep(0.002)
+        _until_on_link(blocker)
         prefetches = [engine.submit(10 + i, 1, torch.zeros(250), torch.randn(250), PREFETCH) for i in range(3)]
         demand = engine.submit(99, 2, torch.zeros(250), torch.randn(250), DEMAND)
         for t in [demand, *prefetches, blocker]:
@@ -50,7 +60,6 @@ def test_demand_loads_jump_queued_prefetches_and_preempt_the_one_on_the_link():
         assert blocker.started_at < demand.started_at < blocker.finished_at
         assert demand.finished_at <= min(p.started_at for p in prefetches)
         assert blocker.finished_at <= min(p.started_at for p in prefetches)  # the started prefetch finishes first
-        assert demand.started_at - blocker.started_at < 0.002 + 0.005  # submitted 2 ms in, plus scheduling slack
         assert torch.equal(blocker_dst, src)
         assert blocker.busy == pytest.approx(0.010, abs=0.005)  # the link time it used, not its wall span
         assert blocker.finished_at - blocker.started_at >= blocker.busy + 0.9 * demand.busy
@@ -63,7 +72,7 @@ def test_a_prefetch_never_preempts_another():
     engine = ThreadCopyEngine(link_gbps=0.001)
     try:
         far = engine.submit(0, 0, torch.zeros(2500), torch.randn(2500), priority=3)
-        time.sleep(0.002)
+        _until_on_link(far)
         near = engine.submit(1, 1, torch.zeros(250), torch.randn(250), priority=1)
         near.wait()
         assert far.ready() and far.finished_at <= near.started_at
@@ -75,10 +84,9 @@ def test_promoting_a_partly_copied_prefetch_runs_its_rest_first():
     engine = ThreadCopyEngine(link_gbps=0.001)
     try:
         first = engine.submit(0, 0, torch.zeros(2500), torch.randn(2500), PREFETCH)
-        time.sleep(0.002)  # `first` is on the link
         other = engine.submit(1, 1, torch.zeros(250), torch.randn(250), PREFETCH)
         late = engine.submit(2, 2, torch.zeros(2500), torch.randn(2500), PREFETCH)
-        time.sleep(0.0125)  # `first` done, `other` done, `late` partly copied
+        _until_on_link(late)  # `first` and `other` done, `late` on the link
         engine.promote(late)
         demand = engine.submit(3, 3, torch.zeros(250), torch.randn(250), DEMAND)
         for t in (first, other, late, demand):
@@ -111,7 +119,7 @@ def test_a_later_copy_into_the_same_slot_wins_over_a_preempted_one():
     try:
         slot = torch.zeros(2500)
         old = engine.submit(0, 7, slot, torch.ones(2500), PREFETCH)
-        time.sleep(0.003)  # `old` is on the link
+        _until_on_link(old)
         assert not engine.cancel(old)  # started: it cannot be withdrawn
         new = engine.submit(1, 7, slot, torch.full((2500,), 2.0), DEMAND)
         new.wait()
