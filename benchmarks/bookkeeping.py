@@ -130,12 +130,12 @@ def e2e_rows(tokens: int, rounds: int) -> list[list[str]]:
     import torch
 
     import m2r2_moe
-    from m2r2_moe.cli import _load
+    from m2r2_moe.loading import load_model
     from m2r2_moe.runtime import cache, offloader
     from overhead import LayerTimer, decode_seconds
 
     torch.set_num_threads(1)
-    model, _ = _load("random", torch.float32)
+    model, _ = load_model("random", torch.float32)
     ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     kinds = {"Python twin": False, "C++": True} if _ext.HAS_EXT else {"Python twin": False}
     times: dict[str, list[float]] = {k: [] for k in kinds}

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import m2r2_moe  # noqa: E402
 import m2r2_moe.builtin  # noqa: E402
 from _report import markdown_table, publish  # noqa: E402
-from m2r2_moe.cli import _load  # noqa: E402
 from m2r2_moe.corpus import resolve_text, token_stream  # noqa: E402
+from m2r2_moe.loading import load_model  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
 from m2r2_moe.predict.collect import chunk_tokens, collect  # noqa: E402
 from m2r2_moe.predict.m2r2 import AcceleratorAdapters  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args()
-    model, tokenizer = _load("builtin", torch.float32)
+    model, tokenizer = load_model("builtin", torch.float32)
     adapter, layers = find_moe_layers(model)
     shipped = AcceleratorAdapters.load(m2r2_moe.builtin.builtin_adapters_path())
     train = gather(model, tokenizer, layers, "builtin:train", args.train_tokens)

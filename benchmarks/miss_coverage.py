@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, publish  # noqa: E402
-from m2r2_moe.cli import _load  # noqa: E402
+from m2r2_moe.loading import load_model  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
 from m2r2_moe.predict import make_predictor  # noqa: E402
 from m2r2_moe.predict.collect import LayerTap  # noqa: E402
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, tokenizer = _load("builtin", torch.float32)
+    model, tokenizer = load_model("builtin", torch.float32)
     adapter, layers = find_moe_layers(model)
     names = args.predictors.split(",")
     predictors = {n: make_predictor(n, model, adapter, layers, args.depth) for n in names}

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import m2r2_moe  # noqa: E402
 from _report import markdown_table, publish  # noqa: E402
-from m2r2_moe.cli import _load  # noqa: E402
+from m2r2_moe.loading import load_model  # noqa: E402
 from m2r2_moe.profile import Recorder  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = _load(args.model, torch.float32)
+    model, tokenizer = load_model(args.model, torch.float32)
     ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     plain, offloaded, recorded, timers = [], [], [], []
     for _ in range(args.rounds):

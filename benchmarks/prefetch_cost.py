@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import m2r2_moe  # noqa: E402
 from _report import markdown_table, publish  # noqa: E402
-from m2r2_moe.cli import _load  # noqa: E402
+from m2r2_moe.loading import load_model  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
 from m2r2_moe.predict import OraclePredictor, make_predictor  # noqa: E402
 from m2r2_moe.profile.cli import _expert_bytes, references  # noqa: E402
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = _load("builtin", torch.float32)
+    model, tokenizer = load_model("builtin", torch.float32)
     _, layers = find_moe_layers(model)
     total_experts = sum(int(x.experts.num_experts) for x in layers)
     refs = references(model, tokenizer, layers, args.prompts, 64, args.tokens)

@@ -10,33 +10,18 @@ import time
 import torch
 
 from . import api
-from .config import OffloadConfigError
+from .cli_common import (HelpFormatter, add_model_argument, check_adapters, check_cache_experts, check_device,
+                         existing_file, link_gbps, positive_int, shipped_adapters)
+from .config import MIN_LINK_GBPS, OffloadConfig, OffloadConfigError
 from .errors import M2R2Error
+from .loading import load_model
 from .models import find_moe_layers
 
 
-def _load(model: str, dtype: torch.dtype):
-    """(model, tokenizer or None) for `builtin`, `random` or a checkpoint folder."""
-    if model == "builtin":
-        from .builtin import load_builtin
-
-        return load_builtin(dtype=dtype)
-    if model == "random":
-        from transformers import MixtralConfig, MixtralForCausalLM
-
-        config = MixtralConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
-                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                               num_experts_per_tok=2, max_position_embeddings=512)
-        torch.manual_seed(0)
-        return MixtralForCausalLM(config).to(dtype).eval(), None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval(), AutoTokenizer.from_pretrained(model)
-
-
-def _encode(tokenizer, prompt: str) -> torch.Tensor:
+def _encode(tokenizer, prompt: str, vocab: int) -> torch.Tensor:
+    """[1, T] prompt ids: the tokenized prompt, or 16 seeded random ids for a model without tokenizer."""
     if tokenizer is None:
-        return torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+        return torch.randint(3, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
@@ -45,19 +30,25 @@ def _decode(tokenizer, ids: torch.Tensor) -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
-    dtype = getattr(torch, args.dtype)
-    model, tokenizer = _load(args.model, dtype)
-    ids = _encode(tokenizer, args.prompt)
+    """Offload a model, generate, compare with the un-offloaded tokens, print the stats."""
+    device = check_device(args.device)
+    model, tokenizer = load_model(args.model, args.dtype)
+    adapter, layers = find_moe_layers(model)
+    total = sum(int(layer.experts.num_experts) for layer in layers)
+    if args.cache_experts is not None:
+        check_cache_experts([args.cache_experts], adapter.top_k(model), total)
+    cache = min(args.cache_experts or max(adapter.top_k(model), total // 4), total)  # more slots than experts: all
+    link = args.link_gbps if device.type == "cpu" else None
+    predictor = args.predictor or ("m2r2" if args.adapters or shipped_adapters(model, layers) else "none")
+    if predictor == "m2r2":
+        check_adapters(model, layers, args.model, args.adapters, "--predictor")
+    config = OffloadConfig(device=args.device, cache_experts=cache, link_gbps=link, predictor=predictor,
+                           adapters=args.adapters)
+    ids = _encode(tokenizer, args.prompt, model.config.vocab_size)  # [1, T]
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id)
     with torch.no_grad():
         reference = model.generate(input_ids=ids, **gen)
-    adapter, layers = find_moe_layers(model)
-    total = sum(int(layer.experts.num_experts) for layer in layers)
-    cache = args.cache_experts or max(adapter.top_k(model), total // 4)
-    link = args.link_gbps if (args.device or "cpu") == "cpu" else None
-    predictor = args.predictor or ("m2r2" if args.model == "builtin" or args.adapters else "none")
-    api.offload(model, device=args.device, cache_experts=cache, link_gbps=link, predictor=predictor,
-                adapters=args.adapters)
+    api.offload(model, config)
     try:
         start = time.perf_counter()
         with torch.no_grad():
@@ -68,7 +59,7 @@ def demo(args: argparse.Namespace) -> int:
     finally:
         api.remove_offload(model)
     new = out[0, ids.shape[1]:]
-    print(f"model: {args.model} ({dtype}), {total} experts in {len(offloader.layers)} MoE layers, "
+    print(f"model: {args.model} ({args.dtype}), {total} experts in {len(offloader.layers)} MoE layers, "
           f"{offloader.expert_bytes[0] / 1e6:.2f} MB per expert")
     print(f"offload: {cache} device slots on {offloader.device}, predictor {predictor}"
           + (f", emulated link {link} GB/s" if link else ""))
@@ -80,41 +71,73 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if identical else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m2r2-moe", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="offload the built-in model, generate, print stats")
-    p.add_argument("--model", default="builtin", help="'builtin' (default), 'random' or a checkpoint folder")
-    p.add_argument("--prompt", default="def fibonacci(n):\n    ")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    p.add_argument("--cache-experts", type=int, default=None, help="device slots (default: a quarter of experts)")
-    p.add_argument("--link-gbps", type=float, default=2.0, help="CPU only: emulated link bandwidth in GB/s")
-    p.add_argument("--predictor", default=None, choices=["none", "history", "gate", "m2r2"],
-                   help="what drives prefetching (default: m2r2 with the shipped adapters on the built-in model)")
-    p.add_argument("--adapters", default=None, help="adapters file for --predictor m2r2 on another model")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.set_defaults(func=demo)
-    from .predict.cli import add_eval_parser, add_train_parser
+class _Parser(argparse.ArgumentParser):
+    """One-line errors (`m2r2-moe demo: error: ...`, exit 2) and every default shown by `--help`;
+    the sub-command parsers are of this class too."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `m2r2-moe` parser with its four sub-commands."""
+    from .predict.cli import add_eval_parser, add_train_parser
     from .profile.cli import add_parser as add_profile_parser
 
+    parser = _Parser(prog="m2r2-moe", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does; tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="demo, train-adapters, eval-predictor or profile (each has --help)")
+    _add_demo_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
     add_profile_parser(sub)
+    for p in sub.choices.values():  # -v also after the command; SUPPRESS keeps the top-level value otherwise
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log what the runtime does; tracebacks on errors")
     return parser
 
 
+def _add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="offload a model (the built-in one by default), generate, check, print stats",
+                       description=demo.__doc__)
+    add_model_argument(p)
+    p.add_argument("--prompt", default="def fibonacci(n):\n    ",
+                   help="prompt text; a model without tokenizer gets 16 random ids "
+                        "(default: 'def fibonacci(n):', a newline and 4 spaces)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens to generate")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
+    p.add_argument("--cache-experts", type=positive_int, default=None,
+                   help="device slots, from the model's top-k to its number of experts "
+                        "(default: a quarter of the experts, at least top-k)")
+    p.add_argument("--link-gbps", type=link_gbps, default=2.0,
+                   help=f"CPU only: emulated link bandwidth in GB/s, at least {MIN_LINK_GBPS:g}")
+    p.add_argument("--predictor", default=None, choices=["none", "history", "gate", "m2r2"],
+                   help="what drives prefetching (default: m2r2 when --adapters is given or the model has shipped "
+                        "adapters, else none)")
+    p.add_argument("--adapters", type=existing_file, default=None,
+                   help="adapters file for --predictor m2r2 (default: the shipped ones of a built-in model)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
+    p.set_defaults(func=demo)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `m2r2-moe` with `argv` (default: the process's arguments); returns the exit status.
+
+    Errors on the user's input print one line `m2r2-moe COMMAND: error: ...` and return 2 (with `--verbose`:
+    the traceback); argparse's own refusals exit 2 the same way."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args)
-    except (M2R2Error, OffloadConfigError, FileNotFoundError) as e:  # the user's input: one line, not a traceback
+    except (M2R2Error, OffloadConfigError, OSError) as e:  # the user's input: one line, not a traceback
         if args.verbose:
             raise
-        print(f"m2r2-moe {args.command}: error: {e}", file=sys.stderr)
+        print(f"m2r2-moe {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

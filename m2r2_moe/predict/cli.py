@@ -10,7 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..corpus import resolve_text, token_stream
+from ..cli_common import (UsageError, add_model_argument, check_adapters, existing_file, listed, need_tokenizer,
+                          nonnegative_float, nonnegative_int, one_of, positive_int, probability, require_matplotlib,
+                          text_files)
+from ..corpus import token_stream
+from ..loading import load_model
 from ..models import find_moe_layers
 from . import PREDICTORS, make_predictor, model_fingerprint
 from .collect import chunk_tokens, collect
@@ -20,43 +24,67 @@ from .train import train_adapters
 logger = logging.getLogger(__name__)
 
 
-def _load_model(name: str, dtype: str):
-    from ..cli import _load
+def _load_model(args: argparse.Namespace):
+    """(model, tokenizer, adapter, layers) of `--model`, refused when it has no tokenizer or `--depth` exceeds it."""
+    model, tokenizer = load_model(args.model, args.dtype)
+    need_tokenizer(tokenizer, args.model)
+    adapter, layers = find_moe_layers(model)
+    if args.depth >= len(layers):
+        raise UsageError(f"--depth {args.depth}: this model has {len(layers)} MoE layers, so the lookahead is "
+                         f"1..{len(layers) - 1}")
+    return model, tokenizer, adapter, layers
 
-    model, tokenizer = _load(name, getattr(torch, dtype))
-    if tokenizer is None:
-        raise SystemExit("this command needs a model with a tokenizer ('builtin' or a checkpoint folder)")
-    return model, tokenizer
+
+def _check_lengths(args: argparse.Namespace) -> None:
+    if args.max_tokens < args.seq_len:
+        raise UsageError(f"--max-tokens {args.max_tokens} holds no sequence of --seq-len {args.seq_len}: "
+                         f"use --max-tokens >= {args.seq_len}")
+
+
+def _tokens(tokenizer, files, args: argparse.Namespace, skip: int = 0) -> torch.Tensor:
+    """[N] token ids of the text after `skip`, refused when they fill no sequence of `--seq-len`."""
+    ids = token_stream(tokenizer, files, skip + args.max_tokens)[skip:]
+    if len(ids) < args.seq_len:
+        after = f" after --offset-tokens {skip}" if skip else ""
+        raise UsageError(f"--text has {len(ids)} tokens{after}, fewer than --seq-len {args.seq_len}: give more "
+                         f"text or a smaller --seq-len")
+    return ids
 
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train-adapters", help="train M2R2 accelerator adapters for a model",
-                       description="Train accelerated-residual adapters on calibration text (see DESIGN.md).")
-    p.add_argument("--model", default="builtin", help="'builtin' or a checkpoint folder")
+                       description="Train accelerated-residual adapters on calibration text "
+                                   "(the method: docs/design.md).")
+    add_model_argument(p)
     p.add_argument("--text", nargs="+", default=None,
-                   help="calibration files/folders; 'builtin:train' = the built-in model's training split (default)")
-    p.add_argument("--depth", type=int, default=4, help="rates d = 1..depth")
-    p.add_argument("--rank", type=int, default=32)
+                   help="calibration files/folders (default: builtin:train, the built-in model's training split)")
+    p.add_argument("--depth", type=positive_int, default=4, help="lookahead rates d = 1..depth (layers ahead)")
+    p.add_argument("--rank", type=positive_int, default=32, help="rank of each low-rank adapter")
     p.add_argument("--out", required=True, help="adapters .safetensors file to write")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=262144, help="calibration tokens to use")
-    p.add_argument("--ridge", type=float, default=1e-3)
-    p.add_argument("--kl-steps", type=int, default=0, help="Adam steps per (layer, rate) on the routing loss")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per calibration sequence")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per forward")
+    p.add_argument("--max-tokens", type=positive_int, default=262144, help="calibration tokens to use")
+    p.add_argument("--ridge", type=nonnegative_float, default=1e-3, help="ridge penalty of the closed-form fit")
+    p.add_argument("--kl-steps", type=nonnegative_int, default=0,
+                   help="Adam steps per (layer, rate) on the routing loss; 0 = closed form only")
     p.add_argument("--route-features", action="store_true",
                    help="adapters also see the source layer's expert choice (multi-hot)")
-    p.add_argument("--kl-samples", type=int, default=16384, help="tokens kept for the routing fine-tune")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--kl-samples", type=positive_int, default=16384, help="tokens kept for the routing fine-tune")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
     p.set_defaults(func=train_command)
 
 
 def train_command(args: argparse.Namespace) -> int:
+    """Train adapters for `--model` on `--text` and write them to `--out`."""
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a folder; name the file to write, e.g. "
+                         f"{Path(args.out) / 'adapters.safetensors'}")
+    _check_lengths(args)
+    files = text_files(args.text, "builtin:train")
     torch.manual_seed(args.seed)
-    model, tokenizer = _load_model(args.model, args.dtype)
-    files = resolve_text(args.text or ["builtin:train"])
-    ids = token_stream(tokenizer, files, args.max_tokens)
-    adapter, layers = find_moe_layers(model)
+    model, tokenizer, adapter, layers = _load_model(args)
+    ids = _tokens(tokenizer, files, args)
     adapters, report = train_adapters(
         model, adapter, layers, chunk_tokens(ids, args.seq_len, args.batch), depth=args.depth, rank=args.rank,
         ridge=args.ridge, kl_steps=args.kl_steps, kl_samples=args.kl_samples, seed=args.seed,
@@ -80,47 +108,59 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval-predictor", help="recall/precision of predictors per lookahead depth on held-out text")
-    p.add_argument("--model", default="builtin")
-    p.add_argument("--predictors", default="history,gate,m2r2,oracle")
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--adapters", default=None, help="adapters file (default: the shipped ones for the built-in model)")
-    p.add_argument("--text", nargs="+", default=None, help="held-out files; default 'builtin:heldout'")
-    p.add_argument("--max-tokens", type=int, default=16384)
-    p.add_argument("--offset-tokens", type=int, default=0,
+    p = sub.add_parser("eval-predictor", help="recall/precision of predictors per lookahead depth on held-out text",
+                       description="Recall, precision and width of each predictor per lookahead depth on\n"
+                                   "held-out text, and what each predictor costs per token.")
+    add_model_argument(p)
+    p.add_argument("--predictors", type=listed(one_of(PREDICTORS)), default="history,gate,m2r2,oracle",
+                   help=f"comma-separated, from: {', '.join(PREDICTORS)}")
+    p.add_argument("--depth", type=positive_int, default=4, help="lookahead depths d = 1..depth (layers ahead)")
+    p.add_argument("--adapters", type=existing_file, default=None,
+                   help="m2r2 adapters file (default: the shipped ones of a built-in model)")
+    p.add_argument("--text", nargs="+", default=None, help="held-out files/folders (default: builtin:heldout)")
+    p.add_argument("--max-tokens", type=positive_int, default=16384, help="held-out tokens to evaluate")
+    p.add_argument("--offset-tokens", type=nonnegative_int, default=0,
                    help="skip this many tokens of the text first (e.g. a validation window of the train split)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--mass", type=float, default=0.9, help="confidence widening: predicted probability mass")
-    p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--plot", default=None, help="write a recall-vs-depth PNG here")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per held-out sequence")
+    p.add_argument("--mass", type=probability, default=0.9,
+                   help="confidence widening: predicted probability mass, in (0, 1]")
+    p.add_argument("--json", default=None, help="write the results (with the cost) here (default: not written)")
+    p.add_argument("--plot", default=None, help="write a recall-vs-depth PNG here; needs matplotlib "
+                                                "(default: not drawn)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
     p.set_defaults(func=eval_command)
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    model, tokenizer = _load_model(args.model, args.dtype)
-    names = [n.strip() for n in args.predictors.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(PREDICTORS))
-    if unknown:
-        raise SystemExit(f"unknown predictor(s) {unknown}; choose from {', '.join(PREDICTORS)}")
-    adapter, layers = find_moe_layers(model)
+    """Evaluate `--predictors` on held-out text; print the table and the cost, write `--json`, `--plot`."""
+    if args.plot:
+        require_matplotlib("--plot")
+    names = [n for n in dict.fromkeys(args.predictors) if n != "none"]
+    if not names:
+        raise UsageError("--predictors: 'none' predicts nothing; name at least one of "
+                         + ", ".join(n for n in PREDICTORS if n != "none"))
+    _check_lengths(args)
+    files = text_files(args.text, "builtin:heldout")
+    model, tokenizer, adapter, layers = _load_model(args)
+    if "m2r2" in names:
+        check_adapters(model, layers, args.model, args.adapters, "--predictors")
     top_k = adapter.top_k(model)
-    dummy_trace = torch.zeros(1, len(layers), top_k, dtype=torch.long)  # replaced per sequence
+    dummy_trace = torch.zeros(1, len(layers), top_k, dtype=torch.long)  # [1, L, K], replaced per sequence
     predictors = {n: make_predictor(n, model, adapter, layers, args.depth, adapters=args.adapters,
-                                    trace=dummy_trace if n == "oracle" else None) for n in names if n != "none"}
-    ids = token_stream(tokenizer, resolve_text(args.text or ["builtin:heldout"]), args.offset_tokens + args.max_tokens)
-    ids = ids[args.offset_tokens :]
-    sequences = chunk_tokens(ids, args.seq_len, 1)
+                                    trace=dummy_trace if n == "oracle" else None) for n in names}
+    sequences = chunk_tokens(_tokens(tokenizer, files, args, skip=args.offset_tokens), args.seq_len, 1)
     tokens = sum(s.numel() for s in sequences)
     widths = sorted({top_k, top_k + 1, 2 * top_k})
     results = evaluate(predictors, collect(model, layers, sequences), top_k, args.depth, widths, mass=args.mass)
     out = {"model": args.model, "tokens": tokens, "top_k": top_k, "num_layers": len(layers),
-           "num_experts": predictors[names[0]].num_experts if names else None, "mass": args.mass,
+           "num_experts": max(int(layer.experts.num_experts) for layer in layers), "mass": args.mass,
            "results": {n: {str(d): v for d, v in r.items()} for n, r in results.items()},
            "cost": _cost(model, layers, predictors)}
     print(_table(results, args.depth, widths))
-    print(json.dumps(out["cost"], indent=None))
+    print()
+    print(cost_table(out["cost"]))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
     if args.plot:
         _plot(results, args.depth, args.plot, args.model, tokens)
@@ -168,6 +208,30 @@ def _cost(model, layers, predictors) -> dict:
                       "adapter_params_share": p.adapters.num_parameters / int(active)}
         cost[name] = entry
     return cost
+
+
+def cost_table(cost: dict) -> str:
+    """The cost `_cost` measured, as a labelled table: predictor time per token; adapter parameters and
+    FLOPs per token, with their share of the model's active ones."""
+    head = f"{'cost per token':<16}{'time':>12}{'params (share of model)':>28}{'FLOPs (share of model)':>28}"
+    model = f"{_si(cost['model_active_params'])} (active)", _si(cost["model_flops_per_token"])
+    lines = [head, "-" * len(head), f"{'model':<16}{'':>12}{model[0]:>28}{model[1]:>28}"]
+    for name, entry in cost.items():
+        if not isinstance(entry, dict):
+            continue
+        params = flops = "-"
+        if "adapter_params" in entry:
+            params = f"{_si(entry['adapter_params'])} ({entry['adapter_params_share']:.1%})"
+            flops = f"{_si(entry['adapter_flops_per_token'])} ({entry['adapter_flops_share']:.1%})"
+        lines.append(f"{name:<16}{entry['seconds_per_token'] * 1e3:>9.3f} ms{params:>28}{flops:>28}")
+    return "\n".join(lines)
+
+
+def _si(value: float) -> str:
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {suffix}"
+    return f"{value:g}"
 
 
 def _plot(results: dict, depth: int, path: str, model: str, tokens: int) -> None:

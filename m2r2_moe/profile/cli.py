@@ -19,7 +19,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..cli_common import (UsageError, add_model_argument, check_adapters, check_cache_experts, check_device,
+                          existing_file, listed, one_of, positive_float, positive_int, probability, require_matplotlib)
+from ..config import MIN_LINK_GBPS, POLICIES
 from ..corpus import resolve_text, token_stream
+from ..loading import load_model
 from ..models import find_moe_layers
 from . import report
 from .session import lru_curve, limit_per_token, offloaded_run, reference_run
@@ -27,41 +31,56 @@ from .session import lru_curve, limit_per_token, offloaded_run, reference_run
 logger = logging.getLogger(__name__)
 
 
+PREDICTOR_NAMES = ("none", "history", "gate", "m2r2", "oracle", "oracle-wrap")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("profile", help="expert-switch stalls per predictor, link regime and cache size",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="builtin")
-    p.add_argument("--predictors", default="none,history,gate,m2r2,oracle,oracle-wrap",
+                       description=__doc__)
+    add_model_argument(p)
+    p.add_argument("--predictors", type=listed(one_of(PREDICTOR_NAMES)), default=",".join(PREDICTOR_NAMES),
                    help="comma-separated: none, history, gate, m2r2, oracle, oracle-wrap (the oracle also across the "
                         "token boundary, into the next token's layers: a bound no within-token predictor reaches)")
-    p.add_argument("--adapters", default=None, help="m2r2 adapters (default: the shipped ones for the built-in model)")
-    p.add_argument("--link-ratios", default="0.5,2,8", help="expert transfer time / layer compute time, per regime")
-    p.add_argument("--cache-experts", default=None,
-                   help="comma-separated slot counts (default: half of all experts)")
-    p.add_argument("--policies", default="predictive", help="comma-separated: lru, predictive")
-    p.add_argument("--depth", default="auto",
-                   help="prefetch lookahead in layers; 'auto' = ceil(link ratio), 1..4: the lead time a copy needs")
-    p.add_argument("--min-prob", type=float, default=None,
-                   help="prefetch_min_prob: smallest predicted probability worth a prefetch (default: the runtime's)")
-    p.add_argument("--prompts", type=_positive_int, default=1, help="held-out prompts to run")
-    p.add_argument("--repeats", type=_positive_int, default=1,
+    p.add_argument("--adapters", type=existing_file, default=None,
+                   help="m2r2 adapters file (default: the shipped ones of a built-in model)")
+    p.add_argument("--link-ratios", type=listed(positive_float), default="0.5,2,8",
+                   help="comma-separated regimes, each an expert's transfer time / a layer's compute time (> 0)")
+    p.add_argument("--cache-experts", type=listed(positive_int), default=None,
+                   help="comma-separated device slot counts, each from the model's top-k to its number of experts "
+                        "(default: half of all experts)")
+    p.add_argument("--policies", type=listed(one_of(POLICIES)), default="predictive",
+                   help=f"comma-separated: {', '.join(POLICIES)}")
+    p.add_argument("--depth", type=_depth, default="auto",
+                   help="prefetch lookahead in layers (>= 1); 'auto' = ceil(link ratio) capped at 4, the lead time "
+                        "a copy needs")
+    p.add_argument("--min-prob", type=probability, default=None,
+                   help="prefetch_min_prob: smallest predicted probability worth a prefetch, in (0, 1] "
+                        "(default: the runtime's)")
+    p.add_argument("--prompts", type=positive_int, default=1, help="held-out prompts to run")
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="runs of every configuration per prompt; the fastest is kept (noise only adds time)")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
+    p.add_argument("--prompt-tokens", type=positive_int, default=64, help="tokens per prompt")
+    p.add_argument("--new-tokens", type=_at_least_two, default=32, help="tokens generated per prompt (>= 2)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1: steadier timings)")
     p.add_argument("--device", default="cpu", help="cpu (emulated link) or cuda (real link)")
-    p.add_argument("--json", default=None)
-    p.add_argument("--trace", default=None, help="Chrome/Perfetto trace of one run (m2r2, middle regime)")
-    p.add_argument("--plots", default=None, help="folder for timeline.png, stalls.png, hit_rate.png")
+    p.add_argument("--json", default=None, help="write every run's figures here (default: not written)")
+    p.add_argument("--trace", default=None,
+                   help="Chrome/Perfetto trace of one run (m2r2, middle regime) (default: not written)")
+    p.add_argument("--plots", default=None, help="folder for timeline.png, stalls.png, hit_rate.png; needs "
+                                                 "matplotlib (default: not drawn)")
     p.add_argument("--sweep-cache", action="store_true",
                    help="also run none/m2r2 at 1/4, 1/2, 3/4 of all experts for the hit-rate plot")
     p.set_defaults(func=main)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+def _depth(text: str) -> str | int:
+    return "auto" if text == "auto" else positive_int(text)
+
+
+def _at_least_two(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (the first new token is prefill, not decode), got {text}")
     return value
 
 
@@ -88,19 +107,25 @@ def _prompts(tokenizer, count: int, length: int, vocab: int) -> list[torch.Tenso
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..cli import _load
-
+    """Run every configuration of the plan on the reference prompts; print the table, write the outputs."""
+    if args.plots:
+        require_matplotlib("--plots")
+    emulated = check_device(args.device).type == "cpu"  # on CPU the link is emulated at each regime's speed
     torch.set_num_threads(args.threads)
-    model, tokenizer = _load(args.model, torch.float32)
+    model, tokenizer = load_model(args.model, torch.float32)
     adapter, layers = find_moe_layers(model)
     total = sum(int(x.experts.num_experts) for x in layers)
-    caches = [int(c) for c in args.cache_experts.split(",")] if args.cache_experts else [total // 2]
-    ratios = [float(r) for r in args.link_ratios.split(",")]
-    policies = args.policies.split(",")
-    predictors = [p.strip() for p in args.predictors.split(",")]
+    caches = args.cache_experts or [total // 2]
+    check_cache_experts(caches, adapter.top_k(model), total)
+    if "m2r2" in args.predictors or args.sweep_cache:
+        check_adapters(model, layers, args.model, args.adapters,
+                       "--predictors" if "m2r2" in args.predictors else "--sweep-cache (runs m2r2)")
+    ratios, policies, predictors = args.link_ratios, args.policies, args.predictors
     refs = references(model, tokenizer, layers, args.prompts, args.prompt_tokens, args.new_tokens, args.repeats)
     compute_layer = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
     expert_bytes = _expert_bytes(layers)
+    if emulated:
+        _check_link_ratios(ratios, expert_bytes, compute_layer)
     plan = [(ratio, cache, policy, name) for ratio in ratios for cache in caches for policy in policies
             for name in predictors]
     if args.sweep_cache:
@@ -114,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
     runs, recorders = [], {}
     for ratio, cache, policy, name in tqdm(plan, desc="profile runs"):
         link_s = ratio * compute_layer  # one expert's transfer time in this regime
-        gbps = expert_bytes / link_s / 1e9 if args.device == "cpu" else None
+        gbps = expert_bytes / link_s / 1e9 if emulated else None
         depth = min(max(math.ceil(ratio), 1), 4) if args.depth == "auto" else int(args.depth)
         per_prompt = [_fastest(lambda: offloaded_run(model, ref, args.new_tokens, name, cache, gbps, policy,
                                                      args.adapters, depth, args.device, args.min_prob),
@@ -132,6 +157,16 @@ def main(args: argparse.Namespace) -> int:
           f"gain a run without any stall or prediction cost would reach")
     _outputs(args, runs, recorders, refs, ratios, caches, total)
     return 0 if all(r["tokens_identical"] for r in runs + floor_runs) else 1
+
+
+def _check_link_ratios(ratios: list[float], expert_bytes: int, compute_layer: float) -> None:
+    """Refuse, naming `--link-ratios`, a ratio whose emulated link would be slower than the runtime allows."""
+    slowest = expert_bytes / (MIN_LINK_GBPS * 1e9) / compute_layer  # the ratio of the slowest emulated link
+    bad = [r for r in ratios if r > slowest]
+    if bad:
+        raise UsageError(f"--link-ratios {bad[0]:g}: one expert ({expert_bytes / 1e6:.2f} MB) in {bad[0]:g} x "
+                         f"{compute_layer * 1e3:.2f} ms of layer compute needs a link slower than the emulated "
+                         f"minimum of {MIN_LINK_GBPS:g} GB/s; use ratios up to {int(slowest)}")
 
 
 def _time(run: dict) -> float:
@@ -180,9 +215,10 @@ def _share_of_gain(runs: list[dict], floor: float | None = None) -> None:
 
 def _outputs(args, runs, recorders, refs, ratios, caches, total) -> None:
     mid = ratios[len(ratios) // 2]
-    key = (mid, caches[0], args.policies.split(",")[0], "m2r2")
+    key = (mid, caches[0], args.policies[0], "m2r2")
     chosen = recorders.get(key) or next(iter(recorders.values()))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"runs": runs}, indent=1, default=float))
     if args.trace:
         report.chrome_trace(chosen, args.trace, f"m2r2_moe profile {key}")
