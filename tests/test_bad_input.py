@@ -142,7 +142,7 @@ def test_failure_during_install_rolls_back(model_and_ref, monkeypatch):
     _check_unchanged(model, snap, ids, ref)
 
 
-# -- every public entry point (issue 9): devices, options, adapters files, predictors, dtypes, paths, CLI ----
+# -- every public entry point: devices, options, adapters files, predictors, dtypes, paths, CLI ----
 @pytest.mark.parametrize(
     "kwargs, words",
     [

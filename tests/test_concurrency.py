@@ -27,6 +27,8 @@ import m2r2_moe
 from conftest import same_weights, snapshot, tiny_mixtral
 from m2r2_moe.errors import ConcurrentUseError
 
+pytestmark = pytest.mark.lossless  # CI repeats these at other thread counts
+
 GEN = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0, output_scores=True,
            return_dict_in_generate=True)
 

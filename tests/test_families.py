@@ -25,6 +25,8 @@ from m2r2_moe.errors import UnsupportedModelError
 from m2r2_moe.models import find_moe_layers
 from m2r2_moe.predict import make_predictor
 
+pytestmark = pytest.mark.lossless  # CI repeats these at other thread counts
+
 COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)

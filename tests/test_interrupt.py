@@ -22,6 +22,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 import m2r2_moe
 from conftest import ExpertUseCounter, same_weights, snapshot, tiny_mixtral
 
+pytestmark = pytest.mark.lossless  # CI repeats these at other thread counts
+
 NEW = 8
 GEN = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0, output_scores=True,
            return_dict_in_generate=True)

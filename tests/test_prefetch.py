@@ -12,6 +12,8 @@ from conftest import tiny_mixtral
 from m2r2_moe.predict.base import Predictor
 from m2r2_moe.profile import Recorder, belady_loads, lru_loads
 
+pytestmark = pytest.mark.lossless  # CI repeats these at other thread counts
+
 
 class ManualTransfer:
     def __init__(self, key, nbytes, priority):

@@ -39,6 +39,8 @@ from conftest import ExpertUseCounter, same_weights, snapshot
 from m2r2_moe.models import find_moe_layers
 from m2r2_moe.predict import AcceleratorAdapters, model_fingerprint
 
+pytestmark = pytest.mark.lossless  # CI repeats these at other thread counts
+
 EXAMPLES = 120
 NEW_TOKENS = 4
 COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

@@ -10,7 +10,7 @@ Two stages, both deterministic:
    Cost: one pass over the calibration text plus an [H, H] solve per (l, d).
    With routing features, x also holds a multi-hot of the source layer's experts.
 2. Router fine-tuning (optional, `kl_steps > 0`; off by default: on the built-in model it raised
-   in-sample recall but not recall on unseen text, see the issue notes): starting from stage 1, Adam minimises
+   in-sample recall but not recall on unseen text, see BENCHMARKS.md): starting from stage 1, Adam minimises
    normalized MSE(r̂, r_{l+d}) + λ·KL(router_{l+d}(r_{l+d}) ‖ router_{l+d}(r̂)) on a bounded reservoir of
    calibration tokens. MSE alone spends rank on directions the router ignores; the KL term spends it on
    the routing decision, which is what prefetching needs.
