@@ -131,7 +131,7 @@ def e2e_rows(tokens: int, rounds: int) -> list[list[str]]:
 
     import m2r2_moe
     from m2r2_moe.loading import load_model
-    from m2r2_moe.runtime import cache, offloader
+    from m2r2_moe.runtime import cache, expert_cache
     from overhead import LayerTimer, decode_seconds
 
     torch.set_num_threads(1)
@@ -140,11 +140,11 @@ def e2e_rows(tokens: int, rounds: int) -> list[list[str]]:
     kinds = {"Python twin": False, "C++": True} if _ext.HAS_EXT else {"Python twin": False}
     times: dict[str, list[float]] = {k: [] for k in kinds}
     book: dict[str, list[float]] = {k: [] for k in kinds}
-    factory = offloader.make_slot_manager
+    factory = expert_cache.make_slot_manager
     try:
         for _ in range(rounds):
             for name, native in kinds.items():
-                offloader.make_slot_manager = functools.partial(cache.make_slot_manager, native=native)
+                expert_cache.make_slot_manager = functools.partial(cache.make_slot_manager, native=native)
                 m2r2_moe.offload(model, device="cpu", cache_experts=10**9)
                 decode_seconds(model, ids, tokens)  # warm: every expert the greedy run uses is loaded
                 m2r2_moe.reset_stats(model)
@@ -155,7 +155,7 @@ def e2e_rows(tokens: int, rounds: int) -> list[list[str]]:
                 m2r2_moe.remove_offload(model)
                 book[name].append((timer.total - timer.kernel) / timer.calls)
     finally:
-        offloader.make_slot_manager = factory
+        expert_cache.make_slot_manager = factory
     return [[name, f"{statistics.median(times[name]) * 1e3:.3f}", f"{statistics.median(book[name]) * 1e6:.1f}"]
             for name in kinds]
 

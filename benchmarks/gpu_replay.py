@@ -4,7 +4,7 @@ The model: a transformers MixtralForCausalLM with hidden 4096, intermediate 1433
 (352 MB per bf16 expert), a few layers and synthetic weights. Its routers return the routing the
 built-in model chose on held-out text (a contiguous block of its 8 layers), and each predictor returns
 the scores the built-in model's `history` / `gate` / `m2r2` / `oracle` predictor gave there
-(m2r2_moe/replay.py): Mixtral's expert bytes with a trained model's routing and prediction quality.
+(benchmarks/replay.py): Mixtral's expert bytes with a trained model's routing and prediction quality.
 
 Steps: record the built-in model (CPU, seconds); build the replay model on the device; decode it with
 every expert resident (the compute time per token, the reference tokens); measure the pinned
@@ -35,7 +35,7 @@ import m2r2_moe  # noqa: E402
 from _report import append_section, machine, markdown_table  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
 from m2r2_moe.profile.belady import belady_loads  # noqa: E402
-from m2r2_moe.replay import (GreedyDecoder, ReplayClock, ReplayPredictor, RoutingRecord, RoutingTap,  # noqa: E402
+from replay import (GreedyDecoder, ReplayClock, ReplayPredictor, RoutingRecord, RoutingTap,  # noqa: E402
                              record_routing, replay_routing)
 
 ON_DEVICE = ("gate", "m2r2")  # predictors whose real versions compute on the device (their scores live there)

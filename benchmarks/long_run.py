@@ -3,9 +3,10 @@
 Generates several sequences back to back (the KV cache grows within a sequence and is dropped between
 them) with the built-in model offloaded at half of its experts, the M2R2 predictor and an emulated link,
 and samples at intervals: host RSS (psutil), Python and OS thread counts, the prefetch handles the runtime
-holds (`offloader._prefetched`), the size of every dict/list/set the runtime keeps (offloader, copy engine,
-slot manager, prefetcher, predictor, policy) and, on a GPU, torch.cuda allocated memory. Prints a table
-and appends it to BENCHMARKS.md. tests/test_long_run.py runs a smaller version with assertions.
+holds (`offloader.cache._prefetched`), the size of every dict/list/set the runtime keeps (offloader, expert
+cache, copy engine, slot manager, prefetcher, predictor, policy, events) and, on a GPU, torch.cuda allocated
+memory. Prints a table and appends it to BENCHMARKS.md. benchmarks/tests/test_long_run.py runs a smaller
+version with assertions.
 
     python benchmarks/long_run.py [--sequences 5] [--new-tokens 1024] [--link-gbps 0.14] [--every 256]
 """
@@ -36,8 +37,10 @@ CONTAINERS = (dict, list, set, deque, tuple)
 
 def bookkeeping(offloader) -> dict[str, int]:
     """`owner.attribute -> len` of every container the runtime and the objects it owns keep."""
-    owners = {"offloader": offloader}
-    for name in ("engine", "slots", "prefetcher", "policy", "store"):
+    cache = offloader.cache
+    owners = {"offloader": offloader, "cache": cache, "slots": cache.slots, "policy": cache.policy,
+              "events": offloader.events}
+    for name in ("engine", "prefetcher", "store"):
         if getattr(offloader, name, None) is not None:
             owners[name] = getattr(offloader, name)
     if owners.get("prefetcher") is not None:
@@ -68,7 +71,7 @@ class Monitor(StoppingCriteria):
         gc.collect(1)  # young generations: the garbage of the last tokens (a full collection costs ~0.3 s)
         row = dict(tokens=self.tokens, seconds=time.perf_counter() - self.start,
                    rss_mb=self.process.memory_info().rss / 1e6, py_threads=threading.active_count(),
-                   os_threads=self.process.num_threads(), prefetched=len(getattr(self.offloader, "_prefetched", ())),
+                   os_threads=self.process.num_threads(), prefetched=len(self.offloader.cache._prefetched),
                    containers=bookkeeping(self.offloader))
         if torch.cuda.is_available() and self.offloader.device.type == "cuda":
             row["cuda_mb"] = torch.cuda.memory_allocated(self.offloader.device) / 1e6

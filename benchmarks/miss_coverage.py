@@ -30,9 +30,9 @@ from _report import markdown_table, publish  # noqa: E402
 from m2r2_moe.loading import load_model  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
 from m2r2_moe.predict import make_predictor  # noqa: E402
-from m2r2_moe.predict.collect import LayerTap  # noqa: E402
+from m2r2_moe.models.tap import LayerTap  # noqa: E402
 from m2r2_moe.profile.cli import _expert_bytes, references  # noqa: E402
-from m2r2_moe.profile.session import limit_per_token, offloaded_run  # noqa: E402
+from m2r2_moe.profile.runs import limit_per_token, offloaded_run  # noqa: E402
 
 
 @torch.no_grad()
@@ -65,7 +65,7 @@ def regime(model, refs, layers, names, predictors, ratio, width, new_tokens) -> 
                  if c.step >= 1 and c.priority == 0]
         with LayerTap(layers) as tap, torch.no_grad():  # the same sequence, teacher forced
             model(input_ids=ref.tokens[:, :-1], use_cache=False)
-            residuals, chosen = list(tap.residuals), list(tap.chosen)
+            residuals, chosen = list(tap.residual), list(tap.chosen)
         for n in names:
             fractions[n] += removable(predictors[n], loads, residuals, chosen, ref.prompt.shape[1] - 1, ratio,
                                       depth, width)

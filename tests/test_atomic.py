@@ -216,7 +216,7 @@ def test_remove_offload_after_a_failed_copy_restores(fault, predictor):
             model.generate(input_ids=IDS, **GEN)
     assert "injected" in str(failed.value) or "failed" in str(failed.value)
     del failed
-    assert all(off.slots.pins(key) == 0 for key, _ in off.slots.resident())
+    assert all(off.cache.slots.pins(key) == 0 for key, _ in off.cache.slots.resident())
     with torch.no_grad():
         assert torch.equal(model.generate(input_ids=IDS, **GEN), ref)  # the failed slot was not trusted
     m2r2_moe.remove_offload(model)

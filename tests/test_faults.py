@@ -37,7 +37,7 @@ def _setup(predictor="none", **options):
 
 def _restores(model, off, before):
     ref, snap, params = before
-    assert all(off.slots.pins(key) == 0 for key, _ in off.slots.resident())
+    assert all(off.cache.slots.pins(key) == 0 for key, _ in off.cache.slots.resident())
     assert torch.equal(_generate(model), ref)  # usable again, and no slot holding garbage was trusted
     m2r2_moe.remove_offload(model)
     assert all(p is params[n] for n, p in model.named_parameters()) and same_weights(model, snap)

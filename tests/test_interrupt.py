@@ -75,7 +75,7 @@ def _inject(model, where: str, monkeypatch):
 
 
 def _no_pins(offloader) -> bool:
-    return all(offloader.slots.pins(key) == 0 for key, _ in offloader.slots.resident())
+    return all(offloader.cache.slots.pins(key) == 0 for key, _ in offloader.cache.slots.resident())
 
 
 def _same(out, ref) -> bool:

@@ -16,18 +16,21 @@ L = 4  # layers
 
 
 def test_stale_oldest_first_then_farthest_next_use():
-    p = NextUsePolicy(L)
+    p = NextUsePolicy(L, num_slots=3)
     p.used(10, now=0)  # next use at turn 4
     p.used(11, now=1)  # turn 5
     p.used(12, now=2)  # turn 6
-    assert p.victim(now=3, pinned=()) == 12  # none stale: the one needed farthest ahead
-    assert p.victim(now=5, pinned=()) == 10  # 10 missed turn 4 (5 is now, unused): the oldest stale one
-    assert p.victim(now=5, pinned={10, 11}) == 12
-    assert p.victim(now=3, pinned={10, 11, 12}) == -1
+    assert p.victim(99, now=3, pinned=()) == 12  # none stale: the one needed farthest ahead
+    assert p.victim(99, now=5, pinned=()) == 10  # 10 missed turn 4 (5 is now, unused): the oldest stale one
+    assert p.victim(99, now=5, pinned={10, 11}) == 12
+    assert p.victim(99, now=3, pinned={10, 11, 12}) == -1
+    assert p.victim(10, now=3, pinned=()) is None  # resident: nothing to evict
+    p.forget(12)
+    assert p.victim(99, now=3, pinned=()) is None  # a free slot: nothing to evict
 
 
 def test_prediction_keeps_the_sooner_need():
-    p = NextUsePolicy(L)
+    p = NextUsePolicy(L, num_slots=3)
     p.used(7, now=0)  # turn 4
     p.predicted(7, when=2, now=1)
     assert p.next_use[7] == 2
@@ -38,13 +41,14 @@ def test_prediction_keeps_the_sooner_need():
 
 
 def test_a_prefetch_never_displaces_an_expert_needed_sooner():
-    p = NextUsePolicy(L)
+    p = NextUsePolicy(L, num_slots=2)
     p.used(1, now=0)  # turn 4
     p.used(2, now=1)  # turn 5
-    assert p.victim(now=2, pinned=(), needed_at=3) == 2  # needed at 5, later than the prefetched expert
-    assert p.victim(now=2, pinned=(), needed_at=5) == -1  # every candidate is needed no later than it
+    assert p.victim(99, now=2, pinned=(), needed_at=3) == 2  # needed at 5, later than the prefetched expert
+    assert p.victim(99, now=2, pinned=(), needed_at=5) == -1  # every candidate is needed no later than it
+    p.num_slots = 3
     p.used(3, now=1)  # stale by turn 6 ...
-    assert p.victim(now=6, pinned=(), needed_at=7) == 1  # ... stale experts may always go, oldest first
+    assert p.victim(99, now=6, pinned=(), needed_at=7) == 1  # ... stale experts may always go, oldest first
 
 
 def test_predictive_policy_keeps_the_next_layers_experts():
@@ -73,7 +77,7 @@ def _prefetcher(link_gbps):
 
 def test_admission_is_free_on_an_idle_or_unknown_link():
     model, off, pf = _prefetcher(None)
-    off.layer_seconds, pf.link_busy = 1e-3, 1.0
+    off.clock.layer_seconds, pf.link_busy = 1e-3, 1.0
     assert pf._transfer_ratio() == 0.0  # no link emulated: unknown
     assert pf._thresholds([1, 2], 0.0) == pytest.approx([pf.min_prob] * 2)
     assert pf._link_budget(0.0) == pf.max_queued
@@ -83,7 +87,7 @@ def test_admission_is_free_on_an_idle_or_unknown_link():
 def test_admission_tightens_on_a_busy_slow_link():
     model, off, pf = _prefetcher(0.001)
     transfer = off.engine.link_seconds(off.expert_bytes[0])
-    off.layer_seconds = transfer / 8
+    off.clock.layer_seconds = transfer / 8
     ratio = pf._transfer_ratio()
     assert ratio == pytest.approx(8)
     pf.link_busy = 0.0
@@ -139,20 +143,20 @@ def test_layer_time_estimate_restarts_when_the_forward_size_changes(monkeypatch)
     a fake one, so the figures are exact on any machine."""
     from types import SimpleNamespace
 
-    from m2r2_moe.runtime import offloader as offloader_module
+    from m2r2_moe.runtime import clock as clock_module
 
     clock = [100.0]
-    monkeypatch.setattr(offloader_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(clock_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     model, off, pf = _prefetcher(0.001)
     try:
-        off._time_layer(0, 64)
+        off.clock.tick(0, 64, 0.0)
         clock[0] += 0.02
-        off._time_layer(1, 64)
-        assert off.layer_seconds == pytest.approx(0.02)
-        off._time_layer(0, 1)  # decode starts
-        assert off.layer_seconds == 0.0 and pf._transfer_ratio() == 0.0  # unknown: the full floor applies
+        off.clock.tick(1, 64, 0.0)
+        assert off.clock.layer_seconds == pytest.approx(0.02)
+        off.clock.tick(0, 1, 0.0)  # decode starts
+        assert off.clock.layer_seconds == 0.0 and pf._transfer_ratio() == 0.0  # unknown: the full floor applies
         clock[0] += 0.002
-        off._time_layer(1, 1)
-        assert off.layer_seconds == pytest.approx(0.002)
+        off.clock.tick(1, 1, 0.0)
+        assert off.clock.layer_seconds == pytest.approx(0.002)
     finally:
         m2r2_moe.remove_offload(model)

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.lossless  # CI repeats these at other thread counts
 class ManualTransfer:
     def __init__(self, key, nbytes, priority):
         self.key, self.nbytes, self.priority = key, nbytes, priority
+        self.slot, self.error = -1, None
         self.done = self.cancelled = self.started = False
 
     def ready(self):
@@ -33,6 +34,7 @@ class ManualEngine:
 
     def __init__(self):
         self.transfers = []
+        self.bytes_copied, self.busy_seconds, self.fault = 0, 0.0, None
 
     def submit(self, key, slot, dst, src, priority=0, after=None):
         dst.copy_(src)  # the bytes are real; only "arrival" is under the test's control
@@ -45,6 +47,12 @@ class ManualEngine:
             return False
         t.cancelled = t.done = True
         return True
+
+    def promote(self, t):
+        pass
+
+    def link_seconds(self, nbytes):
+        return 0.0
 
     def drain_stall_seconds(self):
         return 0.0
@@ -81,8 +89,7 @@ def _offloaded(script, cache=6, policy="lru"):
     model = tiny_mixtral(layers=4)
     m2r2_moe.offload(model, device="cpu", cache_experts=cache, predictor=Scripted(script), policy=policy)
     off = m2r2_moe.get_offloader(model)
-    off.engine.close()
-    off.engine = ManualEngine()
+    off.replace_engine(ManualEngine())
     off.prefetcher.min_prob = 0.0  # take every expert with a non-zero score
     return model, off
 
@@ -150,7 +157,7 @@ def test_a_newer_prediction_cancels_what_it_contradicts():
         _run(off, 1, [0, 1])
         prefetches = {t.key - 2 * off.key_stride: t for t in off.engine.transfers if t.priority > 0}
         assert prefetches[4].cancelled and not prefetches[5].cancelled
-        assert off.slots.lookup(2 * off.key_stride + 4) == -1  # its slot was freed
+        assert off.cache.slots.lookup(2 * off.key_stride + 4) == -1  # its slot was freed
         s = m2r2_moe.stats(model)
         assert s.cancelled_prefetches == 1 and s.prefetches == 2
         _run(off, 2, [4, 5])  # 4 is now a miss (demand load), 5 a late prefetch
@@ -167,7 +174,7 @@ def test_no_expert_copied_twice_while_in_flight():
         _run(off, 1, [0, 1])  # layer 1 predicts layer 2 -> {4, 5}: other keys than layer 1's prediction
         keys = [t.key for t in off.engine.transfers if t.priority > 0]
         assert len(keys) == len(set(keys)) == 4
-        off.prefetch(1, 4, priority=1)  # already in flight: no second copy
+        assert not off.cache.prefetch(1, 4, 1, off.clock.now(), frozenset())  # already in flight: no second copy
         assert len([t for t in off.engine.transfers if t.priority > 0]) == 4
     finally:
         m2r2_moe.remove_offload(model)

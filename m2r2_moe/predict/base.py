@@ -30,6 +30,9 @@ class Predictor:
     def observe(self, layer: int, chosen: torch.Tensor) -> None:
         """Record the experts layer `layer` actually used (`chosen [T, K]`)."""
 
+    def advance(self, tokens: int) -> None:
+        """Called after each forward of `tokens` positions (a predictor replaying positions moves on)."""
+
     def predict(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
                 ) -> dict[int, torch.Tensor]:
         """Scores for layers `layer + d`, d = 1..depth (only those that exist): `{d: [T, E]}`, from the

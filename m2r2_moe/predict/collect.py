@@ -1,8 +1,8 @@
-"""Capture, per MoE layer, the residual entering the block and the experts it ran — with hooks, so
-the model runs unmodified (offloaded or not).
+"""Residuals and routing of calibration or held-out text, batch by batch, for training and evaluating predictors.
 
-r_l is the input of the norm in front of layer l's MoE block (`MoELayer.norm`); the experts come from
-the `top_k_index` argument of the experts module's forward, i.e. exactly what the block computed.
+r_l is the residual entering layer l's MoE block (the input of the norm in front of it); the experts are the
+`top_k_index` the experts module received, i.e. exactly what the block computed. Both come from
+`models/tap.py`, so the model runs unmodified (offloaded or not).
 """
 
 from __future__ import annotations
@@ -13,46 +13,7 @@ import torch
 from torch import nn
 
 from ..models.base import MoELayer
-
-
-class LayerTap:
-    """Forward hooks that keep the latest `residual [T, H]` and `chosen [T, K]` of every MoE layer."""
-
-    def __init__(self, layers: list[MoELayer]):
-        self.layers = layers
-        self.residuals: list[torch.Tensor | None] = [None] * len(layers)
-        self.chosen: list[torch.Tensor | None] = [None] * len(layers)
-        self._handles = []
-        for i, layer in enumerate(layers):
-            if layer.norm is None:
-                raise ValueError(f"MoE layer {i} has no pre-MoE norm to read the residual from")
-            self._handles.append(layer.norm.register_forward_pre_hook(self._residual_hook(i)))
-            self._handles.append(layer.experts.register_forward_pre_hook(self._experts_hook(i), with_kwargs=True))
-
-    def _residual_hook(self, i: int):
-        def hook(module: nn.Module, args):
-            x = args[0]
-            self.residuals[i] = x.detach().reshape(-1, x.shape[-1])
-
-        return hook
-
-    def _experts_hook(self, i: int):
-        def hook(module: nn.Module, args, kwargs):
-            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            self.chosen[i] = index.detach()
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> "LayerTap":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+from ..models.tap import LayerTap
 
 
 @torch.no_grad()
@@ -64,7 +25,7 @@ def collect(model: nn.Module, layers: list[MoELayer], batches: Iterable[torch.Te
     with LayerTap(layers) as tap:
         for ids in batches:
             model(input_ids=ids.to(device), use_cache=False)
-            yield (torch.stack([r.float().cpu() for r in tap.residuals]),
+            yield (torch.stack([r.float().cpu() for r in tap.residual]),
                    torch.stack([c.long().cpu() for c in tap.chosen]))
 
 

@@ -26,7 +26,7 @@ from ..corpus import resolve_text, token_stream
 from ..loading import load_model
 from ..models import find_moe_layers
 from . import report
-from .session import lru_curve, limit_per_token, offloaded_run, reference_run
+from .runs import lru_curve, limit_per_token, offloaded_run, reference_run
 
 logger = logging.getLogger(__name__)
 

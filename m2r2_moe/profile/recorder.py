@@ -1,8 +1,8 @@
-"""Per-token, per-layer record of an offloaded model's expert traffic — attached from outside.
+"""Per-token, per-layer record of an offloaded model's expert traffic — a listener of the runtime's events.
 
-The recorder wraps the offloader's `run_experts` and its copy engine's `submit` (no change to the hot
-path when it is off). For every MoE layer call it keeps the wall interval, the stall, and how many
-expert uses were hits / prefetch hits / late prefetches / misses (read as counter deltas, so the
+The recorder subscribes to the offloader's events (`runtime/events.py`; nothing is patched, and the hot path
+does nothing for it when no one listens). For every MoE layer call it keeps the wall interval, the stall, and
+how many expert uses were hits / prefetch hits / late prefetches / misses (read as counter deltas, so the
 classification is the runtime's own); for every copy, its priority and link interval (CPU engine) and
 whether it was used. A forward of layer 0 starts a new step: step 0 is the prefill, then one step per
 decoded token.
@@ -54,7 +54,7 @@ class CopyEvent:
 
 
 class Recorder:
-    """Attach to an `Offloader`; `detach()` restores it."""
+    """Attach to an `Offloader`; `detach()` stops listening."""
 
     def __init__(self, offloader):
         self.offloader = offloader
@@ -63,35 +63,32 @@ class Recorder:
         self.step = -1
         self.t0 = time.perf_counter()
         self._current_layer = -1
-        self._run = offloader.run_experts
-        self._submit = offloader.engine.submit
-        offloader.run_experts = self._run_experts
-        offloader.engine.submit = self._submit_copy
+        self._open = None  # (layer, tokens, start, counters before) of the layer call in progress
+        offloader.events.subscribe(self)
 
     def detach(self) -> None:
-        self.offloader.__dict__.pop("run_experts", None)
-        self.offloader.engine.__dict__.pop("submit", None)
+        self.offloader.events.unsubscribe(self)
 
-    def _run_experts(self, layer, hidden_states, top_k_index, top_k_weights):
+    def _counters(self) -> list:
         stats = self.offloader.stats
+        return [getattr(stats, c) for c in _CLASSES] + [stats.stall_seconds]
+
+    def layer_started(self, step: int, layer: int, tokens: int) -> None:
         if layer == 0:
             self.step += 1
-        before = [getattr(stats, c) for c in _CLASSES] + [stats.stall_seconds]
         self._current_layer = layer
-        start = time.perf_counter()
-        out = self._run(layer, hidden_states, top_k_index, top_k_weights)
-        end = time.perf_counter()
-        after = [getattr(stats, c) for c in _CLASSES] + [stats.stall_seconds]
-        delta = [a - b for a, b in zip(after, before)]
-        self.layers.append(LayerEvent(self.step, layer, start - self.t0, end - self.t0, delta[4], *delta[:4],
-                                      tokens=hidden_states.shape[0]))
-        return out
+        self._open = (layer, tokens, time.perf_counter(), self._counters())
 
-    def _submit_copy(self, key, slot, dst, src, priority=0, after=None):
-        transfer = self._submit(key, slot, dst, src, priority, after=after)
+    def layer_finished(self, step: int, layer: int) -> None:
+        end = time.perf_counter()
+        opened, tokens, start, before = self._open
+        delta = [a - b for a, b in zip(self._counters(), before)]
+        self.layers.append(LayerEvent(self.step, layer, start - self.t0, end - self.t0, delta[4], *delta[:4],
+                                      tokens=tokens))
+
+    def copy_submitted(self, step: int, layer: int, key: int, priority: int, transfer) -> None:
         self.copies.append(CopyEvent(self.step, self._current_layer, key, priority, transfer.nbytes,
                                      time.perf_counter() - self.t0, transfer))
-        return transfer
 
     # -- summaries ---------------------------------------------------------------------------------
     def decode_layers(self) -> list[LayerEvent]:

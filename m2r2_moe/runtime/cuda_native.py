@@ -37,11 +37,12 @@ def _event_handle(after) -> int:
 class NativeCudaTransfer:
     """Handle of one copy on the native engine's stream (the interface of `transfer.CudaTransfer`)."""
 
-    __slots__ = ("key", "slot", "nbytes", "priority", "event", "engine", "_src", "_dst")
+    __slots__ = ("key", "slot", "nbytes", "priority", "event", "engine", "error", "_src", "_dst")
 
     def __init__(self, key, slot, nbytes, priority, event, engine: "NativeCudaCopyEngine", src, dst):
         self.key, self.slot, self.nbytes, self.priority, self.event = key, slot, nbytes, priority, event
         self.engine = engine
+        self.error = None
         self._src, self._dst = src, dst  # keep both buffers alive while the copy may be in flight
 
     def ready(self) -> bool:

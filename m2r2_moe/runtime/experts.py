@@ -66,10 +66,10 @@ def slot_range(slots: list[int]) -> tuple[int, int, int]:
     return lo, hi, step
 
 
-def to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """A small int64 table for the device, without a host sync: on CUDA it goes through pinned memory
-    with a non-blocking copy (a copy from ordinary host memory would block the host until it lands)."""
-    table = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A small table for the device, without a host sync: on CUDA it goes through pinned memory with a
+    non-blocking copy (a copy from ordinary host memory would block the host until it lands)."""
+    table = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
     return table if device.type == "cpu" else table.to(device, non_blocking=True)
 
 

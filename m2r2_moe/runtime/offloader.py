@@ -1,28 +1,28 @@
-"""The per-model runtime: host store + device slot pool + slot manager + copy engine + counters.
+"""The per-model runtime: lifecycle (install, remove) and the per-layer hot path.
 
-One `Offloader` is attached to each offloaded model. `run_experts` is the per-layer hot path:
-acquire slots for the experts the router chose (demand-loading the absent ones), compute with the
-model's own kernels on the slots, release.
+One `Offloader` is attached to each offloaded model. It owns the host store, the device slot pool, the copy
+engine, the expert cache (`runtime/expert_cache.py`: slots, eviction, copies in flight, counters), the layer
+clock, the runtime's event listeners and, when a predictor drives prefetching, the prefetcher. `run_experts`
+is what every MoE layer's experts module calls instead of its own forward.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 from torch import nn
 
 from ..config import OffloadConfig
-from ..errors import CopyError, CopyTimeoutError
 from ..models.base import MoELayer
-from ..stats import OffloadStats
 from . import waves
-from .cache import make_slot_manager
+from .clock import LayerClock
+from .events import RuntimeEvents
+from .expert_cache import ExpertCache
 from .experts import SlotView, allocate_pool, make_offloaded_forward, slot_range, to_device
-from .policy import NextUsePolicy
+from .policy import make_policy
 from .store import ExpertPacking, HostExpertStore
-from .transfer import DEMAND, FailedTransfer, make_copy_engine
+from .transfer import make_copy_engine
 
 logger = logging.getLogger(__name__)
 
@@ -56,21 +56,19 @@ class Offloader:
         # the kernel the model dispatches to (read once: config attribute access is slow in transformers 5)
         self.kernel_names = [getattr(getattr(layer.experts, "config", None), "_experts_implementation", None)
                              for layer in layers]
-        self.slots = make_slot_manager(num_slots)
         self.engine = make_copy_engine(self.device, config.link_gbps, config.link_latency_us)
-        self.stats = OffloadStats()
-        self._slot_free: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last compute reading the slot
+        self.clock = LayerClock(len(layers))
+        self.events = RuntimeEvents()
+        self.cache = ExpertCache(num_slots, self.key_stride, make_policy(config.policy, len(layers), num_slots),
+                                 self.engine, store, self.pool, config.copy_timeout_s, self.events, self.clock)
         self._moved = 0  # layers whose weights live in the store (for rollback)
-        self._prefetched: dict[int, object] = {}  # key -> transfer of a prefetched expert not used yet
-        self._step = 0  # forwards seen (a decode step is one forward)
-        self._layer_now = 0  # the MoE layer being computed
-        self.layer_seconds = 0.0  # running estimate of one layer's compute time (host clock, stalls excluded)
-        self._last_call = (-1, 0.0, 0.0, 0)  # (layer, perf_counter, stall seconds, tokens) at the previous call
-        # the `predictive` policy's next-use estimates (runtime/policy.py); `lru` leaves eviction to the slot manager
-        self.policy = NextUsePolicy(len(layers)) if config.policy == "predictive" else None
-        self._wave_keys: frozenset[int] = frozenset()  # keys of the wave being acquired: never victims
         self.top_k = adapter.top_k(model)  # sizes predicted sets
         self.prefetcher = None  # set by attach_predictor
+
+    @property
+    def stats(self):
+        """The counters (`OffloadStats`), kept by the expert cache."""
+        return self.cache.stats
 
     # -- installing and removing -----------------------------------------------------------------
     def install(self, model: nn.Module, fill_store=None) -> None:
@@ -110,8 +108,9 @@ class Offloader:
 
         if self.prefetcher is not None:
             self.prefetcher.remove()
-        self.prefetcher = (None if predictor is None or predictor.name == "none"
-                           else Prefetcher(self, predictor, min_prob=self.config.prefetch_min_prob))
+        self.prefetcher = (None if predictor is None or predictor.name == "none" else
+                           Prefetcher(predictor, self.cache, self.clock, self.engine, self.layers, self.top_k,
+                                      self.expert_bytes[0], min_prob=self.config.prefetch_min_prob))
 
     def reset_sequence(self) -> None:
         """A new prompt starts: predictors forget per-sequence state."""
@@ -135,47 +134,47 @@ class Offloader:
     # -- the per-layer hot path --------------------------------------------------------------------
     def run_experts(self, layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
-        """hidden_states [T, H], top_k_index / top_k_weights [T, K] → [T, H]."""
+        """hidden_states [T, H], top_k_index / top_k_weights [T, K] → [T, H]: route, acquire, look ahead,
+        compute on the slots, release."""
+        tokens, top_k = top_k_index.shape
+        self.clock.tick(layer, tokens, self.stats.stall_seconds)
         if layer == 0:
-            self.stats.tokens += hidden_states.shape[0]
-            self._step += 1
-        self._layer_now = layer
-        self._time_layer(layer, hidden_states.shape[0])
+            self.stats.tokens += tokens
         self.stats.layer_calls += 1
+        listening = bool(self.events.listeners)
+        if listening:
+            self.events.layer_started(self.clock.step, layer, tokens)
         # Host sync on CUDA: the set of experts decides which copies to issue (paid once per layer).
         needed = torch.unique(top_k_index).tolist()
-        self._routing = top_k_index  # the prefetcher looks ahead once per layer call, at its first wave
+        kernel = self.kernels[layer]
         if not needed:
-            return torch.zeros_like(hidden_states)
-        tokens, top_k = top_k_index.shape
-        if len(needed) <= self.num_slots and waves.direct_is_exact(self.kernel_names[layer], tokens, top_k):
-            def compute(view, table):
-                return self.kernels[layer](view, hidden_states, table[top_k_index], top_k_weights)
+            out = torch.zeros_like(hidden_states)
+        elif len(needed) <= self.num_slots and waves.direct_is_exact(self.kernel_names[layer], tokens, top_k):
+            out = self.run_wave(layer, needed, lambda view, table: kernel(view, hidden_states, table[top_k_index],
+                                                                          top_k_weights), routing=top_k_index)
+        else:  # more experts than slots, or a kernel whose row order needs the pair-by-pair path
+            out = waves.run_pairs(self, layer, needed, hidden_states, top_k_index, top_k_weights)
+        if listening:
+            self.events.layer_finished(self.clock.step, layer)
+        return out
 
-            return self.run_wave(layer, needed, compute)
-        return waves.run_pairs(self, layer, needed, hidden_states, top_k_index, top_k_weights)
-
-    def _time_layer(self, layer: int, tokens: int) -> None:
-        """Update `layer_seconds` from the time since the previous layer's call, less its stalls (the
-        prefetcher weighs a copy's transfer time against it). A forward of another size (decode after a
-        prefill) starts the estimate afresh: a prefill's layer times say nothing about a decode step's."""
-        now, stall = time.perf_counter(), self.stats.stall_seconds
-        last_layer, last_time, last_stall, last_tokens = self._last_call
-        if tokens != last_tokens:
-            self.layer_seconds = 0.0  # unknown until this size's first sample: the prefetcher then uses its floor
-        elif layer == last_layer + 1:
-            sample = max(now - last_time - (stall - last_stall), 0.0)
-            self.layer_seconds = sample if not self.layer_seconds else 0.9 * self.layer_seconds + 0.1 * sample
-        self._last_call = (layer, now, stall, tokens)
-
-    def run_wave(self, layer: int, wave: list[int], compute) -> torch.Tensor:
-        """Acquire the wave's experts, run `compute(view, table)` on their slots, release. `view` stands in
-        for the experts module with as few slots as possible (grouped_mm's per-expert loop costs per slot
-        seen); `table [E]` maps an expert id of the wave to its index in `view` (out of range elsewhere)."""
+    def run_wave(self, layer: int, wave: list[int], compute, routing: torch.Tensor | None = None) -> torch.Tensor:
+        """Acquire the wave's experts, let the prefetcher look ahead (once per layer call: `routing` is the
+        layer's `top_k_index` on its first wave), wait for the copies, run `compute(view, table)` on the
+        slots, release. `view` stands in for the experts module with as few slots as possible (grouped_mm's
+        per-expert loop costs per slot seen); `table [E]` maps an expert id of the wave to its index in
+        `view` (out of range elsewhere)."""
         self.stats.waves += 1
-        keys = [layer * self.key_stride + e for e in wave]
-        slots = self._acquire(layer, wave, keys, self._routing)
-        self._routing = None
+        keys = self.cache.keys(layer, wave)
+        slots, waits = self.cache.acquire(layer, wave, keys, self.clock.now(layer))
+        try:
+            if routing is not None and self.prefetcher is not None:  # the wave is pinned, its loads queued first
+                self._look_ahead(layer, routing, frozenset(keys))
+            self.cache.wait(layer, waits)
+        except BaseException:
+            self.cache.forget(keys)
+            raise
+        done = None
         try:
             lo, hi, step = slot_range(slots)
             view = self.views[layer].window(lo, hi, step)
@@ -186,102 +185,15 @@ class Offloader:
             if self.device.type == "cuda":
                 done = torch.cuda.Event()
                 done.record()  # on the compute stream, after the kernels reading these slots
-                for slot in slots:
-                    self._slot_free[slot] = done
         finally:
-            for key in keys:
-                self.slots.release(key)
+            self.cache.release(keys, slots, done)
         return out
 
-    def _acquire(self, layer: int, wave: list[int], keys: list[int], top_k_index=None) -> list[int]:
-        """Pin a slot for each expert of the wave; demand-load the absent ones; let the prefetcher look
-        ahead (the wave is pinned, its loads queued first); wait for the wave's copies."""
-        slots, waits = [], []
-        now = self.now(layer)
-        self._wave_keys = frozenset(keys)
-        try:
-            for expert, key in zip(wave, keys):
-                if self.policy is not None:
-                    self._make_room(key, now)
-                slot, hit, evicted = self.slots.acquire(key)
-                slots.append(slot)
-                if self.policy is not None:
-                    self.policy.used(key, now)
-                if evicted >= 0:
-                    self._evicted(evicted)
-                if hit:
-                    self._classify_hit(layer, expert, key, slot, waits)
-                    continue
-                self.stats.misses += 1
-                waits.append(self._copy(layer, expert, key, slot, DEMAND))
-            if top_k_index is not None and self.prefetcher is not None:  # once per layer call
-                self._look_ahead(layer, top_k_index, len(wave))
-            for transfer in waits:
-                self.stats.stall_seconds += self._wait(layer, transfer)
-        except BaseException:
-            for key in keys[: len(slots)]:
-                self._forget(key)
-            raise
-        return slots
-
-    def _classify_hit(self, layer: int, expert: int, key: int, slot: int, waits: list) -> None:
-        transfer = self._prefetched.pop(key, None)
-        if transfer is None:
-            self.stats.hits += 1
-        elif getattr(transfer, "error", None) is not None:  # the prefetch failed: a demand load after all
-            self.stats.misses += 1
-            self.stats.failed_copies += 1
-            logger.warning("prefetch of layer %d expert %d failed (%r); loading it on demand", layer, expert,
-                           transfer.error)
-            waits.append(self._copy(layer, expert, key, slot, DEMAND))
-        elif transfer.ready():
-            self.stats.prefetch_hits += 1
-        else:
-            self.stats.late_prefetches += 1
-            promote = getattr(self.engine, "promote", None)
-            if promote is not None:
-                promote(transfer)  # the compute side waits for it now: run it before other prefetches
-            waits.append(transfer)
-
-    def _copy(self, layer: int, expert: int, key: int, slot: int, priority: int):
-        """Queue the copy of an expert into its slot. A submission that raises gives a `FailedTransfer`,
-        handled like a copy that failed on the link (a failed prefetch is redone on demand, a failed
-        demand load once more)."""
-        src = self.store.expert(layer, expert)
-        try:
-            transfer = self.engine.submit(key, slot, self.pool[slot, : src.numel()], src, priority,
-                                          after=self._slot_free[slot])
-        except Exception as e:  # noqa: BLE001 — reported where the copy is waited for
-            return FailedTransfer(key, slot, src.numel() * src.element_size(), priority, e)
-        self.stats.bytes_to_device += transfer.nbytes
-        return transfer
-
-    def _wait(self, layer: int, transfer) -> float:
-        """Wait for a copy of this layer's wave: host seconds waited. A failed copy is redone once as a
-        demand load; a second failure, or a copy that does not land within `copy_timeout_s`, raises an
-        error naming the layer and expert (the wave's slots are then dropped by `_acquire`)."""
-        expert, timeout = transfer.key - layer * self.key_stride, self.config.copy_timeout_s
-        try:
-            try:
-                return transfer.wait(timeout)
-            except CopyError as first:
-                self.stats.failed_copies += 1
-                logger.warning("copy of layer %d expert %d failed (%s); retrying", layer, expert, first)
-                return self._copy(layer, expert, transfer.key, transfer.slot, DEMAND).wait(timeout)
-        except CopyError as e:
-            raise CopyError(f"layer {layer} expert {expert}: the copy into slot {transfer.slot} failed twice "
-                            f"({e}); the model is unchanged, generate again once the cause is fixed") from e
-        except TimeoutError as e:
-            raise CopyTimeoutError(
-                f"layer {layer} expert {expert}: its copy into slot {transfer.slot} did not land within "
-                f"copy_timeout_s={timeout} s; the copy engine is stuck or the link far slower than expected"
-            ) from e
-
-    def _look_ahead(self, layer: int, top_k_index: torch.Tensor, pinned: int) -> None:
+    def _look_ahead(self, layer: int, top_k_index: torch.Tensor, pinned: frozenset) -> None:
         """Let the prefetcher predict and issue copies. A predictor that raises is switched off with one
         warning (prefetching only ever changes speed, never outputs) and counted in the stats."""
         try:
-            self.prefetcher.on_layer(layer, top_k_index, pinned=pinned)
+            self.prefetcher.on_layer(layer, top_k_index, pinned)
         except Exception as e:  # noqa: BLE001 — any predictor bug: fall back to on-demand loading
             name = self.prefetcher.predictor.name
             self.stats.predictor_failures += 1
@@ -289,99 +201,20 @@ class Offloader:
             logger.warning("predictor %r raised at layer %d (%r); prefetching is off for this model from now "
                            "on, outputs are unaffected", name, layer, e)
 
-    def prefetch(self, layer: int, expert: int, priority: int) -> bool:
-        """Start bringing `expert` of MoE layer `layer` in, if it is neither resident nor in flight.
-        Returns whether a copy was queued: with the `predictive` policy not when every expert it could
-        displace is needed no later than this one."""
-        key = layer * self.key_stride + expert
-        if self.slots.lookup(key) >= 0:
-            return False
-        if self.policy is not None:
-            now = self.now(self._layer_now)
-            when = now + priority  # a prefetch's priority is its target's distance in layers
-            if not self._make_room(key, now, needed_at=when):
-                return False
-        slot, evicted = self.slots.prefetch(key)
-        if slot < 0:
-            return False
-        if evicted >= 0:
-            self._evicted(evicted)
-        if self.policy is not None:
-            self.policy.predicted(key, when, now)
-        self._prefetched[key] = self._copy(layer, expert, key, slot, priority)
-        self.stats.prefetches += 1
-        return True
+    def replace_engine(self, engine) -> None:
+        """Copy with `engine` from now on (a `CopyEngine`; tests script copy arrival with one); the old one is
+        closed once its queued copies are done."""
+        self.engine.close()
+        self.engine = self.cache.engine = engine
+        if self.prefetcher is not None:
+            self.prefetcher.engine = engine
 
-    def queued_prefetches(self) -> int:
-        """Prefetch copies not finished yet (the link's backlog of predicted bytes)."""
-        return sum(1 for t in self._prefetched.values() if not t.ready())
-
-    def withdraw(self, layer: int, expert: int) -> bool:
-        """Cancel a prefetch a newer prediction contradicts, if its copy has not started; the slot is freed.
-        Returns whether it was withdrawn."""
-        key = layer * self.key_stride + expert
-        transfer = self._prefetched.get(key)
-        cancel = getattr(self.engine, "cancel", None)
-        if transfer is None or cancel is None or transfer.ready() or self.slots.pins(key) or not cancel(transfer):
-            return False
-        del self._prefetched[key]
-        self.slots.evict(key)
-        if self.policy is not None:
-            self.policy.forget(key)
-        self.stats.bytes_to_device -= transfer.nbytes
-        self.stats.cancelled_prefetches += 1
-        return True
-
-    def expect(self, layer: int, expert: int, distance: int) -> None:
-        """A prediction wants a resident expert of `layer` in `distance` layer turns (the `predictive`
-        policy then keeps it over experts needed later)."""
-        key = layer * self.key_stride + expert
-        if self.policy is not None and key in self.policy.next_use:
-            now = self.now(self._layer_now)
-            self.policy.predicted(key, now + distance, now)
-
-    def now(self, layer: int) -> int:
-        """The current time in layer turns (runtime/policy.py)."""
-        return self._step * len(self.layers) + layer
-
-    def _make_room(self, key: int, now: int, needed_at: int | None = None) -> bool:
-        """`predictive` policy: when the pool is full and `key` is absent, evict the policy's victim so
-        the slot manager places `key` in the freed slot. False when no expert may be evicted."""
-        if key in self.policy.next_use or len(self.policy.next_use) < self.num_slots:
-            return True
-        victim = self.policy.victim(now, self._wave_keys, needed_at)
-        if victim < 0 or not self.slots.evict(victim):
-            return False
-        self._evicted(victim)
-        return True
-
-    def _evicted(self, key: int) -> None:
-        """`key` lost its slot: a prefetched copy never used is wasted (or withdrawn if still queued)."""
-        self.stats.evictions += 1
-        if self.policy is not None:
-            self.policy.forget(key)
-        transfer = self._prefetched.pop(key, None)
-        if transfer is None or getattr(transfer, "error", None) is not None:  # nothing, or nothing useful, landed
-            return
-        cancel = getattr(self.engine, "cancel", None)
-        if cancel is not None and not transfer.ready() and cancel(transfer):
-            self.stats.bytes_to_device -= transfer.nbytes
-            self.stats.cancelled_prefetches += 1
-        else:
-            self.stats.wasted_bytes += transfer.nbytes
-
-    def _forget(self, key: int) -> None:
-        """Undo an acquire whose slot may hold garbage: unpin and evict it."""
-        self.slots.release(key)
-        if self.slots.evict(key) and self.policy is not None:
-            self.policy.forget(key)
-
+    # -- counters ----------------------------------------------------------------------------------
     def collect_device_stalls(self) -> None:
         self.stats.stall_seconds += self.engine.drain_stall_seconds()
 
     def reset_stats(self) -> None:
-        self.stats = OffloadStats()
-        self.slots.reset_counters()
+        self.cache.reset_stats()
 
 
 def _packing(layer: MoELayer) -> ExpertPacking:

@@ -7,9 +7,8 @@ forward's, used in decode at batch 1). For each target the prefetcher takes the 
 probability (the target router's softmax on the accelerated residual, for `gate`/`m2r2`) clears the
 admission threshold (`min_prob`, raised on a slow busy link: `_thresholds`), and, nearest target first
 (deadline order):
-- skips experts already resident or in flight (de-duplication); with the `predictive` policy it marks the
-  resident ones as needed at their target's turn, so eviction keeps them (prediction-aware eviction),
-  while plain `lru` leaves recency to actual use;
+- skips experts already resident or in flight (de-duplication); marks the resident ones as needed at their
+  target's turn (the `predictive` policy then keeps them; `lru` leaves recency to actual use);
 - withdraws queued copies for a target that the newer prediction no longer wants (cancellation);
 - keeps at most `max_queued` prefetch copies unfinished, fewer when the link cannot deliver them within
   the lookahead (`_link_budget`): the link then carries only the most urgent, most likely experts. A
@@ -24,60 +23,42 @@ import time
 
 import torch
 
+from ..models.tap import LayerTap
 from ..predict.base import Predictor, as_probabilities
+from .experts import to_device
 
 
 class Prefetcher:
-    """Drives one predictor for one offloaded model."""
+    """Drives one predictor for one offloaded model: reads the expert cache's state, never the hot path's."""
 
-    def __init__(self, offloader, predictor: Predictor, min_prob: float | None = None, width: int | None = None,
-                 max_queued: int | None = None):
-        self.offloader, self.predictor = offloader, predictor
-        self.min_prob = min_prob or 0.6 / offloader.top_k  # the admission floor: OffloadConfig.prefetch_min_prob
-        self.width = width or offloader.top_k
-        self.max_queued = max_queued or 2 * offloader.top_k
-        self.residuals: list[torch.Tensor | None] = [None] * len(offloader.layers)  # r_l [T, H]
-        self.normed: list[torch.Tensor | None] = [None] * len(offloader.layers)  # norm_l(r_l) [T, H], as the model computed it
+    def __init__(self, predictor: Predictor, cache, clock, engine, layers, top_k: int, expert_bytes: int,
+                 min_prob: float | None = None, width: int | None = None, max_queued: int | None = None):
+        self.predictor, self.cache, self.clock, self.engine = predictor, cache, clock, engine
+        self.num_layers, self.expert_bytes = len(layers), expert_bytes
+        self.min_prob = min_prob or 0.6 / top_k  # the admission floor: OffloadConfig.prefetch_min_prob
+        self.width = width or top_k
+        self.max_queued = max_queued or 2 * top_k
         self._wanted: dict[int, set[int]] = {}  # target layer -> experts the latest prediction wants
         self.link_busy = 0.0  # running estimate of the link's busy fraction (ratio-aware admission)
         self._busy_mark = (0.0, 0.0)  # (perf_counter, engine busy seconds) at the last layer-0 call
-        self._hooks = []
-        if predictor.needs_residual:
-            for i, layer in enumerate(offloader.layers):
-                self._hooks.append(self._residual_hook(layer, i))
-
-    def _residual_hook(self, layer, i: int):
-        """Keep r_i, the input of the pre-MoE norm (and the norm's output, which predictors would otherwise
-        recompute), or of the block itself where there is no such norm."""
-        def keep_normed(module, args, output):
-            x = args[0]
-            self.residuals[i] = x.reshape(-1, x.shape[-1])
-            self.normed[i] = output.reshape(-1, output.shape[-1])
-
-        def keep(module, args):
-            x = args[0]
-            self.residuals[i] = self.normed[i] = x.reshape(-1, x.shape[-1])
-
-        if layer.norm is not None:
-            return layer.norm.register_forward_hook(keep_normed)
-        return layer.block.register_forward_pre_hook(keep)
+        # r_l and norm_l(r_l) as the model computed them, for predictors that read the residual
+        self.tap = LayerTap(layers, residual=True, routing=False) if predictor.needs_residual else None
 
     def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        if self.tap is not None:
+            self.tap.remove()
 
     @torch.no_grad()
-    def on_layer(self, layer: int, top_k_index: torch.Tensor, pinned: int) -> None:
-        """Called by the offloader at layer `layer` once its `pinned` experts hold slots."""
+    def on_layer(self, layer: int, top_k_index: torch.Tensor, pinned: frozenset) -> None:
+        """Called by the hot path at layer `layer` once the keys `pinned` hold their slots."""
         if layer == 0:
             self._measure_link()
-        depths, scores = self.predictor.predict_stacked(layer, self.residuals[layer], top_k_index,
-                                                        normed=self.normed[layer])
+        residual, normed = (self.tap.residual[layer], self.tap.normed[layer]) if self.tap else (None, None)
+        depths, scores = self.predictor.predict_stacked(layer, residual, top_k_index, normed=normed)
         self.predictor.observe(layer, top_k_index)
         ratio = self._transfer_ratio()
         targets = self._ranked(layer, depths, scores, ratio) if depths else {}  # {layer + d: experts}
-        count = len(self.offloader.layers)
+        count, now = self.num_layers, self.clock.now(layer)
         # (target layer, distance, experts), deadline order; a target past the last layer is the next forward's
         # layer (target % count), taken only in decode at batch 1
         plan = [(t % count, t - layer, experts) for t, experts in sorted(targets.items())
@@ -85,32 +66,30 @@ class Prefetcher:
         self._wanted.pop(layer, None)
         for target, _, experts in plan:  # keyed by layer index: a wrapped target's own turn is still ahead
             for expert in self._wanted.get(target, set()).difference(experts):
-                self.offloader.withdraw(target, expert)
+                self.cache.withdraw(target, expert)
             self._wanted[target] = set(experts)
-        if self.offloader.policy is not None:  # `predictive`: predicted resident experts are needed soon
-            for target, distance, experts in plan:
-                for expert in experts:
-                    self.offloader.expect(target, expert, distance)
-        queued, budget = self.offloader.queued_prefetches(), self._link_budget(ratio)
+        for target, distance, experts in plan:  # resident predicted experts are needed soon
+            for expert in experts:
+                self.cache.expect(target, expert, distance, now)
+        queued, budget = self.cache.queued_prefetches(), self._link_budget(ratio)
         for target, distance, experts in plan:
             for expert in experts:
                 if queued >= budget:
                     break
-                queued += self.offloader.prefetch(target, expert, priority=distance)
-        if layer == count - 1 and hasattr(self.predictor, "advance"):
+                queued += self.cache.prefetch(target, expert, distance, now, pinned)
+        if layer == count - 1:
             self.predictor.advance(top_k_index.shape[0])
 
     def _transfer_ratio(self) -> float:
         """One expert's transfer time / one layer's compute time, as measured (0 while unknown, or when
         the engine cannot tell its link's speed)."""
-        link_seconds = getattr(self.offloader.engine, "link_seconds", None)
-        transfer = link_seconds(self.offloader.expert_bytes[0]) if link_seconds else 0.0
-        compute = self.offloader.layer_seconds
+        transfer = self.engine.link_seconds(self.expert_bytes)
+        compute = self.clock.layer_seconds
         return transfer / compute if transfer > 0 and compute > 0 else 0.0
 
     def _measure_link(self) -> None:
         """Once per forward: the share of the last forward the link spent copying."""
-        now, busy = time.perf_counter(), getattr(self.offloader.engine, "busy_seconds", 0.0)
+        now, busy = time.perf_counter(), self.engine.busy_seconds
         last_now, last_busy = self._busy_mark
         if last_now and now > last_now:
             sample = min((busy - last_busy) / (now - last_now), 1.0)
@@ -149,12 +128,14 @@ class Prefetcher:
         need = self._thresholds(depths, ratio)
         width = min(self.width, probs.shape[-1])
         if probs.shape[1] == 1:  # decode, batch 1: D x E numbers, ranked on the host (cheaper than tensor ops)
+            # host sync: which copies to issue depends on the predicted probabilities (one read per layer)
             return {layer + d: _top(row, width, floor) for d, row, floor in zip(depths, probs[:, 0].tolist(), need)}
         top, order = probs.topk(width, dim=-1)  # [D, T, W]
-        keep = top >= torch.tensor(need, dtype=top.dtype, device=top.device).view(-1, 1, 1)
+        floors = to_device(need, top.device, top.dtype).view(-1, 1, 1)  # [D, 1, 1]
+        keep = top >= floors
         best = torch.zeros_like(probs).scatter_(-1, order, top * keep).amax(1)  # [D, E]
         value, ranked = best.sort(-1, descending=True)
-        rows = torch.where(value > 0, ranked, -1).tolist()
+        rows = torch.where(value > 0, ranked, -1).tolist()  # host sync: as above, one read per layer
         return {layer + d: [e for e in row if e >= 0] for d, row in zip(depths, rows)}
 
 

@@ -13,7 +13,9 @@
 
 A `Transfer` is the handle of one in-flight copy: `ready()` never blocks; `wait(timeout)` makes the compute
 side wait for it and returns the host seconds spent waiting (0 on CUDA, where the wait is on the device);
-it raises `CopyError` when the copy failed and `TimeoutError` when it did not land in time.
+it raises `CopyError` when the copy failed and `TimeoutError` when it did not land in time. `CopyEngine` and
+`Transfer` are the protocols every engine and handle implements in full (a capability an engine lacks is a
+no-op: the CUDA stream cannot withdraw a queued copy, so its `cancel` returns False).
 
 Both engines have a test-only fault hook: `engine.fault = fn(key, slot, priority)` runs before each copy
 (on the worker thread on CPU, in `submit` on CUDA); raising fails that copy, sleeping slows it.
@@ -22,11 +24,12 @@ Both engines have a test-only fault hook: `engine.fault = fn(key, slot, priority
 from __future__ import annotations
 
 import heapq
-import os
 import itertools
 import logging
+import os
 import threading
 import time
+from typing import Protocol
 
 import torch
 
@@ -37,8 +40,51 @@ logger = logging.getLogger(__name__)
 DEMAND, PREFETCH = 0, 1  # queue priorities: lower runs first
 
 
-class Transfer:
+class Transfer(Protocol):
     """Handle of one copy into a slot."""
+
+    key: int
+    slot: int
+    nbytes: int
+    priority: int  # 0: a demand load; d: a prefetch for d layers ahead
+    error: BaseException | None  # why the copy failed, once it has
+
+    def ready(self) -> bool:
+        """Whether the copy has landed (or failed); never blocks."""
+
+    def wait(self, timeout: float | None = None) -> float:
+        """Make the compute side wait for the copy; host seconds waited. `CopyError`, `TimeoutError`."""
+
+
+class CopyEngine(Protocol):
+    """Moves packed expert buffers from the host store into device slots."""
+
+    bytes_copied: int
+    busy_seconds: float  # seconds the link spent copying (0 where it is not measured without a sync)
+    fault: object  # test-only hook: fn(key, slot, priority) run before each copy
+
+    def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
+               after=None) -> Transfer:
+        """Queue `dst.copy_(src)`, after `after` (the event guarding the slot's previous tenant)."""
+
+    def cancel(self, transfer: Transfer) -> bool:
+        """Withdraw a copy that has not started; False when it has (or the engine cannot)."""
+
+    def promote(self, transfer: Transfer) -> None:
+        """The compute side waits for this prefetch now: run it before other prefetches (where possible)."""
+
+    def link_seconds(self, nbytes: int) -> float:
+        """Time the link needs for `nbytes`, when the engine knows it (emulated link), else 0."""
+
+    def drain_stall_seconds(self) -> float:
+        """Device-side stall seconds measured since the last call (CUDA), else 0."""
+
+    def close(self) -> None:
+        """Let queued copies finish and stop."""
+
+
+class CpuTransfer:
+    """Handle of one copy into a slot on the CPU engine."""
 
     __slots__ = ("key", "slot", "nbytes", "priority", "_done", "error", "started_at", "finished_at", "claimed",
                  "cancelled", "busy", "dst", "src", "entry", "remaining")
@@ -96,7 +142,7 @@ class ThreadCopyEngine:
         self.latency_s = link_latency_us * 1e-6
         self.bytes_copied = 0
         self.busy_seconds = 0.0
-        self._queue: list[tuple[int, int, Transfer]] = []  # (priority, sequence, transfer)
+        self._queue: list[tuple[int, int, CpuTransfer]] = []  # (priority, sequence, transfer)
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
@@ -113,13 +159,13 @@ class ThreadCopyEngine:
         return self.latency_s + nbytes / self.bytes_per_s
 
     def drain_stall_seconds(self) -> float:
-        return 0.0  # CPU waits are timed on the host, in Transfer.wait
+        return 0.0  # CPU waits are timed on the host, in CpuTransfer.wait
 
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
-               after=None) -> Transfer:
+               after=None) -> CpuTransfer:
         """Queue `dst.copy_(src)`. `after` (a device event guarding the slot's previous tenant) is unused
         on CPU, where compute is synchronous."""
-        transfer = Transfer(key, slot, src.numel() * src.element_size(), priority)
+        transfer = CpuTransfer(key, slot, src.numel() * src.element_size(), priority)
         transfer.dst, transfer.src = dst, src
         with self._cv:
             if self._closed:
@@ -127,14 +173,14 @@ class ThreadCopyEngine:
             self._push(transfer, priority)
         return transfer
 
-    def _push(self, transfer: Transfer, priority: int) -> None:
+    def _push(self, transfer: CpuTransfer, priority: int) -> None:
         """Queue (or re-queue) `transfer`; wake the worker when it is idle or this pre-empts its copy."""
         transfer.entry = next(self._seq)
         heapq.heappush(self._queue, (priority, transfer.entry, transfer))
         if self._holding is None or (priority == DEMAND and self._holding != DEMAND):
             self._cv.notify()
 
-    def cancel(self, transfer: Transfer) -> bool:
+    def cancel(self, transfer: CpuTransfer) -> bool:
         """Withdraw a queued copy. False when the worker has already started it (its bytes have moved; a
         later copy into the same slot moves its own bytes after them)."""
         with self._cv:
@@ -145,7 +191,7 @@ class ThreadCopyEngine:
         transfer._done.set()
         return True
 
-    def promote(self, transfer: Transfer) -> None:
+    def promote(self, transfer: CpuTransfer) -> None:
         """Run a prefetch (queued, or pre-empted partway) before all other prefetches: compute waits for it."""
         with self._cv:
             if not transfer.cancelled and not transfer.ready() and transfer.priority != DEMAND:
@@ -174,7 +220,7 @@ class ThreadCopyEngine:
                     if transfer.entry == seq:
                         heapq.heappush(self._queue, (transfer.priority, seq, transfer))
 
-    def _serve(self, transfer: Transfer) -> bool:
+    def _serve(self, transfer: CpuTransfer) -> bool:
         """Move the copy's bytes (the first time it gets the link), then hold the emulated link for its
         remaining time unless a demand load pre-empts it. True when the transfer is done: whatever raises is
         reported to the waiter, and the worker never dies nor leaves a waiter hanging."""
@@ -204,7 +250,7 @@ class ThreadCopyEngine:
             transfer._done.set()
         return done
 
-    def _hold_link(self, transfer: Transfer, start: float) -> tuple[float, bool]:
+    def _hold_link(self, transfer: CpuTransfer, start: float) -> tuple[float, bool]:
         """Serial link: the copy holds it from when it is free (at the earliest `start`, before its bytes
         moved: the memcpy is part of the transfer) for its remaining time, or, a prefetch, until a demand load
         (or a promoted prefetch) is queued. Returns (seconds held, finished)."""
@@ -229,11 +275,12 @@ class ThreadCopyEngine:
 class CudaTransfer:
     """Handle of one copy on the CUDA copy stream."""
 
-    __slots__ = ("key", "slot", "nbytes", "priority", "event", "engine")
+    __slots__ = ("key", "slot", "nbytes", "priority", "event", "engine", "error")
 
     def __init__(self, key, slot, nbytes, priority, event: torch.cuda.Event, engine: "CudaCopyEngine"):
         self.key, self.slot, self.nbytes, self.priority, self.event = key, slot, nbytes, priority, event
         self.engine = engine
+        self.error = None  # a failed submission raises in `submit` (then a FailedTransfer stands in)
 
     def ready(self) -> bool:
         return self.event.query()  # non-blocking poll
@@ -279,7 +326,13 @@ class CudaCopyEngine:
         return CudaTransfer(key, slot, nbytes, priority, event, self)
 
     def link_seconds(self, nbytes: int) -> float:
-        return 0.0
+        return 0.0  # the real link: its speed is not known to the engine
+
+    def cancel(self, transfer) -> bool:
+        return False  # a copy queued on the stream cannot be withdrawn
+
+    def promote(self, transfer) -> None:
+        pass  # the stream runs copies in submission order
 
     def drain_stall_seconds(self) -> float:
         """Seconds the compute stream waited on copies, for the waits whose end events have completed."""

@@ -76,7 +76,7 @@ def pair_rows(runtime, layer, needed, hidden_states, top_k_index, weight_dtype, 
         def compute(view, table, sel=sel):
             return _compute_wave(runtime, layer, view, table, kernel, hidden_states, top_k, experts, sel, ones)
 
-        rows[sel] = runtime.run_wave(layer, wave, compute)
+        rows[sel] = runtime.run_wave(layer, wave, compute, routing=top_k_index if start == 0 else None)
     return rows
 
 

@@ -13,7 +13,8 @@ meaningless routing; the built-in model has real routing but tiny experts. This 
 - `ReplayPredictor`: a `Predictor` returning one predictor's recorded scores, so prefetching on the
   replay model is as good (or as bad) as on the recorded one.
 - `GreedyDecoder`: greedy decoding with a KV cache, one forward per call, so callers can time steps.
-- `RoutingTap`: the experts every MoE layer actually received, to check a replay against its record.
+- `RoutingTap`: the experts every MoE layer actually received (`m2r2_moe/models/tap.py`), to check a replay
+  against its record.
 
 Shape legend: N positions (prompt + decoded), L MoE layers, K top-k, E experts, D lookahead depth,
 T tokens of one forward, H hidden size.
@@ -31,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import find_moe_layers
-from .predict import make_predictor
-from .predict.base import Predictor
-from .predict.collect import LayerTap
-from .trace import ExpertChoices, check_format, read_safetensors, write_safetensors
+from m2r2_moe.models import find_moe_layers
+from m2r2_moe.models.tap import LayerTap
+from m2r2_moe.predict import make_predictor
+from m2r2_moe.predict.base import Predictor
+from m2r2_moe.trace import ExpertChoices, check_format, read_safetensors, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -167,21 +168,14 @@ def record_routing(model: nn.Module, prompt: torch.Tensor, decode_steps: int, pr
     if continuation is not None and len(continuation) < decode_steps:
         raise ValueError(f"continuation has {len(continuation)} tokens for {decode_steps} steps")
     adapter, layers = find_moe_layers(model)
-    weights: list[torch.Tensor | None] = [None] * len(layers)
     forwards = []  # per forward: (residuals [L][T, H], chosen [L][T, K], weights [L][T, K])
     decoder = GreedyDecoder(model)
     with LayerTap(layers) as tap:
-        handles = [layer.experts.register_forward_pre_hook(_weights_hook(weights, i), with_kwargs=True)
-                   for i, layer in enumerate(layers)]
-        try:
-            decoder.prefill(prompt)
-            forwards.append((list(tap.residuals), list(tap.chosen), list(weights)))
-            for i in range(decode_steps):
-                decoder.step(None if continuation is None else continuation[i])
-                forwards.append((list(tap.residuals), list(tap.chosen), list(weights)))
-        finally:
-            for h in handles:
-                h.remove()
+        decoder.prefill(prompt)
+        forwards.append((list(tap.residual), list(tap.chosen), list(tap.weights)))
+        for i in range(decode_steps):
+            decoder.step(None if continuation is None else continuation[i])
+            forwards.append((list(tap.residual), list(tap.chosen), list(tap.weights)))
     experts = torch.cat([torch.stack([c.long().cpu() for c in ch], dim=1) for _, ch, _ in forwards])  # [N, L, K]
     route_weights = torch.cat([torch.stack([w.float().cpu() for w in ws], dim=1) for _, _, ws in forwards])
     num_experts = max(int(layer.experts.num_experts) for layer in layers)
@@ -193,12 +187,6 @@ def record_routing(model: nn.Module, prompt: torch.Tensor, decode_steps: int, pr
             "hidden_size": getattr(model.config, "hidden_size", 0), "predictors": list(predictors),
             "fed": "greedy" if continuation is None else "text"}
     return RoutingRecord(experts, route_weights, scores, decoder.all_tokens()[0], prompt.shape[1], meta)
-
-
-def _weights_hook(store: list, i: int):
-    def hook(module, args, kwargs):
-        store[i] = args[2] if len(args) > 2 else kwargs["top_k_weights"]
-    return hook
 
 
 def _replay_predictor(predictor: Predictor, forwards, positions: int, num_layers: int, depth: int,
@@ -213,8 +201,7 @@ def _replay_predictor(predictor: Predictor, forwards, positions: int, num_layers
             for d, s in predictor.predict(layer, residuals[layer], chosen[layer]).items():
                 out[start : start + tokens, layer, d - 1] = s.float().cpu()
             predictor.observe(layer, chosen[layer])
-        if hasattr(predictor, "advance"):
-            predictor.advance(tokens)
+        predictor.advance(tokens)
         start += tokens
     return out
 
@@ -295,13 +282,7 @@ class RoutingTap:
 
     def __init__(self, layers):
         self.seen = [[] for _ in layers]
-        self.handles = [layer.experts.register_forward_pre_hook(self._hook(i), with_kwargs=True)
-                        for i, layer in enumerate(layers)]
-
-    def _hook(self, i):
-        def hook(module, args, kwargs):
-            self.seen[i].append(args[1] if len(args) > 1 else kwargs["top_k_index"])
-        return hook
+        self.tap = LayerTap(layers, residual=False, on_routing=lambda i: self.seen[i].append(self.tap.chosen[i]))
 
     def matches(self, expected: torch.Tensor) -> bool:
         """`expected [N, L, K]`: every layer saw exactly the recorded experts at every position."""
@@ -314,5 +295,4 @@ class RoutingTap:
         return True
 
     def remove(self):
-        for h in self.handles:
-            h.remove()
+        self.tap.remove()

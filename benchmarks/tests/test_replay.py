@@ -1,4 +1,4 @@
-"""CPU smoke test of the GPU replay benchmark (benchmarks/gpu_replay.py) and of m2r2_moe/replay.py, at small
+"""CPU smoke test of the GPU replay benchmark (benchmarks/gpu_replay.py) and of benchmarks/replay.py, at small
 geometry with an emulated link: the code path benchmarks/gpu_check.sh runs on a GPU.
 
 Invariants:
@@ -14,18 +14,16 @@ Invariants:
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
+import gpu_replay
 import pytest
 import torch
+from replay import ReplayClock, ReplayPredictor, RoutingRecord, record_routing
 
 import m2r2_moe
 from m2r2_moe.corpus import resolve_text, token_stream
-from m2r2_moe.replay import ReplayClock, ReplayPredictor, RoutingRecord, record_routing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import gpu_replay  # noqa: E402
+pytestmark = pytest.mark.slow
 
 PROMPT, STEPS = 16, 10
 

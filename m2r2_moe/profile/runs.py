@@ -1,4 +1,4 @@
-"""One profiling session: a reference run, then offloaded runs of the same prompts, measured alike.
+"""The runs a profile compares: a reference run, then offloaded runs of the same prompts, measured alike.
 
 For each prompt the un-offloaded model generates greedily (the reference tokens, the routing trace,
 and the compute time per decode token); each offloaded run (predictor × link ratio × cache size ×
@@ -15,7 +15,7 @@ import torch
 from .. import api
 from ..models import find_moe_layers
 from ..predict import OraclePredictor, make_predictor
-from ..predict.collect import LayerTap
+from ..models.tap import LayerTap
 from .belady import belady_loads, lru_loads
 from .recorder import Recorder
 
@@ -36,19 +36,20 @@ def reference_run(model, prompt: torch.Tensor, new_tokens: int, key_stride: int)
     _, layers = find_moe_layers(model)
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     chosen_per_forward: list[list[torch.Tensor]] = []
-    with LayerTap(layers) as tap, torch.no_grad():
-        hook = layers[-1].experts.register_forward_hook(
-            lambda m, a, o: chosen_per_forward.append([c.clone() for c in tap.chosen]))
-        try:
-            start = time.perf_counter()
-            model.generate(input_ids=prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
-            prefill = time.perf_counter() - start
-            chosen_per_forward.clear()
-            start = time.perf_counter()
-            tokens = model.generate(input_ids=prompt, **gen)
-            total = time.perf_counter() - start
-        finally:
-            hook.remove()
+    last = len(layers) - 1
+
+    def keep_forward(layer: int) -> None:  # the last MoE layer of a forward: every layer's choice is known
+        if layer == last:
+            chosen_per_forward.append([c.clone() for c in tap.chosen])
+
+    with LayerTap(layers, residual=False, on_routing=keep_forward) as tap, torch.no_grad():
+        start = time.perf_counter()
+        model.generate(input_ids=prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+        prefill = time.perf_counter() - start
+        chosen_per_forward.clear()
+        start = time.perf_counter()
+        tokens = model.generate(input_ids=prompt, **gen)
+        total = time.perf_counter() - start
     trace = torch.cat([torch.stack(f, dim=1) for f in chosen_per_forward])  # [positions, L, K]
     requests = [frozenset(l * key_stride + e for e in torch.unique(f[l]).tolist())
                 for f in chosen_per_forward for l in range(len(layers))]

@@ -1,0 +1,11 @@
+"""Tests of the benchmark scripts' support code (run by CI as a separate, slow step:
+`python -m pytest -q benchmarks/tests`). The scripts are not a package: their folder is put on the import path
+here, once, as running a script does; the unit tests' helpers (tests/conftest.py) are reused."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+for folder in (ROOT / "benchmarks", ROOT / "tests"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))

@@ -1,0 +1,213 @@
+"""The device expert cache: which expert each slot holds, which one to evict, the copies in flight, the counters.
+
+One `ExpertCache` per offloaded model owns the slot table (`runtime/cache.py`, C++ or its Python twin), the
+eviction policy (`runtime/policy.py`), every copy into a slot (demand loads and prefetches, through the copy
+engine) and the counters `m2r2_moe.stats` reports. Keys are `layer * key_stride + expert`, so one pool of
+slots serves every layer.
+
+The hot path calls it, never the other way round, in this order for each wave of experts a layer needs:
+`acquire` (pin a slot for each expert, classify each use, queue the demand loads) → the prefetcher's
+`prefetch` / `expect` / `withdraw` → `wait` (the stall) → compute → `release` (unpin; on CUDA the slots stay
+guarded by an event until the kernels reading them are done). Every use is exactly one of hit / prefetch hit /
+late prefetch / miss (`OffloadStats`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import CopyError, CopyTimeoutError
+from ..stats import OffloadStats
+from .cache import make_slot_manager
+from .events import RuntimeEvents
+from .transfer import DEMAND, CopyEngine, FailedTransfer, Transfer
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertCache:
+    """Slots, eviction, in-flight copies and counters of one offloaded model."""
+
+    def __init__(self, num_slots: int, key_stride: int, policy, engine: CopyEngine, store, pool: torch.Tensor,
+                 copy_timeout_s: float, events: RuntimeEvents, clock):
+        self.num_slots, self.key_stride = num_slots, key_stride
+        self.slots = make_slot_manager(num_slots)
+        self.policy = policy
+        self.engine, self.store, self.pool = engine, store, pool
+        self.copy_timeout_s = copy_timeout_s
+        self.events, self.clock = events, clock
+        self.stats = OffloadStats()
+        self._prefetched: dict[int, Transfer] = {}  # key -> copy of a prefetched expert not used yet
+        self._slot_free: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last compute reading the slot
+
+    def keys(self, layer: int, experts: list[int]) -> list[int]:
+        return [layer * self.key_stride + e for e in experts]
+
+    # -- the hot path ----------------------------------------------------------------------------
+    def acquire(self, layer: int, experts: list[int], keys: list[int], now: int) -> tuple[list[int], list[Transfer]]:
+        """Pin a slot for each expert; demand-load the absent ones. Returns (slots, copies to wait for). The
+        wave's keys are never victims of one another. On error nothing stays pinned."""
+        slots, waits, pinned = [], [], frozenset(keys)
+        try:
+            for expert, key in zip(experts, keys):
+                self._make_room(key, now, pinned)
+                slot, hit, evicted = self.slots.acquire(key)
+                slots.append(slot)
+                self.policy.used(key, now)
+                if evicted >= 0:
+                    self._evicted(evicted)
+                if hit:
+                    self._classify_hit(layer, expert, key, slot, waits)
+                    continue
+                self.stats.misses += 1
+                waits.append(self._copy(layer, expert, key, slot, DEMAND))
+        except BaseException:
+            self.forget(keys[: len(slots)])
+            raise
+        return slots, waits
+
+    def wait(self, layer: int, waits: list[Transfer]) -> None:
+        """Wait for a wave's copies; their host wait is the stall. A failed copy is redone once as a demand
+        load; a second failure, or a copy that does not land within `copy_timeout_s`, raises an error naming
+        the layer and expert (the caller then `forget`s the wave)."""
+        for transfer in waits:
+            self.stats.stall_seconds += self._wait(layer, transfer)
+
+    def release(self, keys: list[int], slots: list[int], done: torch.cuda.Event | None) -> None:
+        """Unpin a wave; `done` (CUDA) is recorded after the kernels that read its slots: a later copy into
+        one of them waits for it."""
+        if done is not None:
+            for slot in slots:
+                self._slot_free[slot] = done
+        for key in keys:
+            self.slots.release(key)
+
+    def forget(self, keys: list[int]) -> None:
+        """Undo an acquire whose slots may hold garbage: unpin and evict."""
+        for key in keys:
+            self.slots.release(key)
+            if self.slots.evict(key):
+                self.policy.forget(key)
+
+    # -- prefetching -------------------------------------------------------------------------------
+    def prefetch(self, layer: int, expert: int, distance: int, now: int, pinned: frozenset) -> bool:
+        """Start bringing `expert` of `layer` in for `distance` layer turns ahead, if it is neither resident
+        nor in flight. Returns whether a copy was queued: not when every expert it could displace is needed
+        no later than this one (`predictive`) or every slot is pinned. `pinned`: keys of the wave being
+        computed (never victims)."""
+        key = layer * self.key_stride + expert
+        if self.slots.lookup(key) >= 0:
+            return False
+        when = now + distance
+        if not self._make_room(key, now, pinned, needed_at=when):
+            return False
+        slot, evicted = self.slots.prefetch(key)
+        if slot < 0:
+            return False
+        if evicted >= 0:
+            self._evicted(evicted)
+        self.policy.predicted(key, when, now)
+        self._prefetched[key] = self._copy(layer, expert, key, slot, distance)
+        self.stats.prefetches += 1
+        return True
+
+    def expect(self, layer: int, expert: int, distance: int, now: int) -> None:
+        """A prediction wants a resident expert in `distance` layer turns (`predictive` keeps it)."""
+        self.policy.expect(layer * self.key_stride + expert, now + distance, now)
+
+    def withdraw(self, layer: int, expert: int) -> bool:
+        """Cancel a prefetch a newer prediction contradicts, if its copy has not started; frees the slot."""
+        key = layer * self.key_stride + expert
+        transfer = self._prefetched.get(key)
+        if transfer is None or transfer.ready() or self.slots.pins(key) or not self.engine.cancel(transfer):
+            return False
+        del self._prefetched[key]
+        self.slots.evict(key)
+        self.policy.forget(key)
+        self.stats.bytes_to_device -= transfer.nbytes
+        self.stats.cancelled_prefetches += 1
+        return True
+
+    def queued_prefetches(self) -> int:
+        """Prefetch copies not finished yet (the link's backlog of predicted bytes)."""
+        return sum(1 for t in self._prefetched.values() if not t.ready())
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _make_room(self, key: int, now: int, pinned: frozenset, needed_at: int | None = None) -> bool:
+        """Evict the policy's victim when it names one; False when no expert may be evicted for `key`."""
+        victim = self.policy.victim(key, now, pinned, needed_at)
+        if victim is None:  # a free slot, or the slot table's own LRU order decides at placement
+            return True
+        if victim < 0 or not self.slots.evict(victim):
+            return False
+        self._evicted(victim)
+        return True
+
+    def _classify_hit(self, layer: int, expert: int, key: int, slot: int, waits: list) -> None:
+        transfer = self._prefetched.pop(key, None)
+        if transfer is None:
+            self.stats.hits += 1
+        elif transfer.error is not None:  # the prefetch failed: a demand load after all
+            self.stats.misses += 1
+            self.stats.failed_copies += 1
+            logger.warning("prefetch of layer %d expert %d failed (%r); loading it on demand", layer, expert,
+                           transfer.error)
+            waits.append(self._copy(layer, expert, key, slot, DEMAND))
+        elif transfer.ready():
+            self.stats.prefetch_hits += 1
+        else:
+            self.stats.late_prefetches += 1
+            self.engine.promote(transfer)  # the compute side waits for it now: before other prefetches
+            waits.append(transfer)
+
+    def _copy(self, layer: int, expert: int, key: int, slot: int, priority: int) -> Transfer:
+        """Queue the copy of an expert into its slot. A submission that raises gives a `FailedTransfer`,
+        handled like a copy that failed on the link."""
+        src = self.store.expert(layer, expert)
+        try:
+            transfer = self.engine.submit(key, slot, self.pool[slot, : src.numel()], src, priority,
+                                          after=self._slot_free[slot])
+        except Exception as e:  # noqa: BLE001 — reported where the copy is waited for
+            return FailedTransfer(key, slot, src.numel() * src.element_size(), priority, e)
+        self.stats.bytes_to_device += transfer.nbytes
+        if self.events.listeners:
+            self.events.copy_submitted(self.clock.step, self.clock.layer, key, priority, transfer)
+        return transfer
+
+    def _wait(self, layer: int, transfer: Transfer) -> float:
+        expert, timeout = transfer.key - layer * self.key_stride, self.copy_timeout_s
+        try:
+            try:
+                return transfer.wait(timeout)
+            except CopyError as first:
+                self.stats.failed_copies += 1
+                logger.warning("copy of layer %d expert %d failed (%s); retrying", layer, expert, first)
+                return self._copy(layer, expert, transfer.key, transfer.slot, DEMAND).wait(timeout)
+        except CopyError as e:
+            raise CopyError(f"layer {layer} expert {expert}: the copy into slot {transfer.slot} failed twice "
+                            f"({e}); the model is unchanged, generate again once the cause is fixed") from e
+        except TimeoutError as e:
+            raise CopyTimeoutError(
+                f"layer {layer} expert {expert}: its copy into slot {transfer.slot} did not land within "
+                f"copy_timeout_s={timeout} s; the copy engine is stuck or the link far slower than expected"
+            ) from e
+
+    def _evicted(self, key: int) -> None:
+        """`key` lost its slot: a prefetched copy never used is wasted (or withdrawn if still queued)."""
+        self.stats.evictions += 1
+        self.policy.forget(key)
+        transfer = self._prefetched.pop(key, None)
+        if transfer is None or transfer.error is not None:  # nothing, or nothing useful, landed
+            return
+        if not transfer.ready() and self.engine.cancel(transfer):
+            self.stats.bytes_to_device -= transfer.nbytes
+            self.stats.cancelled_prefetches += 1
+        else:
+            self.stats.wasted_bytes += transfer.nbytes
+
+    def reset_stats(self) -> None:
+        self.stats = OffloadStats()
+        self.slots.reset_counters()
+        self.engine.drain_stall_seconds()  # stalls of copies before the reset are not this period's
