@@ -119,7 +119,12 @@ def stats(model: nn.Module) -> OffloadStats:
 
 
 def reset_stats(model: nn.Module) -> None:
-    _get(model).reset_stats()
+    """Zero the model's counters; device-side stall timings still pending are dropped with them."""
+    offloader = _get(model)
+    discard = getattr(offloader.engine, "discard_stalls", None)
+    if discard is not None:
+        discard()
+    offloader.reset_stats()
 
 
 def _get(model: nn.Module) -> Offloader:
