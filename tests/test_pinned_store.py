@@ -72,6 +72,7 @@ def test_pinned_store_locks_page_aligned_whole_pages_and_keeps_its_api():
                                                                  for n in sizes]
     for (_, address, _, _), buffer in zip(registered, store.buffers):
         assert address % PAGE == 0 and buffer.data_ptr() == address and buffer.is_contiguous()
+        assert buffer.untyped_storage().data_ptr() == address  # what is_pinned() asks the driver about
         assert not buffer.any()  # zeros, padding included
     tensors = {"gate_up_proj": torch.randn(5, 6, 5).to(torch.bfloat16),
                "down_proj": torch.randn(5, 5, 3).to(torch.bfloat16)}

@@ -22,6 +22,8 @@ class StackedRouting:
 
     def __init__(self, norm_weight: torch.Tensor, eps: list[float], router_weight: torch.Tensor):
         self.norm_weight = norm_weight  # [D, 1, H]
+        # a host list to the device (a synchronizing copy on CUDA): once per build, when the predictor is
+        # built or placed, never per token
         self.eps = torch.tensor(eps, device=router_weight.device).view(-1, 1, 1)  # [D, 1, 1] float32
         self.router_weight_t = router_weight.transpose(1, 2)  # [D, H, E]
         # float32 models: the norm's weight folded into the router (diag(g) W^T), and one eps for all targets

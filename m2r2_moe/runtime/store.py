@@ -5,10 +5,10 @@ inside a row each named tensor (`gate_up_proj [2I, H]`, `down_proj [H, I]`, bias
 aligned to `ALIGN` elements, so device-side views of a slot stay aligned for the matmul kernels.
 
 Pinned stores: torch's pinned allocator rounds every block up to a power of two (a 2.8 GB layer of
-Mixtral-8x7B experts would take 4 GB, the whole store ~128 GB instead of ~90 GB). So the store allocates
-ordinary host memory, starting at a page boundary, and page-locks exactly its pages with
-`cudaHostRegister` (portable: pinned for every device), unlocked when the store is closed or collected.
-What it takes is `pinned_bytes(...)` of its layers, which `Plan` reports.
+Mixtral-8x7B experts would take 4 GB, the whole store ~128 GB instead of ~90 GB). So the store maps
+ordinary host memory, whole pages, and page-locks exactly those pages with `cudaHostRegister`
+(portable: pinned for every device), unlocked when the store is closed or collected. What it takes is
+`pinned_bytes(...)` of its layers, which `Plan` reports.
 """
 
 from __future__ import annotations
@@ -150,25 +150,24 @@ class _PageLocks:
         self.nbytes = 0
         self.release = weakref.finalize(self, _unlock, cudart, self.regions)  # idempotent; also at exit
 
-    def zeros(self, rows: int, numel: int, dtype: torch.dtype, layer: int, page: int = PAGE) -> torch.Tensor:
-        """`[rows, numel]` zeros in page-locked host memory: starts at a page boundary, locks whole pages."""
+    def zeros(self, rows: int, numel: int, dtype: torch.dtype, layer: int) -> torch.Tensor:
+        """`[rows, numel]` zeros in page-locked host memory: an anonymous mapping of whole pages (page-aligned
+        and zero-filled by the OS; its memory goes back when the last tensor viewing it does), all locked."""
         nbytes = rows * numel * torch.empty(0, dtype=dtype).element_size()
-        size = page_locked_bytes(nbytes, page)
-        raw = torch.empty(size + page, dtype=torch.uint8)  # [bytes]: room to start at a page boundary
-        start = -raw.data_ptr() % page
-        region = raw[start : start + size]
-        region.zero_()
-        if size:
-            status = int(self.cudart.cudaHostRegister(region.data_ptr(), size, REGISTER_PORTABLE))
-            if status != 0:
-                raise HostMemoryError(
-                    f"could not page-lock {size / 1e9:.2f} GB of host memory for the experts of MoE layer {layer} "
-                    f"(cudaHostRegister returned CUDA error {status}); free host memory, or offload with "
-                    "pin_memory=False (copies to the device are then staged by the driver, and slower)."
-                )
-            self.regions.append((region.data_ptr(), raw))
-            self.nbytes += size
-        return region[:nbytes].view(dtype).view(rows, numel)
+        if nbytes == 0:
+            return torch.zeros(rows, numel, dtype=dtype)
+        size = page_locked_bytes(nbytes)
+        raw = torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)  # [size] bytes, sharing the mapping
+        status = int(self.cudart.cudaHostRegister(raw.data_ptr(), size, REGISTER_PORTABLE))
+        if status != 0:
+            raise HostMemoryError(
+                f"could not page-lock {size / 1e9:.2f} GB of host memory for the experts of MoE layer {layer} "
+                f"(cudaHostRegister returned CUDA error {status}); free host memory, or offload with "
+                "pin_memory=False (copies to the device are then staged by the driver, and slower)."
+            )
+        self.regions.append((raw.data_ptr(), raw))
+        self.nbytes += size
+        return raw[:nbytes].view(dtype).view(rows, numel)
 
 
 def _unlock(cudart, regions: list) -> None:
