@@ -62,7 +62,7 @@ def device_memory(device: torch.device) -> tuple[int, int, str] | None:
         finally:
             pynvml.nvmlShutdown()
     except Exception as e:
-        logger.debug("pynvml unavailable: %s", e)
+        logger.debug("NVML unavailable (the optional nvidia-ml-py package: pip install 'm2r2_moe[gpu]'): %s", e)
         return None
 
 
@@ -172,8 +172,9 @@ def resolve_slots(cache_experts, *, device: torch.device, expert_store: str, top
 def _auto_slots(device, expert_store, top_k, total_experts, expert_bytes, store_bytes, dense_bytes, kv_bytes, mem):
     if device.type == "cuda":
         if mem["device"] is None:
-            raise DeviceMemoryError(f"cache_experts='auto': cannot read the free memory of {device}; pass a number "
-                                    "of slots or a budget like cache_experts='8GB'.")
+            raise DeviceMemoryError(f"cache_experts='auto': cannot read the free memory of {device} (neither "
+                                    "torch.cuda.mem_get_info nor NVML answered; NVML comes with pip install "
+                                    "'m2r2_moe[gpu]'); pass a number of slots or a budget like cache_experts='8GB'.")
         free, total, source = mem["device"]
         margin = max(512 * 2**20, int(0.05 * total))
         where, limit = f"{device} ({source})", free

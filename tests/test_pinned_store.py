@@ -142,3 +142,24 @@ def test_the_plan_reports_what_the_store_locks(fake_cudart, tmp_path):
     finally:
         m2r2_moe.remove_offload(model)
     assert fake_cudart.locked == {}
+
+
+def test_without_a_memory_probe_auto_slots_name_the_gpu_extra(monkeypatch):
+    """No NVML module installed and torch's probe failing: the import is guarded, and the first use that
+    needs the device's free memory says what to install or pass instead."""
+    import sys
+
+    from m2r2_moe.errors import DeviceMemoryError
+    from m2r2_moe.plan import device_memory, resolve_slots
+
+    def broken(index):
+        raise RuntimeError("no driver")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", broken)
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` raises ImportError
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    device = torch.device("cuda", 0)
+    assert device_memory(device) is None
+    with pytest.raises(DeviceMemoryError, match=r"m2r2_moe\[gpu\].*cache_experts='8GB'"):
+        resolve_slots("auto", device=device, expert_store="ram", top_k=2, total_experts=16, expert_bytes=10**6,
+                      store_bytes=16 * 10**6, dense_bytes=10**6, kv_bytes=0)
