@@ -92,13 +92,13 @@ def remove_offload(model: nn.Module) -> nn.Module:
     predictor = offloader.prefetcher.predictor if offloader.prefetcher is not None else None
     with guard.hold() if guard is not None else contextlib.nullcontext():  # no forward may run meanwhile
         offloader.uninstall(model)
-        if predictor is not None:
-            predictor.to(offloader.original_device)  # with the model: a predictor object can be used again
     if guard is not None:
         guard.remove()
     model.__dict__.pop(_GUARD, None)
     del model.__dict__[_ATTR]
     _release(offloader)
+    if predictor is not None:
+        predictor.to(offloader.original_device)  # with the model: a predictor object can be used again
     return model
 
 
