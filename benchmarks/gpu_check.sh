@@ -1,101 +1,133 @@
 #!/usr/bin/env bash
-# One prepared check for a lent GPU machine (no network; python3 with torch+CUDA, transformers, pybind11,
-# scikit-build-core, cmake, ninja and nvcc already installed). From the repository root:
+# Checks the CUDA path on a GPU machine (no network: python3 with torch+CUDA, transformers, pytest,
+# pybind11, scikit-build-core, cmake, ninja and nvcc already installed). From the repository root:
 #
 #     OUT=/some/dir bash benchmarks/gpu_check.sh        # OUT defaults to /tmp/m2r2_gpu_check
 #
-# 1. builds and installs the package with the CUDA copy engine required (M2R2_MOE_CUDA=ON) into a venv
-#    that sees the system packages (pip --no-build-isolation --no-deps: nothing is downloaded); if that
-#    fails, once more with M2R2_MOE_CUDA=AUTO, so the C++ part is still checked;
-# 2. runs the native-core tests and the gpu-marked tests, requiring both native parts;
-# 3. measures the copy engines' host→device bandwidth against one plain large pinned copy_;
-# 4. times offloaded decoding per predictor on Mixtral-8x7B expert geometry (4 MoE layers, synthetic
-#    weights, the built-in model's routing and predictor scores replayed: benchmarks/gpu_replay.py).
-# Each step runs even when an earlier one failed; the whole script is meant to end within ~8 minutes.
-# Files in $OUT (at most 8, flat): build.log (the environment first), tests.log, bandwidth.log (with the
-# bandwidth table), bandwidth.json, replay.log (with the replay table), replay.json, summary.txt,
-# trace.log (this script's set -x).
+# Steps, most important first; each has its own time limit, so the whole script ends within about
+# 9.5 minutes (SCRIPT_S, default 570 s) however the steps fail, and each appends its result line to
+# summary.txt as soon as it ends (a line "<step>: started" is written first, so the summary of a run that
+# was stopped from outside says which step was running; the logs are written as the steps run):
+#   1. env       the machine: GPU, driver, CUDA, torch (env.log)
+#   2. gpu-torch the gpu-marked tests from the source tree, torch copy engine (tests_torch.log): device
+#                placement of the predictors, host syncs per token, stream/event ordering (pool fill,
+#                slot reuse, cuda:1 when there are two devices), the pinned store, the stall log
+#   3. build     pip install with the CUDA copy engine required (M2R2_MOE_CUDA=ON), else AUTO (build.log)
+#   4. gpu-native the native core's tests and the gpu-marked tests again, both native parts required and
+#                the native copy engine in use (tests_native.log)
+#   5. bandwidth the copy engines' host→device bandwidth against one large pinned copy_ (bandwidth.log,
+#                bandwidth.json)
+#   6. replay    offloaded decoding per predictor on Mixtral-8x7B expert geometry (4 MoE layers, synthetic
+#                weights, the built-in model's routing replayed: benchmarks/gpu_replay.py), in the time
+#                left (replay.log, replay.json); skipped when under 60 s are left
 set -u -o pipefail
 OUT="${OUT:-/tmp/m2r2_gpu_check}"
+SCRIPT_S="${SCRIPT_S:-570}"
 mkdir -p "$OUT"
-exec 3>"$OUT/trace.log"
-BASH_XTRACEFD=3
-set -x
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 VENV="${VENV:-/tmp/m2r2-gpu-venv}"
-status() { echo "$1: $2" | tee -a "$OUT/summary.txt"; }
-: > "$OUT/summary.txt"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+started() { echo "$1: started at $SECONDS s" >> "$SUMMARY"; }
+result() { echo "$1: $2 (at $SECONDS s)" | tee -a "$SUMMARY"; }
+left() { echo $(( SCRIPT_S - SECONDS )); }
+# run_for LIMIT_S LOG CMD...: the command under `timeout`, its output appended to LOG; the limit is cut to
+# what is left of SCRIPT_S, and under 5 s left the command is not started (rc 125). rc 124 = timed out.
+run_for() {
+  local limit=$1 log=$2; shift 2
+  [ "$limit" -gt "$(left)" ] && limit=$(left)
+  if [ "$limit" -lt 5 ]; then echo "not run: $limit s left" >>"$log"; return 125; fi
+  timeout -k 5 "$limit" "$@" >>"$log" 2>&1
+}
+outcome() {  # $1 = rc
+  case "$1" in 0) echo "ok" ;; 124|137) echo "TIMED OUT" ;; 125) echo "NOT RUN (no time left)" ;;
+    *) echo "FAILED rc=$1" ;; esac
+}
 
-{
-  date -u; uname -a; nvidia-smi || true; nvcc --version || true; cmake --version || true
-  "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" || true
-  "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|pybind11|scikit-build-core|cmake|ninja|hypothesis|pytest|safetensors) " || true
-} > "$OUT/build.log" 2>&1
-echo "=== environment above, build below ===" >>"$OUT/build.log"
+# -- 1. env ---------------------------------------------------------------------------------------------
+started env
+ENV_LOG="$OUT/env.log"
+: > "$ENV_LOG"
+{ date -u; uname -a; } >>"$ENV_LOG" 2>&1
+run_for 15 "$ENV_LOG" nvidia-smi
+run_for 10 "$ENV_LOG" nvcc --version
+run_for 10 "$ENV_LOG" cmake --version
+run_for 45 "$ENV_LOG" "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), torch.cuda.device_count(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+run_for 20 "$ENV_LOG" "$PY" -m pip list
+result env "$(grep -m1 '^torch ' "$OUT/env.log" || echo 'torch not importable')"
 
-# -- 1. build -----------------------------------------------------------------------------------
-# A venv that sees the interpreter's packages; where it does not (python3 itself a venv), the
-# interpreter itself (the machine is bare and handed back afterwards).
+# -- 2. gpu-marked tests, torch copy engine, source tree ---------------------------------------------
+started gpu-torch
+export PYTHONUNBUFFERED=1
+M2R2_MOE_NO_EXT=1 run_for 120 "$OUT/tests_torch.log" "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu \
+  tests/test_gpu_runtime.py tests/test_gpu.py
+rc=$?
+result gpu-torch "$(outcome $rc): $(tail -1 "$OUT/tests_torch.log")"
+
+# -- 3. build ---------------------------------------------------------------------------------------------
+# A venv that sees the interpreter's packages; where it cannot be made (python3 itself a venv), the
+# interpreter itself. pip --no-build-isolation --no-deps --no-index: nothing is downloaded.
+started build
 VPY="$PY"; PIP_EXTRA=""
-if "$PY" -m venv --system-site-packages "$VENV" >>"$OUT/build.log" 2>&1 &&
-   "$VENV/bin/python" -c "import torch, scikit_build_core, pybind11" >>"$OUT/build.log" 2>&1; then
+if run_for 30 "$OUT/build.log" "$PY" -m venv --system-site-packages "$VENV" &&
+   run_for 30 "$OUT/build.log" "$VENV/bin/python" -c "import torch, scikit_build_core, pybind11"; then
   VPY="$VENV/bin/python"
-elif "$PY" -m pip install --help 2>/dev/null | grep -q -- --break-system-packages; then
+elif timeout 20 "$PY" -m pip install --help 2>/dev/null | grep -q -- --break-system-packages; then
   PIP_EXTRA="--break-system-packages"
 fi
 echo "installing with $VPY $PIP_EXTRA" >>"$OUT/build.log"
-build() {  # $1 = M2R2_MOE_CUDA mode
+build() {  # $1 = M2R2_MOE_CUDA mode, $2 = time limit
   echo "=== pip install, M2R2_MOE_CUDA=$1 ===" >>"$OUT/build.log"
-  local t0=$SECONDS
-  M2R2_MOE_CUDA="$1" "$VPY" -m pip install -v --no-build-isolation --no-deps --no-index $PIP_EXTRA . \
-    >>"$OUT/build.log" 2>&1
-  local rc=$?
-  echo "=== rc=$rc in $((SECONDS - t0)) s ===" >>"$OUT/build.log"
-  return $rc
+  M2R2_MOE_CUDA="$1" run_for "$2" "$OUT/build.log" "$VPY" -m pip install -v --no-build-isolation --no-deps \
+    --no-index $PIP_EXTRA .
 }
-if build ON; then
-  status build "ok with the CUDA part required"
-elif build AUTO; then
-  status build "FAILED with M2R2_MOE_CUDA=ON; ok with AUTO (see build.log)"
+build ON 150
+rc=$?
+if [ $rc -eq 0 ]; then
+  result build "ok with the CUDA part required"
+elif [ "$(left)" -gt 240 ] && build AUTO 90; then
+  result build "$(outcome $rc) with M2R2_MOE_CUDA=ON; ok with AUTO (see build.log)"
 else
-  status build "FAILED (see build.log)"
+  result build "$(outcome $rc) with M2R2_MOE_CUDA=ON; AUTO failed or not tried (see build.log)"
 fi
 # Outside the repository, so that the installed copy (not the source tree) is imported.
-(cd /tmp && "$VPY" -c "import m2r2_moe._ext as e, json; print(json.dumps(e.summary())); print('cuda_probe:', repr(e.cuda_probe()))") \
-  >>"$OUT/build.log" 2>&1
-status ext "$(cd /tmp && "$VPY" -c "import m2r2_moe._ext as e; print('HAS_EXT', e.HAS_EXT, 'HAS_CUDA_EXT', e.HAS_CUDA_EXT, 'probe', repr(e.cuda_probe()))" 2>&1 | tail -1)"
+(cd /tmp && run_for 30 "$OUT/build.log" "$VPY" -c "import m2r2_moe._ext as e; print('ext: HAS_EXT', e.HAS_EXT, 'HAS_CUDA_EXT', e.HAS_CUDA_EXT, 'probe', repr(e.cuda_probe()))")
+result ext "$(grep '^ext: ' "$OUT/build.log" | tail -1)"
 
-# -- 2. tests -----------------------------------------------------------------------------------
-# M2R2_MOE_NATIVE_CUDA=1: offloaded models use the native engine (the default is its torch twin until this passes)
-export M2R2_MOE_REQUIRE_EXT=1 M2R2_MOE_REQUIRE_CUDA_EXT=1 M2R2_MOE_NATIVE_CUDA=1 PYTHONUNBUFFERED=1
-timeout 420 "$VPY" -m pytest -q -rs -p no:cacheprovider tests/test_ext.py tests/test_slot_manager_diff.py tests/test_gpu.py \
-  >"$OUT/tests.log" 2>&1
-status tests "rc=$? ($(tail -1 "$OUT/tests.log"))"
+# -- 4. native parts required, native copy engine in use ----------------------------------------------
+started gpu-native
+M2R2_MOE_REQUIRE_EXT=1 M2R2_MOE_REQUIRE_CUDA_EXT=1 M2R2_MOE_NATIVE_CUDA=1 run_for 100 "$OUT/tests_native.log" \
+  "$VPY" -m pytest -q -rs -p no:cacheprovider tests/test_ext.py tests/test_slot_manager_diff.py tests/test_gpu.py \
+  tests/test_gpu_runtime.py
+rc=$?
+result gpu-native "$(outcome $rc): $(tail -1 "$OUT/tests_native.log")"
 
-# -- 3. bandwidth -------------------------------------------------------------------------------
-# bandwidth.md goes to a scratch folder (its text is in bandwidth.log too): $OUT keeps to 8 files
+# -- 5. bandwidth ---------------------------------------------------------------------------------------
+started bandwidth
 SCRATCH="$(mktemp -d)"
-timeout 240 "$VPY" benchmarks/copy_bandwidth.py --out "$SCRATCH" >"$OUT/bandwidth.log" 2>&1
-status bandwidth "rc=$? (see bandwidth.log)"
+run_for 60 "$OUT/bandwidth.log" "$VPY" benchmarks/copy_bandwidth.py --out "$SCRATCH"
+rc=$?
 cp "$SCRATCH/bandwidth.json" "$OUT/" 2>/dev/null
+[ -f "$SCRATCH/bandwidth.md" ] && cat "$SCRATCH/bandwidth.md" >>"$OUT/bandwidth.log"
+result bandwidth "$(outcome $rc) (see bandwidth.log)"
 
-# -- 4. offloaded decode on Mixtral-8x7B expert geometry, the built-in model's routing replayed ---------
-# 4 MoE layers x 8 experts x 352 MB bf16: the model is made on the GPU (11.5 GB), decoded with every
-# expert resident, moved to host memory and offloaded once (11.3 GB pinned host store, 16 device slots
-# = 5.6 GB); then none / history / gate / m2r2 / oracle / none again, 64-token prompt + 48 decode steps
-# each. Expected to take about a minute (not yet run on a GPU). Its time limit is what is left of
-# ~8 minutes (120-240 s); it skips the predictors that would end past that and writes replay.json after
-# every run. The source tree is imported (with the installed compiled parts, where the build
-# succeeded) and the default copy engine (the torch twin) is timed.
-left=$(( 470 - SECONDS ))
-REPLAY_S=$(( left > 240 ? 240 : (left < 120 ? 120 : left) ))
-{ free -g || true; nvidia-smi --query-gpu=memory.used,memory.total --format=csv || true; } >"$OUT/replay.log" 2>&1
-M2R2_MOE_NATIVE_CUDA=0 PYTHONPATH="$PWD" timeout -k 10 "$REPLAY_S" "$VPY" benchmarks/gpu_replay.py \
-  --json "$OUT/replay.json" --budget-s $(( REPLAY_S - 20 )) >>"$OUT/replay.log" 2>&1
-status replay "rc=$? in $SECONDS s of the script, limit ${REPLAY_S} s (see replay.log, replay.json)"
-
-set +x
-[ -f "$SCRATCH/bandwidth.md" ] && cat "$SCRATCH/bandwidth.md"
-sed -n '/^| predictor |/,$p' "$OUT/replay.log"
+# -- 6. replay ------------------------------------------------------------------------------------------
+# 4 MoE layers x 8 experts x 352 MB bf16: the model is made on the GPU (11.5 GB), decoded with every expert
+# resident, moved to host memory and offloaded once (11.3 GB pinned host store, 16 device slots = 5.6 GB);
+# then none / history / gate / m2r2 / oracle / none again. gpu_replay.py skips the predictors whose run
+# would end past its --budget-s and writes replay.json after every run. The source tree is imported (with
+# the installed compiled parts, where the build succeeded); the default copy engine (the torch twin) is timed.
+started replay
+REPLAY_S=$(( $(left) > 240 ? 240 : $(left) ))
+if [ "$REPLAY_S" -lt 60 ]; then
+  result replay "skipped: ${REPLAY_S} s left of ${SCRIPT_S} s"
+else
+  { free -g || true; timeout 20 nvidia-smi --query-gpu=memory.used,memory.total --format=csv || true; } >"$OUT/replay.log" 2>&1
+  M2R2_MOE_NATIVE_CUDA=0 PYTHONPATH="$PWD" run_for "$REPLAY_S" "$OUT/replay.log" "$VPY" benchmarks/gpu_replay.py \
+    --json "$OUT/replay.json" --budget-s $(( REPLAY_S - 20 ))
+  rc=$?
+  result replay "$(outcome $rc) within ${REPLAY_S} s (see replay.log, replay.json)"
+  sed -n '/^| predictor |/,$p' "$OUT/replay.log"
+fi
 exit 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import torch
 from torch import nn
 
 from .config import OffloadConfig, OffloadConfigError
@@ -63,6 +64,8 @@ def _offload(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None) 
     guard = None
     try:
         offloader.install(model, fill_store=fill_store)  # rolls itself back on error
+        if predictor is not None:
+            predictor.to(offloader.device)  # built on CPU: its tensors follow the model to the compute device
         offloader.attach_predictor(predictor)
         guard = UseGuard(model)
         model.__dict__[_ATTR] = offloader
@@ -86,6 +89,7 @@ def remove_offload(model: nn.Module) -> nn.Module:
     """Undo `offload`: expert weights back in the model bit for bit, original forwards, original device."""
     offloader = _get(model)
     guard = model.__dict__.get(_GUARD)
+    predictor = offloader.prefetcher.predictor if offloader.prefetcher is not None else None
     with guard.hold() if guard is not None else contextlib.nullcontext():  # no forward may run meanwhile
         offloader.uninstall(model)
     if guard is not None:
@@ -93,6 +97,8 @@ def remove_offload(model: nn.Module) -> nn.Module:
     model.__dict__.pop(_GUARD, None)
     del model.__dict__[_ATTR]
     _release(offloader)
+    if predictor is not None:
+        predictor.to(offloader.original_device)  # with the model: a predictor object can be used again
     return model
 
 
@@ -113,7 +119,12 @@ def stats(model: nn.Module) -> OffloadStats:
 
 
 def reset_stats(model: nn.Module) -> None:
-    _get(model).reset_stats()
+    """Zero the model's counters; device-side stall timings still pending are dropped with them."""
+    offloader = _get(model)
+    discard = getattr(offloader.engine, "discard_stalls", None)
+    if discard is not None:
+        discard()
+    offloader.reset_stats()
 
 
 def _get(model: nn.Module) -> Offloader:
@@ -159,8 +170,9 @@ def _build_predictor(cfg: OffloadConfig, model, adapter, layers):
         return cfg.predictor
     if cfg.predictor == "none":
         return None
+    # on CPU, where the model is now: `_offload` moves it (`Predictor.to`) once the model has moved
     return make_predictor(cfg.predictor, model, adapter, layers, cfg.lookahead, adapters=cfg.adapters,
-                          device=cfg.resolved_device())
+                          device=torch.device("cpu"))
 
 
 def _check_predictor_fits(predictor, layers) -> None:

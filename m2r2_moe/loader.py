@@ -25,7 +25,7 @@ from .checkpoint import Checkpoint, Reader
 from .config import OffloadConfig, OffloadConfigError
 from .errors import UnsupportedModelError, WeightsMismatchError
 from .models import find_moe_layers
-from .plan import Plan, check_memory, kv_cache_bytes, resolve_slots
+from .plan import Plan, check_memory, expert_store_host_bytes, kv_cache_bytes, resolve_slots
 from .runtime.disk_store import DiskExpertStore
 from .runtime.offloader import _packing
 from .weight_map import WeightMap, dtype_plan, map_checkpoint, missing_dense, read_piece
@@ -142,8 +142,9 @@ def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, conte
     if slots < top_k:
         raise OffloadConfigError(f"cache_experts={cache_experts} is below the model's top-k ({top_k}); use >= {top_k}")
     pin = cfg.resolved_pin_memory()
-    staging = 2 * top_k * expert_bytes if expert_store == "disk" else 0  # a layer's demand loads in flight
-    host_need = (store_bytes if expert_store == "ram" else staging)
+    store_host = expert_store_host_bytes(expert_store, [p.nbytes * n for p, n in zip(packings, num_experts)], top_k,
+                                         expert_bytes, pin)
+    host_need = store_host
     if device.type == "cpu":
         host_need += dense_bytes + slots * expert_bytes + kv_bytes
     plan = Plan(
@@ -151,7 +152,7 @@ def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, conte
         expert_store=expert_store, moe_layers=len(layers), total_experts=sum(num_experts), top_k=top_k,
         expert_bytes=expert_bytes, store_bytes=store_bytes, dense_bytes=dense_bytes, checkpoint_bytes=ckpt.nbytes,
         num_slots=slots, budget=budget, kv_bytes=kv_bytes, context_length=context_length,
-        pinned_bytes=(store_bytes if expert_store == "ram" else staging) if pin else 0,
+        pinned_bytes=store_host if pin else 0,
         host_available=mem["host_available"], host_need=host_need,
         device_free=mem["device"][0] if mem["device"] else None,
         device_source=mem["device"][2] if mem["device"] else "", layouts=tuple(wmap.layouts),

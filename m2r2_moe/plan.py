@@ -15,6 +15,7 @@ import torch
 
 from .config import OffloadConfigError
 from .errors import DeviceMemoryError, HostMemoryError
+from .runtime.store import pinned_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def device_memory(device: torch.device) -> tuple[int, int, str] | None:
         finally:
             pynvml.nvmlShutdown()
     except Exception as e:
-        logger.debug("pynvml unavailable: %s", e)
+        logger.debug("NVML unavailable (the optional nvidia-ml-py package: pip install 'm2r2_moe[gpu]'): %s", e)
         return None
 
 
@@ -72,6 +73,23 @@ def kv_cache_bytes(config, context_length: int, dtype: torch.dtype) -> int:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return 2 * text.num_hidden_layers * kv_heads * head_dim * context_length * dtype.itemsize
+
+
+def pinned_block_bytes(nbytes: int) -> int:
+    """Host bytes torch's pinned allocator (its caching host allocator) takes for a block of `nbytes`: it
+    rounds every block up to a power of two."""
+    return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
+
+
+def expert_store_host_bytes(expert_store: str, layer_bytes: list[int], top_k: int, expert_bytes: int,
+                            pin: bool) -> int:
+    """Host bytes the expert store takes, all of them page-locked when `pin`. The RAM store: one buffer per
+    layer (`layer_bytes`), page-locked in whole pages (runtime/store.py). The disk store: the staging rows
+    of a layer's demand loads in flight (2 x top-k rows of `expert_bytes`), each, when pinned, a block of
+    torch's pinned allocator (`pinned_block_bytes`)."""
+    if expert_store == "ram":
+        return pinned_bytes(layer_bytes) if pin else sum(layer_bytes)
+    return 2 * top_k * (pinned_block_bytes(expert_bytes) if pin else expert_bytes)
 
 
 @dataclass
@@ -154,8 +172,9 @@ def resolve_slots(cache_experts, *, device: torch.device, expert_store: str, top
 def _auto_slots(device, expert_store, top_k, total_experts, expert_bytes, store_bytes, dense_bytes, kv_bytes, mem):
     if device.type == "cuda":
         if mem["device"] is None:
-            raise DeviceMemoryError(f"cache_experts='auto': cannot read the free memory of {device}; pass a number "
-                                    "of slots or a budget like cache_experts='8GB'.")
+            raise DeviceMemoryError(f"cache_experts='auto': cannot read the free memory of {device} (neither "
+                                    "torch.cuda.mem_get_info nor NVML answered; NVML comes with pip install "
+                                    "'m2r2_moe[gpu]'); pass a number of slots or a budget like cache_experts='8GB'.")
         free, total, source = mem["device"]
         margin = max(512 * 2**20, int(0.05 * total))
         where, limit = f"{device} ({source})", free

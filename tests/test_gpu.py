@@ -7,7 +7,9 @@ Invariants:
 - submit / ready / wait never block the host;
 - decoding an offloaded model adds no host synchronization for copies: a step with misses syncs as
   often as the same step with all hits (the offloader's own once-per-layer expert-set sync included);
-- an offloaded model gives the same logits with either engine.
+- an offloaded model gives the same logits with either engine;
+- predictors compute on the device without a host sync of their own (`set_sync_debug_mode("error")`);
+  decoding with one adds at most the prefetcher's one read of the predicted scores per layer.
 
 benchmarks/gpu_check.sh runs these with M2R2_MOE_REQUIRE_CUDA_EXT=1, which turns "native engine not
 available" from a skip into a failure.
@@ -130,7 +132,7 @@ def test_stall_is_measured_on_device(native_engine):
     native_engine.submit(0, 0, dst, src).wait()
     torch.cuda.synchronize()
     assert native_engine.drain_stall_seconds() > 0.01
-    assert native_engine.pending_stalls == []
+    assert not native_engine.compute.stalls.pending
 
 
 def test_offloaded_logits_same_with_both_engines(monkeypatch):
@@ -169,13 +171,13 @@ def _count_syncs(fn) -> int:
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
-def _decode_syncs(cache_experts: int, steps: int = 6):
+def _decode_syncs(cache_experts: int, steps: int = 6, predictor="none"):
     """Host syncs during `steps` decode steps of an offloaded tiny Mixtral, and its stats. The loop runs twice
     and the second pass is counted: first calls (lazy inits, allocations, a cold cache) are not the steady state."""
     from conftest import tiny_mixtral
 
     model = tiny_mixtral(torch.bfloat16)
-    m2r2_moe.offload(model, device="cuda", cache_experts=cache_experts)
+    m2r2_moe.offload(model, device="cuda", cache_experts=cache_experts, predictor=predictor, prefetch_min_prob=1e-3)
     ids = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(4)).cuda()
     try:
         with torch.no_grad():
@@ -204,3 +206,55 @@ def test_copies_add_no_host_sync_in_decode():
     syncs_hits, stats_hits = _decode_syncs(cache_experts=32)
     assert stats_misses.misses > 0 and stats_hits.misses == 0
     assert syncs_misses == syncs_hits, f"copies added host syncs: {syncs_misses} with misses vs {syncs_hits} all-hit"
+
+
+@pytest.mark.parametrize("predictor", ["history", "gate"])
+def test_a_predictor_adds_at_most_the_prefetchers_one_read_per_layer(predictor):
+    """Predictions stay on the device: a predictor adds no host sync of its own, only the prefetcher's one
+    read of each layer's predicted scores (which copies to issue depends on them): at most L - 1 per step."""
+    steps, layers = 6, 4
+    syncs_none, _ = _decode_syncs(cache_experts=4, steps=steps)
+    syncs, stats = _decode_syncs(cache_experts=4, steps=steps, predictor=predictor)
+    assert stats.predictor_failures == 0 and stats.prefetches > 0
+    assert syncs - syncs_none <= steps * (layers - 1), f"{predictor}: {syncs} syncs vs {syncs_none} without"
+
+
+def _predictors_on_cuda():
+    from conftest import tiny_mixtral
+    from m2r2_moe.models import find_moe_layers
+    from m2r2_moe.predict import AcceleratorAdapters, OraclePredictor, make_predictor
+
+    model = tiny_mixtral(torch.bfloat16)
+    adapter, layers = find_moe_layers(model)
+    trace = torch.randint(0, 8, (32, len(layers), 2), generator=torch.Generator().manual_seed(2))
+    built = {name: make_predictor(name, model, adapter, layers, 2,
+                                  adapters=AcceleratorAdapters(len(layers), 64, 2, rank=4, route_features=8))
+             for name in ("history", "gate", "m2r2")}
+    built["oracle"] = OraclePredictor(len(layers), 8, 2, 2, trace, wrap=True)
+    model.cuda()
+    return model, layers, {name: p.to("cuda") for name, p in built.items()}
+
+
+def test_per_token_predictor_calls_do_not_synchronize_on_cuda():
+    """tests/test_host_syncs.py's check, by the device itself: any synchronizing call raises."""
+    from test_device_placement import owned_tensors
+
+    model, layers, predictors = _predictors_on_cuda()
+    residual = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
+    chosen = torch.randint(0, 8, (1, 2), device="cuda")
+    for name, predictor in predictors.items():
+        assert all(t.is_cuda for _, t in owned_tensors(predictor)), name
+
+        def step():
+            for layer in range(len(layers)):
+                predictor.predict_stacked(layer, residual, chosen, normed=layers[layer].norm(residual))
+                predictor.observe(layer, chosen)
+
+        with torch.no_grad():
+            step()  # first calls: lazy inits, a router's one-time ranking check
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")

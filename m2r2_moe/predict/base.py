@@ -24,6 +24,13 @@ class Predictor:
     def __init__(self, num_layers: int, num_experts: int, top_k: int, depth: int):
         self.num_layers, self.num_experts, self.top_k, self.depth = num_layers, num_experts, top_k, depth
 
+    def to(self, device: torch.device | str) -> "Predictor":
+        """Place what the predictor computes with on `device`, where the model now computes (`offload`
+        calls it once the model has moved there; predictors are built on CPU, before anything moves).
+        Every tensor a prediction reads must be there: a stray CPU tensor fails the first prediction, or
+        costs a host sync per layer. Returns the predictor."""
+        return self
+
     def reset(self) -> None:
         """Forget per-sequence state (called at the start of each forward over a new prompt)."""
 

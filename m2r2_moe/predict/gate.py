@@ -20,8 +20,18 @@ class GatePredictor(Predictor):
         super().__init__(num_layers, num_experts, top_k, depth)
         self.adapter, self.layers = adapter, layers
         # per source layer: the targets' routing batched (predict/stacked.py), or None for the reference path
-        self.stacked = [StackedRouting.build(adapter, layers, [l + d for d in self.depths(l)])
-                        for l in range(num_layers)]
+        self.stacked = self._stack()
+
+    def _stack(self) -> list[StackedRouting | None]:
+        return [StackedRouting.build(self.adapter, self.layers, [l + d for d in self.depths(l)])
+                for l in range(self.num_layers)]
+
+    def to(self, device: torch.device | str) -> "GatePredictor":
+        """The reference path computes with the model's own norms and routers, wherever they are; the
+        stacked copies of their weights are rebuilt from them as they are now (after the model moved to
+        `device`, and in its dtype if that changed since the predictor was built)."""
+        self.stacked = self._stack()
+        return self
 
     def target_scores(self, target: int, residual: torch.Tensor) -> torch.Tensor:
         """The family's expert scores `[T, E]` at layer `target` for a (predicted) residual `[T, H]`."""

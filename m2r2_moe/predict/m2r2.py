@@ -152,6 +152,13 @@ class M2R2Predictor(GatePredictor):
         self.adapters = adapters
         self._fused = [self._fuse(layer) for layer in range(num_layers)]
 
+    def to(self, device: torch.device | str) -> "M2R2Predictor":
+        """The adapters (and their fused per-layer matrices) on `device`; the routing as `GatePredictor.to`."""
+        super().to(device)
+        self.adapters.to(device)
+        self._fused = [self._fuse(layer) for layer in range(self.num_layers)]
+        return self
+
     @torch.no_grad()
     def _fuse(self, layer: int):
         """The rates of `layer` side by side, for `_accelerated`: U as one matrix `[F, D*R]` (split into

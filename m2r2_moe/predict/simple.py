@@ -16,15 +16,29 @@ class HistoryPredictor(Predictor):
     def __init__(self, num_layers, num_experts, top_k, depth, decay: float = 0.9):
         super().__init__(num_layers, num_experts, top_k, depth)
         self.decay = decay
+        self.device = torch.device("cpu")
         self.reset()
+
+    def to(self, device: torch.device | str) -> "HistoryPredictor":
+        """Keep the counts on `device`, where the routing they count arrives."""
+        self.device = torch.device(device)
+        self.counts = self.counts.to(self.device)
+        return self
 
     def reset(self) -> None:
         # a tiny uniform prior so that an unseen layer still ranks experts deterministically (by index)
-        self.counts = torch.zeros(self.num_layers, self.num_experts)
-        self.counts -= torch.arange(self.num_experts) * 1e-6
+        self.counts = torch.zeros(self.num_layers, self.num_experts, device=self.device)  # [L, E]
+        self.counts -= torch.arange(self.num_experts, device=self.device) * 1e-6
 
     def observe(self, layer: int, chosen: torch.Tensor) -> None:
-        hits = torch.bincount(chosen.reshape(-1).cpu(), minlength=self.num_experts).float()
+        """Count `chosen [T, K]` where it is (no host read: an `index_add_` of ones, not a `bincount`, whose
+        output size depends on the data)."""
+        if chosen.device != self.counts.device:
+            raise ValueError(f"the history predictor counts on {self.counts.device} but the routing is on "
+                             f"{chosen.device}: call predictor.to({str(chosen.device)!r}) first")
+        index = chosen.reshape(-1)  # [T*K]
+        hits = torch.zeros(self.num_experts, device=index.device).index_add_(
+            0, index, torch.ones(index.shape, device=index.device))  # [E]
         self.counts[layer] = self.counts[layer] * self.decay + hits
 
     def predict(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
@@ -51,16 +65,25 @@ class OraclePredictor(Predictor):
         self.wraps = wrap
         if wrap:
             self.name = "oracle-wrap"
+        self.device = torch.device("cpu")
         self.load_sequence(experts.permute(1, 0, 2))
+
+    def to(self, device: torch.device | str) -> "OraclePredictor":
+        """Keep the replayed choices on `device`: predictions are slices of them, made there."""
+        self.device = torch.device(device)
+        self.experts, self.one_hot = self.experts.to(self.device), self.one_hot.to(self.device)
+        return self
 
     def reset(self) -> None:
         self.position = 0
 
     def load_sequence(self, chosen: torch.Tensor) -> None:
-        """Replay `chosen [L, N, K]` from position 0."""
-        experts = chosen.permute(1, 0, 2).long()  # [N, L, K]
+        """Replay `chosen [L, N, K]` from position 0 (copied to the predictor's device: once per sequence,
+        a host→device copy that waits for the copy when `chosen` is on the host)."""
+        experts = chosen.permute(1, 0, 2).long().to(self.device)  # [N, L, K]
         self.experts = experts
-        self.one_hot = torch.zeros(*experts.shape[:2], self.num_experts).scatter_(-1, experts, 1.0)  # [N, L, E]
+        self.one_hot = torch.zeros(*experts.shape[:2], self.num_experts, device=self.device).scatter_(
+            -1, experts, 1.0)  # [N, L, E]
         self.position = 0
 
     def advance(self, tokens: int) -> None:

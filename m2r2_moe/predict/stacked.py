@@ -15,17 +15,26 @@ from ..models.base import MoEAdapter, MoELayer
 
 
 class StackedRouting:
-    """RMSNorm + linear router + softmax for several target layers at once. Shapes: D targets, T tokens."""
+    """RMSNorm + linear router + softmax for several target layers at once. Shapes: D targets, T tokens.
 
-    def __init__(self, norm_weight: torch.Tensor, eps: torch.Tensor, router_weight: torch.Tensor):
+    Its tensors are copies of the model's norm and router weights, made where those weights are (device
+    and dtype): a predictor rebuilds it after the model moved (`GatePredictor.to`)."""
+
+    def __init__(self, norm_weight: torch.Tensor, eps: list[float], router_weight: torch.Tensor):
         self.norm_weight = norm_weight  # [D, 1, H]
-        self.eps = eps  # [D, 1, 1]
+        # a host list to the device (a synchronizing copy on CUDA): once per build, when the predictor is
+        # built or placed, never per token
+        self.eps = torch.tensor(eps, device=router_weight.device).view(-1, 1, 1)  # [D, 1, 1] float32
         self.router_weight_t = router_weight.transpose(1, 2)  # [D, H, E]
         # float32 models: the norm's weight folded into the router (diag(g) W^T), and one eps for all targets
         # when they share it, so that scoring is three ops: a fused rms_norm, one bmm, the softmax
         self.folded = None
-        if router_weight.dtype == torch.float32 and len(set(eps.flatten().tolist())) == 1:
-            self.folded = (norm_weight.transpose(1, 2) * self.router_weight_t, float(eps.flatten()[0]))  # [D, H, E]
+        if router_weight.dtype == torch.float32 and len(set(eps)) == 1:
+            self.folded = (norm_weight.transpose(1, 2) * self.router_weight_t, eps[0])  # [D, H, E]
+
+    @property
+    def device(self) -> torch.device:
+        return self.router_weight_t.device
 
     def scores(self, residuals: torch.Tensor) -> torch.Tensor:
         """`residuals [D, T, H]` (model dtype) → softmax scores `[D, T, E]` float32, as the reference."""
@@ -40,24 +49,28 @@ class StackedRouting:
 
     @classmethod
     def build(cls, adapter: MoEAdapter, layers: list[MoELayer], targets: list[int]) -> "StackedRouting | None":
-        """A stacked router for `targets` when every one fits the pattern and reproduces `adapter.route`."""
+        """A stacked router for `targets` when every one fits the pattern and reproduces `adapter.route`,
+        on the device and in the dtype of the targets' weights as they are now."""
         parts = [_rms_router(layers[t]) for t in targets]
         if not targets or any(p is None for p in parts):
             return None
         weight, eps, router = zip(*parts)
-        dtype = router[0].dtype
-        if any(w.dtype != dtype for w in weight + router) or len({r.shape for r in router}) != 1:
+        dtype, device = router[0].dtype, router[0].device
+        if (any(w.dtype != dtype for w in weight + router) or len({r.shape for r in router}) != 1
+                or any(w.device != device for w in weight + router)):
             return None
-        stacked = cls(torch.stack(weight).unsqueeze(1), torch.tensor(eps).view(-1, 1, 1), torch.stack(router))
+        stacked = cls(torch.stack(weight).unsqueeze(1), list(eps), torch.stack(router))
         probe = torch.randn(len(targets), 3, router[0].shape[1], generator=torch.Generator().manual_seed(0))
-        probe = probe.to(dtype=dtype, device=router[0].device)
+        probe = probe.to(dtype=dtype, device=device)
         try:
             with torch.no_grad():
                 fast = stacked.scores(probe)
                 ref = torch.stack([adapter.route(layers[t], layers[t].norm(probe[i]))[0] for i, t in enumerate(targets)])
-        except Exception:  # noqa: BLE001 — any mismatch in the pattern means: keep the reference path
+                # a host read, once per source layer when the predictor is built or placed: never per token
+                same = fast.shape == ref.shape and torch.allclose(fast, ref, atol=1e-5, rtol=1e-4)
+        except Exception:  # noqa: BLE001 — a mismatch in the pattern, or no data to compare: the reference path
             return None
-        return stacked if fast.shape == ref.shape and torch.allclose(fast, ref, atol=1e-5, rtol=1e-4) else None
+        return stacked if same else None
 
 
 def _rms_router(layer: MoELayer):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .cuda_compute import ComputeSide
 from .transfer import DEMAND, CudaCopyEngine
 
 
@@ -49,34 +50,30 @@ class NativeCudaTransfer:
         return self.event.query()  # cudaEventQuery: never blocks
 
     def wait(self, timeout: float | None = None) -> float:
-        """Device-side wait: the current (compute) stream stalls until the copy's event; the host does not
-        block. The stall is timed with a pair of torch events read later (`drain_stall_seconds`)."""
-        if self.event.query():
-            return 0.0
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        stream = torch.cuda.current_stream(self.engine.device)
-        start.record(stream)
-        self.event.wait_on(stream.cuda_stream)  # cudaStreamWaitEvent
-        end.record(stream)
-        self.engine.pending_stalls.append((start, end))
+        """Device-side wait: the compute stream of the engine's device stalls until the copy's event
+        (`cudaStreamWaitEvent`); the host does not block. The stall is timed with a pair of torch events
+        read later (`drain_stall_seconds`)."""
+        if not self.event.query():
+            self.engine.compute.wait(lambda stream: self.event.wait_on(stream.cuda_stream))
         return 0.0
 
 
 class NativeCudaCopyEngine(CudaCopyEngine):
     """Host→device copies on one dedicated stream through the native engine, one event per expert.
-    Stall accounting (`drain_stall_seconds`) and `link_seconds` are the torch twin's."""
+    Stall accounting (`drain_stall_seconds`, `discard_stalls`) and `link_seconds` are the torch twin's;
+    the stream, events and waits are all on the engine's device, whichever device is current."""
 
     def __init__(self, device: torch.device):
         reason = available()
         if reason:
             raise RuntimeError(f"the native CUDA copy engine cannot run here: {reason}")
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        self.device = torch.device("cuda", index)
+        self.compute = ComputeSide(device)
+        self.device = self.compute.device  # index resolved: the stream, events and waits are all on it
         self.stream = torch.cuda.Stream(device=self.device)  # owned by torch; the engine only enqueues on it
-        self._engine = _ext.cuda.CopyEngine(index, self.stream.cuda_stream)
+        self.compute.order_before(self.stream)  # the slot pool's zero fill, queued on the compute stream
+        self._engine = _ext.cuda.CopyEngine(self.device.index, self.stream.cuda_stream)
         self.bytes_copied = 0
         self.busy_seconds = 0.0  # not measured without a sync; the profiler times copies with events
-        self.pending_stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.fault = None  # test-only hook (runtime/transfer.py)
         self._in_flight: list[NativeCudaTransfer] = []  # holds each copy's buffers until its event completes
 

@@ -42,7 +42,10 @@ class SlotView:
 
 
 def allocate_pool(num_slots: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The device slot pool `[S, numel]`, or `DeviceMemoryError` saying how much did not fit."""
+    """The device slot pool `[S, numel]`, or `DeviceMemoryError` saying how much did not fit.
+
+    On CUDA the zero fill is queued on the device's current (compute) stream, not run: the copy engine,
+    made after the pool, orders its copy stream after it (`ComputeSide.order_before`)."""
     try:
         return torch.zeros(num_slots, numel, dtype=dtype, device=device)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:  # nothing is installed yet: model untouched

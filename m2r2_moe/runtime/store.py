@@ -3,18 +3,41 @@
 Layout (one `ExpertPacking` per MoE layer): expert e of layer l is row e of `buffers[l]` (`[E, numel]`);
 inside a row each named tensor (`gate_up_proj [2I, H]`, `down_proj [H, I]`, biases) starts at an offset
 aligned to `ALIGN` elements, so device-side views of a slot stay aligned for the matmul kernels.
+
+Pinned stores: torch's pinned allocator rounds every block up to a power of two (a 2.8 GB layer of
+Mixtral-8x7B experts would take 4 GB, the whole store ~128 GB instead of ~90 GB). So the store maps
+ordinary host memory, whole pages, and page-locks exactly those pages with `cudaHostRegister`
+(portable: pinned for every device), unlocked when the store is closed or collected. What it takes is
+`pinned_bytes(...)` of its layers, which `Plan` reports.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
+import weakref
 from dataclasses import dataclass
 
 import torch
 
+from ..config import OffloadConfigError
+from ..errors import HostMemoryError
+
 logger = logging.getLogger(__name__)
 
 ALIGN = 64  # elements: 128 bytes in bf16, 256 in fp32
+PAGE = mmap.PAGESIZE  # the unit the OS page-locks
+REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every device's context, not only the current one
+
+
+def page_locked_bytes(nbytes: int, page: int = PAGE) -> int:
+    """Host bytes page-locked for a buffer of `nbytes`: whole pages."""
+    return -(-nbytes // page) * page
+
+
+def pinned_bytes(buffer_bytes: list[int], page: int = PAGE) -> int:
+    """Host bytes a pinned `HostExpertStore` page-locks for buffers (one per layer) of these sizes."""
+    return sum(page_locked_bytes(n, page) for n in buffer_bytes)
 
 
 def _align(n: int) -> int:
@@ -60,19 +83,35 @@ def _numel(shape) -> int:
 
 
 class HostExpertStore:
-    """Packed host copies of the experts of every MoE layer; `buffers[l]` is `[E_l, numel_l]`."""
+    """Packed host copies of the experts of every MoE layer; `buffers[l]` is `[E_l, numel_l]`.
 
-    def __init__(self, packings: list[ExpertPacking], num_experts: list[int], pin_memory: bool):
+    `pin_memory`: page-lock the buffers (see the module docstring); `cudart` stands in for
+    `torch.cuda.cudart()` (its `cudaHostRegister` / `cudaHostUnregister`), for tests."""
+
+    def __init__(self, packings: list[ExpertPacking], num_experts: list[int], pin_memory: bool, cudart=None):
         self.packings = packings
         self.pin_memory = pin_memory
         self.buffers: list[torch.Tensor] = []
-        for packing, n in zip(packings, num_experts):
-            # zeros, not empty: the alignment padding is copied too and must never hold NaN bit patterns
-            self.buffers.append(torch.zeros(n, packing.numel, dtype=packing.dtype, pin_memory=pin_memory))
+        self._locks = _PageLocks(cudart) if pin_memory else None
+        try:
+            for layer, (packing, n) in enumerate(zip(packings, num_experts)):
+                # zeros, not empty: the alignment padding is copied too and must never hold NaN bit patterns
+                if self._locks is None:
+                    self.buffers.append(torch.zeros(n, packing.numel, dtype=packing.dtype))
+                else:
+                    self.buffers.append(self._locks.zeros(n, packing.numel, packing.dtype, layer))
+        except BaseException:
+            self.close()  # nothing stays locked
+            raise
 
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Host bytes page-locked for the store (0 when not pinned)."""
+        return 0 if self._locks is None else self._locks.nbytes
 
     def expert(self, layer: int, expert: int) -> torch.Tensor:
         """The packed buffer of one expert, `[numel]`."""
@@ -88,3 +127,53 @@ class HostExpertStore:
         """Fresh contiguous `[E, *shape]` tensors rebuilt from the packed rows (bit-identical)."""
         views = self.packings[layer].views(self.buffers[layer])
         return {name: v.clone(memory_format=torch.contiguous_format) for name, v in views.items()}
+
+    def close(self) -> None:
+        """Free the rows now (page-locked ones are unlocked first). No copy may still read them."""
+        self.buffers.clear()
+        if self._locks is not None:
+            self._locks.release()
+
+
+class _PageLocks:
+    """Ordinary host buffers page-locked with `cudaHostRegister`; `release` (or the collection of this
+    object) unlocks them, then drops them."""
+
+    def __init__(self, cudart=None):
+        if cudart is None:
+            if not torch.cuda.is_available():
+                raise OffloadConfigError("pin_memory=True page-locks host memory for copies to a CUDA device, but "
+                                         "torch sees none; use pin_memory=False (or leave it None).")
+            cudart = torch.cuda.cudart()
+        self.cudart = cudart
+        self.regions: list[tuple[int, torch.Tensor]] = []  # (locked address, the tensor owning the memory)
+        self.nbytes = 0
+        self.release = weakref.finalize(self, _unlock, cudart, self.regions)  # idempotent; also at exit
+
+    def zeros(self, rows: int, numel: int, dtype: torch.dtype, layer: int) -> torch.Tensor:
+        """`[rows, numel]` zeros in page-locked host memory: an anonymous mapping of whole pages (page-aligned
+        and zero-filled by the OS; its memory goes back when the last tensor viewing it does), all locked."""
+        nbytes = rows * numel * torch.empty(0, dtype=dtype).element_size()
+        if nbytes == 0:
+            return torch.zeros(rows, numel, dtype=dtype)
+        size = page_locked_bytes(nbytes)
+        raw = torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)  # [size] bytes, sharing the mapping
+        status = int(self.cudart.cudaHostRegister(raw.data_ptr(), size, REGISTER_PORTABLE))
+        if status != 0:
+            raise HostMemoryError(
+                f"could not page-lock {size / 1e9:.2f} GB of host memory for the experts of MoE layer {layer} "
+                f"(cudaHostRegister returned CUDA error {status}); free host memory, or offload with "
+                "pin_memory=False (copies to the device are then staged by the driver, and slower)."
+            )
+        self.regions.append((raw.data_ptr(), raw))
+        self.nbytes += size
+        return raw[:nbytes].view(dtype).view(rows, numel)
+
+
+def _unlock(cudart, regions: list) -> None:
+    """Unlock every region, then let its memory go (a locked range must never be freed)."""
+    for address, _ in regions:
+        status = int(cudart.cudaHostUnregister(address))
+        if status != 0:
+            logger.warning("cudaHostUnregister of the expert store's memory returned CUDA error %d", status)
+    regions.clear()

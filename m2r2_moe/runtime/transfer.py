@@ -1,7 +1,8 @@
 """Copy engines: move packed expert buffers from the host store into device slots.
 
 - `CudaCopyEngine`: one long-lived copy stream; each copy records an event; the compute stream waits on
-  that event (`wait_event`), so the host never blocks in the per-token path.
+  that event (`wait_event`), so the host never blocks in the per-token path. Streams and events are all
+  the runtime's device's (runtime/cuda_compute.py), whichever device is current.
 - `ThreadCopyEngine`: the CPU twin. A worker thread does the real memcpy into the slot buffer and, when a
   link is emulated, holds the transfer until `latency + bytes / bandwidth` has passed on a serial link,
   so transfer/compute overlap and stalls can be studied without a GPU. Demand loads jump the queue ahead
@@ -34,6 +35,7 @@ from typing import Protocol
 import torch
 
 from ..errors import CopyError
+from .cuda_compute import ComputeSide
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +163,9 @@ class ThreadCopyEngine:
     def drain_stall_seconds(self) -> float:
         return 0.0  # CPU waits are timed on the host, in CpuTransfer.wait
 
+    def discard_stalls(self) -> None:
+        """Nothing to forget: CPU waits are counted when they end."""
+
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
                after=None) -> CpuTransfer:
         """Queue `dst.copy_(src)`. `after` (a device event guarding the slot's previous tenant) is unused
@@ -286,28 +291,24 @@ class CudaTransfer:
         return self.event.query()  # non-blocking poll
 
     def wait(self, timeout: float | None = None) -> float:
-        """Device-side wait: the compute stream stalls until the copy's event; the host does not block.
-        The stall is timed with a pair of events read later (`drain_stall_seconds`), never synchronously."""
-        if self.event.query():
-            return 0.0
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        stream = torch.cuda.current_stream()
-        start.record(stream)
-        stream.wait_event(self.event)
-        end.record(stream)
-        self.engine.pending_stalls.append((start, end))
+        """Device-side wait: the compute stream of the engine's device stalls until the copy's event; the
+        host does not block. The stall is timed with a pair of events read later (`drain_stall_seconds`)."""
+        if not self.event.query():
+            self.engine.compute.wait(lambda stream: stream.wait_event(self.event))
         return 0.0
 
 
 class CudaCopyEngine:
-    """Host→device copies on one dedicated stream, one event per expert."""
+    """Host→device copies on one dedicated stream, one event per expert. Streams and events are the
+    engine's device's (`compute`: runtime/cuda_compute.py), whichever device is current."""
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.stream = torch.cuda.Stream(device=device)
+        self.compute = ComputeSide(device)
+        self.device = self.compute.device  # index resolved
+        self.stream = torch.cuda.Stream(device=self.device)
+        self.compute.order_before(self.stream)  # the slot pool's zero fill, queued on the compute stream
         self.bytes_copied = 0
         self.busy_seconds = 0.0  # not measured on CUDA without a sync; the profiler times copies with events
-        self.pending_stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.fault = None  # test-only hook, see the module docstring
 
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
@@ -315,7 +316,7 @@ class CudaCopyEngine:
         if self.fault is not None:
             self.fault(key, slot, priority)
         event = torch.cuda.Event()
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream):  # also makes the stream's device current inside the block
             if after is not None:
                 # The slot's previous tenant may still be read by queued compute kernels: overwrite after them.
                 self.stream.wait_event(after)
@@ -336,14 +337,11 @@ class CudaCopyEngine:
 
     def drain_stall_seconds(self) -> float:
         """Seconds the compute stream waited on copies, for the waits whose end events have completed."""
-        total_ms, pending = 0.0, []
-        for start, end in self.pending_stalls:
-            if end.query():
-                total_ms += start.elapsed_time(end)
-            else:
-                pending.append((start, end))
-        self.pending_stalls = pending
-        return total_ms / 1e3
+        return self.compute.stalls.drain()
+
+    def discard_stalls(self) -> None:
+        """Forget the waits timed so far, completed or not (the stats they feed were reset)."""
+        self.compute.stalls.discard()
 
     def close(self) -> None:
         # Copies still queued read pinned host memory that the store may free next: let them finish.
