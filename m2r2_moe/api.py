@@ -120,11 +120,7 @@ def stats(model: nn.Module) -> OffloadStats:
 
 def reset_stats(model: nn.Module) -> None:
     """Zero the model's counters; device-side stall timings still pending are dropped with them."""
-    offloader = _get(model)
-    discard = getattr(offloader.engine, "discard_stalls", None)
-    if discard is not None:
-        discard()
-    offloader.reset_stats()
+    _get(model).reset_stats()
 
 
 def _get(model: nn.Module) -> Offloader:

@@ -186,8 +186,7 @@ def _offloaded_on_the_torch_cuda_engine(fake_cuda):
         reference = model(input_ids=ids).logits
     m2r2_moe.offload(model, device="cpu", cache_experts=3)
     offloader = m2r2_moe.get_offloader(model)
-    offloader.engine.close()
-    offloader.engine = transfer.CudaCopyEngine(torch.device("cuda:1"))
+    offloader.replace_engine(transfer.CudaCopyEngine(torch.device("cuda:1")))
     return model, ids, reference, offloader.engine
 
 

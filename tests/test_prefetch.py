@@ -57,6 +57,12 @@ class ManualEngine:
     def drain_stall_seconds(self):
         return 0.0
 
+    def discard_stalls(self):
+        pass
+
+    def compute_done(self):
+        return None
+
     def close(self):
         pass
 

@@ -210,4 +210,4 @@ class ExpertCache:
     def reset_stats(self) -> None:
         self.stats = OffloadStats()
         self.slots.reset_counters()
-        self.engine.drain_stall_seconds()  # stalls of copies before the reset are not this period's
+        self.engine.discard_stalls()  # stalls of copies before the reset are not this period's

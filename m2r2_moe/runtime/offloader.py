@@ -182,9 +182,7 @@ class Offloader:
             for expert, slot in zip(wave, slots):
                 table[expert] = (slot - lo) // step
             out = compute(view, to_device(table, self.device))
-            if self.device.type == "cuda":
-                done = torch.cuda.Event()
-                done.record()  # on the compute stream, after the kernels reading these slots
+            done = self.engine.compute_done()  # CUDA: after the kernels reading these slots
         finally:
             self.cache.release(keys, slots, done)
         return out

@@ -81,6 +81,13 @@ class CopyEngine(Protocol):
     def drain_stall_seconds(self) -> float:
         """Device-side stall seconds measured since the last call (CUDA), else 0."""
 
+    def discard_stalls(self) -> None:
+        """Forget stall timings not drained yet (the counters were reset)."""
+
+    def compute_done(self):
+        """An event recorded now on the compute stream, after the kernels queued so far (CUDA): a later copy
+        into a slot they read waits for it. None where compute is synchronous (CPU)."""
+
     def close(self) -> None:
         """Let queued copies finish and stop."""
 
@@ -165,6 +172,9 @@ class ThreadCopyEngine:
 
     def discard_stalls(self) -> None:
         """Nothing to forget: CPU waits are counted when they end."""
+
+    def compute_done(self) -> None:
+        return None  # compute is synchronous: a slot is free as soon as its kernel returned
 
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
                after=None) -> CpuTransfer:
@@ -342,6 +352,9 @@ class CudaCopyEngine:
     def discard_stalls(self) -> None:
         """Forget the waits timed so far, completed or not (the stats they feed were reset)."""
         self.compute.stalls.discard()
+
+    def compute_done(self) -> torch.cuda.Event:
+        return self.compute.done()  # on the runtime's device's compute stream, whichever device is current
 
     def close(self) -> None:
         # Copies still queued read pinned host memory that the store may free next: let them finish.
