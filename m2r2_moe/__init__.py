@@ -19,6 +19,7 @@ from .errors import (
     HostMemoryError,
     M2R2Error,
     NotOffloadedError,
+    OffloadedOperationError,
     SlotStateError,
     UnsupportedModelError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "UnsupportedModelError",
     "AlreadyOffloadedError",
     "NotOffloadedError",
+    "OffloadedOperationError",
     "CacheFullError",
     "SlotStateError",
     "ConcurrentUseError",

@@ -11,6 +11,7 @@ from torch import nn
 from .config import OffloadConfig, OffloadConfigError
 from .errors import AlreadyOffloadedError, NotOffloadedError, UnsupportedModelError
 from .guard import UseGuard
+from .model_hooks import ModelHooks
 from .models import find_moe_layers
 from .runtime.offloader import Offloader
 from .stats import OffloadStats
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 _ATTR = "_m2r2_offloader"
 _GUARD = "_m2r2_guard"
+_HOOKS = "_m2r2_hooks"
 
 
 def offload(model: nn.Module, config: OffloadConfig | None = None, **kwargs) -> nn.Module:
@@ -61,20 +63,24 @@ def _offload(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None) 
     num_slots = _resolve_slots(cfg, top_k, sum(int(layer.experts.num_experts) for layer in layers))
     predictor = _build_predictor(cfg, model, adapter, layers)  # before anything moves: bad adapters change nothing
     offloader = Offloader(model, layers, cfg, num_slots, adapter, store=store)
-    guard = None
+    guard = hooks = None
     try:
         offloader.install(model, fill_store=fill_store)  # rolls itself back on error
         if predictor is not None:
             predictor.to(offloader.device)  # built on CPU: its tensors follow the model to the compute device
         offloader.attach_predictor(predictor)
         guard = UseGuard(model)
+        hooks = ModelHooks(model, offloader).install()  # save_pretrained, state_dict, .to, backward, copy
         model.__dict__[_ATTR] = offloader
         model.__dict__[_GUARD] = guard
+        model.__dict__[_HOOKS] = hooks
     except BaseException:
+        if hooks is not None:
+            hooks.remove()
         if guard is not None:
             guard.remove()
-        model.__dict__.pop(_ATTR, None)
-        model.__dict__.pop(_GUARD, None)
+        for key in (_ATTR, _GUARD, _HOOKS):
+            model.__dict__.pop(key, None)
         offloader.uninstall(model)  # idempotent: nothing left to undo when install rolled back already
         _release(offloader)
         raise
@@ -91,6 +97,9 @@ def remove_offload(model: nn.Module) -> nn.Module:
     guard = model.__dict__.get(_GUARD)
     predictor = offloader.prefetcher.predictor if offloader.prefetcher is not None else None
     with guard.hold() if guard is not None else contextlib.nullcontext():  # no forward may run meanwhile
+        hooks = model.__dict__.pop(_HOOKS, None)
+        if hooks is not None:
+            hooks.remove()  # first: uninstall moves the model back with model.to, which the hooks refuse
         offloader.uninstall(model)
     if guard is not None:
         guard.remove()

@@ -63,3 +63,8 @@ class CopyError(M2R2Error, RuntimeError):
 
 class CopyTimeoutError(CopyError, TimeoutError):
     """An expert copy did not land within `OffloadConfig.copy_timeout_s`."""
+
+
+class OffloadedOperationError(M2R2Error, RuntimeError):
+    """An offloaded model cannot do this in place (backward through its experts, a dtype or device change,
+    a copy, loading expert weights); the message names what to do instead. Nothing was changed."""
