@@ -5,7 +5,7 @@ with CUDA events on the stream that does the copies (best of `--reps`):
 
 - plain:  one `dst.copy_(src, non_blocking=True)` of the whole buffer, the ceiling of the link;
 - native: the native engine (csrc/copy_engine.cu), one submit per expert, one event per expert;
-- torch:  the torch twin (transfer.CudaCopyEngine), one submit per expert.
+- torch:  the torch twin (cuda_engine.CudaCopyEngine), one submit per expert.
 
 Also the host time per submit (what the per-layer hot path pays). Target: native ≥ 90% of plain.
 Writes bandwidth.json and bandwidth.md into --out.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, markdown_table  # noqa: E402
 
 from m2r2_moe import _ext  # noqa: E402
-from m2r2_moe.runtime.transfer import CudaCopyEngine  # noqa: E402
+from m2r2_moe.runtime.cuda_engine import CudaCopyEngine  # noqa: E402
 
 MiB = 1 << 20
 

@@ -36,7 +36,7 @@ from m2r2_moe.models import find_moe_layers
 from m2r2_moe.models.tap import LayerTap
 from m2r2_moe.predict import make_predictor
 from m2r2_moe.predict.base import Predictor
-from m2r2_moe.trace import ExpertChoices, check_format, read_safetensors, write_safetensors
+from m2r2_moe.profile.trace import ExpertChoices, check_format, read_safetensors, write_safetensors
 
 logger = logging.getLogger(__name__)
 

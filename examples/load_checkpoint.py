@@ -16,7 +16,7 @@ import time
 import torch
 
 import m2r2_moe
-from m2r2_moe.loader import plan_checkpoint
+from m2r2_moe.checkpoint.loader import plan_checkpoint
 
 
 def default_path() -> str | None:

@@ -23,7 +23,7 @@ from .errors import (
     SlotStateError,
     UnsupportedModelError,
 )
-from .loader import from_pretrained
+from .checkpoint.loader import from_pretrained
 from .stats import OffloadStats
 
 __version__ = "0.1.0"

@@ -1,13 +1,18 @@
-"""`OffloadConfig`: every knob of the runtime in one frozen, self-validating dataclass."""
+"""`OffloadConfig`: every knob of the runtime in one frozen, self-validating dataclass, and `RuntimePlan`: the
+config resolved once against a model (every default applied, every check done), which is all the runtime reads.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 PREDICTORS = ("none", "history", "gate", "m2r2")  # "oracle" needs a trace: pass an OraclePredictor object
 POLICIES = ("lru", "predictive")
@@ -119,9 +124,62 @@ class OffloadConfig:
     def replace(self, **changes) -> "OffloadConfig":
         return dataclasses.replace(self, **changes)
 
+    def resolve(self, *, top_k: int, total_experts: int, predictor_lookahead: int | None = None) -> "RuntimePlan":
+        """This config for a model whose tokens use `top_k` of its `total_experts` routed experts, with a
+        predictor that looks `predictor_lookahead` layers ahead at most (its adapters' depth; None: no limit)."""
+        lookahead = self.lookahead
+        if predictor_lookahead is not None and predictor_lookahead < lookahead:
+            logger.warning("lookahead=%d: the predictor looks at most %d layers ahead (its adapters were trained "
+                           "for that depth); using %d", lookahead, predictor_lookahead, predictor_lookahead)
+            lookahead = predictor_lookahead
+        return RuntimePlan(
+            device=self.resolved_device(), num_slots=resolve_slots(self.cache_experts, top_k, total_experts),
+            policy=self.policy, lookahead=lookahead,
+            prefetch_min_prob=self.prefetch_min_prob if self.prefetch_min_prob is not None else 0.6 / top_k,
+            pin_memory=self.resolved_pin_memory(), link_gbps=self.link_gbps, link_latency_us=self.link_latency_us,
+            copy_timeout_s=self.copy_timeout_s,
+        )
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    """An `OffloadConfig` resolved against one model (`OffloadConfig.resolve`): what the runtime reads."""
+
+    device: torch.device
+    num_slots: int  # device expert slots, top-k <= num_slots <= all experts
+    policy: str
+    lookahead: int  # layers a predictor looks ahead (capped at what the predictor can see)
+    prefetch_min_prob: float  # the prefetcher's admission floor
+    pin_memory: bool
+    link_gbps: float | None
+    link_latency_us: float
+    copy_timeout_s: float
+
+
+def default_slots(top_k: int, total_experts: int) -> int:
+    """Slots when none are asked for: half of all experts, at least top-k."""
+    return max(top_k, total_experts // 2)
+
+
+def resolve_slots(cache_experts: int | None, top_k: int, total_experts: int) -> int:
+    """`cache_experts` (a count or None) checked against the model: below top-k is an error (a token needs its
+    top-k experts of a layer at once), above all experts is all experts."""
+    if cache_experts is None:
+        return default_slots(top_k, total_experts)
+    if cache_experts < top_k:
+        raise OffloadConfigError(
+            f"cache_experts={cache_experts} is below the model's top-k ({top_k}): each token needs {top_k} experts "
+            f"of a layer at once. Use cache_experts >= {top_k}."
+        )
+    if cache_experts > total_experts:
+        logger.info("cache_experts=%d exceeds the model's %d experts; using %d", cache_experts, total_experts,
+                    total_experts)
+        return total_experts
+    return cache_experts
 
 
 def _check_predictor(predictor) -> None:

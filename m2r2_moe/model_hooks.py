@@ -29,8 +29,8 @@ import logging
 import torch
 from torch import nn
 
-from . import plan as memory
-from . import saving
+from .checkpoint import plan as memory
+from .checkpoint import writer as saving
 from .errors import HostMemoryError, OffloadedOperationError
 
 logger = logging.getLogger(__name__)

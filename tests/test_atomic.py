@@ -27,7 +27,8 @@ import torch
 
 import m2r2_moe
 from conftest import same_weights, snapshot, tiny_mixtral
-from m2r2_moe import api, checkpoint
+from m2r2_moe import attach
+from m2r2_moe.checkpoint import reader as checkpoint
 from m2r2_moe.runtime import disk_store, offloader, prefetcher, store
 
 IDS = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(31))
@@ -99,7 +100,7 @@ def _prefetcher(monkeypatch):
 
 
 def _guard(monkeypatch):
-    monkeypatch.setattr(api, "UseGuard", _fail_on_call(1, api.UseGuard))
+    monkeypatch.setattr(attach, "UseGuard", _fail_on_call(1, attach.UseGuard))
 
 
 def _copy_engine(monkeypatch):  # inside Offloader(): the store exists already

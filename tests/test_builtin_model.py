@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from m2r2_moe import builtin
-from m2r2_moe.trace import record_trace
+from m2r2_moe.profile.trace import record_trace
 
 MAX_SHARE = 0.45  # uniform is 1/8 = 12.5% of the top-2 choices
 MIN_SHARE = 0.01

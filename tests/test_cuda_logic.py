@@ -19,7 +19,7 @@ import torch
 
 import m2r2_moe
 from conftest import tiny_mixtral
-from m2r2_moe.runtime import cuda_compute, cuda_native, transfer
+from m2r2_moe.runtime import cuda_compute, cuda_engine, cuda_native
 from m2r2_moe.runtime.cuda_compute import MAX_PENDING, StallLog
 
 
@@ -109,7 +109,7 @@ def fake_cuda(monkeypatch):
 
 
 def test_every_stream_and_event_is_the_runtime_device_s(fake_cuda):
-    engine = transfer.CudaCopyEngine(torch.device("cuda:1"))  # device 0 is current
+    engine = cuda_engine.CudaCopyEngine(torch.device("cuda:1"))  # device 0 is current
     assert engine.device == torch.device("cuda:1") and engine.stream.device == torch.device("cuda:1")
     compute = fake_cuda.compute[1]
     assert engine.stream.log == [("wait_stream", compute)]  # after the pool's zero fill, before any copy
@@ -127,13 +127,13 @@ def test_every_stream_and_event_is_the_runtime_device_s(fake_cuda):
 
 def test_cuda_without_an_index_is_the_current_device(fake_cuda):
     fake_cuda.current = 1
-    assert transfer.CudaCopyEngine(torch.device("cuda")).device == torch.device("cuda:1")
+    assert cuda_engine.CudaCopyEngine(torch.device("cuda")).device == torch.device("cuda:1")
     with pytest.raises(ValueError, match="cuda device"):
         cuda_compute.cuda_device("cpu")
 
 
 def test_a_ready_copy_queues_no_wait(fake_cuda):
-    engine = transfer.CudaCopyEngine(torch.device("cuda:0"))
+    engine = cuda_engine.CudaCopyEngine(torch.device("cuda:0"))
     t = engine.submit(0, 0, torch.zeros(2), torch.ones(2))
     t.event.done = True
     assert t.wait() == 0.0 and fake_cuda.compute[0].log == [] and not engine.compute.stalls.pending
@@ -186,7 +186,7 @@ def _offloaded_on_the_torch_cuda_engine(fake_cuda):
         reference = model(input_ids=ids).logits
     m2r2_moe.offload(model, device="cpu", cache_experts=3)
     offloader = m2r2_moe.get_offloader(model)
-    offloader.replace_engine(transfer.CudaCopyEngine(torch.device("cuda:1")))
+    offloader.replace_engine(cuda_engine.CudaCopyEngine(torch.device("cuda:1")))
     return model, ids, reference, offloader.engine
 
 

@@ -149,7 +149,7 @@ def test_a_slot_pool_that_does_not_fit_is_a_clear_error(monkeypatch):
 def test_the_copy_worker_survives_anything_a_copy_raises():
     """An error in the worker's link emulation (here an absurd link: time.sleep overflows) is the copy's
     error, reported to its waiter at once; the worker lives on for the next copy."""
-    from m2r2_moe.runtime.transfer import ThreadCopyEngine
+    from m2r2_moe.runtime.cpu_engine import ThreadCopyEngine
 
     engine = ThreadCopyEngine(link_gbps=1e-300)  # OffloadConfig refuses such a link; the engine must not die of it
     try:

@@ -23,7 +23,7 @@ import m2r2_moe
 from conftest import tiny_mixtral
 from m2r2_moe.runtime.experts import allocate_pool
 from m2r2_moe.runtime.store import ExpertPacking, HostExpertStore, pinned_bytes
-from m2r2_moe.runtime.transfer import CudaCopyEngine
+from m2r2_moe.runtime.cuda_engine import CudaCopyEngine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

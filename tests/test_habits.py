@@ -26,7 +26,7 @@ import m2r2_moe
 from conftest import same_weights, snapshot, tiny_mixtral
 from m2r2_moe import OffloadedOperationError, model_hooks
 from m2r2_moe.models import find_moe_layers
-from test_families import tiny
+from families import tiny
 
 BUILDERS = {"mixtral": lambda **kw: tiny_mixtral(**kw), "qwen2_moe": lambda **kw: tiny("qwen2_moe", **kw)}
 IDS = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(7))

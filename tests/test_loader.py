@@ -25,7 +25,8 @@ from transformers import (AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, 
 
 import m2r2_moe
 from conftest import tiny_mixtral
-from m2r2_moe import errors, plan
+from m2r2_moe import errors
+from m2r2_moe.checkpoint import plan
 from m2r2_moe.config import OffloadConfigError
 from m2r2_moe.runtime import disk_store, store
 
@@ -103,7 +104,7 @@ def test_other_families_identical(tmp_path, family, expert_store):
     path = _save(FAMILIES[family]().eval(), tmp_path / family)
     model = m2r2_moe.from_pretrained(path, device="cpu", cache_experts=3, expert_store=expert_store, progress=False)
     assert torch.equal(_logits(model), _reference(path))
-    layouts = m2r2_moe.loader.plan_checkpoint(path, device="cpu").layouts
+    layouts = m2r2_moe.checkpoint.loader.plan_checkpoint(path, device="cpu").layouts
     assert set(layouts) == {"fused" if family == "gpt_oss" else "qwen"}
 
 
@@ -140,7 +141,7 @@ def test_budgets(mixtral_path):
     assert m2r2_moe.get_offloader(by_bytes).num_slots == 5
     with pytest.raises(OffloadConfigError, match="top-k=2"):
         m2r2_moe.from_pretrained(mixtral_path, cache_experts=f"{expert}B", **kw)
-    text = str(m2r2_moe.loader.plan_checkpoint(mixtral_path, cache_experts=4, device="cpu"))
+    text = str(m2r2_moe.checkpoint.loader.plan_checkpoint(mixtral_path, cache_experts=4, device="cpu"))
     assert "4 expert slots" in text and "mixtral" in text and "KV reserve" in text
 
 
@@ -258,7 +259,7 @@ def test_not_a_checkpoint(mixtral_path, tmp_path, no_store):
 
 def test_read_error_mid_stream_frees_the_store(mixtral_path, monkeypatch):
     """An I/O error while streaming (after the store exists) frees the store rows at once and propagates."""
-    from m2r2_moe import checkpoint
+    from m2r2_moe.checkpoint import reader as checkpoint
 
     made, calls = [], []
     init = store.HostExpertStore.__init__
@@ -281,7 +282,7 @@ def test_read_error_mid_stream_frees_the_store(mixtral_path, monkeypatch):
 # -- peak host memory ------------------------------------------------------------------------------------------
 RSS_PROBE = textwrap.dedent("""
     import sys, psutil, m2r2_moe
-    m2r2_moe.loader.plan_checkpoint(sys.argv[1], device="cpu", cache_experts=2)  # warm: imports of modeling code
+    m2r2_moe.checkpoint.loader.plan_checkpoint(sys.argv[1], device="cpu", cache_experts=2)  # warm: imports of modeling code
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (ru_maxrss would carry the forking parent's peak across exec)
     before = psutil.Process().memory_info().rss

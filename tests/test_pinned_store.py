@@ -12,8 +12,8 @@ import torch
 import m2r2_moe
 from conftest import tiny_mixtral
 from m2r2_moe.errors import HostMemoryError
-from m2r2_moe.loader import plan_checkpoint
-from m2r2_moe.plan import expert_store_host_bytes, pinned_block_bytes
+from m2r2_moe.checkpoint.loader import plan_checkpoint
+from m2r2_moe.checkpoint.plan import expert_store_host_bytes, pinned_block_bytes
 from m2r2_moe.runtime.store import (PAGE, REGISTER_PORTABLE, ExpertPacking, HostExpertStore, page_locked_bytes,
                                     pinned_bytes)
 
@@ -150,7 +150,7 @@ def test_without_a_memory_probe_auto_slots_name_the_gpu_extra(monkeypatch):
     import sys
 
     from m2r2_moe.errors import DeviceMemoryError
-    from m2r2_moe.plan import device_memory, resolve_slots
+    from m2r2_moe.checkpoint.plan import device_memory, resolve_slots
 
     def broken(index):
         raise RuntimeError("no driver")

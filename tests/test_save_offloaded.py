@@ -24,8 +24,9 @@ from transformers import AutoModelForCausalLM
 
 import m2r2_moe
 from conftest import snapshot, tiny_mixtral
-from m2r2_moe import HostMemoryError, OffloadedOperationError, plan
-from test_families import FAMILIES, tiny
+from m2r2_moe import HostMemoryError, OffloadedOperationError
+from m2r2_moe.checkpoint import plan
+from families import FAMILIES, tiny
 
 BUILDERS = {"mixtral": tiny_mixtral, "qwen3_moe_tied": lambda: tiny("qwen3_moe", tie_word_embeddings=True),
             **{family: (lambda family=family: tiny(family)) for family in FAMILIES}}

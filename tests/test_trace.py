@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m2r2_moe.trace import RouterRecorder, RoutingTrace, find_routers, record_trace
+from m2r2_moe.profile.trace import RouterRecorder, RoutingTrace, find_routers, record_trace
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,7 +5,8 @@ import time
 import pytest
 import torch
 
-from m2r2_moe.runtime.transfer import DEMAND, PREFETCH, ThreadCopyEngine
+from m2r2_moe.runtime.cpu_engine import ThreadCopyEngine
+from m2r2_moe.runtime.transfer import DEMAND, PREFETCH
 
 
 def _until_on_link(transfer) -> None:

@@ -1,4 +1,4 @@
-"""The native CUDA copy engine (csrc/copy_engine.cu) behind the interface of `transfer.CudaCopyEngine`.
+"""The native CUDA copy engine (csrc/copy_engine.cu) behind the interface of `cuda_engine.CudaCopyEngine`.
 
 Same streams-and-events discipline as the torch twin: one long-lived copy stream owned by torch, one
 event per expert copy, the compute stream waits on that event (`cudaStreamWaitEvent`), so the host
@@ -15,7 +15,8 @@ import torch
 
 from .. import _ext
 from .cuda_compute import ComputeSide
-from .transfer import DEMAND, CudaCopyEngine
+from .cuda_engine import CudaCopyEngine
+from .transfer import DEMAND
 
 
 def available() -> str:
@@ -36,7 +37,7 @@ def _event_handle(after) -> int:
 
 
 class NativeCudaTransfer:
-    """Handle of one copy on the native engine's stream (the interface of `transfer.CudaTransfer`)."""
+    """Handle of one copy on the native engine's stream (the interface of `cuda_engine.CudaTransfer`)."""
 
     __slots__ = ("key", "slot", "nbytes", "priority", "event", "engine", "error", "_src", "_dst")
 
@@ -74,7 +75,7 @@ class NativeCudaCopyEngine(CudaCopyEngine):
         self._engine = _ext.cuda.CopyEngine(self.device.index, self.stream.cuda_stream)
         self.bytes_copied = 0
         self.busy_seconds = 0.0  # not measured without a sync; the profiler times copies with events
-        self.fault = None  # test-only hook (runtime/transfer.py)
+        self.fault = None  # test-only hook (runtime/transfer.py: the engine contract)
         self._in_flight: list[NativeCudaTransfer] = []  # holds each copy's buffers until its event completes
 
     def _hold(self, transfers: list[NativeCudaTransfer]) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import Reader
-from ..weight_map import ExpertPiece, read_piece
+from ..checkpoint.reader import Reader
+from ..checkpoint.weight_map import ExpertPiece, read_piece
 from .store import ExpertPacking
 
 

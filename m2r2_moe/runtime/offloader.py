@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from ..config import OffloadConfig
+from ..config import RuntimePlan
 from ..models.base import MoELayer
 from . import waves
 from .clock import LayerClock
@@ -22,7 +22,7 @@ from .expert_cache import ExpertCache
 from .experts import SlotView, allocate_pool, make_offloaded_forward, slot_range, to_device
 from .policy import make_policy
 from .store import ExpertPacking, HostExpertStore
-from .transfer import make_copy_engine
+from .engines import make_copy_engine
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +30,9 @@ logger = logging.getLogger(__name__)
 class Offloader:
     """Owns everything an offloaded model needs; built by `m2r2_moe.offload`."""
 
-    def __init__(self, model: nn.Module, layers: list[MoELayer], config: OffloadConfig, num_slots: int,
-                 adapter, store=None):
-        self.config = config
-        self.device = config.resolved_device()
+    def __init__(self, model: nn.Module, layers: list[MoELayer], plan: RuntimePlan, adapter, store=None):
+        self.plan = plan
+        self.device = plan.device
         self.layers = layers
         self.adapter = adapter  # the family's MoEAdapter
         self.original_device = next(model.parameters()).device
@@ -43,10 +42,10 @@ class Offloader:
         dtype = self.packings[0].dtype
         if any(p.dtype != dtype for p in self.packings):
             raise TypeError("all MoE layers must keep their experts in one dtype")
-        self.num_slots = num_slots
+        self.num_slots = num_slots = plan.num_slots
         self.expert_bytes = [p.nbytes for p in self.packings]  # bytes one expert transfer moves, per layer
         if store is None:  # else a pre-built store with HostExpertStore's interface (from_pretrained's disk tier)
-            store = HostExpertStore(self.packings, self.num_experts, config.resolved_pin_memory())
+            store = HostExpertStore(self.packings, self.num_experts, plan.pin_memory)
         self.store = store
         slot_numel = max(p.numel for p in self.packings)
         # zeros, not empty: a kernel may read a never-filled slot in batched_mm's clamped sentinel rows (x 0 weight)
@@ -56,11 +55,11 @@ class Offloader:
         # the kernel the model dispatches to (read once: config attribute access is slow in transformers 5)
         self.kernel_names = [getattr(getattr(layer.experts, "config", None), "_experts_implementation", None)
                              for layer in layers]
-        self.engine = make_copy_engine(self.device, config.link_gbps, config.link_latency_us)
+        self.engine = make_copy_engine(self.device, plan.link_gbps, plan.link_latency_us)
         self.clock = LayerClock(len(layers))
         self.events = RuntimeEvents()
-        self.cache = ExpertCache(num_slots, self.key_stride, make_policy(config.policy, len(layers), num_slots),
-                                 self.engine, store, self.pool, config.copy_timeout_s, self.events, self.clock)
+        self.cache = ExpertCache(num_slots, self.key_stride, make_policy(plan.policy, len(layers), num_slots),
+                                 self.engine, store, self.pool, plan.copy_timeout_s, self.events, self.clock)
         self._moved = 0  # layers whose weights live in the store (for rollback)
         self.top_k = adapter.top_k(model)  # sizes predicted sets
         self.prefetcher = None  # set by attach_predictor
@@ -110,7 +109,7 @@ class Offloader:
             self.prefetcher.remove()
         self.prefetcher = (None if predictor is None or predictor.name == "none" else
                            Prefetcher(predictor, self.cache, self.clock, self.engine, self.layers, self.top_k,
-                                      self.expert_bytes[0], min_prob=self.config.prefetch_min_prob))
+                                      self.expert_bytes[0], min_prob=self.plan.prefetch_min_prob))
 
     def reset_sequence(self) -> None:
         """A new prompt starts: predictors forget per-sequence state."""

@@ -32,10 +32,10 @@ class Prefetcher:
     """Drives one predictor for one offloaded model: reads the expert cache's state, never the hot path's."""
 
     def __init__(self, predictor: Predictor, cache, clock, engine, layers, top_k: int, expert_bytes: int,
-                 min_prob: float | None = None, width: int | None = None, max_queued: int | None = None):
+                 min_prob: float, width: int | None = None, max_queued: int | None = None):
         self.predictor, self.cache, self.clock, self.engine = predictor, cache, clock, engine
         self.num_layers, self.expert_bytes = len(layers), expert_bytes
-        self.min_prob = min_prob or 0.6 / top_k  # the admission floor: OffloadConfig.prefetch_min_prob
+        self.min_prob = min_prob  # the admission floor: RuntimePlan.prefetch_min_prob
         self.width = width or top_k
         self.max_queued = max_queued or 2 * top_k
         self._wanted: dict[int, set[int]] = {}  # target layer -> experts the latest prediction wants

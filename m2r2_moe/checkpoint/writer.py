@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import plan as memory
-from .errors import HostMemoryError, OffloadedOperationError
+from ..errors import HostMemoryError, OffloadedOperationError
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import OffloadConfigError
-from .errors import DeviceMemoryError, HostMemoryError
-from .runtime.store import pinned_bytes
+from ..config import OffloadConfigError, default_slots
+from ..errors import DeviceMemoryError, HostMemoryError
+from ..runtime.store import pinned_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def resolve_slots(cache_experts, *, device: torch.device, expert_store: str, top
     probe = device_memory(device)
     mem = {"host_available": host_available, "host_total": host_total, "device": probe}
     if cache_experts is None:
-        return max(top_k, total_experts // 2), "default: half of the experts", mem
+        return default_slots(top_k, total_experts), "default: half of the experts", mem
     if isinstance(cache_experts, int) and not isinstance(cache_experts, bool):
         return min(cache_experts, total_experts), f"cache_experts={cache_experts}", mem
     if not isinstance(cache_experts, str):

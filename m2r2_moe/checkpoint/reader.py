@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CorruptCheckpointError, MissingShardError, NotACheckpointError
+from ..errors import CorruptCheckpointError, MissingShardError, NotACheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, TensorEntry
-from .errors import WeightsMismatchError
-from .models.base import CheckpointTensor, MoEAdapter, MoELayer
-from .runtime.store import ExpertPacking
+from .reader import Checkpoint, TensorEntry
+from ..errors import WeightsMismatchError
+from ..models.base import CheckpointTensor, MoEAdapter, MoELayer
+from ..runtime.store import ExpertPacking
 
 logger = logging.getLogger(__name__)
 

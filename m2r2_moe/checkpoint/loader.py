@@ -20,14 +20,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import api
-from .checkpoint import Checkpoint, Reader
-from .config import OffloadConfig, OffloadConfigError
-from .errors import UnsupportedModelError, WeightsMismatchError
-from .models import find_moe_layers
+from ..attach import attach
+from .reader import Checkpoint, Reader
+from ..config import OffloadConfig, OffloadConfigError
+from ..errors import UnsupportedModelError, WeightsMismatchError
+from ..models import find_moe_layers
 from .plan import Plan, check_memory, expert_store_host_bytes, kv_cache_bytes, resolve_slots
-from .runtime.disk_store import DiskExpertStore
-from .runtime.offloader import _packing
+from ..runtime.disk_store import DiskExpertStore
+from ..runtime.offloader import _packing
 from .weight_map import WeightMap, dtype_plan, map_checkpoint, missing_dense, read_piece
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def from_pretrained(path: str | os.PathLike, device: str | None = None, cache_ex
             store = DiskExpertStore(packings, [int(l.experts.num_experts) for l in layers], wmap.expert_pieces(),
                                     cfg.resolved_pin_memory())
         fill = (lambda s: None) if store is not None else (lambda s: _fill_host_store(s, wmap, reader, progress))
-        api._offload(model, cfg.replace(cache_experts=plan.num_slots), fill_store=fill, store=store)
+        attach(model, cfg.replace(cache_experts=plan.num_slots), fill_store=fill, store=store)
     except BaseException:
         if store is not None:
             store.close()  # its open checkpoint files, now rather than when the traceback goes
@@ -104,7 +104,7 @@ def _config(device, predictor, adapters, options) -> OffloadConfig:
 def _check_adapters_file(cfg: OffloadConfig) -> None:
     """A missing or corrupted adapters file fails before any weight is read."""
     if cfg.predictor == "m2r2" and cfg.adapters is not None:
-        from .predict import AcceleratorAdapters
+        from ..predict import AcceleratorAdapters
 
         AcceleratorAdapters.load(cfg.adapters)
 
