@@ -138,7 +138,7 @@ def numeric_options():
     for name, parser in subparsers().items():
         for action in parser._actions:
             if action.type is not None and action.type not in free and action.dest != "seed":
-                yield name, action.option_strings[-1]
+                yield name, next(o for o in action.option_strings if o.startswith("--"))
 
 
 @pytest.mark.parametrize("command, flag", list(numeric_options()))
@@ -210,7 +210,7 @@ def test_cost_table_is_labelled():
 
 def test_eval_predictor_prints_the_cost_as_a_table_and_keeps_it_in_the_json(capsys, tmp_path):
     out_file = tmp_path / "sub" / "eval.json"
-    code, out, err = run(capsys, "eval-predictor", "--predictors", "history,gate", "--depth", "1",
+    code, out, err = run(capsys, "eval-predictor", "--predictors", "history,gate", "--lookahead", "1",
                          "--max-tokens", "64", "--seq-len", "32", "--json", str(out_file))
     assert code == 0, err
     assert not any(line.lstrip().startswith("{") for line in out.splitlines())  # no bare JSON line
@@ -281,7 +281,7 @@ def test_trained_adapters_drive_the_demo(capsys, tmp_path):
     text = tmp_path / "calibration.py"
     text.write_text("def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n" * 4)
     out = tmp_path / "adapters.safetensors"
-    code, stdout, err = run(capsys, "train-adapters", "--text", str(text), "--out", str(out), "--depth", "1",
+    code, stdout, err = run(capsys, "train-adapters", "--text", str(text), "--out", str(out), "--lookahead", "1",
                             "--rank", "2", "--seq-len", "8", "--max-tokens", "32")
     assert code == 0 and out.is_file(), err
     assert "trained 7 adapters (depth 1, rank 2)" in stdout

@@ -25,12 +25,12 @@ logger = logging.getLogger(__name__)
 
 
 def _load_model(args: argparse.Namespace):
-    """(model, tokenizer, adapter, layers) of `--model`, refused when it has no tokenizer or `--depth` exceeds it."""
+    """(model, tokenizer, adapter, layers) of `--model`, refused when it has no tokenizer or `--lookahead` exceeds it."""
     model, tokenizer = load_model(args.model, args.dtype)
     need_tokenizer(tokenizer, args.model)
     adapter, layers = find_moe_layers(model)
-    if args.depth >= len(layers):
-        raise UsageError(f"--depth {args.depth}: this model has {len(layers)} MoE layers, so the lookahead is "
+    if args.lookahead >= len(layers):
+        raise UsageError(f"--lookahead {args.lookahead}: this model has {len(layers)} MoE layers, so the lookahead is "
                          f"1..{len(layers) - 1}")
     return model, tokenizer, adapter, layers
 
@@ -58,7 +58,8 @@ def add_train_parser(sub) -> None:
     add_model_argument(p)
     p.add_argument("--text", nargs="+", default=None,
                    help="calibration files/folders (default: builtin:train, the built-in model's training split)")
-    p.add_argument("--depth", type=positive_int, default=4, help="lookahead rates d = 1..depth (layers ahead)")
+    p.add_argument("--lookahead", "--depth", dest="lookahead", type=positive_int, default=4,
+                   help="layers ahead the adapters predict: distances d = 1..lookahead")
     p.add_argument("--rank", type=positive_int, default=32, help="rank of each low-rank adapter")
     p.add_argument("--out", required=True, help="adapters .safetensors file to write")
     p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per calibration sequence")
@@ -86,7 +87,7 @@ def train_command(args: argparse.Namespace) -> int:
     model, tokenizer, adapter, layers = _load_model(args)
     ids = _tokens(tokenizer, files, args)
     adapters, report = train_adapters(
-        model, adapter, layers, chunk_tokens(ids, args.seq_len, args.batch), depth=args.depth, rank=args.rank,
+        model, adapter, layers, chunk_tokens(ids, args.seq_len, args.batch), depth=args.lookahead, rank=args.rank,
         ridge=args.ridge, kl_steps=args.kl_steps, kl_samples=args.kl_samples, seed=args.seed,
         route_features=args.route_features,
     )
@@ -97,7 +98,7 @@ def train_command(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     adapters.save(args.out, model_fingerprint(model, layers), info)
     m = report["mean_final"]
-    print(f"trained {len(report['pairs'])} adapters (depth {args.depth}, rank {args.rank}) on {report['tokens']} tokens "
+    print(f"trained {len(report['pairs'])} adapters (depth {args.lookahead}, rank {args.rank}) on {report['tokens']} tokens "
           f"in {report['seconds']:.1f} s → {args.out}")
     print(f"calibration (mean over pairs): normalized MSE {m['nmse']:.3f}, KL {m['kl']:.4f}, "
           f"top-k recall {m['recall_topk']:.3f} (gate on the same pairs {m['gate_recall_topk']:.3f})")
@@ -114,7 +115,8 @@ def add_eval_parser(sub) -> None:
     add_model_argument(p)
     p.add_argument("--predictors", type=listed(one_of(PREDICTORS)), default="history,gate,m2r2,oracle",
                    help=f"comma-separated, from: {', '.join(PREDICTORS)}")
-    p.add_argument("--depth", type=positive_int, default=4, help="lookahead depths d = 1..depth (layers ahead)")
+    p.add_argument("--lookahead", "--depth", dest="lookahead", type=positive_int, default=4,
+                   help="layers ahead to evaluate: distances d = 1..lookahead")
     p.add_argument("--adapters", type=existing_file, default=None,
                    help="m2r2 adapters file (default: the shipped ones of a built-in model)")
     p.add_argument("--text", nargs="+", default=None, help="held-out files/folders (default: builtin:heldout)")
@@ -146,24 +148,24 @@ def eval_command(args: argparse.Namespace) -> int:
         check_adapters(model, layers, args.model, args.adapters, "--predictors")
     top_k = adapter.top_k(model)
     dummy_trace = torch.zeros(1, len(layers), top_k, dtype=torch.long)  # [1, L, K], replaced per sequence
-    predictors = {n: make_predictor(n, model, adapter, layers, args.depth, adapters=args.adapters,
+    predictors = {n: make_predictor(n, model, adapter, layers, args.lookahead, adapters=args.adapters,
                                     trace=dummy_trace if n == "oracle" else None) for n in names}
     sequences = chunk_tokens(_tokens(tokenizer, files, args, skip=args.offset_tokens), args.seq_len, 1)
     tokens = sum(s.numel() for s in sequences)
     widths = sorted({top_k, top_k + 1, 2 * top_k})
-    results = evaluate(predictors, collect(model, layers, sequences), top_k, args.depth, widths, mass=args.mass)
+    results = evaluate(predictors, collect(model, layers, sequences), top_k, args.lookahead, widths, mass=args.mass)
     out = {"model": args.model, "tokens": tokens, "top_k": top_k, "num_layers": len(layers),
            "num_experts": max(int(layer.experts.num_experts) for layer in layers), "mass": args.mass,
            "results": {n: {str(d): v for d, v in r.items()} for n, r in results.items()},
            "cost": _cost(model, layers, predictors)}
-    print(_table(results, args.depth, widths))
+    print(_table(results, args.lookahead, widths))
     print()
     print(cost_table(out["cost"]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
     if args.plot:
-        _plot(results, args.depth, args.plot, args.model, tokens)
+        _plot(results, args.lookahead, args.plot, args.model, tokens)
     return 0
 
 

@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
                         "(default: half of all experts)")
     p.add_argument("--policies", type=listed(one_of(POLICIES)), default="predictive",
                    help=f"comma-separated: {', '.join(POLICIES)}")
-    p.add_argument("--depth", type=_depth, default="auto",
+    p.add_argument("--lookahead", "--depth", dest="lookahead", type=_depth, default="auto",
                    help="prefetch lookahead in layers (>= 1); 'auto' = ceil(link ratio) capped at 4, the lead time "
                         "a copy needs")
     p.add_argument("--min-prob", type=probability, default=None,
@@ -140,7 +140,7 @@ def main(args: argparse.Namespace) -> int:
     for ratio, cache, policy, name in tqdm(plan, desc="profile runs"):
         link_s = ratio * compute_layer  # one expert's transfer time in this regime
         gbps = expert_bytes / link_s / 1e9 if emulated else None
-        depth = min(max(math.ceil(ratio), 1), 4) if args.depth == "auto" else int(args.depth)
+        depth = min(max(math.ceil(ratio), 1), 4) if args.lookahead == "auto" else int(args.lookahead)
         per_prompt = [_fastest(lambda: offloaded_run(model, ref, args.new_tokens, name, cache, gbps, policy,
                                                      args.adapters, depth, args.device, args.min_prob),
                                args.repeats, _time) for ref in refs]
