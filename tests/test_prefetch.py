@@ -20,6 +20,7 @@ class ManualTransfer:
         self.key, self.nbytes, self.priority = key, nbytes, priority
         self.slot, self.error = -1, None
         self.done = self.cancelled = self.started = False
+        self.started_at = self.finished_at = self.busy = 0.0
 
     def ready(self):
         return self.done
@@ -62,6 +63,9 @@ class ManualEngine:
 
     def compute_done(self):
         return None
+
+    def time_copies(self, on):
+        pass
 
     def close(self):
         pass
