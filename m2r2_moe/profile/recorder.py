@@ -72,6 +72,7 @@ class Recorder:
         self.offloader.engine.time_copies(False)
 
     def _counters(self) -> list:
+        self.offloader.collect_device_stalls()  # CUDA: the waits timed so far that have completed (never blocks)
         stats = self.offloader.stats
         return [getattr(stats, c) for c in _CLASSES] + [stats.stall_seconds]
 
