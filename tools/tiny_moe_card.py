@@ -108,17 +108,19 @@ when the first hex digit of sha256(relative path) is `0`. sha256 of the corpus (
     dup = c.get("near_duplication")
     if dup:
         lines = "\n".join(
-            f"| {name} | {d['files']} | {d['bytes']:,} | {100 * d['shared_share']:.1f}% | {d['generated_files']} |"
+            f"| {name} | {d['files']} | {d['bytes']:,} | {100 * d['shared_share']:.1f}% | "
+            f"{100 * d['heldout_in_train_share']:.1f}% | {d['generated_files']} | {d['copied_from_markers']} |"
             for name, d in dup.items()
         )
         n = next(iter(dup.values()))["shingle_lines"]
         text += f"""
 Why this corpus: a held-out split by file measures generalisation only if held-out files do not repeat train
-files. Share of each file's {n}-line windows (stripped, non-empty lines) that also occur in another file, and
-files whose header says they are generated, for the candidates installed with the package (tests excluded):
+files. For the candidates installed with the package (tests excluded, same split rule): the share of {n}-line
+windows (stripped, non-empty lines) that also occur in another file, the share of held-out windows that occur
+in a train file, files whose header says they are generated, and `# Copied from` comments:
 
-| package | files | bytes | windows shared with another file | generated files |
-|---|---|---|---|---|
+| package | files | bytes | windows in another file | held-out windows in train | generated files | "Copied from" |
+|---|---|---|---|---|---|---|
 {lines}
 """
     return text

@@ -164,25 +164,29 @@ def heldout_without(model, encode, train_stream, held_files, texts, excluded: se
             "tokens": int(len(stream)), "nats": nats, "bpb": nats * per_byte, "unigram_bpb": uni * per_byte}
 
 
-def shared_shingles(texts: list[str], lines: int = 8) -> dict:
-    """Near-duplication across files: share of the `lines`-line shingles (windows of stripped non-empty
-    lines) of each file that also occur in another file, and the files that declare they are generated."""
-    owners: collections.Counter = collections.Counter()
-    per_file = []
-    for text in texts:
-        kept = [line.strip() for line in text.splitlines() if line.strip()]
-        shingles = {hashlib.md5("\n".join(kept[i : i + lines]).encode()).digest()
-                    for i in range(max(0, len(kept) - lines + 1))}
-        per_file.append(shingles)
-        owners.update(shingles)
-    total = sum(len(s) for s in per_file)
-    shared = sum(1 for s in per_file for h in s if owners[h] > 1)
-    generated = sum("automatically generated" in t[:2000].lower() for t in texts)
-    return {"files": len(texts), "bytes": sum(len(t.encode()) for t in texts), "shingle_lines": lines,
-            "shared_share": shared / max(1, total), "generated_files": generated}
+def _shingles(text: str, lines: int) -> set[bytes]:
+    """Hashes of the windows of `lines` consecutive stripped, non-empty lines of a text."""
+    kept = [line.strip() for line in text.splitlines() if line.strip()]
+    return {hashlib.md5("\n".join(kept[i : i + lines]).encode()).digest() for i in range(max(0, len(kept) - lines + 1))}
 
 
-def package_texts(root: Path, excluded_dirs: set[str]) -> list[str]:
-    """Texts of the *.py files under a package folder, minus folders named in `excluded_dirs`."""
-    return [p.read_text(errors="replace") for p in sorted(root.rglob("*.py"))
-            if not any(d in excluded_dirs for d in p.relative_to(root).parts[:-1])]
+def near_duplication(texts: dict[str, str], is_heldout, lines: int = 8) -> dict:
+    """How much a corpus repeats itself, by `lines`-line windows (shingles) of its files (by relative path):
+    the share of windows that also occur in another file; the share of held-out windows (by the split rule
+    `is_heldout(rel)`) that occur in a train file; files that say they are generated or copy code."""
+    shingles = {rel: _shingles(text, lines) for rel, text in texts.items()}
+    owners: collections.Counter = collections.Counter(h for s in shingles.values() for h in s)
+    train = set().union(*(s for rel, s in shingles.items() if not is_heldout(rel)))
+    held = [h for rel, s in shingles.items() if is_heldout(rel) for h in s]
+    total = sum(len(s) for s in shingles.values())
+    return {"files": len(texts), "bytes": sum(len(t.encode()) for t in texts.values()), "shingle_lines": lines,
+            "shared_share": sum(owners[h] > 1 for s in shingles.values() for h in s) / max(1, total),
+            "heldout_in_train_share": sum(h in train for h in held) / max(1, len(held)),
+            "generated_files": sum("automatically generated" in t[:2000].lower() for t in texts.values()),
+            "copied_from_markers": sum(t.count("# Copied from ") for t in texts.values())}
+
+
+def package_texts(root: Path, excluded_dirs: set[str]) -> dict[str, str]:
+    """Texts of the *.py files under a package folder by relative path, minus folders named in `excluded_dirs`."""
+    return {p.relative_to(root).as_posix(): p.read_text(errors="replace") for p in sorted(root.rglob("*.py"))
+            if not any(d in excluded_dirs for d in p.relative_to(root).parts[:-1])}

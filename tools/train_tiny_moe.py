@@ -49,7 +49,7 @@ from m2r2_moe.corpus import corpus_files, get_corpus, is_heldout  # noqa: E402  
 from tiny_moe_card import plot_loss, plot_routing, write_card  # noqa: E402
 from tiny_moe_eval import (  # noqa: E402
     RouterTap, byte_unigram_bits, check_sequences, chunk_stream, eval_loss, expert_usage, generate_samples,
-    heldout_without, lm_loss, package_texts, routing_mi, routing_on, shared_shingles, unigram_nats,
+    heldout_without, lm_loss, near_duplication, package_texts, routing_mi, routing_on, unigram_nats,
 )
 
 BUILTIN_DIR = REPO / "m2r2_moe" / "builtin"
@@ -374,9 +374,9 @@ def corpus_card(args, data: dict) -> dict:
         card["near_duplication"] = {}
         for name in compare:
             module = importlib.import_module(name)
-            texts = (list(data["texts"].values()) if name == args.corpus else
+            texts = (data["texts"] if name == args.corpus else
                      package_texts(Path(module.__file__).parent, {"test", "tests", "testing", "__pycache__"}))
-            card["near_duplication"][f"{name} {module.__version__}"] = shared_shingles(texts)
+            card["near_duplication"][f"{name} {module.__version__}"] = near_duplication(texts, is_heldout)
     return card
 
 
