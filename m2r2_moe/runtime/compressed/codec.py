@@ -1,0 +1,181 @@
+"""Quantizing an expert into its compressed row, and expanding the row back into a slot.
+
+Quantization is torchao's group-wise affine scheme (`choose_qparams_affine` / `quantize_affine`, min-max
+scales, zero points in the integer domain, round half to even): the math is the library's; the packing
+(layout.py) and the expansion are ours, so that our own kernels can expand the bytes that cross the link.
+The expansion computes, per weight, `float32(q - z) * float32(s)` (one rounding) and rounds that to the
+model's dtype (round to nearest even), exactly as torchao's `dequantize_affine(..., output_dtype=float32)`
+followed by `.to(dtype)`. Three implementations compute it: `expand_into` (torch ops, the CPU copy engine's
+worker runs it), `expand_reference` (its plain twin: per-element integer arithmetic in numpy, the bytes read
+by hand) and the CUDA kernel (cuda_kernel.py); tests hold them equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import torch
+
+from .layout import RowLayout, Segment
+
+logger = logging.getLogger(__name__)
+
+SCALE_EPS = 2.0**-14  # smallest normal float16: a scale below it would lose precision (or be 0)
+_torchao = None
+
+
+class MissingDependencyError(ImportError):
+    """A compressed expert format needs torchao (`pip install 'm2r2_moe[compress]'`)."""
+
+
+def quant_primitives():
+    """torchao's affine quantization primitives, imported on first use (its import is slow and chatty)."""
+    global _torchao
+    if _torchao is None:
+        quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        try:
+            from torchao.quantization import quant_primitives as qp
+        except ImportError as e:
+            raise MissingDependencyError(
+                "expert_format='int8' / 'int4' quantizes with torchao, which is not installed: "
+                "pip install 'm2r2_moe[compress]' (or pip install torchao)") from e
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
+        _torchao = qp
+    return _torchao
+
+
+def quantize(weights: torch.Tensor, layout: RowLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [G, group] uint8, scales [G] float16, zero points [G] int32) of `weights` (any shape, the
+    model's dtype), grouped along its row-major flattening. Scales are chosen in float32 and stored in
+    float16; the codes are computed with the stored scales, so the expansion reproduces what torchao's
+    dequantization gives for exactly these parameters."""
+    qp = quant_primitives()
+    fmt = layout.format
+    w = weights.detach().reshape(-1, fmt.group_size).to(torch.float32)  # [G, group]
+    mapping = qp.MappingType.SYMMETRIC if fmt.symmetric else qp.MappingType.ASYMMETRIC
+    block = (1, fmt.group_size)
+    scale, zero = qp.choose_qparams_affine(w, mapping, block, torch.uint8, 0, fmt.qmax, eps=SCALE_EPS,
+                                           scale_dtype=torch.float16, zero_point_dtype=torch.int32)
+    if not torch.isfinite(scale).all():
+        raise ValueError("expert weights too large for float16 group scales (|w| > 65504 * 7.5); keep "
+                         "expert_format='model' for this model")
+    codes = qp.quantize_affine(w, block, scale, zero, torch.uint8, 0, fmt.qmax)  # [G, group]
+    return codes, scale.reshape(-1), zero.reshape(-1)
+
+
+def encode(tensors: dict[str, torch.Tensor], layout: RowLayout, row: torch.Tensor) -> None:
+    """Write one expert (`name -> tensor` in the model's dtype, per-expert shapes) into its compressed row
+    `[nbytes]` uint8."""
+    for seg in layout.segments:
+        value = tensors[seg.name]
+        if not seg.quantized:
+            layout.raw(row, seg).copy_(value.reshape(-1))
+            continue
+        codes, scales, zeros = quantize(value, layout)
+        out_codes, out_scales, out_zeros = layout.sections(row, seg)
+        flat = codes.reshape(-1)  # [numel]
+        if layout.format.bits == 4:
+            flat = flat[0::2] | (flat[1::2] << 4)
+        out_codes.copy_(flat)
+        out_scales.copy_(scales)
+        if out_zeros is not None:
+            out_zeros.copy_(zeros.to(torch.uint8))
+
+
+def expand_into(layout: RowLayout, row: torch.Tensor, dst: torch.Tensor) -> None:
+    """Expand a compressed row `[nbytes]` uint8 into a slot row `dst` `[numel]` (the model's dtype), with torch
+    ops; on CUDA tensors these run on the current stream. The alignment gaps of `dst` are not written."""
+    for seg in layout.segments:
+        out = dst[seg.dst : seg.dst + seg.numel]
+        if not seg.quantized:
+            out.copy_(layout.raw(row, seg))
+            continue
+        codes, scales, zeros = layout.sections(row, seg)
+        values = _unpacked(codes, layout.format.bits).to(torch.float32).view(seg.groups, -1)  # [G, group]
+        if zeros is None:
+            values.sub_(layout.zero_point)
+        else:
+            values.sub_(zeros.to(torch.float32).unsqueeze(1))
+        values.mul_(scales.to(torch.float32).unsqueeze(1))
+        out.view(seg.groups, -1).copy_(values)
+
+
+def _unpacked(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[numel] uint8 codes from the packed section (two per byte for 4 bits, low nibble first)."""
+    if bits == 8:
+        return codes
+    return torch.stack((codes & 15, codes >> 4), dim=1).view(-1)
+
+
+def expand_reference(layout: RowLayout, row: torch.Tensor) -> torch.Tensor:
+    """The plain twin of `expand_into`: a fresh `[numel]` slot row (model dtype, gaps zero) computed element by
+    element with numpy integers from the bytes, for tests and for checking a fast path."""
+    data = row.cpu().numpy()
+    dtype = layout.packing.dtype
+    out = torch.zeros(layout.numel, dtype=dtype)
+    for seg in layout.segments:
+        if not seg.quantized:
+            out[seg.dst : seg.dst + seg.numel] = layout.raw(row.cpu(), seg)
+            continue
+        out[seg.dst : seg.dst + seg.numel] = torch.from_numpy(_reference_values(layout, seg, data)).to(dtype)
+    return out
+
+
+def _reference_values(layout: RowLayout, seg: Segment, data: np.ndarray) -> np.ndarray:
+    """float32 (q - z) * s of every element of one quantized tensor, read from the raw bytes."""
+    fmt, index = layout.format, np.arange(seg.numel)
+    if fmt.bits == 8:
+        q = data[seg.codes + index].astype(np.int32)
+    else:
+        byte = data[seg.codes + index // 2].astype(np.int32)
+        q = np.where(index % 2 == 0, byte & 0xF, byte >> 4)
+    group = index // fmt.group_size
+    scales = data[seg.scales : seg.scales + 2 * seg.groups].view(np.float16).astype(np.float32)
+    zeros = (np.full(seg.groups, layout.zero_point, np.int32) if seg.zeros < 0
+             else data[seg.zeros : seg.zeros + seg.groups].astype(np.int32))
+    return (q - zeros[group]).astype(np.float32) * scales[group]
+
+
+class Expansion:
+    """What a copy engine is handed with a compressed copy (`submit(..., expand=...)`): expands the row it
+    moved into the slot. `expand` runs on the host (the CPU engine's worker, timed: `seconds`);
+    `on_device` queues the copy of the row and its expansion on a CUDA stream (cuda_kernel.py)."""
+
+    def __init__(self, layout: RowLayout):
+        self.layout = layout
+        self.numel = layout.numel  # slot elements the expansion covers (the model-dtype row)
+        self.nbytes = layout.nbytes
+        self._seconds = 0.0  # host seconds spent expanding (CPU) since the last drain
+        self._lock = threading.Lock()  # the copy engine's worker adds, the runtime's counters drain
+        self._device = None
+
+    def expand(self, dst: torch.Tensor, src: torch.Tensor) -> float:
+        """Expand the compressed row `src` into `dst` on the host; returns the seconds it took."""
+        start = time.perf_counter()
+        expand_into(self.layout, src, dst)
+        spent = time.perf_counter() - start
+        with self._lock:
+            self._seconds += spent
+        return spent
+
+    def on_device(self, dst: torch.Tensor, src: torch.Tensor, stream) -> None:
+        """Queue, on `stream`, the copy of the host row `src` to the device and its expansion into `dst`."""
+        from .cuda_kernel import DeviceExpander
+
+        if self._device is None:
+            self._device = DeviceExpander(self.layout)
+        self._device.run(dst, src, stream)
+
+    def drain_seconds(self) -> float:
+        """Host seconds spent expanding since the last call."""
+        with self._lock:
+            spent, self._seconds = self._seconds, 0.0
+        return spent
