@@ -134,6 +134,10 @@ class OffloadConfig:
             return torch.cuda.is_available()
         return self.pin_memory
 
+    def resolved_format(self) -> "ExpertFormat | None":
+        """The compressed expert format, None for the model's own dtype."""
+        return parse_expert_format(self.expert_format)
+
     def replace(self, **changes) -> "OffloadConfig":
         return dataclasses.replace(self, **changes)
 

@@ -23,6 +23,7 @@ from .layout import RowLayout, Segment
 
 logger = logging.getLogger(__name__)
 
+CHUNK = 1 << 18  # weights quantized at once (1 MB of float32 temporaries)
 SCALE_EPS = 2.0**-14  # smallest normal float16: a scale below it would lose precision (or be 0)
 _torchao = None
 
@@ -35,10 +36,8 @@ def quant_primitives():
     """torchao's affine quantization primitives, imported on first use (its import is slow and chatty)."""
     global _torchao
     if _torchao is None:
-        quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.ERROR)
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # its optional kernels it cannot load here, each with a warning
         try:
             from torchao.quantization import quant_primitives as qp
         except ImportError as e:
@@ -46,8 +45,7 @@ def quant_primitives():
                 "expert_format='int8' / 'int4' quantizes with torchao, which is not installed: "
                 "pip install 'm2r2_moe[compress]' (or pip install torchao)") from e
         finally:
-            for q, level in zip(quiet, levels):
-                q.setLevel(level)
+            logging.disable(previous)
         _torchao = qp
     return _torchao
 
@@ -73,21 +71,26 @@ def quantize(weights: torch.Tensor, layout: RowLayout) -> tuple[torch.Tensor, to
 
 def encode(tensors: dict[str, torch.Tensor], layout: RowLayout, row: torch.Tensor) -> None:
     """Write one expert (`name -> tensor` in the model's dtype, per-expert shapes) into its compressed row
-    `[nbytes]` uint8."""
+    `[nbytes]` uint8. Quantized in chunks of `CHUNK` weights: the float32 temporaries stay small (host memory
+    while from_pretrained streams a large model is the compressed store plus little more)."""
+    fmt = layout.format
     for seg in layout.segments:
-        value = tensors[seg.name]
+        value = tensors[seg.name].reshape(-1)
         if not seg.quantized:
-            layout.raw(row, seg).copy_(value.reshape(-1))
+            layout.raw(row, seg).copy_(value)
             continue
-        codes, scales, zeros = quantize(value, layout)
         out_codes, out_scales, out_zeros = layout.sections(row, seg)
-        flat = codes.reshape(-1)  # [numel]
-        if layout.format.bits == 4:
-            flat = flat[0::2] | (flat[1::2] << 4)
-        out_codes.copy_(flat)
-        out_scales.copy_(scales)
-        if out_zeros is not None:
-            out_zeros.copy_(zeros.to(torch.uint8))
+        step = max(CHUNK // fmt.group_size, 1) * fmt.group_size  # weights per chunk, whole groups
+        for start in range(0, seg.numel, step):
+            codes, scales, zeros = quantize(value[start : start + step], layout)
+            flat = codes.reshape(-1)  # [chunk]
+            g0, g1 = start // fmt.group_size, start // fmt.group_size + scales.numel()
+            if fmt.bits == 4:
+                flat = flat[0::2] | (flat[1::2] << 4)
+            out_codes[start * fmt.bits // 8 : start * fmt.bits // 8 + flat.numel()].copy_(flat)
+            out_scales[g0:g1].copy_(scales)
+            if out_zeros is not None:
+                out_zeros[g0:g1].copy_(zeros.to(torch.uint8))
 
 
 def expand_into(layout: RowLayout, row: torch.Tensor, dst: torch.Tensor) -> None:
@@ -171,7 +174,7 @@ class Expansion:
         from .cuda_kernel import DeviceExpander
 
         if self._device is None:
-            self._device = DeviceExpander(self.layout)
+            self._device = DeviceExpander(self.layout, expand_into)
         self._device.run(dst, src, stream)
 
     def drain_seconds(self) -> float:

@@ -19,7 +19,6 @@ import logging
 
 import torch
 
-from .codec import expand_into
 from .layout import RowLayout
 
 logger = logging.getLogger(__name__)
@@ -95,8 +94,9 @@ class DeviceExpander:
     """Copy-and-expand of one layer's compressed rows on CUDA streams (the segment table is uploaded once
     per device; one staging row per stream)."""
 
-    def __init__(self, layout: RowLayout):
+    def __init__(self, layout: RowLayout, fallback):
         self.layout = layout
+        self.fallback = fallback  # fallback(layout, row, dst): the same expansion as torch ops (codec.expand_into)
         self._tables: dict[torch.device, torch.Tensor] = {}
         self._staging: dict[int, torch.Tensor] = {}  # stream handle -> [nbytes] uint8 on its device
 
@@ -108,7 +108,7 @@ class DeviceExpander:
                                                                        device=dst.device)
         staging[: src.numel()].copy_(src, non_blocking=True)
         if not self._fused(dst, staging, stream):
-            expand_into(self.layout, staging, dst)
+            self.fallback(self.layout, staging, dst)
 
     def _fused(self, dst: torch.Tensor, staging: torch.Tensor, stream) -> bool:
         global _cupy_failed

@@ -6,7 +6,8 @@ size is *quantized*: its elements, flattened in row-major order, are cut into gr
 consecutive weights; each group has a float16 scale s and, for asymmetric formats, a uint8 zero point z
 (symmetric formats use z = 2^(bits-1)), and each weight a `bits`-bit code q, with w ≈ (q - z) * s. int4
 codes are packed two per byte, element 2i in the low nibble, 2i+1 in the high one. Other tensors (biases,
-odd sizes) are kept *raw*, in the model's dtype. Every section starts at a multiple of `SECTION_ALIGN` bytes:
+odd sizes) are kept *raw*, in the model's dtype. Every section starts at a multiple of `SECTION_ALIGN` bytes,
+and the row's length is a multiple of `ROW_ALIGN`:
 
     [codes | scales (float16) | zero points (uint8, asymmetric only)]  per quantized tensor
     [values in the model's dtype]                                       per raw tensor
@@ -22,6 +23,7 @@ from ...config import ExpertFormat
 from ..store import ExpertPacking
 
 SECTION_ALIGN = 16  # bytes: float16 / float32 views of a section stay aligned, vector loads too
+ROW_ALIGN = 64  # bytes: a row's length (the host store's row alignment, so the row is exactly what is copied)
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class RowLayout:
             else:
                 segments.append(Segment(name, numel, offset, False, cursor))
                 cursor = _aligned(cursor + numel * esize)
-        return cls(packing, fmt, tuple(segments), cursor)
+        return cls(packing, fmt, tuple(segments), -(-cursor // ROW_ALIGN) * ROW_ALIGN)
 
     @property
     def numel(self) -> int:
