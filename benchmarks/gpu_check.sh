@@ -17,6 +17,8 @@
 #                the native copy engine in use (tests_native.log)
 #   5. bandwidth the copy engines' host→device bandwidth against one large pinned copy_ (bandwidth.log,
 #                bandwidth.json)
+#   5b. expand   compressed experts: the expansion kernel's twin tests (tests_expand.log) and one Mixtral-8x7B
+#                expert copied + expanded (int8, int4) against its plain bf16 copy (expand.log, expand.json)
 #   6. replay    offloaded decoding per predictor on Mixtral-8x7B expert geometry (4 MoE layers, synthetic
 #                weights, the built-in model's routing replayed: benchmarks/gpu_replay.py), in the time
 #                left (replay.log, replay.json); skipped when under 60 s are left
@@ -111,6 +113,16 @@ rc=$?
 cp "$SCRATCH/bandwidth.json" "$OUT/" 2>/dev/null
 [ -f "$SCRATCH/bandwidth.md" ] && cat "$SCRATCH/bandwidth.md" >>"$OUT/bandwidth.log"
 result bandwidth "$(outcome $rc) (see bandwidth.log)"
+
+# -- 5b. expand: compressed experts on the copy stream ---------------------------------------------------
+started expand
+PYTHONPATH="$PWD" run_for 60 "$OUT/tests_expand.log" "$VPY" -m pytest -q -rs -p no:cacheprovider -m gpu \
+  tests/test_expansion.py
+rc=$?
+result expand-tests "$(outcome $rc): $(tail -1 "$OUT/tests_expand.log")"
+PYTHONPATH="$PWD" run_for 45 "$OUT/expand.log" "$VPY" benchmarks/gpu_expand.py --json "$OUT/expand.json"
+rc=$?
+result expand "$(outcome $rc) (see expand.log, expand.json)"
 
 # -- 6. replay ------------------------------------------------------------------------------------------
 # 4 MoE layers x 8 experts x 352 MB bf16: the model is made on the GPU (11.5 GB), decoded with every expert
