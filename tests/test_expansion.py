@@ -4,6 +4,10 @@ CUDA kernel and its torch-ops fallback; all must agree bit for bit."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
+import numpy as np
 import pytest
 import torch
 
@@ -100,3 +104,65 @@ def test_cuda_expansion_equals_the_twin(spec, dtype, path, monkeypatch):
     got = dst.cpu()
     assert torch.equal(bits(got)[mask], bits(codec.expand_reference(layout, row))[mask])
     assert (got[~mask] == 7.0).all()
+
+
+HOST_HARNESS = """
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+struct D3 { long long x; }; D3 blockIdx{0}, blockDim{1}, threadIdx{0}, gridDim{1};
+inline unsigned int __float_as_uint(float f) { unsigned int u; memcpy(&u, &f, 4); return u; }
+SOURCE
+int main(int argc, char** argv) {  // row file, row bytes, table file, table entries, slot elements, element size, total, out
+  std::vector<unsigned char> row(atol(argv[2]));
+  std::vector<long long> table(atol(argv[4]));
+  FILE* f = fopen(argv[1], "rb"); if (fread(row.data(), 1, row.size(), f) != row.size()) return 2; fclose(f);
+  f = fopen(argv[3], "rb"); if (fread(table.data(), 8, table.size(), f) != table.size()) return 3; fclose(f);
+  std::vector<unsigned char> out(atol(argv[5]) * atoi(argv[6]), 0xAB);
+  NAME((unsigned long long)row.data(), (unsigned long long)out.data(), (unsigned long long)table.data(),
+       (int)(table.size() / 8), atoll(argv[7]));
+  f = fopen(argv[8], "wb"); fwrite(out.data(), 1, out.size(), f); fclose(f);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs a host C++ compiler")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernel_source_run_on_the_host_equals_the_twin(dtype, tmp_path):
+    """The CUDA kernel's own source, compiled for the host (one thread; its two PTX float16 conversions
+    replaced by the compiler's `_Float16` ones, both round to nearest even): its indexing, nibble order, zero
+    points and rounding give the twin's bits, and it leaves the gaps alone. On a GPU the real thing is tested
+    by test_cuda_expansion_equals_the_twin."""
+    from m2r2_moe.runtime.compressed.cuda_kernel import kernel_source
+
+    name, source = kernel_source(dtype)
+    source = source.replace('float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;',
+                            "_Float16 x; memcpy(&x, &h, 2); return (float)x;")
+    source = source.replace('unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h;',
+                            "_Float16 x = (_Float16)v; unsigned short h; memcpy(&h, &x, 2); return h;")
+    assert "asm" not in source
+    (tmp_path / "k.cpp").write_text(HOST_HARNESS.replace("SOURCE", source).replace("NAME", name))
+    build = subprocess.run(["g++", "-O1", "-ffp-contract=off", "-o", str(tmp_path / "k"), str(tmp_path / "k.cpp")],
+                           capture_output=True, text=True)
+    if build.returncode != 0 and "_Float16" in build.stderr:
+        pytest.skip("this compiler has no _Float16")
+    assert build.returncode == 0, build.stderr[-2000:]
+    for spec in SPECS:
+        layout, row = random_row(spec, dtype, seed=4)
+        row.numpy().tofile(tmp_path / "row.bin")
+        table = np.array(layout.table(), dtype=np.int64)
+        table.tofile(tmp_path / "table.bin")
+        run = subprocess.run([str(tmp_path / "k"), str(tmp_path / "row.bin"), str(layout.nbytes),
+                              str(tmp_path / "table.bin"), str(table.size), str(layout.numel), str(dtype.itemsize),
+                              str(layout.total), str(tmp_path / "out.bin")], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        out = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.uint8))
+        mask = covered(layout)
+        assert torch.equal(bits(out.view(dtype))[mask], bits(codec.expand_reference(layout, row))[mask]), spec
+        assert (out.view(-1, dtype.itemsize)[~mask] == 0xAB).all(), spec
