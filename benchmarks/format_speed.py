@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, publish  # noqa: E402
+from m2r2_moe.config import MIN_LINK_GBPS  # noqa: E402
 from m2r2_moe.corpus import resolve_text, token_stream  # noqa: E402
 from m2r2_moe.loading import load_model  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
@@ -72,7 +73,13 @@ def main() -> None:
     compute_layer = ref.decode_seconds_per_token / len(layers)
     full = sum(getattr(layers[0].experts, n)[0].numel() * 2 for n in layers[0].param_names)  # bf16 expert bytes
     rows, costs = [], []
-    for ratio in [float(r) for r in args.link_ratios.split(",")]:
+    ratios = [float(r) for r in args.link_ratios.split(",")]
+    slow = [r for r in ratios if full / (r * compute_layer) / 1e9 < MIN_LINK_GBPS]
+    if slow:
+        raise SystemExit(f"link ratio {slow[0]:g} at {compute_layer * 1e3:.2f} ms of compute per layer needs an emulated "
+                         f"link below the runtime's minimum of {MIN_LINK_GBPS * 1e3:g} MB/s: more --threads, or a "
+                         "quieter machine (compute per layer is measured)")
+    for ratio in ratios:
         gbps = full / (ratio * compute_layer) / 1e9
         lossless_none = None
         for predictor in args.predictors.split(","):
