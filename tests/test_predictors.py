@@ -211,3 +211,16 @@ def test_the_oracle_predicts_its_experts_with_certainty():
     depths, scores = oracle.predict_stacked(0, torch.zeros(1, 8))
     assert oracle.scores_are_probabilities and depths == [1]
     assert scores[0, 0].tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_gate_shared_residual_path_matches_the_reference(trained):
+    """gate routes one residual through every target's router: the fused path (the norm once, one matmul for
+    all targets) gives the reference's probabilities."""
+    model, adapter, layers, _, _ = trained
+    gate = make_predictor("gate", model, adapter, layers, DEPTH)
+    residual = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))
+    for layer in range(len(layers) - 1):
+        depths, fast = gate.predict_stacked(layer, residual)
+        assert gate.stacked[layer].scores_shared(residual) is not None  # the fused path was taken
+        reference = torch.stack([gate.target_scores(layer + d, residual) for d in depths])
+        assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-4)
