@@ -11,7 +11,9 @@ import torch
 
 import m2r2_moe
 from conftest import tiny_mixtral
-from m2r2_moe.runtime.admission import Benefit, Calibration, Regret, value
+from m2r2_moe import _ext
+from m2r2_moe.runtime.admission import value
+from m2r2_moe.runtime.planner import MISS, PREFETCH_HIT, make_planner
 from m2r2_moe.runtime.policy import NextUsePolicy
 
 L = 4  # layers
@@ -86,46 +88,70 @@ def test_value_weighs_the_hidden_stall_against_link_and_eviction():
     assert value(1.0, 1.0, -1.0, 0.0, False, 0.0) == 0.0  # too late to hide anything
 
 
-def test_calibration_learns_what_the_scores_mean():
+@pytest.fixture(params=["python", "native"])
+def planner(request):
+    if request.param == "native" and not _ext.HAS_PLANNER:
+        pytest.skip(f"C++ planner: {_ext.PLANNER_ERROR}")
+    return make_planner(4, 8, 8, 2, 8, native=request.param == "native")
+
+
+def _settle(planner, layer, now, used, probs=None, served=None, evicted=()):
+    """One decode layer call that used experts `used` of `layer` (served as `served`, default hits)."""
+    keys = [layer * 8 + e for e in used]
+    return planner.layer(layer=layer, decode=True, now=now, keys=keys, served=served or [0] * len(keys),
+                         evicted=list(evicted), probs=probs, wraps=False, horizon=0, transfer=1.0, compute=0.0,
+                         busy=0.0, free=0, backlog=[], min_prob=0.0)
+
+
+def test_calibration_learns_what_the_scores_mean(planner):
     """Starts from the predictor's score; converges to the measured rate of use per (source, distance, bin)."""
-    cal = Calibration()
-    assert cal.probability("model", 1, 0.35) == pytest.approx(0.35)  # no outcomes yet: the score itself
-    for i in range(400):  # a predictor that says 0.35 but is right 90% of the time at distance 1
-        cal.record("model", 1, 0.35, used=i % 10 != 0)
-    assert cal.probability("model", 1, 0.35) == pytest.approx(0.9, abs=0.03)
-    assert cal.probability("model", 2, 0.35) == pytest.approx(0.35)  # another distance: its own outcomes
-    assert cal.probability("prior", 1, 0.35) == pytest.approx(0.35)  # another source too
-    for _ in range(2000):  # the text changes: the rate follows (decayed counts)
-        cal.record("model", 1, 0.35, used=False)
-    assert cal.probability("model", 1, 0.35) < 0.05
+    assert planner.probability(0, 1, 0.35) == pytest.approx(0.35)  # no outcomes yet: the score itself
+    probs = torch.zeros(1, 8)
+    probs[0, 3], probs[0, 5] = 0.35, 0.33  # layer 0 predicts experts 3 and 5 for layer 1, at distance 1
+    for i in range(400):
+        _settle(planner, 0, 2 * i, [0, 1], probs=probs.numpy())
+        _settle(planner, 1, 2 * i + 1, [3, 6] if i % 10 else [6, 7])  # 3 used 90% of the time, 5 never
+    assert planner.probability(0, 1, 0.35) == pytest.approx(0.9 / 2 + 0.0 / 2, abs=0.05)  # one bin: 3 and 5
+    assert planner.probability(0, 2, 0.35) == pytest.approx(0.35)  # another distance: its own outcomes
+    assert planner.probability(1, 1, 0.35) == pytest.approx(0.35)  # another source too
 
 
-def test_regret_is_the_share_of_prefetch_victims_loaded_again_soon():
-    regret = Regret(window=8)
-    assert regret.share == 0.5  # unknown: neither free nor forbidden
-    for now in range(400):
-        regret.evicted(now, now=now)
-        if now >= 3 and (now - 3) % 4 == 0:  # a quarter of the victims come back 3 turns later
-            regret.missed(now - 3, now=now)
-    assert regret.share == pytest.approx(0.25, abs=0.03)
-    regret.missed(1, now=1 + 20)  # too late (and long settled): no blame
-    assert regret.share == pytest.approx(0.25, abs=0.03)
+def test_regret_is_the_share_of_victims_loaded_again_soon(planner):
+    assert planner.regret() == 0.5  # unknown: neither free nor forbidden
+    for now in range(400):  # every call evicts an expert of layer 1; a quarter come back (a miss) 3 turns later
+        back = [(now - 3) % 8] if now >= 3 and (now - 3) % 4 == 0 else []
+        _settle(planner, 1, now, back or [7], served=[MISS] * len(back) or [0], evicted=[8 + now % 8])
+    assert 0.15 < planner.regret() < 0.35
 
 
-def test_benefit_backs_off_to_none_and_probes_again():
-    benefit = Benefit(num_layers=4, window=8)
-    assert all(benefit.active(layer) for layer in range(4))
+def test_benefit_backs_off_to_none_and_probes_again(planner):
+    assert all(planner.active(layer) for layer in range(4))
     for _ in range(3):  # every forward, prediction costs far more than it saves
-        benefit.record(saved=1e-6, spent=1e-3)
-        benefit.step()
-    assert benefit.every == 0 and not any(benefit.active(layer) for layer in range(4))  # down to on-demand
+        planner.add_spent(1e-3)
+        planner.step(8)
+    assert planner.every == 0 and not any(planner.active(layer) for layer in range(4))  # down to on-demand
     for _ in range(8):
-        benefit.step()
-    assert benefit.active(0) and not benefit.active(1)  # a probe: one layer per forward
-    for _ in range(6):  # it pays now: back to every layer
-        benefit.record(saved=1e-2, spent=1e-4)
-        benefit.step()
-    assert benefit.every == 1
+        planner.step(8)
+    assert planner.active(0) and not planner.active(1)  # a probe: one layer per forward
+    for _ in range(6):  # it pays now (prefetch hits save whole transfers): back to every layer
+        _settle(planner, 0, 0, [1, 2], served=[PREFETCH_HIT, PREFETCH_HIT])
+        planner.step(8)
+    assert planner.every == 1
+
+
+def test_the_planner_queues_by_expected_value(planner):
+    """Certain predictions into free slots are queued nearest first; a busy link and a costly eviction stop
+    unlikely ones; resident experts are expected, not copied."""
+    probs = torch.zeros(2, 8)
+    probs[0, 4], probs[1, 5], probs[1, 6] = 1.0, 0.9, 0.1
+    args = dict(layer=0, decode=True, now=1, keys=[0, 1], served=[0, 0], evicted=[], probs=probs.numpy(), wraps=False,
+                horizon=0, transfer=1.0, compute=2.0, busy=1.0, backlog=[], min_prob=0.0)
+    queue, expect, withdraw = planner.layer(free=4, **args)
+    assert queue == [(1, 4, 1), (2, 5, 2)] and not expect and not withdraw  # 6 (q 0.1, busy link): not worth it
+    planner.issued(1 * 8 + 4, -1, 1)
+    _settle(planner, 1, 2, [4])  # expert 4 of layer 1 is now resident
+    queue, expect, _ = planner.layer(**{**args, "now": 3, "probs": probs[:1].numpy()}, free=0)
+    assert expect == [(1, 4, 1)] and not queue
 
 
 def test_the_horizon_follows_the_link():
