@@ -174,8 +174,12 @@ class Offloader:
         self.stats.waves += 1
         keys = self.cache.keys(layer, wave)
         slots, waits, served, evicted = self.cache.acquire(layer, wave, keys, self.clock.now(layer))
+        look_ahead = routing is not None and self.prefetcher is not None
+        # On CPU the prediction runs before the kernel, so that its copies start a layer's compute earlier; on
+        # CUDA after the kernels are queued, so that the host's prediction overlaps the device's compute.
+        early = look_ahead and self.device.type != "cuda"
         try:
-            if routing is not None and self.prefetcher is not None:  # the wave is pinned, its loads queued first
+            if early:  # the wave is pinned, its demand loads queued first
                 self._look_ahead(layer, routing, keys, served, evicted)
             self.cache.wait(layer, waits)
         except BaseException:
@@ -189,6 +193,8 @@ class Offloader:
             done = self.engine.compute_done()  # CUDA: after the kernels reading these slots
         finally:
             self.cache.release(keys, slots, done)
+        if look_ahead and not early:  # a copy into one of the wave's slots waits for `done`
+            self._look_ahead(layer, routing, keys, served, evicted)
         return out
 
     def table(self, layer: int, view: SlotView, slot_of: dict[int, int]) -> torch.Tensor:
