@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "heads.hpp"
 #include "planner.hpp"
 
 namespace py = pybind11;
@@ -31,11 +32,40 @@ void read_probs(const py::object& probs, m2r2::LayerInput& in) {
   in.probs = array.data();
 }
 
+using Array = py::array_t<float, py::array::c_style>;
+
+const float* data_of(const Array& a, int64_t size, const char* name) {
+  if (a.size() != size) throw std::invalid_argument(std::string("heads: ") + name + " has the wrong size");
+  return a.data();
+}
+
+Array rms_linear_softmax(const Array& x, double eps, const Array& w, int64_t n) {
+  int64_t hidden = x.size(), experts = w.size() / std::max<int64_t>(hidden * n, 1);
+  if (w.ndim() != 2 || w.shape(0) != hidden || w.shape(1) != n * experts)
+    throw std::invalid_argument("heads: w must be [H, n*E] for x [H]");
+  Array out({n, experts});
+  m2r2::rms_linear_softmax(x.data(), hidden, eps, w.data(), n, experts, out.mutable_data());
+  return out;
+}
+
+Array mlp_softmax(const Array& x, const Array& w1, const Array& b1, const Array& w2, const Array& b2) {
+  if (w2.ndim() != 3) throw std::invalid_argument("heads: w2 must be [n, M, E]");
+  int64_t hidden = x.size(), n = w2.shape(0), width = w2.shape(1), experts = w2.shape(2);
+  Array out({n, experts});
+  m2r2::mlp_softmax(x.data(), hidden, data_of(w1, hidden * n * width, "w1"), data_of(b1, n * width, "b1"), n, width,
+                    w2.data(), data_of(b2, n * experts, "b2"), experts, out.mutable_data());
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native_plan, m) {
   m.doc() = "C++ twin of m2r2_moe.runtime.planner.PlannerCore";
   m.attr("ABI_VERSION") = kAbiVersion;
+  m.def("rms_linear_softmax", &rms_linear_softmax, py::arg("x"), py::arg("eps"), py::arg("w"), py::arg("n"),
+        "gate at batch 1: softmax per distance of rms_norm(x) @ w [H, n*E] -> [n, E] (csrc/heads.hpp)");
+  m.def("mlp_softmax", &mlp_softmax, py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
+        "M2R2 heads at batch 1: softmax per distance of relu(x @ w1 + b1) @ w2[d] + b2[d] -> [n, E]");
   py::class_<m2r2::Planner>(m, "Planner")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t>(), py::arg("num_layers"), py::arg("num_experts"),
            py::arg("key_stride"), py::arg("width"), py::arg("max_queued"))
