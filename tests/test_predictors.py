@@ -224,3 +224,20 @@ def test_gate_shared_residual_path_matches_the_reference(trained):
         assert gate.stacked[layer].scores_shared(residual) is not None  # the fused path was taken
         reference = torch.stack([gate.target_scores(layer + d, residual) for d in depths])
         assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_gate_native_batch1_path_matches_the_tensor_path(trained):
+    """Decode at batch 1 on the CPU: gate's one native call gives predict_stacked's probabilities."""
+    from m2r2_moe import _ext
+
+    if not _ext.HAS_PLANNER:
+        pytest.skip(f"C++ heads: {_ext.PLANNER_ERROR}")
+    model, adapter, layers, _, _ = trained
+    gate = make_predictor("gate", model, adapter, layers, DEPTH)
+    residual = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+    for layer in range(len(layers) - 1):
+        host = gate.predict_host(layer, residual)
+        _, reference = gate.predict_stacked(layer, residual)
+        assert host is not None and host.shape == tuple(reference[:, 0].shape)
+        assert torch.allclose(torch.from_numpy(host), reference[:, 0], atol=2e-6, rtol=1e-4)
+    assert gate.predict_host(0, residual.expand(2, 64)) is None  # several tokens: the tensor path

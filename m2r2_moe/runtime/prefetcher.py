@@ -72,6 +72,10 @@ class Prefetcher:
         device→host read per layer: which copies to issue depends on them); several tokens: each expert's
         highest."""
         residual, normed = (self.tap.residual[layer], self.tap.normed[layer]) if self.tap else (None, None)
+        if decode:  # one native call where the predictor has one (CPU, float32)
+            probs = self.predictor.predict_host(layer, residual, top_k_index, normed=normed)
+            if probs is not None:
+                return probs
         depths, scores = self.predictor.predict_stacked(layer, residual, top_k_index, normed=normed)
         if not depths:
             return None
