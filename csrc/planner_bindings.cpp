@@ -72,7 +72,7 @@ PYBIND11_MODULE(_native_plan, m) {
       .def("layer",
            [](m2r2::Planner& p, int64_t layer, bool decode, int64_t now, std::vector<int64_t> keys,
               std::vector<int64_t> served, std::vector<int64_t> evicted, const py::object& probs, bool wraps,
-              int64_t horizon, double transfer, double compute, double busy, int64_t free,
+              int64_t horizon, double miss, double transfer, double compute, double busy, int64_t free,
               std::vector<int64_t> backlog, double min_prob) {
              m2r2::LayerInput in;
              in.layer = layer;
@@ -84,6 +84,7 @@ PYBIND11_MODULE(_native_plan, m) {
              read_probs(probs, in);
              in.wraps = wraps;
              in.horizon = horizon;
+             in.miss = miss;
              in.transfer = transfer;
              in.compute = compute;
              in.busy = busy;
@@ -94,7 +95,8 @@ PYBIND11_MODULE(_native_plan, m) {
              return py::make_tuple(d.queue, d.expect, d.withdraw);
            },
            py::arg("layer"), py::arg("decode"), py::arg("now"), py::arg("keys"), py::arg("served"), py::arg("evicted"),
-           py::arg("probs"), py::arg("wraps"), py::arg("horizon"), py::arg("transfer"), py::arg("compute"),
+           py::arg("probs"), py::arg("wraps"), py::arg("horizon"), py::arg("miss"), py::arg("transfer"),
+           py::arg("compute"),
            py::arg("busy"), py::arg("free"), py::arg("backlog"), py::arg("min_prob"))
       .def("issued", &m2r2::Planner::issued, py::arg("key"), py::arg("evicted"), py::arg("now"))
       .def("withdrawn", &m2r2::Planner::withdrawn, py::arg("key"))
