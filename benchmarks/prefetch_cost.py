@@ -44,7 +44,7 @@ class Timers:
         self.seconds = collections.Counter()
         self.calls, self.misses, self.active = 0, 0, False  # decode layer calls (batch 1) only
         self.offloader, self._kernels = offloader, list(offloader.kernels)
-        self._wrapped = [(offloader, "run_experts"), (offloader, "_wait"), (offloader, "prefetch")]
+        self._wrapped = [(offloader, "run_experts"), (offloader.cache, "wait"), (offloader.cache, "prefetch")]
         run = offloader.run_experts
 
         def run_experts(layer, hidden_states, *args):
@@ -58,8 +58,8 @@ class Timers:
 
         offloader.run_experts = run_experts
         self._wrap(offloader, "run_experts", "run_experts")
-        self._wrap(offloader, "_wait", "wait")
-        self._wrap(offloader, "prefetch", "issue")
+        self._wrap(offloader.cache, "wait", "wait")
+        self._wrap(offloader.cache, "prefetch", "issue")
         pf = offloader.prefetcher
         if pf is not None:
             for obj, name, part in ((pf, "on_layer", "on_layer"), (pf.predictor, "predict_stacked", "predict"),

@@ -3,7 +3,9 @@
 Each folder is a normal `save_pretrained` checkpoint (config, bf16 safetensors, tokenizer) with its model
 card (MODEL_CARD.md, card.json, figures) and the M2R2 adapters trained for it (`adapters.safetensors`).
 `tiny-mixtral` (the default: `demo`, the profiler and the predictor benchmarks) is a tiny Mixtral trained on
-the Python standard library; `tools/train_tiny_moe.py` reproduces it.
+the Python standard library; `tiny-qwen3-moe` is a fine-grained Qwen3-MoE (32 experts per layer, top-4) trained
+on the Python sources of torch. `tools/train_tiny_moe.py` reproduces both (`--preset NAME`);
+`m2r2_moe.corpus.builtin_corpus(NAME)` names the corpus a model was trained on.
 
 The folders are found next to this module's source file (`__file__`), never through
 `importlib.resources`: under an editable install that returns a multiplexed path object, not a folder.

@@ -6,7 +6,9 @@ on every stream; events complete when the test says so. It checks what a reading
 - the copy stream is ordered after the compute stream once, when the engine is made (the slot pool's
   zero fill is queued there just before);
 - the stall log stays bounded however long nobody reads the stats, and `reset_stats` drops it;
-- the torch engine drives a whole offloaded forward (on CPU tensors) with the original logits.
+- the torch engine drives a whole offloaded forward (on CPU tensors) with the original logits;
+- with a profiler attached, copies carry timing events read on the host clock (the trace's copy lane), and
+  only then: untimed copies cost no timing events.
 The same properties are checked on a real GPU by tests/test_gpu.py.
 """
 
@@ -61,6 +63,9 @@ class FakeEvent:
 
     def query(self):
         return self.done
+
+    def synchronize(self):
+        self.done = True
 
     def elapsed_time(self, end):
         assert self.done and end.done, "elapsed_time of an event not completed would synchronize"
@@ -257,3 +262,36 @@ def test_native_engine_uses_the_runtime_device_too(fake_cuda, monkeypatch):
     assert t.event.waited_on == [compute.cuda_stream]
     assert [entry[0] for entry in compute.log] == ["record", "record"] and len(engine.compute.stalls.pending) == 1
     assert fake_cuda.compute[0].log == []
+
+
+def test_timed_copies_give_the_trace_a_copy_lane(fake_cuda):
+    FakeEvent.complete_on_record = True  # the device keeps up: timing events complete when recorded
+    engine = cuda_engine.CudaCopyEngine(torch.device("cuda:1"))
+    untimed = engine.submit(0, 0, torch.zeros(4), torch.ones(4))
+    assert untimed.start is None and not untimed.event.timing and untimed.started_at == 0.0
+    engine.time_copies(True)
+    timed = engine.submit(1, 1, torch.zeros(4), torch.ones(4))
+    records = [entry[1] for entry in engine.stream.log if entry[0] == "record"]
+    assert records[-2:] == [timed.start, timed.event]  # start, then the copy, then its event: on the copy stream
+    assert engine.clock.host < timed.started_at < timed.finished_at
+    assert timed.busy == pytest.approx(timed.finished_at - timed.started_at)
+    engine.time_copies(False)
+    assert engine.submit(2, 2, torch.zeros(4), torch.ones(4)).start is None
+
+
+def test_the_recorder_times_cuda_copies(fake_cuda):
+    from m2r2_moe.profile import Recorder
+
+    model, ids, reference, engine = _offloaded_on_the_torch_cuda_engine(fake_cuda)
+    FakeEvent.complete_on_record = True
+    offloader = m2r2_moe.get_offloader(model)
+    recorder = Recorder(offloader)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, reference)
+        assert recorder.copies and all(0 < c.started < c.finished for c in recorder.copies)
+        assert recorder.link_busy_seconds() > 0
+    finally:
+        recorder.detach()
+        m2r2_moe.remove_offload(model)
+    assert engine.clock is None  # timing stops with the recorder

@@ -42,15 +42,15 @@ class CopyEvent:
 
     @property
     def started(self) -> float:
-        return getattr(self.transfer, "started_at", 0.0)
+        return self.transfer.started_at
 
     @property
     def finished(self) -> float:
-        return getattr(self.transfer, "finished_at", 0.0)
+        return self.transfer.finished_at
 
     @property
     def cancelled(self) -> bool:
-        return getattr(self.transfer, "cancelled", False)
+        return self.transfer.cancelled
 
 
 class Recorder:
@@ -65,11 +65,14 @@ class Recorder:
         self._current_layer = -1
         self._open = None  # (layer, tokens, start, counters before) of the layer call in progress
         offloader.events.subscribe(self)
+        offloader.engine.time_copies(True)  # CUDA: copies get timing events, so the trace has a copy lane
 
     def detach(self) -> None:
         self.offloader.events.unsubscribe(self)
+        self.offloader.engine.time_copies(False)
 
     def _counters(self) -> list:
+        self.offloader.collect_device_stalls()  # CUDA: the waits timed so far that have completed (never blocks)
         stats = self.offloader.stats
         return [getattr(stats, c) for c in _CLASSES] + [stats.stall_seconds]
 
@@ -116,6 +119,5 @@ class Recorder:
         return [rows[layer] for layer in sorted(rows)]
 
     def link_busy_seconds(self) -> float:
-        """Seconds the (emulated) link spent on copies (CPU engine; copies carry no times on CUDA)."""
-        return sum(getattr(c.transfer, "busy", c.finished - c.started) for c in self.copies
-                   if c.finished and not c.cancelled)
+        """Seconds the link spent on copies (the emulated link on CPU; the copy stream, from timing events, on CUDA)."""
+        return sum(c.transfer.busy for c in self.copies if c.finished and not c.cancelled)

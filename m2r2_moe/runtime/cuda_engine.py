@@ -8,21 +8,61 @@ prefetches to the stream in pieces from the host would give it the CPU engine's 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .cuda_compute import ComputeSide
 from .transfer import DEMAND
 
 
+class CopyClock:
+    """Device times of copies on the host's clock, for the profiler's trace (its copy lane).
+
+    A reference event is recorded on the copy stream and waited for once, when timing starts (a profiler
+    attaches): from then on an event's time is the reference's host time plus the device time elapsed between
+    the two (`elapsed_time`, read only once both have completed: never a sync in the per-token path)."""
+
+    def __init__(self, stream: torch.cuda.Stream):
+        self.reference = torch.cuda.Event(enable_timing=True)
+        self.reference.record(stream)
+        self.reference.synchronize()  # once, off the per-token path: pins device time to the host clock
+        self.host = time.perf_counter()
+
+    def seconds(self, event: torch.cuda.Event | None) -> float:
+        """`event`'s time on the host clock (perf_counter seconds), 0 while it has not completed."""
+        if event is None or not event.query():
+            return 0.0
+        return self.host + self.reference.elapsed_time(event) / 1e3
+
+
 class CudaTransfer:
     """Handle of one copy on the CUDA copy stream."""
 
-    __slots__ = ("key", "slot", "nbytes", "priority", "event", "engine", "error")
+    __slots__ = ("key", "slot", "nbytes", "priority", "event", "engine", "error", "start", "clock")
 
-    def __init__(self, key, slot, nbytes, priority, event: torch.cuda.Event, engine: "CudaCopyEngine"):
+    def __init__(self, key, slot, nbytes, priority, event: torch.cuda.Event, engine: "CudaCopyEngine",
+                 start: torch.cuda.Event | None = None, clock: CopyClock | None = None):
         self.key, self.slot, self.nbytes, self.priority, self.event = key, slot, nbytes, priority, event
         self.engine = engine
         self.error = None  # a failed submission raises in `submit` (then a FailedTransfer stands in)
+        self.start, self.clock = start, clock  # timing events, when a profiler asked for them
+
+    cancelled = False  # a copy on the stream cannot be withdrawn
+
+    @property
+    def started_at(self) -> float:
+        return self.clock.seconds(self.start) if self.clock is not None else 0.0
+
+    @property
+    def finished_at(self) -> float:
+        return self.clock.seconds(self.event) if self.clock is not None else 0.0
+
+    @property
+    def busy(self) -> float:
+        """Seconds the copy held the stream (once both its events have completed)."""
+        start, end = self.started_at, self.finished_at
+        return end - start if start and end else 0.0
 
     def ready(self) -> bool:
         return self.event.query()  # non-blocking poll
@@ -47,21 +87,30 @@ class CudaCopyEngine:
         self.bytes_copied = 0
         self.busy_seconds = 0.0  # not measured on CUDA without a sync; the profiler times copies with events
         self.fault = None  # test-only hook, see the module docstring
+        self.clock: CopyClock | None = None  # set while copies are timed (time_copies)
+
+    def time_copies(self, on: bool) -> None:
+        """Give every copy from now on timing events (the profiler's copy lane); off again with False."""
+        self.clock = CopyClock(self.stream) if on else None
 
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
                after: torch.cuda.Event | None = None) -> CudaTransfer:
         if self.fault is not None:
             self.fault(key, slot, priority)
-        event = torch.cuda.Event()
+        timed = self.clock is not None
+        event = torch.cuda.Event(enable_timing=timed)
+        start = torch.cuda.Event(enable_timing=True) if timed else None
         with torch.cuda.stream(self.stream):  # also makes the stream's device current inside the block
             if after is not None:
                 # The slot's previous tenant may still be read by queued compute kernels: overwrite after them.
                 self.stream.wait_event(after)
+            if start is not None:
+                start.record(self.stream)
             dst.copy_(src, non_blocking=True)
             event.record(self.stream)
         nbytes = src.numel() * src.element_size()
         self.bytes_copied += nbytes
-        return CudaTransfer(key, slot, nbytes, priority, event, self)
+        return CudaTransfer(key, slot, nbytes, priority, event, self, start, self.clock)
 
     def link_seconds(self, nbytes: int) -> float:
         return 0.0  # the real link: its speed is not known to the engine

@@ -17,28 +17,65 @@ from ..errors import DeviceMemoryError
 
 
 class SlotView:
-    """Stands in for an experts module: expert tensors are slot-pool views, all else is the module's."""
+    """Stands in for an experts module: expert tensors are slot-pool views, all else is the module's.
 
-    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor], num_slots: int):
+    The kernel reads a handful of the module's attributes on every call (`act_fn`, `has_gate`, `config`, ...):
+    they are copied onto the view once, so that no per-call lookup falls through to the module, and `config`
+    is a stand-in that answers `_experts_implementation` (read per call by transformers' dispatch, and slow
+    on a real config) from the value the runtime read at install."""
+
+    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor], num_slots: int,
+                 attributes: dict | None = None):
+        if attributes is None:
+            attributes = _kernel_attributes(module)
+        self.__dict__.update(attributes)
         self.__dict__["_module"] = module
+        self.__dict__["_attributes"] = attributes
         self.__dict__["_tensors"] = tensors
         self.__dict__.update(tensors)  # gate_up_proj [S, 2I, H], down_proj [S, H, I], biases [S, ...]
         self.__dict__["num_experts"] = num_slots  # one "expert" per slot
         self.__dict__["_is_expert_parallel"] = False  # every routed index is a real slot: no EP sentinels
-        self.__dict__["_window"] = (0, num_slots - 1, 1, self)
+        self.__dict__["_windows"] = {}
 
     def window(self, lo: int, hi: int, step: int = 1) -> "SlotView":
-        """A view of slots lo, lo + step, ..., hi only (slot lo becomes index 0; a strided view, no copy);
-        the last one is cached."""
-        last, view = self.__dict__["_window"][:3], self.__dict__["_window"][3]
-        if (lo, hi, step) != last:
+        """A view of slots lo, lo + step, ..., hi only (slot lo becomes index 0; a strided view, no copy),
+        kept for reuse (at most `MAX_WINDOWS`: the windows decode asks for repeat)."""
+        windows = self.__dict__["_windows"]
+        view = windows.get((lo, hi, step))
+        if view is None:
+            if len(windows) >= MAX_WINDOWS:
+                windows.clear()
             count = (hi - lo) // step + 1
-            view = SlotView(self._module, {n: t[lo : hi + 1 : step] for n, t in self._tensors.items()}, count)
-            self.__dict__["_window"] = (lo, hi, step, view)
+            view = SlotView(self._module, {n: t[lo : hi + 1 : step] for n, t in self._tensors.items()}, count,
+                            self.__dict__["_attributes"])
+            windows[(lo, hi, step)] = view
         return view
 
     def __getattr__(self, name):  # only called for names not set on the view
         return getattr(self.__dict__["_module"], name)
+
+
+MAX_WINDOWS = 4096
+
+
+class _ConfigView:
+    """The experts' config, with `_experts_implementation` fixed at what the runtime read at install."""
+
+    def __init__(self, config):
+        self.__dict__["_config"] = config
+        self.__dict__["_experts_implementation"] = getattr(config, "_experts_implementation", None)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_config"], name)
+
+
+def _kernel_attributes(module: nn.Module) -> dict:
+    """The module's plain attributes and submodules (`act_fn`), read once, and a config stand-in."""
+    found = {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+    found.update(module._modules)
+    if getattr(module, "config", None) is not None:
+        found["config"] = _ConfigView(module.config)
+    return found
 
 
 def allocate_pool(num_slots: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

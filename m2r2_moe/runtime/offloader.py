@@ -143,32 +143,40 @@ class Offloader:
         listening = bool(self.events.listeners)
         if listening:
             self.events.layer_started(self.clock.step, layer, tokens)
-        # Host sync on CUDA: the set of experts decides which copies to issue (paid once per layer).
-        needed = torch.unique(top_k_index).tolist()
-        kernel = self.kernels[layer]
-        if not needed:
-            out = torch.zeros_like(hidden_states)
-        elif len(needed) <= self.num_slots and waves.direct_is_exact(self.kernel_names[layer], tokens, top_k):
-            out = self.run_wave(layer, needed, lambda view, table: kernel(view, hidden_states, table[top_k_index],
-                                                                          top_k_weights), routing=top_k_index)
-        else:  # more experts than slots, or a kernel whose row order needs the pair-by-pair path
-            out = waves.run_pairs(self, layer, needed, hidden_states, top_k_index, top_k_weights)
+        kernel, name = self.kernels[layer], self.kernel_names[layer]
+        if tokens == 1 and waves.direct_is_exact(name, 1, top_k):  # decode at batch 1: the K experts read once,
+            # the slot indices built on the host
+            # host sync on CUDA: the set of experts decides which copies to issue (paid once per layer)
+            chosen = top_k_index[0].tolist()
+            out = self.run_wave(layer, sorted(set(chosen)), lambda view, slot_of: kernel(
+                view, hidden_states, to_device([[slot_of[e] for e in chosen]], self.device), top_k_weights),
+                routing=top_k_index)
+        else:
+            # host sync on CUDA, as above
+            needed = torch.unique(top_k_index).tolist()
+            if not needed:
+                out = torch.zeros_like(hidden_states)
+            elif len(needed) <= self.num_slots and waves.direct_is_exact(name, tokens, top_k):
+                out = self.run_wave(layer, needed, lambda view, slot_of: kernel(
+                    view, hidden_states, self.table(layer, view, slot_of)[top_k_index], top_k_weights),
+                    routing=top_k_index)
+            else:  # more experts than slots, or a kernel whose row order needs the pair-by-pair path
+                out = waves.run_pairs(self, layer, needed, hidden_states, top_k_index, top_k_weights)
         if listening:
             self.events.layer_finished(self.clock.step, layer)
         return out
 
     def run_wave(self, layer: int, wave: list[int], compute, routing: torch.Tensor | None = None) -> torch.Tensor:
         """Acquire the wave's experts, let the prefetcher look ahead (once per layer call: `routing` is the
-        layer's `top_k_index` on its first wave), wait for the copies, run `compute(view, table)` on the
+        layer's `top_k_index` on its first wave), wait for the copies, run `compute(view, slot_of)` on the
         slots, release. `view` stands in for the experts module with as few slots as possible (grouped_mm's
-        per-expert loop costs per slot seen); `table [E]` maps an expert id of the wave to its index in
-        `view` (out of range elsewhere)."""
+        per-expert loop costs per slot seen); `slot_of` maps each expert of the wave to its index in `view`."""
         self.stats.waves += 1
         keys = self.cache.keys(layer, wave)
-        slots, waits = self.cache.acquire(layer, wave, keys, self.clock.now(layer))
+        slots, waits, served, evicted = self.cache.acquire(layer, wave, keys, self.clock.now(layer))
         try:
             if routing is not None and self.prefetcher is not None:  # the wave is pinned, its loads queued first
-                self._look_ahead(layer, routing, frozenset(keys))
+                self._look_ahead(layer, routing, keys, served, evicted)
             self.cache.wait(layer, waits)
         except BaseException:
             self.cache.forget(keys)
@@ -177,20 +185,28 @@ class Offloader:
         try:
             lo, hi, step = slot_range(slots)
             view = self.views[layer].window(lo, hi, step)
-            table = [view.num_experts] * self.num_experts[layer]
-            for expert, slot in zip(wave, slots):
-                table[expert] = (slot - lo) // step
-            out = compute(view, to_device(table, self.device))
+            out = compute(view, {expert: (slot - lo) // step for expert, slot in zip(wave, slots)})
             done = self.engine.compute_done()  # CUDA: after the kernels reading these slots
         finally:
             self.cache.release(keys, slots, done)
         return out
 
-    def _look_ahead(self, layer: int, top_k_index: torch.Tensor, pinned: frozenset) -> None:
-        """Let the prefetcher predict and issue copies. A predictor that raises is switched off with one
-        warning (prefetching only ever changes speed, never outputs) and counted in the stats."""
+    def table(self, layer: int, view: SlotView, slot_of: dict[int, int]) -> torch.Tensor:
+        """`[E]` on the device: expert id -> its index in `view` (`view.num_experts`, out of range, for the
+        experts not in it)."""
+        table = [view.num_experts] * self.num_experts[layer]
+        for expert, index in slot_of.items():
+            table[expert] = index
+        return to_device(table, self.device)
+
+    def _look_ahead(self, layer: int, top_k_index: torch.Tensor, keys: list[int], served: list[int],
+                    evicted: list[int]) -> None:
+        """Let the prefetcher predict and issue copies (`keys`: the wave's, pinned; `served`: how each of their
+        uses was served, the outcome of earlier predictions; `evicted`: what their demand loads displaced). A
+        predictor that raises is switched off with one warning (prefetching only ever changes speed, never
+        outputs) and counted in the stats."""
         try:
-            self.prefetcher.on_layer(layer, top_k_index, pinned)
+            self.prefetcher.on_layer(layer, top_k_index, keys, served, evicted)
         except Exception as e:  # noqa: BLE001 — any predictor bug: fall back to on-demand loading
             name = self.prefetcher.predictor.name
             self.stats.predictor_failures += 1

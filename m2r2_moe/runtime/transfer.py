@@ -36,6 +36,12 @@ class Transfer(Protocol):
     nbytes: int
     priority: int  # 0: a demand load; d: a prefetch for d layers ahead
     error: BaseException | None  # why the copy failed, once it has
+    # for the profiler: host-clock (perf_counter) seconds the copy started and landed, 0 while unknown (on CUDA
+    # only while `time_copies` is on), the seconds it held the link, and whether it was withdrawn unstarted
+    started_at: float
+    finished_at: float
+    busy: float
+    cancelled: bool
 
     def ready(self) -> bool:
         """Whether the copy has landed (or failed); never blocks."""
@@ -70,6 +76,9 @@ class CopyEngine(Protocol):
     def discard_stalls(self) -> None:
         """Forget stall timings not drained yet (the counters were reset)."""
 
+    def time_copies(self, on: bool) -> None:
+        """Give copies host-clock start/finish times (CUDA: timing events); the CPU engine always does."""
+
     def compute_done(self):
         """An event recorded now on the compute stream, after the kernels queued so far (CUDA): a later copy
         into a slot they read waits for it. None where compute is synchronous (CPU)."""
@@ -82,6 +91,8 @@ class FailedTransfer:
     """A copy whose submission raised: ready at once, its wait raises `CopyError` (so it is redone)."""
 
     __slots__ = ("key", "slot", "nbytes", "priority", "error")
+    started_at = finished_at = busy = 0.0  # it never reached the link
+    cancelled = False
 
     def __init__(self, key: int, slot: int, nbytes: int, priority: int, error: BaseException):
         self.key, self.slot, self.nbytes, self.priority, self.error = key, slot, nbytes, priority, error

@@ -73,7 +73,8 @@ def pair_rows(runtime, layer, needed, hidden_states, top_k_index, weight_dtype, 
         # host sync: the wave's rows decide the kernel's shapes (multi-token forwards only)
         sel = order[torch.isin(experts[order], wanted)]  # [S] the wave's pairs, in canonical order
 
-        def compute(view, table, sel=sel):
+        def compute(view, slot_of, sel=sel):
+            table = runtime.table(layer, view, slot_of)
             return _compute_wave(runtime, layer, view, table, kernel, hidden_states, top_k, experts, sel, ones)
 
         rows[sel] = runtime.run_wave(layer, wave, compute, routing=top_k_index if start == 0 else None)
