@@ -13,7 +13,8 @@ from ..cli_common import (UsageError, add_model_argument, check_adapters, existi
                           nonnegative_float, nonnegative_int, one_of, positive_int, probability, require_matplotlib,
                           text_files)
 from ..corpus import token_stream
-from ..loading import load_model
+from ..builtin import resolve_name
+from ..loading import is_builtin, load_model
 from ..models import find_moe_layers
 from . import PREDICTORS, make_predictor, model_fingerprint
 from .collect import chunk_tokens, collect
@@ -36,6 +37,11 @@ def _load_model(args: argparse.Namespace):
         raise UsageError(f"--lookahead {args.lookahead}: this model has {len(layers)} MoE layers, so the lookahead is "
                          f"1..{len(layers) - 1}")
     return model, tokenizer, adapter, layers
+
+
+def _default_text(model_spec: str, split: str) -> str:
+    """The `--text` default: a built-in model's own corpus split, else the default corpus's."""
+    return f"builtin:{resolve_name(model_spec)}:{split}" if is_builtin(model_spec) else f"builtin:{split}"
 
 
 def _check_lengths(args: argparse.Namespace) -> None:
@@ -62,7 +68,8 @@ def add_train_parser(sub) -> None:
                                    "(the method: docs/design.md).")
     add_model_argument(p)
     p.add_argument("--text", nargs="+", default=None,
-                   help="calibration files/folders (default: builtin:train, the built-in model's training split)")
+                   help="calibration files/folders (default: a built-in model's own corpus, e.g. builtin:tiny-mixtral:train; "
+                        "builtin:train for other models)")
     p.add_argument("--lookahead", "--depth", dest="lookahead", type=positive_int, default=4,
                    help="layers ahead the adapters predict: distances d = 1..lookahead")
     p.add_argument("--rank", type=positive_int, default=32, help="rank of each low-rank adapter")
@@ -76,7 +83,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--kinds", type=listed(one_of(("linear", "mlp"))), default="linear,mlp",
                    help="accelerators to train: linear (always fitted), mlp (nonlinear heads)")
     p.add_argument("--width", type=positive_int, default=128, help="hidden width of each nonlinear head")
-    p.add_argument("--epochs", type=positive_int, default=4,
+    p.add_argument("--epochs", type=positive_int, default=3,
                    help="most passes over the calibration tokens for the heads (early-stopped on validation)")
     p.add_argument("--within-token", action="store_true",
                    help="no heads for the next token's first layers (the predictor then does not wrap)")
@@ -97,7 +104,7 @@ def train_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out} is a folder; name the file to write, e.g. "
                          f"{Path(args.out) / 'adapters.safetensors'}")
     _check_lengths(args)
-    files = text_files(args.text, "builtin:train")
+    files = text_files(args.text, _default_text(args.model, "train"))
     torch.manual_seed(args.seed)
     model, tokenizer, adapter, layers = _load_model(args)
     ids = _tokens(tokenizer, files, args)
@@ -109,7 +116,8 @@ def train_command(args: argparse.Namespace) -> int:
     )
     settings = {k: getattr(args, k) for k in ("max_tokens", "seq_len", "validation", "rank", "ridge", "kl_steps",
                                               "kl_samples", "width", "epochs", "within_token", "seed")}
-    info = {"model": args.model, "files": len(files), "seconds": round(report["seconds"], 1), **settings,
+    info = {"model": args.model, "files": len(files), "seconds": round(report["seconds"], 1),
+            "stage_seconds": report["stage_seconds"], **settings,
             **{k: report[k] for k in ("tokens", "validation_tokens", "kind", "validation", "mean_final", "by_depth",
                                       "route_features")},
             "mlp": report.get("mlp")}
@@ -122,6 +130,8 @@ def train_command(args: argparse.Namespace) -> int:
         heads = f" and {len(pairs)} mlp heads (width {args.width}, {wrapped} for the next token)"
     print(f"trained {len(report['pairs'])} adapters (depth {args.lookahead}, rank {args.rank}){heads} on "
           f"{report['tokens']} tokens in {report['seconds']:.1f} s → {args.out}")
+    print("  stages (s): " + ", ".join(f"{k} {v}" for k, v in report["stage_seconds"].items())
+          + f"; torch threads {torch.get_num_threads()}")
     print(f"default kind: {report['kind']} (the better top-k recall on {report['validation_tokens']} validation tokens)")
     print(training_summary(report, len(layers)))
     return 0
@@ -142,7 +152,8 @@ def add_eval_parser(sub) -> None:
                    help="m2r2 adapters file (default: the shipped ones of a built-in model)")
     p.add_argument("--kind", default=None, choices=["linear", "mlp"],
                    help="which of the adapters' accelerators m2r2 runs (default: the one the file names)")
-    p.add_argument("--text", nargs="+", default=None, help="held-out files/folders (default: builtin:heldout)")
+    p.add_argument("--text", nargs="+", default=None, help="held-out files/folders (default: a built-in model's own corpus, e.g. "
+                                                                "builtin:tiny-mixtral:heldout; builtin:heldout for other models)")
     p.add_argument("--max-tokens", type=positive_int, default=16384, help="held-out tokens to evaluate")
     p.add_argument("--offset-tokens", type=nonnegative_int, default=0,
                    help="skip this many tokens of the text first (e.g. a validation window of the train split)")
@@ -165,7 +176,7 @@ def eval_command(args: argparse.Namespace) -> int:
         raise UsageError("--predictors: 'none' predicts nothing; name at least one of "
                          + ", ".join(n for n in PREDICTORS if n != "none"))
     _check_lengths(args)
-    files = text_files(args.text, "builtin:heldout")
+    files = text_files(args.text, _default_text(args.model, "heldout"))
     model, tokenizer, adapter, layers = _load_model(args)
     if "m2r2" in names:
         check_adapters(model, layers, args.model, args.adapters, "--predictors")

@@ -24,7 +24,7 @@ from ..models.base import MoEAdapter, MoELayer
 from .accelerators import AcceleratorAdapters
 from .collect import RoutingSet, RoutingSetBuilder, collect_normed
 from .linear_fit import _finetune_pair, _pair_losses, _recall, _solve, _Stats  # noqa: F401  (re-exported)
-from .train_mlp import batch_targets, fit_heads, head_logits, pair_table
+from .train_mlp import fit_heads, head_recalls
 
 logger = logging.getLogger(__name__)
 KEYS = ("nmse", "kl", "recall_topk", "gate_recall_topk")
@@ -34,7 +34,7 @@ def train_adapters(model, adapter: MoEAdapter, layers: list[MoELayer], batches: 
                    depth: int = 4, rank: int = 32, ridge: float = 1e-3, kl_steps: int = 0, kl_weight: float = 1.0,
                    kl_samples: int = 8192, lr: float = 3e-3, seed: int = 0, route_features: bool = False,
                    progress: bool = True, kinds: tuple[str, ...] = ("linear", "mlp"), width: int = 128,
-                   wraps: bool = True, epochs: int = 4, validation: float = 0.125,
+                   wraps: bool = True, epochs: int = 3, validation: float = 0.125,
                    ) -> tuple[AcceleratorAdapters, dict]:
     """Train accelerators on calibration `batches` of token ids `[B, S]`. Returns (adapters, report).
 
@@ -42,6 +42,8 @@ def train_adapters(model, adapter: MoEAdapter, layers: list[MoELayer], batches: 
     across the token boundary with `wraps`); the better on the validation split (the last `validation` share
     of the rows) becomes the default. `route_features`: the linear adapters also see which experts the source
     layer routes to (off by default: on the built-in model it changed recall by < 0.2 points)."""
+    if not 1 <= depth < len(layers):
+        raise ValueError(f"depth {depth}: a model of {len(layers)} MoE layers is predicted 1..{len(layers) - 1} ahead")
     batches = list(batches)
     rows = torch.cat(batches) if batches else torch.zeros(0, 1, dtype=torch.long)  # [rows, S]
     if len(rows) < 2:
@@ -66,24 +68,44 @@ def train_adapters(model, adapter: MoEAdapter, layers: list[MoELayer], batches: 
 
 def _train(model, adapter, layers, batches, val_rows, adapters, opts):
     torch.manual_seed(opts["seed"])
-    start = time.perf_counter()
+    clock = _StageClock()
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and p.numel())
     train, sample, stats = _collect_train(model, adapter, layers, batches, adapters, dtype, opts)
     val = _collect(model, adapter, layers, val_rows.split(len(batches[0])), dtype, keep_residuals=True)
+    clock.lap("collect")
     report = {"tokens": stats[0].n, "validation_tokens": val.tokens, "depth": adapters.depth, "rank": adapters.rank,
               "ridge": opts["ridge"], "route_features": adapters.route_features}
     report |= _fit_linear(adapters, adapter, layers, stats, sample, dtype, opts)
+    clock.lap("linear")
     if "mlp" in opts["kinds"]:
         heads, report["mlp"] = fit_heads(train, val, adapters.depth, opts["width"], opts["wraps"], opts["epochs"],
                                          seed=opts["seed"], progress=opts["progress"])
         adapters.mlp = heads
+        clock.lap("mlp")
     report["validation"] = validation_recalls(adapters, adapter, layers, val, dtype)
+    clock.lap("validate")
     scores = {kind: _mean(report["validation"][kind]) for kind in ("linear", "mlp") if kind in report["validation"]}
     adapters.kind = max(scores, key=scores.get)
-    report["kind"], report["seconds"] = adapters.kind, time.perf_counter() - start
+    report |= {"kind": adapters.kind, "seconds": clock.total, "stage_seconds": clock.stages}
     logger.info("accelerators: validation recall within the token %s; default kind %s",
                 {k: round(v, 4) for k, v in scores.items()}, adapters.kind)
     return adapters, report
+
+
+class _StageClock:
+    """Wall seconds per training stage (`lap(name)` closes the stage since the previous lap)."""
+
+    def __init__(self):
+        self.start = self.mark = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stages[name], self.mark = round(now - self.mark, 1), now
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def _collect(model, adapter, layers, batches, dtype, keep_residuals=False) -> RoutingSet:
@@ -160,29 +182,5 @@ def validation_recalls(adapters: AcceleratorAdapters, adapter, layers, val: Rout
             linear = adapter.route(target, target.norm(r_hat.to(dtype)))[0]
             out["gate"][f"{l}->{l + d}"], out["linear"][f"{l}->{l + d}"] = _recall(gate, used, k), _recall(linear, used, k)
     if adapters.mlp is not None:
-        out["mlp"], out["previous_token"] = _head_recalls(adapters.mlp, val, k)
+        out["mlp"], out["previous_token"] = head_recalls(adapters.mlp, val, k)
     return out
-
-
-def _head_recalls(heads, val: RoutingSet, k: int) -> tuple[dict, dict]:
-    table = pair_table(heads)
-    rows = torch.arange(val.tokens)
-    used, mask = batch_targets(val, rows, table, field="chosen")  # [P, N, K], [P, N]
-    top = head_logits(heads, val).topk(k, dim=-1).indices  # [P, N, K]
-    hits = (top.unsqueeze(-1) == used.unsqueeze(-2)).any(-2).float().mean(-1)  # [P, N]
-    recall = (hits * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # [P]
-    mlp, previous = {}, {}
-    num_layers = heads.num_layers
-    following = val.next.clamp_min(0)
-    for i, (l, d) in enumerate((l, d) for l in range(num_layers) for d in range(1, heads.depth + 1)):
-        if not table[2][i]:
-            continue
-        if l + d < num_layers:
-            mlp[f"{l}->{l + d}"] = recall[i].item()
-            continue
-        j = l + d - num_layers
-        mlp[f"{l}->next:{j}"] = recall[i].item()
-        if l == num_layers - 1:  # the current token's experts at layer j, for the next token's layer j
-            same = (val.chosen[j].unsqueeze(-1) == val.chosen[j][following].unsqueeze(-2)).any(-2).float().mean(-1)
-            previous[f"next:{j}"] = (same * mask[i]).sum().item() / mask[i].sum().clamp_min(1).item()
-    return mlp, previous

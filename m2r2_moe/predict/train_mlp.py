@@ -67,7 +67,7 @@ def validation_kl(heads: MLPHeads, data: RoutingSet) -> float:
 
 
 def fit_heads(train: RoutingSet, val: RoutingSet, depth: int, width: int = 128, wraps: bool = True,
-              epochs: int = 4, lr: float = 4e-3, batch: int = 512, patience: int = 2, seed: int = 0,
+              epochs: int = 3, lr: float = 4e-3, batch: int = 512, patience: int = 2, seed: int = 0,
               progress: bool = True) -> tuple[MLPHeads, dict]:
     """Train heads for every (layer, depth) pair on `train`, early-stopped on `val`. Returns (heads, report)."""
     num_layers, _, hidden = train.normed.shape
@@ -111,3 +111,30 @@ def fit_heads(train: RoutingSet, val: RoutingSet, depth: int, width: int = 128, 
                 len(history))
     return heads, {"width": width, "epochs_run": len(history), "best_epoch": history.index(best) + 1,
                    "validation_kl": history, "lr": lr, "batch": batch}
+
+
+@torch.no_grad()
+def head_recalls(heads: MLPHeads, val: RoutingSet, k: int) -> tuple[dict, dict]:
+    """Top-k recall of every trained pair on `val` (`{"l->t": recall}`, `{"l->next:j": recall}` across the token),
+    and of the current token's experts for the next token's layers j < depth (`{"next:j": recall}`)."""
+    table = pair_table(heads)
+    rows = torch.arange(val.tokens)
+    used, mask = batch_targets(val, rows, table, field="chosen")  # [P, N, K], [P, N]
+    top = head_logits(heads, val).topk(k, dim=-1).indices  # [P, N, K]
+    hits = (top.unsqueeze(-1) == used.unsqueeze(-2)).any(-2).float().mean(-1)  # [P, N]
+    recall = (hits * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # [P]
+    mlp, previous = {}, {}
+    num_layers = heads.num_layers
+    following = val.next.clamp_min(0)
+    for i, (l, d) in enumerate((l, d) for l in range(num_layers) for d in range(1, heads.depth + 1)):
+        if not table[2][i]:
+            continue
+        if l + d < num_layers:
+            mlp[f"{l}->{l + d}"] = recall[i].item()
+            continue
+        j = l + d - num_layers
+        mlp[f"{l}->next:{j}"] = recall[i].item()
+        if l == num_layers - 1:  # the current token's experts at layer j, for the next token's layer j
+            same = (val.chosen[j].unsqueeze(-1) == val.chosen[j][following].unsqueeze(-2)).any(-2).float().mean(-1)
+            previous[f"next:{j}"] = (same * mask[i]).sum().item() / mask[i].sum().clamp_min(1).item()
+    return mlp, previous
