@@ -117,7 +117,7 @@ class AcceleratorAdapters(nn.Module):
         tensors = {"U": self.U.detach().contiguous(), "V": self.V.detach().contiguous(), "b": self.b.detach().contiguous()}
         if self.mlp is not None:
             meta |= {"mlp_width": str(self.mlp.width), "num_experts": str(self.mlp.num_experts),
-                     "wraps": str(int(self.mlp.wraps)), "activation": "gelu"}
+                     "wraps": str(int(self.mlp.wraps)), "activation": "relu"}
             tensors |= {f"mlp.{n}": getattr(self.mlp, n).detach().contiguous() for n in _MLP_TENSORS}
         save_file(tensors, str(path), metadata=meta)
 
@@ -135,6 +135,8 @@ class AcceleratorAdapters(nn.Module):
             geometry = [int(meta[k]) for k in ("num_layers", "hidden", "depth", "rank")]
             mlp = None
             if "mlp.w1" in tensors:
+                if meta.get("activation") != "relu":
+                    raise ValueError(f"heads with activation {meta.get('activation')!r} (this version runs relu)")
                 mlp = MLPHeads(geometry[0], geometry[1], geometry[2], int(meta["mlp_width"]), int(meta["num_experts"]),
                                wraps=meta.get("wraps") == "1")
             adapters = cls(*geometry, int(meta.get("route_features", 0)), mlp=mlp, kind=meta.get("kind", "linear"))

@@ -53,6 +53,7 @@ class M2R2Predictor(GatePredictor):
             raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
         self.adapters = adapters
         super().__init__(num_layers, num_experts, top_k, min(depth, adapters.depth), adapter, layers)
+        self._depth_lists = [list(self.depths(layer)) for layer in range(num_layers)]
         self._fused = [self._fuse(layer) for layer in range(num_layers)]
 
     def _stack(self):
@@ -122,14 +123,15 @@ class M2R2Predictor(GatePredictor):
         depths, scores = self.predict_stacked(layer, residual, chosen)
         return {d: scores[i] for i, d in enumerate(depths)}
 
-    @torch.no_grad()
     def predict_stacked(self, layer, residual, chosen=None, normed=None):
-        depths = list(self.depths(layer))
+        depths = self._depth_lists[layer]
         if not depths:
             return [], None
-        if self.kind == "mlp":  # [D, T, E]: four ops (mlp.fused_probabilities)
-            return depths, fused_probabilities(self._fused[layer], _float(self._normed(layer, residual, normed)))
-        return depths, self._probabilities(layer, self._accelerated(layer, residual, chosen, normed))
+        if self.kind == "mlp":  # [D, T, E] in four ops, on detached weights: no autograd state to switch off
+            x = normed if normed is not None else self._normed(layer, residual, None)
+            return list(depths), fused_probabilities(self._fused[layer], _float(x))
+        with torch.no_grad():
+            return list(depths), self._probabilities(layer, self._accelerated(layer, residual, chosen, normed))
 
     def flops_per_token(self, layer: int) -> int:
         """Multiply-adds x2 of one prediction from `layer` (all its depths), for the kind in use."""

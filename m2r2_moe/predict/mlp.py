@@ -1,7 +1,7 @@
 """Nonlinear accelerators: one small MLP per (source layer l, depth d) that maps the router input of layer l
 straight to the router logits of its target.
 
-    z_{l,d} = W2_{l,d} · gelu(W1_{l,d} · x_l + b1_{l,d}) + b2_{l,d}        x_l = norm_l(r_l) [H], z [E]
+    z_{l,d} = W2_{l,d} · relu(W1_{l,d} · x_l + b1_{l,d}) + b2_{l,d}        x_l = norm_l(r_l) [H], z [E]
 
 The target of (l, d) is layer l + d of the same token; with `wraps`, a target past the last layer (l + d >= L)
 is layer l + d - L of the *next* token (cross-token heads: the prefetcher's horizon past the token). Predicted
@@ -9,14 +9,15 @@ probabilities are softmax(z), trained against the target router's distribution (
 each expert's probability of use, like a router's own softmax.
 
 All depths of a source layer are evaluated together: the D hidden layers side by side as one matmul
-(`W1_l [H, D*M]`), then one batched matmul for the D heads — four ops per layer at decode (`logits`).
+(`W1_l [H, D*M]`), then one batched matmul for the D heads — four ops per layer at decode
+(`fused_probabilities`). ReLU, applied in place: at batch 1 the exact GELU cost more than the matmul before it
+(a fixed per-call overhead), for 0.1-0.2 points of recall on the built-in model.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 
 class MLPHeads(nn.Module):
@@ -48,7 +49,7 @@ class MLPHeads(nn.Module):
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Training path: `x [L, B, H]` (every source layer's router input for B tokens) → logits `[L, D, B, E]`."""
         num_layers, batch, _ = x.shape
-        h = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), x, self.w1))  # [L, B, D*M]
+        h = torch.relu(torch.baddbmm(self.b1.unsqueeze(1), x, self.w1))  # [L, B, D*M]
         h = h.view(num_layers, batch, self.depth, self.width).transpose(1, 2)  # [L, D, B, M]
         h = h.reshape(num_layers * self.depth, batch, self.width)  # [L*D, B, M]
         w2 = self.w2.view(num_layers * self.depth, self.width, self.num_experts)
@@ -58,7 +59,7 @@ class MLPHeads(nn.Module):
     def head_logits(self, layer: int, depth: int, x: torch.Tensor) -> torch.Tensor:
         """Reference for one pair: `x [T, H]` float32 → logits `[T, E]`."""
         cols = slice((depth - 1) * self.width, depth * self.width)
-        h = F.gelu(x @ self.w1[layer, :, cols] + self.b1[layer, cols])  # [T, M]
+        h = torch.relu(x @ self.w1[layer, :, cols] + self.b1[layer, cols])  # [T, M]
         return h @ self.w2[layer, depth - 1] + self.b2[layer, depth - 1]
 
     @torch.no_grad()
@@ -79,8 +80,9 @@ class MLPHeads(nn.Module):
 
 def fused_probabilities(fused: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
     """Decode path: `x [T, H]` float32 through `MLPHeads.fuse`'s tensors → probabilities `[n, T, E]`.
-    Four ops whatever the depth count: the hidden layers as one addmm, gelu, the heads as one baddbmm, softmax."""
+    Four ops whatever the depth count: the hidden layers as one addmm, relu in place, the heads as one baddbmm,
+    the softmax."""
     w1, b1, w2, b2 = fused
-    h = F.gelu(torch.addmm(b1, x, w1))  # [T, n*M]
+    h = torch.addmm(b1, x, w1).relu_()  # [T, n*M]
     h = h.view(x.shape[0], w2.shape[0], w2.shape[1]).transpose(0, 1)  # [n, T, M]
     return torch.softmax(torch.baddbmm(b2, h, w2), dim=-1)  # [n, T, E]
