@@ -219,3 +219,25 @@ def test_routing_sets_mark_sequence_ends_and_hold_the_routers_choice(model_and_l
     assert torch.allclose(data.probs.sum(-1), torch.ones(len(layers), 64))
     top = data.probs.topk(2, dim=-1).indices.sort(-1).values
     assert torch.equal(top, data.chosen.sort(-1).values)  # the distribution ranks the experts the block used
+
+
+def test_heads_compute_where_the_model_computes_without_host_syncs(model_and_layers):
+    """Every tensor the heads' predictor holds follows `to` (the model's device, played by `meta`), and its
+    per-layer calls read nothing back to the host."""
+    from test_device_placement import owned_tensors
+    from test_host_syncs import SyncWatch
+
+    model, adapter, layers = model_and_layers
+    p = mlp_predictor(model, adapter, layers)
+    residual, chosen = torch.randn(1, 64), torch.zeros(1, 2, dtype=torch.long)
+    with SyncWatch() as watch:
+        for layer in range(len(layers)):
+            p.predict_stacked(layer, residual, chosen, normed=layers[layer].norm(residual))
+            p.observe(layer, chosen)
+    assert watch.calls == []
+    p.to("meta")
+    stray = [path for path, t in owned_tensors(p) if t.device.type != "meta"]
+    assert stray == []
+    meta = torch.empty(1, 64, device="meta")
+    depths, scores = p.predict_stacked(len(layers) - 1, meta, chosen.to("meta"), normed=meta)
+    assert depths == [1, 2] and scores.device.type == "meta" and scores.shape == (2, 1, 8)

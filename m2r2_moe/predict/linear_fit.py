@@ -30,14 +30,20 @@ class _Stats:
         self.xy = [torch.zeros(features, hidden, dtype=torch.float64) for _ in range(depths)]
 
     def add(self, x: torch.Tensor, ys: list[torch.Tensor]) -> None:
-        x = x.double()
+        """One batch: `x [N, F]`, `ys` = per rate `[N, H]`. The batch's products in float32 (one matmul for all
+        rates), summed over batches in float64."""
+        x = x.float()
         self.n += x.shape[0]
-        self.sx += x.sum(0)
-        self.xx += x.T @ x
-        for i, y in enumerate(ys):
-            y = y.double()
-            self.sy[i] += y.sum(0)
-            self.xy[i] += x.T @ y
+        self.sx += x.sum(0, dtype=torch.float64)
+        self.xx += (x.T @ x).double()
+        if not ys:
+            return
+        y = torch.cat(ys, dim=1).float()  # [N, D*H]
+        xy, sy = (x.T @ y).double().split(self.sy[0].shape[0], dim=1), y.sum(0, dtype=torch.float64).split(
+            self.sy[0].shape[0])
+        for i in range(len(ys)):
+            self.sy[i] += sy[i]
+            self.xy[i] += xy[i]
 
 
 def _solve(stats: _Stats, i: int, rank: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

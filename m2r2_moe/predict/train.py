@@ -148,10 +148,10 @@ def _fit_linear(adapters, adapter, layers, stats, sample, dtype, opts) -> dict:
     report = {"pairs": {}}
     steps = opts["kl_steps"]
     for l, d in tqdm(pairs, desc="fine-tune on routing (KL)", disable=not opts["progress"] or steps == 0):
-        before = _pair_losses(adapters, adapter, layers, sample, l, d, dtype)
+        before = after = _pair_losses(adapters, adapter, layers, sample, l, d, dtype)
         if steps:
             _finetune_pair(adapters, adapter, layers, sample, l, d, dtype, steps, opts["kl_weight"], opts["lr"])
-        after = _pair_losses(adapters, adapter, layers, sample, l, d, dtype)
+            after = _pair_losses(adapters, adapter, layers, sample, l, d, dtype)
         report["pairs"][f"{l}->{l + d}"] = {"closed_form": before, "final": after}
     report["mean_final"] = {k: sum(p["final"][k] for p in report["pairs"].values()) / len(pairs) for k in KEYS}
     report["by_depth"] = {}
