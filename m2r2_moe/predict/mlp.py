@@ -9,7 +9,7 @@ probabilities are softmax(z), trained against the target router's distribution (
 each expert's probability of use, like a router's own softmax.
 
 All depths of a source layer are evaluated together: the D hidden layers side by side as one matmul
-(`W1_l [H, D*M]`), then one batched matmul for the D heads — four ops per layer at decode
+(`W1_l [H, D*M]`), then the D heads as one block-diagonal matmul — four ops per layer at decode
 (`fused_probabilities`). ReLU, applied in place: at batch 1 the exact GELU cost more than the matmul before it
 (a fixed per-call overhead), for 0.1-0.2 points of recall on the built-in model.
 """
@@ -64,25 +64,27 @@ class MLPHeads(nn.Module):
 
     @torch.no_grad()
     def fuse(self, layer: int, count: int) -> tuple[torch.Tensor, ...]:
-        """The first `count` depths of `layer`, laid out for `fused_probabilities`: (w1 `[H, n*M]`, b1 `[n*M]`,
-        w2 `[n, M, E]`, b2 `[n, 1, E]`), contiguous copies on the heads' device."""
-        cols = count * self.width
-        return (self.w1[layer, :, :cols].contiguous(), self.b1[layer, :cols].contiguous(),
-                self.w2[layer, :count].contiguous(), self.b2[layer, :count].unsqueeze(1).contiguous())
+        """The first n = `count` depths of `layer`, laid out for `fused_probabilities`: (w1 `[H, n*M]`, b1 `[n*M]`,
+        the heads as one block-diagonal matrix `[n*M, n*E]` (one matmul for all of them: at decode sizes the
+        zeros cost less than a batched matmul's dispatch), b2 `[n*E]`, n), contiguous, on the heads' device."""
+        cols, width, experts = count * self.width, self.width, self.num_experts
+        w2 = self.w1.new_zeros(cols, count * experts)
+        for i in range(count):
+            w2[i * width : (i + 1) * width, i * experts : (i + 1) * experts] = self.w2[layer, i]
+        return (self.w1[layer, :, :cols].contiguous(), self.b1[layer, :cols].contiguous(), w2,
+                self.b2[layer, :count].reshape(-1).contiguous(), count)
 
     def flops_per_token(self, count: int) -> int:
-        """Multiply-adds x2 of `count` depths of one source layer."""
-        return count * 2 * (self.hidden * self.width + self.width * self.num_experts)
-
-    def parameters_per_layer(self, count: int) -> int:
-        return count * (self.hidden * self.width + self.width + self.width * self.num_experts + self.num_experts)
+        """Multiply-adds x2 that `fused_probabilities` executes for `count` depths of one source layer (the
+        block-diagonal head matrix included, zeros and all)."""
+        return 2 * count * self.width * (self.hidden + count * self.num_experts)
 
 
-def fused_probabilities(fused: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
-    """Decode path: `x [T, H]` float32 through `MLPHeads.fuse`'s tensors → probabilities `[n, T, E]`.
-    Four ops whatever the depth count: the hidden layers as one addmm, relu in place, the heads as one baddbmm,
+def fused_probabilities(fused: tuple, x: torch.Tensor) -> torch.Tensor:
+    """Decode path: `x [T, H]` float32 through `MLPHeads.fuse`'s tensors → probabilities `[n, T, E]` (a view).
+    Four ops whatever the depth count: the hidden layers as one addmm, relu in place, the heads as one addmm,
     the softmax."""
-    w1, b1, w2, b2 = fused
+    w1, b1, w2, b2, count = fused
     h = torch.addmm(b1, x, w1).relu_()  # [T, n*M]
-    h = h.view(x.shape[0], w2.shape[0], w2.shape[1]).transpose(0, 1)  # [n, T, M]
-    return torch.softmax(torch.baddbmm(b2, h, w2), dim=-1)  # [n, T, E]
+    logits = torch.addmm(b2, h, w2).view(x.shape[0], count, -1)  # [T, n, E]
+    return torch.softmax(logits, dim=-1).transpose(0, 1)
