@@ -67,6 +67,7 @@ def pair_rows(runtime, layer, needed, hidden_states, top_k_index, weight_dtype, 
     order = canonical_order(kernel, top_k_index)  # [P]
     rows = hidden_states.new_empty(experts.shape[0], hidden_states.shape[1])
     ones = torch.ones(1, 1, dtype=weight_dtype, device=hidden_states.device)  # x * 1 promotes as the kernel's x * w
+    needed = resident_first(runtime.cache, layer, needed)
     for start in range(0, len(needed), runtime.num_slots):
         wave = needed[start : start + runtime.num_slots]
         wanted = torch.tensor(wave, device=experts.device)
@@ -79,6 +80,12 @@ def pair_rows(runtime, layer, needed, hidden_states, top_k_index, weight_dtype, 
 
         rows[sel] = runtime.run_wave(layer, wave, compute, routing=top_k_index if start == 0 else None)
     return rows
+
+
+def resident_first(cache, layer: int, needed: list[int]) -> list[int]:
+    """`needed` with the experts that hold a slot (resident or arriving) first, each group in id order."""
+    holds = [cache.slots.lookup(key) >= 0 for key in cache.keys(layer, needed)]
+    return [e for e, h in zip(needed, holds) if h] + [e for e, h in zip(needed, holds) if not h]
 
 
 def _compute_wave(runtime, layer, view, table, kernel, hidden_states, top_k, experts, sel, ones) -> torch.Tensor:

@@ -1,0 +1,187 @@
+"""Prefill streaming (runtime/prefill.py, ExpertCache.stream) and prefill/decode counters (runtime/phases.py).
+
+Invariants:
+- in a forward of many tokens, the next layers' experts are copied while a layer computes: only the first
+  layer waits for demand loads when the slots hold two layers' experts;
+- no expert is copied twice in one forward, whatever the policy and cache size (layers computed in waves
+  too), and the logits stay the original's;
+- a streamed copy is not withdrawn by a prediction; decode (one token per layer call) never streams;
+- on a link of known speed only what the link moves while a layer computes (with a margin) is queued;
+- selection rates are learned per layer: experts a layer never uses stop being streamed;
+- `stats().prefill` / `.decode` split time, stall, bytes, misses and prefetches, and add up to the totals.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import m2r2_moe
+from conftest import tiny_mixtral
+from m2r2_moe.profile import Recorder
+from m2r2_moe.runtime.prefill import PrefillStream
+from test_prefetch import ManualEngine
+
+pytestmark = pytest.mark.lossless  # CI repeats these at other thread counts
+
+
+def _offloaded(cache: int, policy: str = "predictive"):
+    model = tiny_mixtral(layers=4)  # 4 MoE layers x 8 experts, top-2
+    m2r2_moe.offload(model, device="cpu", cache_experts=cache, policy=policy)
+    offloader = m2r2_moe.get_offloader(model)
+    offloader.replace_engine(ManualEngine())  # copies land when compute waits for them
+    return model, offloader
+
+
+def _every_expert(tokens: int = 8) -> torch.Tensor:
+    """`[T, 2]` routing that uses all 8 experts."""
+    return torch.tensor([[t % 8, (t + 3) % 8] for t in range(tokens)])
+
+
+def _forward(offloader, routing: list[torch.Tensor]) -> None:
+    for layer, index in enumerate(routing):
+        hidden = torch.randn(index.shape[0], 64)
+        offloader.run_experts(layer, hidden, index, torch.full(index.shape, 0.5))
+
+
+def test_the_next_layer_streams_in_while_a_layer_computes():
+    model, offloader = _offloaded(cache=16)  # two layers' experts
+    try:
+        _forward(offloader, [_every_expert()] * 4)
+        stats = m2r2_moe.stats(model)
+    finally:
+        m2r2_moe.remove_offload(model)
+    assert stats.misses == 8  # layer 0 only: the rest was streamed in while the layer before computed
+    assert stats.prefetches == 24 and stats.late_prefetches + stats.prefetch_hits == 24
+    assert stats.bytes_to_device == 32 * offloader.expert_bytes[0]  # one copy of each expert used
+
+
+def test_decode_never_streams():
+    model, offloader = _offloaded(cache=16)
+    try:
+        _forward(offloader, [torch.tensor([[1, 5]])] * 4)
+        assert m2r2_moe.stats(model).prefetches == 0
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
+def test_a_prediction_does_not_withdraw_a_streamed_copy():
+    model, offloader = _offloaded(cache=16)
+    try:
+        _forward(offloader, [_every_expert()])  # layer 0 streams layer 1's experts
+        cache = offloader.cache
+        assert cache.queued_prefetches() == 8
+        assert not cache.withdraw(1, 3)
+        cache.prefetch(3, 0, 3, offloader.clock.now(0), frozenset())  # a prediction's own prefetch
+        assert cache.withdraw(3, 0)
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
+@pytest.mark.parametrize("link", [None, 0.05, 100.0])  # unknown speed; slow: a copy or two ahead; fast: deep
+@pytest.mark.parametrize("policy", ["lru", "predictive"])
+@pytest.mark.parametrize("cache", [3, 5, 8, 12, 20])
+def test_no_expert_is_copied_twice_in_a_forward_and_logits_stay(policy, cache, link):
+    model = tiny_mixtral(layers=4)
+    prompts = [torch.randint(3, 96, (1, n), generator=torch.Generator().manual_seed(n)) for n in (6, 30, 17)]
+    with torch.no_grad():
+        references = [model(input_ids=p).logits for p in prompts]
+    m2r2_moe.offload(model, device="cpu", cache_experts=cache, policy=policy, link_gbps=link)
+    recorder = Recorder(m2r2_moe.get_offloader(model))
+    try:
+        with torch.no_grad():
+            for prompt, reference in zip(prompts, references):
+                assert torch.equal(model(input_ids=prompt).logits, reference)
+        stats = m2r2_moe.stats(model)
+    finally:
+        recorder.detach()
+        m2r2_moe.remove_offload(model)
+    copies = Counter((c.step, c.key) for c in recorder.copies if not c.cancelled)
+    assert max(copies.values()) == 1
+    if cache >= 8:
+        assert stats.prefetches > 0
+
+
+@pytest.mark.parametrize("policy", ["lru", "predictive"])
+def test_only_the_next_layer_may_displace_an_expert_this_forward_still_needs(policy):
+    model, offloader = _offloaded(cache=7, policy=policy)
+    cache = offloader.cache
+    try:
+        later = cache.keys(3, [0, 1])
+        slots, _ = cache.acquire(3, [0, 1], later, 3)  # used at layer 3 of forward 0: needed at turn 7 again
+        cache.release(later, slots, None)
+        cache.prefetch(2, 6, 2, 0, frozenset())  # predicted for turn 2, never used: stale from turn 3 on
+        pinned = cache.keys(0, [0, 1, 2, 3])
+        slots, _ = cache.acquire(0, [0, 1, 2, 3], pinned, 4)  # forward 1, layer 0: every slot taken
+        stale = 2 * cache.key_stride + 6
+        farther = cache.stream([(2, 4, 2), (2, 5, 2)], 4, frozenset(pinned), 0, limit=8)
+        assert all(cache.slots.lookup(k) >= 0 for k in later)  # a farther layer never displaces them
+        assert farther == (1 if policy == "predictive" else 0)  # only the stale expert gives way
+        assert (cache.slots.lookup(stale) < 0) == (policy == "predictive")
+        nearest = cache.stream([(1, 5, 1)], 4, frozenset(pinned), 0, limit=8)
+        # the next layer may displace one needed later in the forward (predictive knows which), lru only
+        # what the forward is done with (none here)
+        assert nearest == (1 if policy == "predictive" else 0)
+        cache.release(pinned, slots, None)
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
+class _Link:
+    def __init__(self, seconds: float, queued: int = 0):
+        self.seconds, self.queued = seconds, queued
+        self.engine = self
+
+    def link_seconds(self, nbytes: int) -> float:
+        return self.seconds
+
+    def queued_prefetches(self) -> int:
+        return self.queued
+
+
+def _stream(cache, layer_seconds: float) -> PrefillStream:
+    clock = SimpleNamespace(layer_seconds=layer_seconds, step=0)
+    return PrefillStream(cache, clock, [8, 8, 8], [100] * 3, top_k=2)
+
+
+def test_on_a_known_link_only_what_it_moves_while_a_layer_computes_is_queued():
+    wanted = [(1, e, 1) for e in range(8)] + [(2, e, 2) for e in range(8)]
+    assert _stream(_Link(1e-3), 2e-3).copy_budget(0, wanted) == 3  # 1.5 layer times of 1 ms copies
+    assert _stream(_Link(1e-3, queued=2), 2e-3).copy_budget(0, wanted) == 1
+    assert _stream(_Link(1e-3), 20e-3).copy_budget(0, wanted) == 30  # compute-bound: deeper
+    assert _stream(_Link(0.0), 2e-3).copy_budget(0, wanted) == 8  # link speed unknown: the nearest layer
+    assert _stream(_Link(1e-3), 0.0).copy_budget(0, wanted) == 8  # layer time unknown yet
+
+
+def test_selection_rates_are_learned_per_layer():
+    stream = _stream(_Link(0.0), 0.0)
+    assert stream.likely(1, 256) == list(range(8))  # the uniform prior: every expert, for a long prompt
+    assert stream.likely(1, 1) == []  # one token: no expert more likely than not
+    stream.route(1, torch.tensor([[0, 1]] * 2000))
+    assert sorted(stream.likely(1, 256)) == [0, 1]
+    assert stream.likely(2, 256) == list(range(8))  # another layer learned nothing
+
+
+def test_prefill_and_decode_are_counted_apart():
+    model = tiny_mixtral()
+    prompt = torch.randint(3, 96, (1, 24), generator=torch.Generator().manual_seed(3))
+    m2r2_moe.offload(model, device="cpu", cache_experts=12, link_gbps=0.5)
+    try:
+        with torch.no_grad():
+            model.generate(input_ids=prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        s = m2r2_moe.stats(model)
+    finally:
+        m2r2_moe.remove_offload(model)
+    assert (s.prefill.forwards, s.prefill.tokens, s.decode.forwards, s.decode.tokens) == (1, 24, 5, 5)
+    assert s.prefill.bytes_to_device + s.decode.bytes_to_device == s.bytes_to_device
+    assert s.prefill.misses + s.decode.misses == s.misses
+    assert s.prefill.prefetches + s.decode.prefetches == s.prefetches > 0
+    assert s.prefill.stall_seconds + s.decode.stall_seconds == pytest.approx(s.stall_seconds)
+    assert s.prefill.seconds > 0 and s.decode.seconds > 0 and s.prefill.stall_seconds > 0
+    assert "prefill (1 forwards, 24 tokens)" in str(s)
+    copied = s.copy()
+    copied.prefill.forwards = 99
+    assert s.prefill.forwards == 1  # a snapshot does not share its phases with the counters
