@@ -1,19 +1,21 @@
 """Forwards of many tokens (a prompt): the coming layers' experts stream in while a layer computes.
 
 A forward of T tokens routes T*K pairs per layer; for a prompt of a few hundred tokens nearly every expert of
-every layer is used, so what the next layers need is known, with near certainty, long before their routers
-run. Without help each layer would wait for its own demand loads and the link would idle while it computes:
-prefill time = compute + transfer. `PrefillStream` turns that into max(compute, transfer):
+every layer is used, so what the next layers need is known, with near certainty, before their routers run.
+Loaded on demand, each layer waits for its own copies and the link idles while it computes: prefill time =
+compute + transfer. `PrefillStream` overlaps the two:
 
-- `route` (replacing a `torch.unique` of the hot path, still one host read): the layer call's experts, and
+- `route` (in place of the hot path's `torch.unique`, still one host read): the layer call's experts, and
   each one's selection rate per token at that layer, learned over the multi-token calls seen (prior: K/E).
-- `acquired`, after a wave's slots are pinned and its demand loads queued: once the layer's last wave holds
-  its slots (earlier waves' experts are then done with), the experts the following layers of this forward
-  will use with probability >= `min_use` — 1 - (1 - rate)^T over T tokens — nearest layer first, most
-  likely first, as many as the slots not pinned by the wave hold, go to `ExpertCache.stream`: it copies the
-  absent ones in that order, never displacing the wave nor one another, so no expert is copied twice in a
-  forward when the slots hold one layer's experts, and the link never idles while a layer's experts are
-  known and room is free.
+- `acquired`, after a wave's slots are pinned and its demand loads queued: at the layer's last wave (the
+  earlier waves' experts are done with by then), the experts the following layers of this forward will use
+  with probability >= `min_use` — 1 - (1 - rate)^T over T tokens — nearest layer first, most likely first,
+  at most as many as the slots the wave leaves, go to `ExpertCache.stream`, which copies the absent ones in
+  that order (the next layer's into any slot not needed sooner, farther ones only into slots nothing needs).
+- `copy_budget`: on a link of known speed, only what the link moves while this layer computes (`MARGIN`
+  layer times) is queued; the rest of the next layer is demand-loaded right behind it, so the link stays
+  busy, and no more slots than that are taken early from the experts the next forward (a prompt's next
+  chunk) would find resident. Where the link's speed is not known (CUDA), the next layer's experts.
 
 Decode at batch 1 (T == 1) is the prefetcher's: `route` is not called there and `acquired` returns at once.
 """
@@ -37,6 +39,7 @@ class PrefillStream:
         self.cache, self.clock = cache, clock
         self.num_experts, self.expert_bytes = num_experts, expert_bytes
         self.min_use = min_use
+        self.enabled = True  # False: layers of many tokens load on demand only (benchmarks compare the two)
         # per layer: pseudo-counts of tokens that chose each expert, and of tokens seen (a uniform prior)
         self._chosen = [[PRIOR_TOKENS * top_k] * e for e in num_experts]
         self._seen = [PRIOR_TOKENS * e for e in num_experts]
@@ -65,7 +68,7 @@ class PrefillStream:
         if self._left <= 0 or self._call != (self.clock.step, layer):
             return  # a single-token call (decode), or a layer already past its last wave
         self._left -= len(keys)
-        if self._left > 0:
+        if self._left > 0 or not self.enabled:
             return  # later waves of this layer still need the free slots
         room = self.cache.num_slots - len(keys)
         if room > 0 and layer + 1 < len(self.num_experts):
