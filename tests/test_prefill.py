@@ -185,3 +185,22 @@ def test_prefill_and_decode_are_counted_apart():
     copied = s.copy()
     copied.prefill.forwards = 99
     assert s.prefill.forwards == 1  # a snapshot does not share its phases with the counters
+
+
+def test_profile_prefill_mode_table_and_json(tmp_path, capsys):
+    import json
+
+    from m2r2_moe.cli import main
+
+    out = tmp_path / "prefill.json"
+    code = main(["profile", "--model", "random", "--prefill", "8,24", "--link-ratios", "2,8", "--repeats", "1",
+                 "--new-tokens", "3", "--prompt-tokens", "8", "--json", str(out)])
+    rows = json.loads(out.read_text())["prefill"]
+    assert code == 0 and len(rows) == 4 and all(r["identical"] for r in rows)
+    assert [(r["prompt_tokens"], r["link_ratio"]) for r in rows] == [(8, 2), (8, 8), (24, 2), (24, 8)]
+    for r in rows:
+        transfer = r["bytes"] / (r["link_gbps"] * 1e9)
+        assert r["bytes"] > 0 and r["limit_s"] == pytest.approx(max(r["original_s"], transfer))
+        assert r["ratio_to_limit"] == pytest.approx(r["offloaded_s"] / r["limit_s"])
+    printed = capsys.readouterr().out
+    assert "prompt tokens" in printed and "x limit" in printed
