@@ -204,3 +204,23 @@ def test_profile_prefill_mode_table_and_json(tmp_path, capsys):
         assert r["ratio_to_limit"] == pytest.approx(r["offloaded_s"] / r["limit_s"])
     printed = capsys.readouterr().out
     assert "prompt tokens" in printed and "x limit" in printed
+
+
+@pytest.mark.parametrize("cache", [3, 5])
+def test_eager_top3_decode_stays_exact_whatever_order_the_slots_are_in(cache):
+    """eager adds a token's K contributions in the order of the indices it is given: with slots out of expert
+    order (streaming fills them in its own order) a decode step at top-3 goes through the pair path."""
+    model = tiny_mixtral(top_k=3, experts=4, layers=3, experts_implementation="eager")
+    prompt = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(0))
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+               return_dict_in_generate=True)
+    with torch.no_grad():
+        reference = model.generate(input_ids=prompt, **gen)
+    m2r2_moe.offload(model, device="cpu", cache_experts=cache, policy="lru")
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=prompt, **gen)
+    finally:
+        m2r2_moe.remove_offload(model)
+    assert torch.equal(out.sequences, reference.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.scores, reference.scores))

@@ -149,7 +149,9 @@ class Offloader:
         if listening:
             self.events.layer_started(self.clock.step, layer, tokens)
         kernel = self.kernels[layer]
-        if tokens == 1:  # decode at batch 1: one read of the K experts, the slot indices built on the host
+        if tokens == 1 and waves.direct_is_exact(self.kernel_names[layer], tokens, top_k):
+            # decode at batch 1: one read of the K experts, the slot indices built on the host (eager with top-k
+            # > 2 adds a token's K contributions in slot order, not expert order: the pair path below)
             # host sync on CUDA: the set of experts decides which copies to issue (paid once per layer)
             chosen = top_k_index[0].tolist()
             out = self.run_wave(layer, sorted(set(chosen)), lambda view, slot_of: kernel(

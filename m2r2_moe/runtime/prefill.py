@@ -47,19 +47,21 @@ class PrefillStream:
         self._call, self._left, self._tokens = (-1, -1), 0, 0
 
     def route(self, layer: int, top_k_index: torch.Tensor) -> list[int]:
-        """`top_k_index [T, K]` → the experts the layer call needs, ascending; learns their selection rates."""
+        """`top_k_index [T, K]` → the experts the layer call needs, ascending. A call of more than one token
+        also teaches the selection rates and is streamed for (one token: the prefetcher's)."""
         values, counts = torch.unique(top_k_index, return_counts=True)  # [N], [N]
         # host sync on CUDA: the set of experts decides which copies to issue (one read per layer call)
         needed, uses = torch.stack((values, counts)).tolist()
         tokens = top_k_index.shape[0]
-        chosen = self._chosen[layer]
-        for expert, count in zip(needed, uses):
-            chosen[expert] += count
-        self._seen[layer] += tokens
-        if self._seen[layer] > MAX_TOKENS:
-            self._chosen[layer] = [c / 2 for c in chosen]
-            self._seen[layer] /= 2
-        self._call, self._left, self._tokens = (self.clock.step, layer), len(needed), tokens
+        self._call, self._left, self._tokens = (self.clock.step, layer), len(needed) if tokens > 1 else 0, tokens
+        if tokens > 1:
+            chosen = self._chosen[layer]
+            for expert, count in zip(needed, uses):
+                chosen[expert] += count
+            self._seen[layer] += tokens
+            if self._seen[layer] > MAX_TOKENS:
+                self._chosen[layer] = [c / 2 for c in chosen]
+                self._seen[layer] /= 2
         return needed
 
     def acquired(self, layer: int, keys: list[int]) -> None:
