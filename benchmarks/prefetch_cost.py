@@ -5,7 +5,8 @@ For each link regime and predictor the built-in model decodes the same prompts, 
 
 - `kernel`: the experts kernel on the slots; `wait`: waiting for copies (the stall);
 - `prefetch path`: the prefetcher's whole per-layer step (`Prefetcher.on_layer`), of which `predict`
-  (the predictor's scores), `rank` (threshold + top-k on the host) and `issue` (placing and queueing copies).
+  (the predictor's scores), `plan` (the planner's one call: settle, rank, admit) and `issue` (placing and
+  queueing copies).
 
 `saved` is the wait the predictor removed against `none` in the same regime, `net` = saved − prefetch path
 − the kernel's slowdown (copies landing while the kernel runs): positive when prefetching pays for itself.
@@ -34,7 +35,17 @@ from m2r2_moe.models import find_moe_layers  # noqa: E402
 from m2r2_moe.predict import OraclePredictor, make_predictor  # noqa: E402
 from m2r2_moe.profile.cli import _expert_bytes, references  # noqa: E402
 
-PARTS = ("run_experts", "kernel", "wait", "on_layer", "predict", "rank", "issue")
+PARTS = ("run_experts", "kernel", "wait", "on_layer", "predict", "plan", "issue")
+
+
+class _TimedPlanner:
+    """Stands in for the prefetcher's planner (C++ or Python): times `layer`, forwards the rest."""
+
+    def __init__(self, planner, timed):
+        self._planner, self.layer = planner, timed(planner.layer, "plan")
+
+    def __getattr__(self, name):
+        return getattr(self._planner, name)
 
 
 class Timers:
@@ -62,10 +73,10 @@ class Timers:
         self._wrap(offloader.cache, "prefetch", "issue")
         pf = offloader.prefetcher
         if pf is not None:
-            for obj, name, part in ((pf, "on_layer", "on_layer"), (pf.predictor, "predict_stacked", "predict"),
-                                    (pf, "_ranked", "rank")):
+            for obj, name, part in ((pf, "on_layer", "on_layer"), (pf.predictor, "predict_stacked", "predict")):
                 self._wrap(obj, name, part)
                 self._wrapped.append((obj, name))
+            self._planner, pf.planner = pf.planner, _TimedPlanner(pf.planner, self._timed)
         offloader.kernels = [self._timed(k, "kernel") for k in self._kernels]
 
     def _timed(self, fn, part):
@@ -85,6 +96,8 @@ class Timers:
         for obj, name in self._wrapped:
             obj.__dict__.pop(name, None)
         self.offloader.kernels = self._kernels
+        if self.offloader.prefetcher is not None:
+            self.offloader.prefetcher.planner = self._planner
 
 
 def measure(model, ref, name, gbps, depth, cache, tokens) -> dict:

@@ -1,6 +1,7 @@
 """The only module that loads native code. Callers read the flags; they never `try: import` themselves.
 
 - `HAS_EXT`: the C++ core (`m2r2_moe._native`: slot manager) is loaded; else `EXT_ERROR` says why.
+- `HAS_PLANNER`: the C++ prefetch planner (`m2r2_moe._native_plan`) is loaded; else `PLANNER_ERROR` says why.
 - `HAS_CUDA_EXT`: the CUDA copy engine (`m2r2_moe._native_cuda`) is loaded; else `CUDA_EXT_ERROR` says
   why. Loaded does not mean usable: `cuda_probe()` asks the CUDA runtime for a device.
 - `M2R2_MOE_NO_EXT=1` skips both (the pure-Python / torch twins are used).
@@ -82,17 +83,21 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
 
 
 native: ModuleType | None = None
+planner: ModuleType | None = None
 cuda: ModuleType | None = None
 if _env_flag(NO_EXT_ENV):
     EXT_ERROR: str | None = f"disabled by {NO_EXT_ENV}=1"
+    PLANNER_ERROR: str | None = f"disabled by {NO_EXT_ENV}=1"
     CUDA_EXT_ERROR: str | None = f"disabled by {NO_EXT_ENV}=1"
 else:
     native, EXT_ERROR = _load("_native")
+    planner, PLANNER_ERROR = _load("_native_plan")
     cuda, CUDA_EXT_ERROR = _load("_native_cuda")
     if CUDA_EXT_ERROR is not None and "is not built" in CUDA_EXT_ERROR:
         CUDA_EXT_ERROR = "m2r2_moe._native_cuda is not built (it needs nvcc and the CUDA toolkit at install time)"
 
 HAS_EXT = native is not None
+HAS_PLANNER = planner is not None
 HAS_CUDA_EXT = cuda is not None
 if HAS_EXT:
     native._set_error_types(CacheFullError, SlotStateError)
@@ -117,6 +122,8 @@ def summary() -> dict[str, object]:
     return {
         "HAS_EXT": HAS_EXT,
         "EXT_ERROR": EXT_ERROR,
+        "HAS_PLANNER": HAS_PLANNER,
+        "PLANNER_ERROR": PLANNER_ERROR,
         "ext_path": getattr(native, "__file__", None),
         "HAS_CUDA_EXT": HAS_CUDA_EXT,
         "CUDA_EXT_ERROR": CUDA_EXT_ERROR,

@@ -43,14 +43,11 @@ class OffloadConfig:
             (next layers' routers on the current residual), `"m2r2"` (accelerated residual adapters), or a
             `m2r2_moe.predict.Predictor` object (e.g. an `OraclePredictor` replaying a recorded trace).
         lookahead: how many layers ahead a predictor looks (D).
-        prefetch_min_prob: the smallest predicted probability for which an expert is prefetched (in
-            (0, 1]; on a slow, busy link the prefetcher raises it further, on a link measured faster than the
-            compute it halves it, see runtime/prefetcher.py). Higher: fewer wrong copies and less eviction
-            of useful experts, fewer prefetches. `None`: 0.6 / top-k (0.3 for top-2 routing: a little above
-            half of an average chosen expert's share of the router's mass). On the built-in model (top-2 of
-            8) over 128 decoded tokens at link ratio 2, 0.3 against 0.15: m2r2 removes 30 % of on-demand's
-            stall instead of adding 11 %, with 20x fewer wasted bytes; on faster links 0.15 removes more
-            (BENCHMARKS.md), hence the halving. Not measured on fine-grained MoEs.
+        prefetch_min_prob: a floor, in (0, 1], on the probability of use (as calibrated online from the
+            predictions' outcomes) below which no expert is prefetched. `None` (the default): no floor: a copy is
+            queued when its expected value is positive — the stall it can hide times its calibrated probability,
+            against the link time it takes and the expert it evicts (runtime/admission.py). A floor only ever
+            makes prefetching more cautious than that test.
         adapters: path of a trained adapters file for predictors that need one.
         pin_memory: page-lock the host expert store. `None` means yes when CUDA is available.
         link_gbps: CPU only: emulate a host→device link of this bandwidth in GB/s (10^9 bytes per
@@ -126,16 +123,20 @@ class OffloadConfig:
 
     def resolve(self, *, top_k: int, total_experts: int, predictor_lookahead: int | None = None) -> "RuntimePlan":
         """This config for a model whose tokens use `top_k` of its `total_experts` routed experts, with a
-        predictor that looks `predictor_lookahead` layers ahead at most (its adapters' depth; None: no limit)."""
+        predictor that looks `predictor_lookahead` layers ahead at most (None: no limit)."""
         lookahead = self.lookahead
         if predictor_lookahead is not None and predictor_lookahead < lookahead:
-            logger.warning("lookahead=%d: the predictor looks at most %d layers ahead (its adapters were trained "
-                           "for that depth); using %d", lookahead, predictor_lookahead, predictor_lookahead)
+            if self.predictor == "m2r2":  # its adapters were trained for a depth: say so, it is the user's choice
+                logger.warning("lookahead=%d: the m2r2 adapters were trained to predict %d layers ahead; using %d "
+                               "(train adapters with --lookahead %d to look farther)", lookahead,
+                               predictor_lookahead, predictor_lookahead, lookahead)
+            else:
+                logger.info("lookahead=%d: the predictor looks %d layers ahead", lookahead, predictor_lookahead)
             lookahead = predictor_lookahead
         return RuntimePlan(
             device=self.resolved_device(), num_slots=resolve_slots(self.cache_experts, top_k, total_experts),
             policy=self.policy, lookahead=lookahead,
-            prefetch_min_prob=self.prefetch_min_prob if self.prefetch_min_prob is not None else 0.6 / top_k,
+            prefetch_min_prob=self.prefetch_min_prob if self.prefetch_min_prob is not None else 0.0,
             pin_memory=self.resolved_pin_memory(), link_gbps=self.link_gbps, link_latency_us=self.link_latency_us,
             copy_timeout_s=self.copy_timeout_s,
         )
@@ -153,7 +154,7 @@ class RuntimePlan:
     num_slots: int  # device expert slots, top-k <= num_slots <= all experts
     policy: str
     lookahead: int  # layers a predictor looks ahead (capped at what the predictor can see)
-    prefetch_min_prob: float  # the prefetcher's admission floor
+    prefetch_min_prob: float  # a floor on the calibrated probability of use (0: the value test alone decides)
     pin_memory: bool
     link_gbps: float | None
     link_latency_us: float

@@ -61,3 +61,15 @@ class ExpertUseCounter:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+@pytest.fixture
+def admit_every_prediction(monkeypatch):
+    """Prefetch every prediction the plan lists (within the copy budget), on every layer: for tests about the
+    copies prefetching makes — on tiny random models, whose near-uniform routers the admission test rightly
+    ignores, and whose layers compute so long against the emulated link that prefetching would back off."""
+    from m2r2_moe.runtime import planner, prefetcher
+
+    monkeypatch.setattr(prefetcher, "make_planner", lambda *args: planner.PlannerCore(*args))  # the twin, patched:
+    monkeypatch.setattr(planner, "value", lambda *args: 1.0)
+    monkeypatch.setattr(planner.PlannerCore, "active", lambda self, layer: True)

@@ -104,7 +104,7 @@ def test_history_counts_without_bincount_are_the_same_numbers():
 
 
 @pytest.mark.parametrize("name", ["gate", "m2r2"])
-def test_a_predictor_built_before_the_model_changed_follows_it_through_offload(name):
+def test_a_predictor_built_before_the_model_changed_follows_it_through_offload(name, admit_every_prediction):
     """Built for the fp32 model; the model is then cast to bf16 and offloaded with that predictor object:
     once offloaded, it predicts exactly as one built for the bf16 model (its stacked router copies are
     remade from the model as it is), and prefetching runs without a predictor failure."""
@@ -115,7 +115,7 @@ def test_a_predictor_built_before_the_model_changed_follows_it_through_offload(n
     with torch.no_grad():
         reference = model.generate(input_ids=IDS, max_new_tokens=8, do_sample=False, pad_token_id=0)
     fresh = _predictor(name, model, adapter, layers)
-    m2r2_moe.offload(model, device="cpu", cache_experts=6, predictor=predictor, prefetch_min_prob=1e-3)
+    m2r2_moe.offload(model, device="cpu", cache_experts=6, predictor=predictor)
     try:
         for stacked in predictor.stacked:
             assert stacked is None or stacked.norm_weight.dtype == stacked.router_weight_t.dtype == torch.bfloat16

@@ -34,16 +34,20 @@ def test_required_ext_is_present():
     """CI sets M2R2_MOE_REQUIRE_EXT=1: a missing or broken C++ build must fail the suite, not fall back."""
     if _ext.require_ext():
         assert _ext.HAS_EXT, f"M2R2_MOE_REQUIRE_EXT=1 but the C++ core is not loaded: {_ext.EXT_ERROR}"
+        assert _ext.HAS_PLANNER, f"M2R2_MOE_REQUIRE_EXT=1 but the C++ planner is not loaded: {_ext.PLANNER_ERROR}"
 
 
 def test_flags_and_reasons_are_consistent():
     assert isinstance(_ext.HAS_EXT, bool) and isinstance(_ext.HAS_CUDA_EXT, bool)
     assert (_ext.EXT_ERROR is None) == _ext.HAS_EXT
+    assert (_ext.PLANNER_ERROR is None) == _ext.HAS_PLANNER
     assert (_ext.CUDA_EXT_ERROR is None) == _ext.HAS_CUDA_EXT
     summary = _ext.summary()
     assert summary["HAS_EXT"] == _ext.HAS_EXT and summary["HAS_CUDA_EXT"] == _ext.HAS_CUDA_EXT
     if _ext.HAS_EXT:
         assert _ext.native.ABI_VERSION == _ext.ABI_VERSION
+    if _ext.HAS_PLANNER:
+        assert _ext.planner.ABI_VERSION == _ext.ABI_VERSION
     if _ext.HAS_CUDA_EXT:
         assert isinstance(_ext.cuda_probe(), str)  # '' only where a GPU is usable
 
@@ -57,7 +61,7 @@ def test_factory_follows_flags():
 def test_opt_out_env_var():
     code = (
         "import m2r2_moe._ext as e; from m2r2_moe.runtime.cache import make_slot_manager, SlotManager\n"
-        "assert not e.HAS_EXT and not e.HAS_CUDA_EXT, e.summary()\n"
+        "assert not e.HAS_EXT and not e.HAS_CUDA_EXT and not e.HAS_PLANNER, e.summary()\n"
         "assert 'M2R2_MOE_NO_EXT' in e.EXT_ERROR and 'M2R2_MOE_NO_EXT' in e.CUDA_EXT_ERROR\n"
         "assert type(make_slot_manager(2)) is SlotManager\n"
         "try:\n    make_slot_manager(2, native=True)\nexcept RuntimeError as err:\n    print('refused:', err)\n"

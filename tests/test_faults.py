@@ -64,7 +64,7 @@ def test_a_copy_that_fails_once_is_redone():
     _restores(model, off, before)
 
 
-def test_failed_prefetches_fall_back_to_demand_loads():
+def test_failed_prefetches_fall_back_to_demand_loads(admit_every_prediction):
     model, off, before = _setup("history", lookahead=2)
     off.engine.fault = _fail(lambda key, slot, priority, n: priority != DEMAND)  # every prefetch fails
     assert torch.equal(_generate(model), before[0])
@@ -74,7 +74,7 @@ def test_failed_prefetches_fall_back_to_demand_loads():
     _restores(model, off, before)
 
 
-def test_a_submission_that_raises_is_a_failed_copy_too():
+def test_a_submission_that_raises_is_a_failed_copy_too(admit_every_prediction):
     """The CUDA engines raise from `submit` (where the CPU worker records the error on the transfer)."""
     model, off, before = _setup("history", lookahead=2)
     submit = off.engine.submit

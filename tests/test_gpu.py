@@ -177,7 +177,7 @@ def _decode_syncs(cache_experts: int, steps: int = 6, predictor="none"):
     from conftest import tiny_mixtral
 
     model = tiny_mixtral(torch.bfloat16)
-    m2r2_moe.offload(model, device="cuda", cache_experts=cache_experts, predictor=predictor, prefetch_min_prob=1e-3)
+    m2r2_moe.offload(model, device="cuda", cache_experts=cache_experts, predictor=predictor)
     ids = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(4)).cuda()
     try:
         with torch.no_grad():
@@ -209,7 +209,7 @@ def test_copies_add_no_host_sync_in_decode():
 
 
 @pytest.mark.parametrize("predictor", ["history", "gate"])
-def test_a_predictor_adds_at_most_the_prefetchers_one_read_per_layer(predictor):
+def test_a_predictor_adds_at_most_the_prefetchers_one_read_per_layer(predictor, admit_every_prediction):
     """Predictions stay on the device: a predictor adds no host sync of its own, only the prefetcher's one
     read of each layer's predicted scores (which copies to issue depends on them): at most L - 1 per step."""
     steps, layers = 6, 4

@@ -42,7 +42,7 @@ def _generate(model, ids):
 
 
 @pytest.mark.parametrize("predictor", ["history", "gate", "m2r2"])
-def test_offloaded_decode_with_a_predictor_prefetches_on_the_device(predictor):
+def test_offloaded_decode_with_a_predictor_prefetches_on_the_device(predictor, admit_every_prediction):
     from m2r2_moe.models import find_moe_layers
     from m2r2_moe.predict import AcceleratorAdapters, make_predictor
 
@@ -53,7 +53,7 @@ def test_offloaded_decode_with_a_predictor_prefetches_on_the_device(predictor):
     adapter, layers = find_moe_layers(model)
     built = make_predictor(predictor, model, adapter, layers, 2,
                            adapters=AcceleratorAdapters(len(layers), 64, 2, rank=4, route_features=8))
-    m2r2_moe.offload(model, device="cuda", cache_experts=4, predictor=built, prefetch_min_prob=1e-3)
+    m2r2_moe.offload(model, device="cuda", cache_experts=4, predictor=built)
     try:
         tokens = _generate(model, IDS.cuda())
         stats = m2r2_moe.stats(model)
@@ -114,13 +114,13 @@ def test_the_stall_log_keeps_only_waits_the_device_has_not_run():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_an_offload_to_the_second_device_while_the_first_is_current():
+def test_an_offload_to_the_second_device_while_the_first_is_current(admit_every_prediction):
     model = tiny_mixtral(torch.bfloat16)
     whole = copy.deepcopy(model).to("cuda:1")
     reference = _generate(whole, IDS.to("cuda:1"))
     del whole
     with torch.cuda.device(0):
-        m2r2_moe.offload(model, device="cuda:1", cache_experts=3, predictor="gate", prefetch_min_prob=1e-3)
+        m2r2_moe.offload(model, device="cuda:1", cache_experts=3, predictor="gate")
         try:
             engine = m2r2_moe.get_offloader(model).engine
             assert engine.device == torch.device("cuda:1") and engine.stream.device == torch.device("cuda:1")

@@ -1,15 +1,19 @@
-"""The `predictive` eviction policy (runtime/policy.py) and the prefetcher's ratio-aware admission.
+"""The `predictive` eviction policy (runtime/policy.py) and the prefetcher's admission (runtime/admission.py).
 
 Invariants: a stale expert (its layer's turn passed without it) goes first, oldest first; otherwise the
 expert needed farthest ahead; pinned experts never; a prefetch never displaces an expert needed sooner
-than the one it brings. Admission: an idle or unknown link admits at `min_prob`; a busy slow link only
-confident predictions, and fewer copies in flight."""
+than the one it brings. Admission: a copy's expected value weighs the stall it hides against the link time
+it takes and the expert it evicts; probabilities are calibrated from outcomes; eviction regret is measured;
+prefetching backs off to none when it does not pay, and probes again; the horizon follows the link."""
 
 import pytest
 import torch
 
 import m2r2_moe
 from conftest import tiny_mixtral
+from m2r2_moe import _ext
+from m2r2_moe.runtime.admission import value
+from m2r2_moe.runtime.planner import MISS, PREFETCH_HIT, make_planner
 from m2r2_moe.runtime.policy import NextUsePolicy
 
 L = 4  # layers
@@ -75,64 +79,105 @@ def _prefetcher(link_gbps):
     return model, off, off.prefetcher
 
 
-def test_admission_is_free_on_an_idle_or_unknown_link():
-    model, off, pf = _prefetcher(None)
-    off.clock.layer_seconds, pf.link_busy = 1e-3, 1.0
-    assert pf._transfer_ratio() == 0.0  # no link emulated: unknown
-    assert pf._thresholds([1, 2], 0.0) == pytest.approx([pf.min_prob] * 2)
-    assert pf._link_budget(0.0) == pf.max_queued
-    m2r2_moe.remove_offload(model)
+def test_value_weighs_the_hidden_stall_against_link_and_eviction():
+    """value(q, T, lead, busy, evicts, regret) = q min(T, lead) - (1 - q) busy T - regret T [if it evicts]."""
+    assert value(1.0, 1.0, 5.0, 1.0, True, 0.0) == 1.0  # certain, in time, nothing regretted
+    assert value(0.5, 1.0, 0.25, 0.0, False, 0.0) == pytest.approx(0.125)  # lands late: hides a quarter
+    assert value(0.5, 1.0, 5.0, 1.0, False, 0.0) == 0.0  # a busy link: the wrong half costs what the right half saves
+    assert value(0.9, 1.0, 5.0, 0.0, True, 0.95) < 0 < value(0.9, 1.0, 5.0, 0.0, False, 0.95)  # a costly victim
+    assert value(1.0, 1.0, -1.0, 0.0, False, 0.0) == 0.0  # too late to hide anything
 
 
-def test_admission_tightens_on_a_busy_slow_link():
+@pytest.fixture(params=["python", "native"])
+def planner(request):
+    if request.param == "native" and not _ext.HAS_PLANNER:
+        pytest.skip(f"C++ planner: {_ext.PLANNER_ERROR}")
+    return make_planner(4, 8, 8, 2, 8, native=request.param == "native")
+
+
+def _settle(planner, layer, now, used, probs=None, served=None, evicted=()):
+    """One decode layer call that used experts `used` of `layer` (served as `served`, default hits)."""
+    keys = [layer * 8 + e for e in used]
+    return planner.layer(layer=layer, decode=True, now=now, keys=keys, served=served or [0] * len(keys),
+                         evicted=list(evicted), probs=probs, wraps=False, horizon=0, transfer=1.0, compute=0.0,
+                         busy=0.0, free=0, backlog=[], min_prob=0.0)
+
+
+def test_calibration_learns_what_the_scores_mean(planner):
+    """Starts from the predictor's score; converges to the measured rate of use per (source, distance, bin)."""
+    assert planner.probability(0, 1, 0.35) == pytest.approx(0.35)  # no outcomes yet: the score itself
+    probs = torch.zeros(1, 8)
+    probs[0, 3], probs[0, 5] = 0.35, 0.33  # layer 0 predicts experts 3 and 5 for layer 1, at distance 1
+    for i in range(400):
+        _settle(planner, 0, 2 * i, [0, 1], probs=probs.numpy())
+        _settle(planner, 1, 2 * i + 1, [3, 6] if i % 10 else [6, 7])  # 3 used 90% of the time, 5 never
+    assert planner.probability(0, 1, 0.35) == pytest.approx(0.9 / 2 + 0.0 / 2, abs=0.05)  # one bin: 3 and 5
+    assert planner.probability(0, 2, 0.35) == pytest.approx(0.35)  # another distance: its own outcomes
+    assert planner.probability(1, 1, 0.35) == pytest.approx(0.35)  # another source too
+
+
+def test_regret_is_the_share_of_victims_loaded_again_soon(planner):
+    assert planner.regret() == 0.5  # unknown: neither free nor forbidden
+    for now in range(400):  # every call evicts an expert of layer 1; a quarter come back (a miss) 3 turns later
+        back = [(now - 3) % 8] if now >= 3 and (now - 3) % 4 == 0 else []
+        _settle(planner, 1, now, back or [7], served=[MISS] * len(back) or [0], evicted=[8 + now % 8])
+    assert 0.15 < planner.regret() < 0.35
+
+
+def test_benefit_backs_off_to_none_and_probes_again(planner):
+    assert all(planner.active(layer) for layer in range(4))
+    for _ in range(3):  # every forward, prediction costs far more than it saves
+        planner.add_spent(1e-3)
+        planner.step(8)
+    assert planner.every == 0 and not any(planner.active(layer) for layer in range(4))  # down to on-demand
+    for _ in range(8):
+        planner.step(8)
+    assert planner.active(0) and not planner.active(1)  # a probe: one layer per forward
+    for _ in range(6):  # it pays now (prefetch hits save whole transfers): back to every layer
+        _settle(planner, 0, 0, [1, 2], served=[PREFETCH_HIT, PREFETCH_HIT])
+        planner.step(8)
+    assert planner.every == 1
+
+
+def test_the_planner_queues_by_expected_value(planner):
+    """Certain predictions into free slots are queued nearest first; a busy link and a costly eviction stop
+    unlikely ones; resident experts are expected, not copied."""
+    probs = torch.zeros(2, 8)
+    probs[0, 4], probs[1, 5], probs[1, 6] = 1.0, 0.9, 0.1
+    args = dict(layer=0, decode=True, now=1, keys=[0, 1], served=[0, 0], evicted=[], probs=probs.numpy(), wraps=False,
+                horizon=0, transfer=1.0, compute=2.0, busy=1.0, backlog=[], min_prob=0.0)
+    queue, expect, withdraw = planner.layer(free=4, **args)
+    assert queue == [(1, 4, 1), (2, 5, 2)] and not expect and not withdraw  # 6 (q 0.1, busy link): not worth it
+    planner.issued(1 * 8 + 4, -1, 1)
+    _settle(planner, 1, 2, [4])  # expert 4 of layer 1 is now resident
+    queue, expect, _ = planner.layer(**{**args, "now": 3, "probs": probs[:1].numpy()}, free=0)
+    assert expect == [(1, 4, 1)] and not queue
+
+
+def test_the_horizon_follows_the_link():
+    """Layers ahead a copy needs: one transfer over one layer's compute, plus one, at most all layers."""
     model, off, pf = _prefetcher(0.001)
-    transfer = off.engine.link_seconds(off.expert_bytes[0])
-    off.clock.layer_seconds = transfer / 8
-    ratio = pf._transfer_ratio()
-    assert ratio == pytest.approx(8)
-    pf.link_busy = 0.0
-    assert pf._thresholds([1, 2], ratio) == pytest.approx([pf.min_prob] * 2)  # idle link
-    pf.link_busy = 1.0
-    need = pf._thresholds([1, 2], ratio)
-    assert need == pytest.approx([8 / 9, 8 / 10])  # p > uT / (uT + min(T, dC))
-    assert pf._link_budget(ratio) == 1  # lookahead 2 layers carry a quarter of one copy: one at a time
-    m2r2_moe.remove_offload(model)
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_decode_ranking_on_the_host_matches_the_batched_tensor_path(seed):
-    """Batch-1 decode ranks predictions with Python on one host read; a batch of one token given twice
-    (the tensor path, which takes the union over the batch) must choose the same experts in the same order."""
-    model, off, pf = _prefetcher(0.001)
-    g = torch.Generator().manual_seed(seed)
-    probs = torch.softmax(3 * torch.randn(3, 1, 8, generator=g), -1)
-    pf.width, pf.link_busy, ratio = 3, 0.1 + 0.15 * seed, 2.0  # thresholds from min_prob up to ~0.6
-    host = pf._ranked(0, [1, 2, 3], probs, ratio)
-    batched = pf._ranked(0, [1, 2, 3], probs.expand(3, 2, 8), ratio)
-    assert host == batched and set(host) == {1, 2, 3}
-    need = pf._thresholds([1, 2, 3], ratio)
-    for d, floor in zip((1, 2, 3), need):
-        row = probs[d - 1, 0]
-        expected = [e for e in row.argsort(descending=True)[:3].tolist() if row[e] >= floor]
-        assert host[d] == expected
-    assert 0 < sum(map(len, host.values())) < 9  # the threshold cut some experts, not all
-    m2r2_moe.remove_offload(model)
+    try:
+        transfer = off.engine.link_seconds(off.expert_bytes[0])
+        for ratio, horizon in ((0.5, 2), (2, 3), (8, 4)):
+            off.clock.layer_seconds = transfer / ratio
+            assert pf._horizon(transfer) == horizon
+        off.clock.layer_seconds = 0.0
+        assert pf._horizon(transfer) == 0  # unknown compute: the predictor's own lookahead only
+    finally:
+        m2r2_moe.remove_offload(model)
 
 
 def test_prefetch_min_prob_reaches_the_prefetcher():
     model = tiny_mixtral(layers=3)
     m2r2_moe.offload(model, device="cpu", cache_experts=6, predictor="gate", prefetch_min_prob=0.4)
     try:
-        pf = m2r2_moe.get_offloader(model).prefetcher
-        assert pf.min_prob == 0.4 and pf._thresholds([1, 2], 0.0) == [0.4, 0.4]  # link unknown: the floor
-        pf.link_busy = 0.0
-        assert pf._thresholds([1, 2], 0.5) == [0.2, 0.2]  # a link faster than the compute: half the floor
-        assert pf._thresholds([1, 2], 2.0) == [0.4, 0.4]
+        assert m2r2_moe.get_offloader(model).prefetcher.min_prob == 0.4
     finally:
         m2r2_moe.remove_offload(model)
-    m2r2_moe.offload(model, device="cpu", cache_experts=6, predictor="gate")  # default: 0.6 / top-k
+    m2r2_moe.offload(model, device="cpu", cache_experts=6, predictor="gate")  # default: no floor
     try:
-        assert m2r2_moe.get_offloader(model).prefetcher.min_prob == pytest.approx(0.6 / 2)
+        assert m2r2_moe.get_offloader(model).prefetcher.min_prob == 0.0
     finally:
         m2r2_moe.remove_offload(model)
 
@@ -154,7 +199,7 @@ def test_layer_time_estimate_restarts_when_the_forward_size_changes(monkeypatch)
         off.clock.tick(1, 64, 0.0)
         assert off.clock.layer_seconds == pytest.approx(0.02)
         off.clock.tick(0, 1, 0.0)  # decode starts
-        assert off.clock.layer_seconds == 0.0 and pf._transfer_ratio() == 0.0  # unknown: the full floor applies
+        assert off.clock.layer_seconds == 0.0 and pf._horizon(1.0) == 0  # unknown: the predictor's lookahead only
         clock[0] += 0.002
         off.clock.tick(1, 1, 0.0)
         assert off.clock.layer_seconds == pytest.approx(0.002)

@@ -110,7 +110,7 @@ def test_identity_like_layers_m2r2_at_least_gate():
 
 
 @pytest.mark.parametrize("name", ["history", "gate", "m2r2", "oracle"])
-def test_prefetching_never_changes_outputs(trained, name):
+def test_prefetching_never_changes_outputs(trained, name, admit_every_prediction):
     model, adapter, layers, adapters, _ = trained
     ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(7))
     gen = dict(input_ids=ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
@@ -121,9 +121,8 @@ def test_prefetching_never_changes_outputs(trained, name):
         predictor = OraclePredictor(len(layers), 8, 2, DEPTH, trace)
     else:
         predictor = make_predictor(name, model, adapter, layers, DEPTH, adapters=adapters)
-    # a low admission floor: the tiny random model's routers are nearly uniform, and this test is about
-    # the copies prefetching makes, not about which the default admits
-    m2r2_moe.offload(model, device="cpu", cache_experts=6, link_gbps=0.2, predictor=predictor, prefetch_min_prob=0.05)
+    # every prediction prefetched (the fixture): this test is about the copies prefetching makes
+    m2r2_moe.offload(model, device="cpu", cache_experts=6, link_gbps=0.2, predictor=predictor)
     try:
         with torch.no_grad():
             out = model.generate(**gen, output_scores=True, return_dict_in_generate=True)
@@ -146,9 +145,10 @@ def test_prefetching_never_changes_outputs(trained, name):
         assert s.misses < 0.7 * on_demand.misses and s.prefetch_hits + s.late_prefetches > 0
 
 
-def test_oracle_across_the_token_boundary_covers_the_first_layers(trained):
+def test_oracle_across_the_token_boundary_covers_the_first_layers(trained, admit_every_prediction):
     """`oracle-wrap` also prefetches the next token's first layers, which no within-token prediction reaches:
-    in decode, layer 0's uses become prefetch hits or late prefetches instead of misses; outputs identical."""
+    in decode, layer 0's uses become prefetch hits or late prefetches instead of misses, more than with the
+    prefetcher's own prior for the next token; outputs identical."""
     model, adapter, layers, adapters, _ = trained
     ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(5))
     gen = dict(input_ids=ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
@@ -171,7 +171,9 @@ def test_oracle_across_the_token_boundary_covers_the_first_layers(trained):
         assert torch.equal(out, ref)
         decode0 = [e for e in rec.decode_layers() if e.layer == 0]
         first_layer[wrap] = (sum(e.prefetch_hits + e.late_prefetches for e in decode0), sum(e.misses for e in decode0))
-    assert first_layer[False][0] == 0 and first_layer[True][0] > 0
+    # without wrapping only the prior (each layer's recent use) reaches past the last layer; the exact
+    # cross-token prediction covers more of layer 0
+    assert first_layer[True][0] > 0
     assert first_layer[True][1] < first_layer[False][1]
 
 
@@ -209,3 +211,16 @@ def test_the_oracle_predicts_its_experts_with_certainty():
     depths, scores = oracle.predict_stacked(0, torch.zeros(1, 8))
     assert oracle.scores_are_probabilities and depths == [1]
     assert scores[0, 0].tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_gate_shared_residual_path_matches_the_reference(trained):
+    """gate routes one residual through every target's router: the fused path (the norm once, one matmul for
+    all targets) gives the reference's probabilities."""
+    model, adapter, layers, _, _ = trained
+    gate = make_predictor("gate", model, adapter, layers, DEPTH)
+    residual = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))
+    for layer in range(len(layers) - 1):
+        depths, fast = gate.predict_stacked(layer, residual)
+        assert gate.stacked[layer].scores_shared(residual) is not None  # the fused path was taken
+        reference = torch.stack([gate.target_scores(layer + d, residual) for d in depths])
+        assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-4)

@@ -10,6 +10,7 @@ import torch
 import m2r2_moe
 from conftest import tiny_mixtral
 from m2r2_moe.predict.base import Predictor
+from m2r2_moe.runtime.expert_cache import NOT_QUEUED
 from m2r2_moe.profile import Recorder, belady_loads, lru_loads
 
 pytestmark = pytest.mark.lossless  # CI repeats these at other thread counts
@@ -53,7 +54,7 @@ class ManualEngine:
         pass
 
     def link_seconds(self, nbytes):
-        return 0.0
+        return 1e-9  # a link far faster than compute: every copy lands in time, admission is about P(used)
 
     def drain_stall_seconds(self):
         return 0.0
@@ -75,6 +76,7 @@ class Scripted(Predictor):
     """Predicts, at layer l of call c, `script[(c, l)]`: experts for layer l+1, or {depth: experts}."""
 
     name = "scripted"
+    scores_are_probabilities = True  # a scripted expert is certain: admission is not what these tests are about
 
     def __init__(self, script):
         super().__init__(num_layers=4, num_experts=8, top_k=2, depth=2)
@@ -184,7 +186,7 @@ def test_no_expert_copied_twice_while_in_flight():
         _run(off, 1, [0, 1])  # layer 1 predicts layer 2 -> {4, 5}: other keys than layer 1's prediction
         keys = [t.key for t in off.engine.transfers if t.priority > 0]
         assert len(keys) == len(set(keys)) == 4
-        assert not off.cache.prefetch(1, 4, 1, off.clock.now(), frozenset())  # already in flight: no second copy
+        assert off.cache.prefetch(1, 4, 1, off.clock.now(), frozenset()) == NOT_QUEUED  # in flight: no second copy
         assert len([t for t in off.engine.transfers if t.priority > 0]) == 4
     finally:
         m2r2_moe.remove_offload(model)
@@ -206,7 +208,6 @@ def test_a_wrapping_prediction_prefetches_the_next_forwards_first_layers():
         _run(off, 1, [7, 1])
         s = m2r2_moe.stats(model)
         assert s.late_prefetches == 2 and s.prefetch_hits == 0  # the manual engine had not landed them yet
-        assert set(off.prefetcher._wanted) <= set(range(4))  # bookkeeping keyed by layer: bounded
         for layer in (2, 3):
             off.run_experts(layer, torch.randn(3, 64), torch.tensor([[0, 1]] * 3), torch.full((3, 2), 0.5))
         assert not [t for t in off.engine.transfers if t.key == 5]  # prefill-sized forward: no wrapped target

@@ -73,7 +73,7 @@ def test_a_prediction_does_not_withdraw_a_streamed_copy():
     try:
         _forward(offloader, [_every_expert()])  # layer 0 streams layer 1's experts
         cache = offloader.cache
-        assert cache.queued_prefetches() == 8
+        assert len(cache.queued_prefetches()) == 8
         assert not cache.withdraw(1, 3)
         cache.prefetch(3, 0, 3, offloader.clock.now(0), frozenset())  # a prediction's own prefetch
         assert cache.withdraw(3, 0)
@@ -111,11 +111,11 @@ def test_only_the_next_layer_may_displace_an_expert_this_forward_still_needs(pol
     cache = offloader.cache
     try:
         later = cache.keys(3, [0, 1])
-        slots, _ = cache.acquire(3, [0, 1], later, 3)  # used at layer 3 of forward 0: needed at turn 7 again
+        slots = cache.acquire(3, [0, 1], later, 3)[0]  # used at layer 3 of forward 0: needed at turn 7 again
         cache.release(later, slots, None)
         cache.prefetch(2, 6, 2, 0, frozenset())  # predicted for turn 2, never used: stale from turn 3 on
         pinned = cache.keys(0, [0, 1, 2, 3])
-        slots, _ = cache.acquire(0, [0, 1, 2, 3], pinned, 4)  # forward 1, layer 0: every slot taken
+        slots = cache.acquire(0, [0, 1, 2, 3], pinned, 4)[0]  # forward 1, layer 0: every slot taken
         stale = 2 * cache.key_stride + 6
         farther = cache.stream([(2, 4, 2), (2, 5, 2)], 4, frozenset(pinned), 0, limit=8)
         assert all(cache.slots.lookup(k) >= 0 for k in later)  # a farther layer never displaces them
@@ -138,8 +138,8 @@ class _Link:
     def link_seconds(self, nbytes: int) -> float:
         return self.seconds
 
-    def queued_prefetches(self) -> int:
-        return self.queued
+    def queued_prefetches(self) -> list[int]:
+        return [1] * self.queued
 
 
 def _stream(cache, layer_seconds: float) -> PrefillStream:

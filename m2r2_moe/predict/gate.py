@@ -66,4 +66,8 @@ class GatePredictor(Predictor):
         depths = list(self.depths(layer))
         if not depths:
             return [], None
+        stacked = self.stacked[layer]
+        shared = stacked.scores_shared(residual) if stacked is not None else None  # one residual, every target
+        if shared is not None:
+            return depths, shared
         return depths, self._probabilities(layer, residual.expand(len(depths), *residual.shape))

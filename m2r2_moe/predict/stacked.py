@@ -28,13 +28,26 @@ class StackedRouting:
         self.router_weight_t = router_weight.transpose(1, 2)  # [D, H, E]
         # float32 models: the norm's weight folded into the router (diag(g) W^T), and one eps for all targets
         # when they share it, so that scoring is three ops: a fused rms_norm, one bmm, the softmax
-        self.folded = None
+        self.folded = self.shared = None
         if router_weight.dtype == torch.float32 and len(set(eps)) == 1:
-            self.folded = (norm_weight.transpose(1, 2) * self.router_weight_t, eps[0])  # [D, H, E]
+            folded = norm_weight.transpose(1, 2) * self.router_weight_t  # [D, H, E]
+            self.folded = (folded, eps[0])
+            # one residual for every target (gate): all targets' routers side by side, [H, D*E]
+            self.shared = (folded.permute(1, 0, 2).reshape(folded.shape[1], -1).contiguous(), eps[0])
 
     @property
     def device(self) -> torch.device:
         return self.router_weight_t.device
+
+    def scores_shared(self, residual: torch.Tensor) -> torch.Tensor | None:
+        """The same `residual [T, H]` routed by every target: `[D, T, E]` in three ops (the norm once, one
+        matmul for all targets, the softmax); None when the weights do not allow it (then `scores`)."""
+        if self.shared is None or residual.dtype != torch.float32:
+            return None
+        weight, eps = self.shared
+        x = residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + eps)  # [T, H]
+        logits = (x @ weight).view(residual.shape[0], -1, self.router_weight_t.shape[-1])  # [T, D, E]
+        return torch.softmax(logits, dim=-1).transpose(0, 1)
 
     def scores(self, residuals: torch.Tensor) -> torch.Tensor:
         """`residuals [D, T, H]` (model dtype) → softmax scores `[D, T, E]` float32, as the reference."""

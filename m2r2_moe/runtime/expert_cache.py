@@ -26,6 +26,8 @@ from .transfer import DEMAND, CopyEngine, FailedTransfer, Transfer
 
 logger = logging.getLogger(__name__)
 
+HIT, PREFETCH_HIT, LATE, MISS = 0, 1, 2, 3  # how each use of an expert was served (`acquire`)
+NOT_QUEUED = -2  # `prefetch`: no copy was queued
 STALE_ONLY = 1 << 62  # a prefetch's `needed_at` that no estimate is later than: only stale experts are victims
 
 
@@ -49,27 +51,33 @@ class ExpertCache:
         return [layer * self.key_stride + e for e in experts]
 
     # -- the hot path ----------------------------------------------------------------------------
-    def acquire(self, layer: int, experts: list[int], keys: list[int], now: int) -> tuple[list[int], list[Transfer]]:
-        """Pin a slot for each expert; demand-load the absent ones. Returns (slots, copies to wait for). The
-        wave's keys are never victims of one another. On error nothing stays pinned."""
-        slots, waits, pinned = [], [], frozenset(keys)
+    def acquire(self, layer: int, experts: list[int], keys: list[int], now: int,
+                ) -> tuple[list[int], list[Transfer], list[int], list[int]]:
+        """Pin a slot for each expert; demand-load the absent ones. Returns (slots, copies to wait for, how each
+        use was served: HIT / PREFETCH_HIT / LATE / MISS, the keys evicted to make room). The wave's keys are
+        never victims of one another. On error nothing stays pinned."""
+        slots, waits, classes, evicted_keys, pinned = [], [], [], [], frozenset(keys)
         try:
             for expert, key in zip(experts, keys):
-                self._make_room(key, now, pinned)
+                victim = self._make_room(key, now, pinned)
+                if victim >= 0:
+                    evicted_keys.append(victim)
                 slot, hit, evicted = self.slots.acquire(key)
                 slots.append(slot)
                 self.policy.used(key, now)
                 if evicted >= 0:
                     self._evicted(evicted)
+                    evicted_keys.append(evicted)
                 if hit:
-                    self._classify_hit(layer, expert, key, slot, waits)
+                    classes.append(self._classify_hit(layer, expert, key, slot, waits))
                     continue
                 self.stats.misses += 1
+                classes.append(MISS)
                 waits.append(self._copy(layer, expert, key, slot, DEMAND))
         except BaseException:
             self.forget(keys[: len(slots)])
             raise
-        return slots, waits
+        return slots, waits, classes, evicted_keys
 
     def wait(self, layer: int, waits: list[Transfer]) -> None:
         """Wait for a wave's copies; their host wait is the stall. A failed copy is redone once as a demand
@@ -95,24 +103,29 @@ class ExpertCache:
                 self.policy.forget(key)
 
     # -- prefetching -------------------------------------------------------------------------------
-    def prefetch(self, layer: int, expert: int, distance: int, now: int, pinned: frozenset) -> bool:
+    def prefetch(self, layer: int, expert: int, distance: int, now: int, pinned: frozenset) -> int:
         """Start bringing `expert` of `layer` in for `distance` layer turns ahead, if it is neither resident
-        nor in flight. Returns whether a copy was queued: not when every expert it could displace is needed
-        no later than this one (`predictive`) or every slot is pinned. `pinned`: keys of the wave being
-        computed (never victims)."""
+        nor in flight. Returns NOT_QUEUED when no copy was queued (resident, in flight, every expert it could
+        displace is needed no later than this one (`predictive`), or every slot pinned), else the key it evicted
+        (-1: none). `pinned`: keys of the wave being computed (never victims)."""
         key = layer * self.key_stride + expert
         if self.slots.lookup(key) >= 0:
-            return False
-        when = now + distance
-        if not self._make_room(key, now, pinned, needed_at=when):
-            return False
-        slot, evicted = self.slots.prefetch(key)
+            return NOT_QUEUED
+        when, evicted = now + distance, -1
+        victim = self.policy.victim(key, now, pinned, when)
+        if victim is not None:  # the policy chose: evict it first (the slot table then reuses its slot)
+            if victim < 0 or not self.slots.evict(victim):
+                return NOT_QUEUED
+            self._evicted(victim)
+            evicted = victim
+        slot, lru_evicted = self.slots.prefetch(key)
         if slot < 0:
-            return False
-        if evicted >= 0:
-            self._evicted(evicted)
+            return NOT_QUEUED
+        if lru_evicted >= 0:
+            self._evicted(lru_evicted)
+            evicted = lru_evicted
         self._start_prefetch(layer, expert, key, slot, distance, now)
-        return True
+        return evicted
 
     def stream(self, wanted: list[tuple[int, int, int]], now: int, pinned: frozenset, layer: int,
                limit: int) -> int:
@@ -181,38 +194,44 @@ class ExpertCache:
         self.stats.cancelled_prefetches += 1
         return True
 
-    def queued_prefetches(self) -> int:
-        """Prefetch copies not finished yet (the link's backlog of predicted bytes)."""
-        return sum(1 for t in self._prefetched.values() if not t.ready())
+    def queued_prefetches(self) -> list[int]:
+        """Distances (priorities) of the prefetch copies not finished yet: the link's backlog of predicted bytes."""
+        return [t.priority for t in self._prefetched.values() if not t.ready()]
+
+    def free_slots(self) -> int:
+        """Slots holding no expert (a prefetch into one evicts nothing)."""
+        return self.num_slots - len(self.slots.resident())
 
     # -- internals ---------------------------------------------------------------------------------
-    def _make_room(self, key: int, now: int, pinned: frozenset, needed_at: int | None = None) -> bool:
-        """Evict the policy's victim when it names one; False when no expert may be evicted for `key`."""
-        victim = self.policy.victim(key, now, pinned, needed_at)
-        if victim is None:  # a free slot, or the slot table's own LRU order decides at placement
-            return True
-        if victim < 0 or not self.slots.evict(victim):
-            return False
+    def _make_room(self, key: int, now: int, pinned: frozenset) -> int:
+        """Evict the policy's victim when it names one (a demand load: the slot table places the key anyway,
+        in a free slot or its least recently used one). Returns the evicted key, or -1."""
+        victim = self.policy.victim(key, now, pinned, None)
+        if victim is None or victim < 0 or not self.slots.evict(victim):
+            return -1
         self._evicted(victim)
-        return True
+        return victim
 
-    def _classify_hit(self, layer: int, expert: int, key: int, slot: int, waits: list) -> None:
+    def _classify_hit(self, layer: int, expert: int, key: int, slot: int, waits: list) -> int:
         transfer = self._prefetched.pop(key, None)
         self._streamed.discard(key)
         if transfer is None:
             self.stats.hits += 1
-        elif transfer.error is not None:  # the prefetch failed: a demand load after all
+            return HIT
+        if transfer.error is not None:  # the prefetch failed: a demand load after all
             self.stats.misses += 1
             self.stats.failed_copies += 1
             logger.warning("prefetch of layer %d expert %d failed (%r); loading it on demand", layer, expert,
                            transfer.error)
             waits.append(self._copy(layer, expert, key, slot, DEMAND))
-        elif transfer.ready():
+            return MISS
+        if transfer.ready():
             self.stats.prefetch_hits += 1
-        else:
-            self.stats.late_prefetches += 1
-            self.engine.promote(transfer)  # the compute side waits for it now: before other prefetches
-            waits.append(transfer)
+            return PREFETCH_HIT
+        self.stats.late_prefetches += 1
+        self.engine.promote(transfer)  # the compute side waits for it now: before other prefetches
+        waits.append(transfer)
+        return LATE
 
     def _start_prefetch(self, layer: int, expert: int, key: int, slot: int, distance: int, now: int) -> None:
         self.policy.predicted(key, now + distance, now)

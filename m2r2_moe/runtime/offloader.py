@@ -148,10 +148,9 @@ class Offloader:
         listening = bool(self.events.listeners)
         if listening:
             self.events.layer_started(self.clock.step, layer, tokens)
-        kernel = self.kernels[layer]
-        if tokens == 1 and waves.direct_is_exact(self.kernel_names[layer], tokens, top_k):
-            # decode at batch 1: one read of the K experts, the slot indices built on the host (eager with top-k
-            # > 2 adds a token's K contributions in slot order, not expert order: the pair path below)
+        kernel, name = self.kernels[layer], self.kernel_names[layer]
+        if tokens == 1 and waves.direct_is_exact(name, 1, top_k):  # decode at batch 1: the K experts read once,
+            # the slot indices built on the host
             # host sync on CUDA: the set of experts decides which copies to issue (paid once per layer)
             chosen = top_k_index[0].tolist()
             out = self.run_wave(layer, sorted(set(chosen)), lambda view, slot_of: kernel(
@@ -161,7 +160,7 @@ class Offloader:
             needed = self.prefill.route(layer, top_k_index)  # host sync on CUDA, as above
             if not needed:
                 out = torch.zeros_like(hidden_states)
-            elif len(needed) <= self.num_slots and waves.direct_is_exact(self.kernel_names[layer], tokens, top_k):
+            elif len(needed) <= self.num_slots and waves.direct_is_exact(name, tokens, top_k):
                 out = self.run_wave(layer, needed, lambda view, slot_of: kernel(
                     view, hidden_states, self.table(layer, view, slot_of)[top_k_index], top_k_weights),
                     routing=top_k_index)
@@ -179,11 +178,15 @@ class Offloader:
         per-expert loop costs per slot seen); `slot_of` maps each expert of the wave to its index in `view`."""
         self.stats.waves += 1
         keys = self.cache.keys(layer, wave)
-        slots, waits = self.cache.acquire(layer, wave, keys, self.clock.now(layer))
+        slots, waits, served, evicted = self.cache.acquire(layer, wave, keys, self.clock.now(layer))
+        look_ahead = routing is not None and self.prefetcher is not None
+        # On CPU the prediction runs before the kernel, so that its copies start a layer's compute earlier; on
+        # CUDA after the kernels are queued, so that the host's prediction overlaps the device's compute.
+        early = look_ahead and self.device.type != "cuda"
         try:
             self.prefill.acquired(layer, keys)  # a forward of many tokens: the next layers' experts stream in
-            if routing is not None and self.prefetcher is not None:  # the wave is pinned, its loads queued first
-                self._look_ahead(layer, routing, frozenset(keys))
+            if early:  # the wave is pinned, its demand loads queued first
+                self._look_ahead(layer, routing, keys, served, evicted)
             self.cache.wait(layer, waits)
         except BaseException:
             self.cache.forget(keys)
@@ -196,6 +199,8 @@ class Offloader:
             done = self.engine.compute_done()  # CUDA: after the kernels reading these slots
         finally:
             self.cache.release(keys, slots, done)
+        if look_ahead and not early:  # a copy into one of the wave's slots waits for `done`
+            self._look_ahead(layer, routing, keys, served, evicted)
         return out
 
     def table(self, layer: int, view: SlotView, slot_of: dict[int, int]) -> torch.Tensor:
@@ -206,11 +211,14 @@ class Offloader:
             table[expert] = index
         return to_device(table, self.device)
 
-    def _look_ahead(self, layer: int, top_k_index: torch.Tensor, pinned: frozenset) -> None:
-        """Let the prefetcher predict and issue copies. A predictor that raises is switched off with one
-        warning (prefetching only ever changes speed, never outputs) and counted in the stats."""
+    def _look_ahead(self, layer: int, top_k_index: torch.Tensor, keys: list[int], served: list[int],
+                    evicted: list[int]) -> None:
+        """Let the prefetcher predict and issue copies (`keys`: the wave's, pinned; `served`: how each of their
+        uses was served, the outcome of earlier predictions; `evicted`: what their demand loads displaced). A
+        predictor that raises is switched off with one warning (prefetching only ever changes speed, never
+        outputs) and counted in the stats."""
         try:
-            self.prefetcher.on_layer(layer, top_k_index, pinned)
+            self.prefetcher.on_layer(layer, top_k_index, keys, served, evicted)
         except Exception as e:  # noqa: BLE001 — any predictor bug: fall back to on-demand loading
             name = self.prefetcher.predictor.name
             self.stats.predictor_failures += 1

@@ -89,7 +89,7 @@ class PrefillStream:
         compute = self.clock.layer_seconds
         if transfer <= 0 or compute <= 0:
             return sum(1 for target, _, _ in wanted if target == wanted[0][0]) if wanted else 0
-        return max(1, math.ceil(MARGIN * compute / transfer)) - self.cache.queued_prefetches()
+        return max(1, math.ceil(MARGIN * compute / transfer)) - len(self.cache.queued_prefetches())
 
     def plan(self, layer: int, tokens: int, room: int) -> list[tuple[int, int, int]]:
         """[(layer, expert, distance)]: the experts layers after `layer` (in this forward) will likely use

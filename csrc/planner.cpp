@@ -1,0 +1,218 @@
+// See planner.hpp. Each function mirrors the method of the same name in m2r2_moe/runtime/planner.py.
+#include "planner.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+namespace m2r2 {
+
+Planner::Planner(int64_t num_layers, int64_t num_experts, int64_t key_stride, int64_t width, int64_t max_queued)
+    : num_layers_(num_layers), num_experts_(num_experts), key_stride_(key_stride), width_(width),
+      max_queued_(max_queued),
+      counts_(static_cast<size_t>(2 * (num_layers + 1) * kBins * 2), 0.0),
+      prior_(static_cast<size_t>(num_layers), std::vector<double>(static_cast<size_t>(num_experts), 0.0)),
+      pending_(static_cast<size_t>(num_layers)) {
+  if (num_layers < 1 || num_experts < 1 || key_stride < num_experts || width < 1 || max_queued < 1)
+    throw std::invalid_argument("planner: layers, experts, width and max_queued must be >= 1, key_stride >= experts");
+}
+
+int Planner::bin(double score) const { return std::min(static_cast<int>(score * kBins), kBins - 1); }
+
+double* Planner::counts(int source, int64_t distance, double score) {
+  if (distance < 0 || distance > num_layers_) return nullptr;
+  size_t i = ((static_cast<size_t>(source) * (num_layers_ + 1) + distance) * kBins + bin(score)) * 2;
+  return &counts_[i];
+}
+
+double Planner::probability(int source, int64_t distance, double score) const {
+  double used = 0, seen = 0;
+  if (distance >= 0 && distance <= num_layers_) {
+    size_t i = ((static_cast<size_t>(source) * (num_layers_ + 1) + distance) * kBins + bin(score)) * 2;
+    used = counts_[i];
+    seen = counts_[i + 1];
+  }
+  return (used + kPrior * score) / (seen + kPrior);
+}
+
+void Planner::step(int64_t window) {
+  double decay = 1.0 - 1.0 / static_cast<double>(window);
+  saved_ *= decay;
+  spent_ *= decay;
+  if (every_ == 0) {
+    if (++quiet_ >= window) {
+      every_ = num_layers_;
+      quiet_ = 0;
+    }
+    return;
+  }
+  if (spent_ > 2 * saved_ && spent_ > 0) {
+    every_ = every_ >= num_layers_ ? 0 : every_ * 2;
+  } else if (saved_ > 2 * spent_ && every_ > 1) {
+    every_ /= 2;
+  }
+}
+
+void Planner::evict(int64_t key, int64_t now) {
+  resident_.erase(key);
+  inflight_.erase(key);
+  evicted_at_[key] = now;
+  evictions_ = evictions_ * kDecay + 1.0;
+  regretted_ *= kDecay;
+}
+
+void Planner::issued(int64_t key, int64_t evicted, int64_t now) {
+  if (evicted == kNotQueued) return;
+  inflight_.insert(key);
+  if (evicted >= 0) evict(evicted, now);
+}
+
+void Planner::settle(const LayerInput& in) {
+  int64_t base = in.layer * key_stride_;
+  std::vector<int64_t> used;
+  used.reserve(in.keys.size());
+  for (int64_t key : in.keys) used.push_back(key - base);
+  for (size_t i = 0; i < in.keys.size(); ++i) {
+    int64_t key = in.keys[i], how = i < in.served.size() ? in.served[i] : kHit;
+    resident_.insert(key);
+    inflight_.erase(key);
+    if (how == kMiss) {
+      auto it = evicted_at_.find(key);
+      if (it != evicted_at_.end()) {
+        bool recent = in.now - it->second <= num_layers_;
+        evicted_at_.erase(it);
+        if (recent) regretted_ += 1.0;
+      }
+    } else if (how == kPrefetchHit) {
+      saved_ += in.transfer;
+    } else if (how == kLate) {
+      saved_ += in.transfer / 2;
+    }
+  }
+  for (int64_t key : in.evicted) evict(key, in.now);
+  std::vector<Pending> pending;
+  pending.swap(pending_[static_cast<size_t>(in.layer)]);
+  if (in.decode) {
+    for (const Pending& p : pending) {
+      double* c = counts(p.source, p.distance, p.score);
+      if (c == nullptr) continue;
+      bool hit = std::find(used.begin(), used.end(), p.expert) != used.end();
+      c[0] = c[0] * kDecay + (hit ? 1.0 : 0.0);
+      c[1] = c[1] * kDecay + 1.0;
+    }
+  }
+  std::vector<double>& row = prior_[static_cast<size_t>(in.layer)];
+  for (double& c : row) c *= kPriorDecay;
+  for (int64_t e : used)
+    if (e >= 0 && e < num_experts_) row[static_cast<size_t>(e)] += 1.0;
+  if (in.layer == 0 && evicted_at_.size() > 4096) {
+    for (auto it = evicted_at_.begin(); it != evicted_at_.end();)
+      it = in.now - it->second <= num_layers_ ? std::next(it) : evicted_at_.erase(it);
+  }
+}
+
+std::vector<Planner::Candidate> Planner::candidates(const LayerInput& in, int64_t horizon) {
+  std::vector<Candidate> out;
+  std::vector<double> row(static_cast<size_t>(num_experts_));
+  std::vector<int64_t> order;
+  for (int64_t d = 1; d <= horizon; ++d) {
+    int64_t target = in.layer + d;
+    bool model = d <= in.rows;
+    if ((target >= num_layers_ && !(in.decode && (in.wraps || !model))) || target >= 2 * num_layers_) break;
+    target %= num_layers_;
+    int source;
+    int64_t width = model ? in.cols : num_experts_;
+    row.assign(static_cast<size_t>(width), 0.0);
+    if (model) {
+      source = 0;
+      const float* r = in.probs + (d - 1) * in.cols;
+      for (int64_t e = 0; e < width; ++e) row[static_cast<size_t>(e)] = static_cast<double>(r[e]);
+    } else {
+      const std::vector<double>& counts = prior_[static_cast<size_t>(target)];
+      double total = 0;
+      for (double c : counts) total += c;
+      if (total <= 0) continue;
+      source = 1;
+      for (int64_t e = 0; e < width; ++e) row[static_cast<size_t>(e)] = counts[static_cast<size_t>(e)] / total;
+    }
+    order.resize(static_cast<size_t>(width));
+    for (int64_t e = 0; e < width; ++e) order[static_cast<size_t>(e)] = e;
+    int64_t keep = std::min<int64_t>(2 * width_, width);
+    std::partial_sort(order.begin(), order.begin() + keep, order.end(), [&](int64_t a, int64_t b) {
+      double ra = row[static_cast<size_t>(a)], rb = row[static_cast<size_t>(b)];
+      return ra > rb || (ra == rb && a < b);
+    });
+    for (int64_t i = 0; i < keep; ++i) {
+      int64_t e = order[static_cast<size_t>(i)];
+      double score = row[static_cast<size_t>(e)];
+      if (in.decode) pending_[static_cast<size_t>(target)].push_back({source, d, score, e});
+      if (i < width_ && score > 0) out.push_back({d, target, e, probability(source, d, score)});
+    }
+  }
+  std::sort(out.begin(), out.end(), [](const Candidate& a, const Candidate& b) {
+    if (a.distance != b.distance) return a.distance < b.distance;
+    if (a.q != b.q) return a.q > b.q;
+    return a.expert < b.expert;
+  });
+  return out;
+}
+
+std::vector<Pair> Planner::withdrawals(int64_t layer, const std::vector<Candidate>& cands) {
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> wanted;  // in the order targets first appear
+  for (const Candidate& c : cands) {
+    auto it = std::find_if(wanted.begin(), wanted.end(), [&](const auto& w) { return w.first == c.target; });
+    if (it == wanted.end()) {
+      wanted.push_back({c.target, {c.expert}});
+    } else if (std::find(it->second.begin(), it->second.end(), c.expert) == it->second.end()) {
+      it->second.push_back(c.expert);
+    }
+  }
+  wanted_.erase(std::remove_if(wanted_.begin(), wanted_.end(), [&](const auto& w) { return w.first == layer; }),
+                wanted_.end());
+  std::vector<Pair> out;
+  for (auto& [target, experts] : wanted) {
+    std::sort(experts.begin(), experts.end());
+    auto old = std::find_if(wanted_.begin(), wanted_.end(), [&](const auto& w) { return w.first == target; });
+    if (old != wanted_.end()) {
+      for (int64_t e : old->second)  // sorted: the Python twin walks the difference in ascending order
+        if (!std::binary_search(experts.begin(), experts.end(), e) && inflight_.count(target * key_stride_ + e))
+          out.emplace_back(target, e);
+      old->second = experts;
+    } else {
+      wanted_.push_back({target, experts});
+    }
+  }
+  return out;
+}
+
+Decision Planner::layer(const LayerInput& in) {
+  if (in.layer < 0 || in.layer >= num_layers_) throw std::invalid_argument("planner: layer out of range");
+  settle(in);
+  Decision out;
+  if (in.probs == nullptr) return out;
+  std::vector<Candidate> cands = candidates(in, std::max(in.rows, in.horizon));
+  out.withdraw = withdrawals(in.layer, cands);
+  double regret_share = regret();
+  std::vector<int64_t> backlog = in.backlog;
+  int64_t free = in.free;
+  for (const Candidate& c : cands) {
+    int64_t key = c.target * key_stride_ + c.expert;
+    if (resident_.count(key)) {
+      out.expect.emplace_back(c.target, c.expert, c.distance);
+      continue;
+    }
+    if (inflight_.count(key) || static_cast<int64_t>(backlog.size()) >= max_queued_ || c.q < in.min_prob) continue;
+    int64_t ahead = 0;
+    for (int64_t d : backlog) ahead += d <= c.distance;
+    double lead = in.compute > 0 ? c.distance * in.compute - in.transfer * ahead : std::numeric_limits<double>::infinity();
+    double saving = std::min(in.transfer, std::max(lead, 0.0));
+    double value = c.q * saving - (1.0 - c.q) * in.busy * in.transfer - (free <= 0 ? regret_share * in.transfer : 0.0);
+    if (value <= 0) continue;
+    out.queue.emplace_back(c.target, c.expert, c.distance);
+    backlog.push_back(c.distance);
+    free -= 1;
+  }
+  return out;
+}
+
+}  // namespace m2r2

@@ -1,0 +1,95 @@
+// The prefetcher's per-layer decision: the C++ twin of m2r2_moe/runtime/planner.py:PlannerCore.
+// Same inputs, same state, same decisions, always (tests/test_planner_diff.py compares them on random
+// sequences of layer calls). Plain C++17: planner_bindings.cpp exposes it with pybind11.
+//
+// Arithmetic is in double, in the order the Python twin computes it, so that every comparison comes out
+// the same: probabilities arrive as float32 and are widened, as Python's float(tensor.tolist()) does.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+namespace m2r2 {
+
+constexpr int kBins = 10;
+constexpr double kDecay = 0.995;
+constexpr double kPrior = 4.0;
+constexpr double kPriorDecay = 0.8;
+constexpr int kHit = 0, kPrefetchHit = 1, kLate = 2, kMiss = 3;
+constexpr int64_t kNotQueued = -2;
+
+using Copy = std::tuple<int64_t, int64_t, int64_t>;  // (target layer, expert, distance)
+using Pair = std::tuple<int64_t, int64_t>;            // (target layer, expert)
+
+struct Decision {
+  std::vector<Copy> queue, expect;
+  std::vector<Pair> withdraw;
+};
+
+struct LayerInput {
+  int64_t layer = 0;
+  bool decode = false;
+  int64_t now = 0;
+  std::vector<int64_t> keys, served, evicted;
+  const float* probs = nullptr;  // [rows, cols] row-major, or null: no prediction at this layer
+  int64_t rows = 0, cols = 0;
+  bool wraps = false;
+  int64_t horizon = 0;
+  double transfer = 0, compute = 0, busy = 0;
+  int64_t free = 0;
+  std::vector<int64_t> backlog;
+  double min_prob = 0;
+};
+
+class Planner {
+ public:
+  Planner(int64_t num_layers, int64_t num_experts, int64_t key_stride, int64_t width, int64_t max_queued);
+
+  Decision layer(const LayerInput& in);
+  void issued(int64_t key, int64_t evicted, int64_t now);
+  void withdrawn(int64_t key) { inflight_.erase(key); }
+  double probability(int source, int64_t distance, double score) const;
+  double regret() const { return (regretted_ + 0.5) / (evictions_ + 1.0); }
+  bool active(int64_t layer) const { return every_ != 0 && layer % every_ == 0; }
+  void step(int64_t window);
+  void add_spent(double seconds) { spent_ += seconds; }
+
+  double saved() const { return saved_; }
+  double spent() const { return spent_; }
+  int64_t every() const { return every_; }
+
+ private:
+  struct Pending {
+    int source;
+    int64_t distance;
+    double score;
+    int64_t expert;
+  };
+  struct Candidate {
+    int64_t distance, target, expert;
+    double q;
+  };
+
+  int bin(double score) const;
+  double* counts(int source, int64_t distance, double score);
+  void settle(const LayerInput& in);
+  void evict(int64_t key, int64_t now);
+  std::vector<Candidate> candidates(const LayerInput& in, int64_t horizon);
+  std::vector<Pair> withdrawals(int64_t layer, const std::vector<Candidate>& cands);
+
+  int64_t num_layers_, num_experts_, key_stride_, width_, max_queued_;
+  std::vector<double> counts_;  // [source 2][distance 0..L][bin][used, seen]
+  std::vector<std::vector<double>> prior_;
+  std::vector<std::vector<Pending>> pending_;
+  std::unordered_map<int64_t, int64_t> evicted_at_;
+  double regretted_ = 0, evictions_ = 0, saved_ = 0, spent_ = 0;
+  int64_t every_ = 1, quiet_ = 0;
+  std::unordered_set<int64_t> resident_, inflight_;
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> wanted_;  // target -> experts, in insertion order
+};
+
+}  // namespace m2r2

@@ -1,0 +1,79 @@
+// Python module m2r2_moe._native_plan: the C++ planner (planner.hpp) with pybind11. It is called once per
+// MoE layer, so pybind11's dispatch (a few µs for this many arguments, called positionally) is small against
+// the decision it makes. No torch headers: the predictor's probabilities arrive as a numpy array (a torch
+// CPU tensor's `.numpy()`, no copy), read through the buffer protocol; m2r2_moe/_ext.py is the only importer.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "planner.hpp"
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int kAbiVersion = 1;  // bumped when the Python-visible interface changes (see _ext.py)
+
+using Probs = py::array_t<float, py::array::c_style>;
+
+// Points `in` at the probabilities of `probs` (a [D, E] float32 C-contiguous array), or leaves it empty.
+void read_probs(const py::object& probs, m2r2::LayerInput& in) {
+  if (probs.is_none()) return;
+  if (!Probs::check_(probs))
+    throw std::invalid_argument("planner: probabilities must be a C-contiguous float32 numpy array [D, E]");
+  auto array = py::reinterpret_borrow<Probs>(probs);
+  if (array.ndim() != 2) throw std::invalid_argument("planner: probabilities must be [D, E]");
+  in.rows = array.shape(0);
+  in.cols = array.shape(1);
+  in.probs = array.data();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native_plan, m) {
+  m.doc() = "C++ twin of m2r2_moe.runtime.planner.PlannerCore";
+  m.attr("ABI_VERSION") = kAbiVersion;
+  py::class_<m2r2::Planner>(m, "Planner")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t>(), py::arg("num_layers"), py::arg("num_experts"),
+           py::arg("key_stride"), py::arg("width"), py::arg("max_queued"))
+      .def("layer",
+           [](m2r2::Planner& p, int64_t layer, bool decode, int64_t now, std::vector<int64_t> keys,
+              std::vector<int64_t> served, std::vector<int64_t> evicted, const py::object& probs, bool wraps,
+              int64_t horizon, double transfer, double compute, double busy, int64_t free,
+              std::vector<int64_t> backlog, double min_prob) {
+             m2r2::LayerInput in;
+             in.layer = layer;
+             in.decode = decode;
+             in.now = now;
+             in.keys = std::move(keys);
+             in.served = std::move(served);
+             in.evicted = std::move(evicted);
+             read_probs(probs, in);
+             in.wraps = wraps;
+             in.horizon = horizon;
+             in.transfer = transfer;
+             in.compute = compute;
+             in.busy = busy;
+             in.free = free;
+             in.backlog = std::move(backlog);
+             in.min_prob = min_prob;
+             m2r2::Decision d = p.layer(in);
+             return py::make_tuple(d.queue, d.expect, d.withdraw);
+           },
+           py::arg("layer"), py::arg("decode"), py::arg("now"), py::arg("keys"), py::arg("served"), py::arg("evicted"),
+           py::arg("probs"), py::arg("wraps"), py::arg("horizon"), py::arg("transfer"), py::arg("compute"),
+           py::arg("busy"), py::arg("free"), py::arg("backlog"), py::arg("min_prob"))
+      .def("issued", &m2r2::Planner::issued, py::arg("key"), py::arg("evicted"), py::arg("now"))
+      .def("withdrawn", &m2r2::Planner::withdrawn, py::arg("key"))
+      .def("probability", &m2r2::Planner::probability, py::arg("source"), py::arg("distance"), py::arg("score"))
+      .def("regret", &m2r2::Planner::regret)
+      .def("active", &m2r2::Planner::active, py::arg("layer"))
+      .def("step", &m2r2::Planner::step, py::arg("window"))
+      .def("add_spent", &m2r2::Planner::add_spent, py::arg("seconds"))
+      .def_property_readonly("saved", &m2r2::Planner::saved)
+      .def_property_readonly("spent", &m2r2::Planner::spent)
+      .def_property_readonly("every", &m2r2::Planner::every);
+}

@@ -1,0 +1,210 @@
+"""The prefetcher's per-layer decision, from plain numbers: the reference twin of the C++ planner.
+
+One call per MoE layer (`layer`) takes what the layer's acquire said (the keys it used, how each use was
+served, what its demand loads evicted), the predictor's probabilities for the layers ahead and the link's state,
+and returns what to do: the copies to queue, the resident experts to mark as needed soon, the queued copies to
+withdraw. It keeps everything that is learned online (runtime/admission.py says why each piece is there):
+- the calibration of P(used | source, distance, score bin), settled by the routing each prediction was for;
+- each layer's recent usage, the prior for distances past the predictor's lookahead and across the token;
+- the regret of evicting (the share of evicted experts that came back within a turn of layers);
+- the benefit balance (stall saved against time spent) that decides how often to predict;
+- a mirror of which experts are resident or in flight, from the reports it gets (acquires, evictions, the copies
+  it asked for), so that candidates are filtered without asking the cache. The mirror only steers prefetching:
+  the cache checks every copy again.
+The C++ twin (`m2r2_moe._native_plan.Planner`, csrc/planner.cpp) makes the same decisions on the same inputs
+(tests/test_planner_diff.py); `make_planner` picks it when it is built.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .admission import BINS, DECAY, PRIOR, value
+
+MODEL, PRIOR_SOURCE = 0, 1
+PRIOR_DECAY = 0.8  # per use of a layer: the prior follows the last few tokens
+HIT, PREFETCH_HIT, LATE, MISS = 0, 1, 2, 3  # as runtime/expert_cache.py
+NOT_QUEUED = -2
+
+
+class PlannerCore:
+    """Python twin of the C++ planner: the same interface and decisions."""
+
+    def __init__(self, num_layers: int, num_experts: int, key_stride: int, width: int, max_queued: int):
+        self.num_layers, self.num_experts, self.key_stride = num_layers, num_experts, key_stride
+        self.width, self.max_queued = width, max_queued
+        self._counts: dict[tuple[int, int, int], list[float]] = {}  # (source, distance, bin) -> [used, seen]
+        self.prior = [[0.0] * num_experts for _ in range(num_layers)]
+        self._pending: list[list[tuple[int, int, float, int]]] = [[] for _ in range(num_layers)]
+        self._evicted_at: dict[int, int] = {}
+        self.regretted = self.evictions = 0.0
+        self.saved = self.spent = 0.0
+        self.every, self._quiet = 1, 0
+        self._resident: set[int] = set()
+        self._inflight: set[int] = set()
+        self._wanted: dict[int, set[int]] = {}
+
+    # -- learned quantities ------------------------------------------------------------------------
+    def probability(self, source: int, distance: int, score: float) -> float:
+        used, seen = self._counts.get((source, distance, min(int(score * BINS), BINS - 1)), (0.0, 0.0))
+        return (used + PRIOR * score) / (seen + PRIOR)
+
+    def _record(self, source: int, distance: int, score: float, used: bool) -> None:
+        if not 0 <= distance <= self.num_layers:
+            return  # beyond one cycle of layers: never asked for
+        counts = self._counts.setdefault((source, distance, min(int(score * BINS), BINS - 1)), [0.0, 0.0])
+        counts[0] = counts[0] * DECAY + used
+        counts[1] = counts[1] * DECAY + 1.0
+
+    def regret(self) -> float:
+        return (self.regretted + 0.5) / (self.evictions + 1.0)
+
+    def active(self, layer: int) -> bool:
+        return self.every != 0 and layer % self.every == 0
+
+    def step(self, window: int) -> None:
+        """Once per forward: age the benefit balance and decide how often to predict (admission.Benefit)."""
+        decay = 1.0 - 1.0 / window
+        self.saved, self.spent = self.saved * decay, self.spent * decay
+        if self.every == 0:
+            self._quiet += 1
+            if self._quiet >= window:  # probe again: the text (and the link) may have changed
+                self.every, self._quiet = self.num_layers, 0
+            return
+        if self.spent > 2 * self.saved and self.spent > 0:
+            self.every = 0 if self.every >= self.num_layers else self.every * 2
+        elif self.saved > 2 * self.spent and self.every > 1:
+            self.every //= 2
+
+    def add_spent(self, seconds: float) -> None:
+        self.spent += seconds
+
+    # -- the per-layer decision ----------------------------------------------------------------------
+    def layer(self, layer: int, decode: bool, now: int, keys: list[int], served: list[int], evicted: list[int],
+              probs, wraps: bool, horizon: int, transfer: float, compute: float, busy: float, free: int,
+              backlog: list[int], min_prob: float):
+        """Returns (copies to queue [(target, expert, distance)], resident experts needed soon [(target,
+        expert, distance)], copies to withdraw [(target, expert)]). `probs`: the predictor's probabilities
+        `[D, E]` for distances 1..D (a float32 numpy array; None: this layer does not predict)."""
+        self._settle(layer, decode, now, keys, served, evicted, transfer)
+        if probs is None:
+            return [], [], []
+        rows = probs.tolist()
+        candidates = self._candidates(layer, decode, rows, wraps, max(len(rows), horizon))
+        withdraw = self._withdrawals(layer, candidates)
+        queue, expect = [], []
+        regret = self.regret()
+        backlog = list(backlog)
+        for distance, target, expert, q in candidates:
+            key = target * self.key_stride + expert
+            if key in self._resident:
+                expect.append((target, expert, distance))
+                continue
+            if key in self._inflight or len(backlog) >= self.max_queued or q < min_prob:
+                continue
+            ahead = sum(1 for d in backlog if d <= distance)
+            lead = distance * compute - transfer * ahead if compute > 0 else math.inf
+            if value(q, transfer, lead, busy, free <= 0, regret) <= 0:
+                continue
+            queue.append((target, expert, distance))
+            backlog.append(distance)
+            free -= 1
+        return queue, expect, withdraw
+
+    def issued(self, key: int, evicted: int, now: int) -> None:
+        """The cache's answer to a copy asked for: NOT_QUEUED, or the key it evicted (-1: none)."""
+        if evicted == NOT_QUEUED:
+            return
+        self._inflight.add(key)
+        if evicted >= 0:
+            self._evict(evicted, now)
+
+    def withdrawn(self, key: int) -> None:
+        self._inflight.discard(key)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _settle(self, layer, decode, now, keys, served, evicted, transfer) -> None:
+        base = layer * self.key_stride
+        used = [key - base for key in keys]
+        for key, how in zip(keys, served):
+            self._resident.add(key)
+            self._inflight.discard(key)
+            if how == MISS:
+                when = self._evicted_at.pop(key, None)
+                if when is not None and now - when <= self.num_layers:
+                    self.regretted += 1.0
+            elif how == PREFETCH_HIT:
+                self.saved += transfer
+            elif how == LATE:
+                self.saved += transfer / 2  # part of its copy was hidden
+        for key in evicted:
+            self._evict(key, now)
+        pending, self._pending[layer] = self._pending[layer], []
+        if decode:
+            for source, distance, score, expert in pending:
+                self._record(source, distance, score, expert in used)
+        row = self.prior[layer]
+        for e in range(self.num_experts):
+            row[e] *= PRIOR_DECAY
+        for e in used:
+            row[e] += 1.0
+        if layer == 0 and len(self._evicted_at) > 4096:
+            self._evicted_at = {k: t for k, t in self._evicted_at.items() if now - t <= self.num_layers}
+
+    def _evict(self, key: int, now: int) -> None:
+        self._resident.discard(key)
+        self._inflight.discard(key)
+        self._evicted_at[key] = now
+        self.evictions = self.evictions * DECAY + 1.0  # both counts age by evictions: their ratio is a share
+        self.regretted *= DECAY
+
+    def _candidates(self, layer, decode, rows, wraps, horizon) -> list[tuple[int, int, int, float]]:
+        """(distance, target layer, expert, calibrated P(used)), nearest first, likeliest first; at batch 1
+        the top 2 x width of every target are kept to be settled when the target runs."""
+        count, width, out = self.num_layers, self.width, []
+        for d in range(1, horizon + 1):
+            target = layer + d
+            model = d <= len(rows)
+            if target >= count and not (decode and (wraps or not model)) or target >= 2 * count:
+                break
+            target %= count
+            if model:
+                source, row = MODEL, rows[d - 1]
+            else:
+                total = sum(self.prior[target])
+                if total <= 0:
+                    continue
+                source, row = PRIOR_SOURCE, [c / total for c in self.prior[target]]
+            ranked = sorted(range(len(row)), key=lambda e: (-row[e], e))[: 2 * width]
+            if decode:
+                self._pending[target].extend((source, d, row[e], e) for e in ranked)
+            out.extend((d, target, e, self.probability(source, d, row[e])) for e in ranked[:width] if row[e] > 0)
+        out.sort(key=lambda c: (c[0], -c[3], c[2]))
+        return out
+
+    def _withdrawals(self, layer, candidates) -> list[tuple[int, int]]:
+        """Queued copies for targets the new plan covers but no longer wants."""
+        wanted: dict[int, set[int]] = {}
+        for _, target, expert, _ in candidates:
+            wanted.setdefault(target, set()).add(expert)
+        self._wanted.pop(layer, None)
+        out = []
+        for target, experts in wanted.items():
+            for expert in sorted(self._wanted.get(target, set()).difference(experts)):
+                if target * self.key_stride + expert in self._inflight:
+                    out.append((target, expert))
+            self._wanted[target] = experts
+        return out
+
+
+def make_planner(num_layers: int, num_experts: int, key_stride: int, width: int, max_queued: int,
+                 native: bool | None = None):
+    """The C++ planner (`m2r2_moe._native_plan.Planner`, same interface and decisions) when it is built, else the
+    Python twin. `native=True` requires it; `False` forces the twin."""
+    from .. import _ext  # the only door to native code
+
+    if native is False or (native is None and not _ext.HAS_PLANNER):
+        return PlannerCore(num_layers, num_experts, key_stride, width, max_queued)
+    if not _ext.HAS_PLANNER:
+        raise RuntimeError(f"the C++ planner is not available: {_ext.PLANNER_ERROR}")
+    return _ext.planner.Planner(num_layers, num_experts, key_stride, width, max_queued)
