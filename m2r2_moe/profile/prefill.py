@@ -64,22 +64,26 @@ def original_prefill(model, prompt: torch.Tensor, repeats: int, device=None) -> 
 def offloaded_prefill(model, prompt: torch.Tensor, reference: torch.Tensor, repeats: int, stream: bool = True,
                       **offload) -> dict:
     """Offload with `offload` (options of `m2r2_moe.offload`), warm up, time `repeats` forwards; the model is
-    restored afterwards. Seconds of the fastest, bytes moved and stall per forward, whether every forward's
-    logits equal `reference`. `stream=False`: the layers load on demand only (runtime/prefill.py off)."""
+    restored afterwards. The fastest forward's seconds, bytes moved, stall and misses (a forward's bytes vary
+    with what the one before left resident: each is set against its own), and whether every forward's logits
+    equal `reference`. `stream=False`: the layers load on demand only (runtime/prefill.py off)."""
     api.offload(model, **offload)
     offloader = api.get_offloader(model)
     offloader.prefill.enabled = stream
     prompt = prompt.to(offloader.device)
     try:
         identical = torch.equal(_forward(model, prompt)[1], reference)
-        api.reset_stats(model)
-        runs = [_forward(model, prompt) for _ in range(repeats)]
-        stats = api.stats(model)
+        runs = []
+        for _ in range(repeats):
+            api.reset_stats(model)
+            seconds, logits = _forward(model, prompt)
+            phase = api.stats(model).prefill
+            identical = identical and torch.equal(logits, reference)
+            runs.append({"seconds": seconds, "bytes": phase.bytes_to_device, "stall": phase.stall_seconds,
+                         "misses": phase.misses})
     finally:
         api.remove_offload(model)
-    return {"seconds": min(r[0] for r in runs), "bytes": stats.prefill.bytes_to_device / repeats,
-            "stall": stats.prefill.stall_seconds / repeats, "misses": stats.prefill.misses / repeats,
-            "identical": identical and all(torch.equal(r[1], reference) for r in runs)}
+    return {**min(runs, key=lambda r: r["seconds"]), "identical": identical}
 
 
 def prefill_rows(model, prompts: dict[int, torch.Tensor], ratios: list[float], link_gbps: dict[float, float | None],
