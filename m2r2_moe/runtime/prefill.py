@@ -51,7 +51,7 @@ class PrefillStream:
         also teaches the selection rates and is streamed for (one token: the prefetcher's)."""
         values, counts = torch.unique(top_k_index, return_counts=True)  # [N], [N]
         # host sync on CUDA: the set of experts decides which copies to issue (one read per layer call)
-        needed, uses = torch.stack((values, counts)).tolist()
+        needed, uses = torch.stack((values.long(), counts)).tolist()
         tokens = top_k_index.shape[0]
         self._call, self._left, self._tokens = (self.clock.step, layer), len(needed) if tokens > 1 else 0, tokens
         if tokens > 1:
