@@ -3,10 +3,11 @@
 For each model and prompt length: one prefill forward of the original model, and of the offloaded one with
 half of all experts cached at each link ratio (emulated link; ratio = one expert's transfer time over one MoE
 layer's decode compute time), with the next layers' experts streamed in while a layer computes
-(runtime/prefill.py) and, side by side, loaded on demand only. Each forward is timed after a warm-up, the
-fastest of --repeats; limit = max(original forward, bytes moved / link bandwidth). Then, for the longest
-prompts, time to first token with the prompt prefilled in one forward against chunks (`prefill_chunk_size`),
-offloaded. Prints the tables and appends them to BENCHMARKS.md.
+(runtime/prefill.py) and loaded on demand only: the three interleaved round by round (a busy machine slows
+all alike), each offloaded forward after one in the same mode, the fastest of --repeats; limit = max(original
+forward, bytes moved / link bandwidth). Then, for the longest prompts, time to first token with the prompt
+prefilled in one forward against chunks (`prefill_chunk_size`), original and offloaded. Prints the tables and
+appends them to BENCHMARKS.md.
 
     python benchmarks/prefill.py [--models builtin,builtin:tiny-qwen3-moe] [--lengths 64,256,1024]
 """
@@ -24,8 +25,7 @@ from _report import markdown_table, publish  # noqa: E402
 from m2r2_moe import api  # noqa: E402
 from m2r2_moe.loading import load_model  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
-from m2r2_moe.profile.prefill import (chunked_prefill, offloaded_prefill, original_prefill,  # noqa: E402
-                                      prefill_prompts)
+from m2r2_moe.profile.prefill import chunked_prefill, measure_prefill, prefill_prompts, prefill_row  # noqa: E402
 from m2r2_moe.profile.runs import reference_run  # noqa: E402
 
 
@@ -41,18 +41,17 @@ def decode_layer_seconds(model, layers, prompt: torch.Tensor, repeats: int) -> f
 
 
 def prefill_table(model, spec, prompts, ratios, gbps, cache, repeats) -> list[list]:
+    """Rows: the original forward, the offloaded one streamed and on demand (interleaved), each against its limit."""
     rows = []
     for length, prompt in prompts.items():
-        original, reference = original_prefill(model, prompt, repeats)
         for ratio in ratios:
-            common = dict(device="cpu", cache_experts=cache, link_gbps=gbps[ratio])
-            runs = {s: offloaded_prefill(model, prompt, reference, repeats, stream=s, **common) for s in (True, False)}
+            original, runs = measure_prefill(model, prompt, repeats, (True, False), device="cpu", cache_experts=cache,
+                                             link_gbps=gbps[ratio])
             cells = [spec, length, f"{ratio:g}", f"{original * 1e3:.0f}"]
             for stream in (True, False):
-                run = runs[stream]
-                limit = max(original, run["bytes"] / (gbps[ratio] * 1e9))
-                cells += [f"{run['seconds'] * 1e3:.0f}", f"{run['bytes'] / 1e6:.1f}", f"{limit * 1e3:.0f}",
-                          f"{run['seconds'] / limit:.2f}"]
+                row = prefill_row(length, ratio, gbps[ratio], original, runs[stream])
+                cells += [f"{row['offloaded_s'] * 1e3:.0f}", f"{row['bytes'] / 1e6:.1f}", f"{row['limit_s'] * 1e3:.0f}",
+                          f"{row['ratio_to_limit']:.2f}"]
             speedup = runs[False]["seconds"] / runs[True]["seconds"]
             same = runs[True]["identical"] and runs[False]["identical"]
             rows.append(cells + [f"{speedup:.2f}", "yes" if same else "NO"])
@@ -60,19 +59,20 @@ def prefill_table(model, spec, prompts, ratios, gbps, cache, repeats) -> list[li
 
 
 def chunk_table(model, spec, prompts, ratios, gbps, cache, chunks, repeats) -> list[list]:
+    """Rows: time to first token with the prompt prefilled in one forward and in chunks, original and offloaded."""
     rows = []
     for length, prompt in prompts.items():
-        plain = {c: chunked_prefill(model, prompt, c, repeats) for c in [None, *chunks] if c is None or c < length}
+        sizes = [None] + [c for c in chunks if c < length]
+        plain = chunked_prefill(model, prompt, sizes, repeats)
         for ratio in ratios:
             api.offload(model, device="cpu", cache_experts=cache, link_gbps=gbps[ratio])
             try:
-                times = {c: chunked_prefill(model, prompt, c, repeats) for c in plain}
+                times = chunked_prefill(model, prompt, sizes, repeats)
             finally:
                 api.remove_offload(model)
             for chunk, seconds in times.items():
                 rows.append([spec, length, f"{ratio:g}", "one forward" if chunk is None else chunk,
-                             f"{plain[chunk] * 1e3:.0f}", f"{seconds * 1e3:.0f}",
-                             f"{seconds / times[None]:.2f}"])
+                             f"{plain[chunk] * 1e3:.0f}", f"{seconds * 1e3:.0f}", f"{seconds / times[None]:.2f}"])
     return rows
 
 
@@ -112,7 +112,8 @@ def main() -> None:
     table = markdown_table(head, prefill_rows)
     chunks = markdown_table(["model", "prompt tokens", "link ratio", "prefill", "original ms", "offloaded ms",
                              "vs one forward"], chunk_rows)
-    extra = ("\n" + "\n".join(f"- {n}" for n in notes) + "\n- each forward timed after a warm-up, the fastest of "
+    extra = ("\n" + "\n".join(f"- {n}" for n in notes) + "\n- original, streamed and on-demand forwards "
+             f"interleaved round by round, each offloaded one after one in the same mode, the fastest of "
              f"{args.repeats}; limit = max(original forward, bytes moved / link bandwidth); streamed = the next "
              "layers' experts copied while a layer computes (runtime/prefill.py), on demand = each layer's copies "
              f"when it is reached\n\nTime to first token, one forward against chunks (offloaded, streamed):\n\n"

@@ -1,8 +1,8 @@
 """Prefill mode of the profiler (`m2r2-moe profile --prefill 64,256,1024`): time to first token.
 
 For each prompt length, one prefill forward of the original model and of the offloaded one (cache, policy,
-each link regime), each timed after a warm-up forward (the fastest of `repeats`), with the offloaded logits
-checked against the original's. Every offloaded forward is measured against its limit,
+each link regime), interleaved round by round, the fastest of `repeats`, each offloaded forward after one in
+the same mode, with the offloaded logits checked against the original's. Every offloaded forward is measured against its limit,
 max(the original's forward, bytes it moved / link bandwidth): a forward can end no sooner than its compute,
 nor before its copies crossed the link; a runtime that overlaps them perfectly reaches the limit (ratio 1).
 On CPU the link is emulated at each regime's speed, set by the link ratio (one expert's transfer time over one
@@ -14,6 +14,7 @@ is a forward that needs nearly every expert again.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -46,80 +47,80 @@ def _forward(model, prompt: torch.Tensor) -> tuple[float, torch.Tensor]:
         return time.perf_counter() - start, logits.cpu()
 
 
-def original_prefill(model, prompt: torch.Tensor, repeats: int, device=None) -> tuple[float, torch.Tensor]:
-    """(seconds of the fastest of `repeats` forwards after a warm-up, their logits), the model whole on
-    `device` for the measurement (and back where it was afterwards)."""
-    home = next(model.parameters()).device
-    device = torch.device(device or home)
-    model.to(device)
-    try:
-        prompt = prompt.to(device)
-        _forward(model, prompt)
-        runs = [_forward(model, prompt) for _ in range(repeats)]
-    finally:
-        model.to(home)
-    return min(r[0] for r in runs), runs[0][1]
-
-
-def offloaded_prefill(model, prompt: torch.Tensor, reference: torch.Tensor, repeats: int, stream: bool = True,
-                      **offload) -> dict:
-    """Offload with `offload` (options of `m2r2_moe.offload`), warm up, time `repeats` forwards; the model is
-    restored afterwards. The fastest forward's seconds, bytes moved, stall and misses (a forward's bytes vary
-    with what the one before left resident: each is set against its own), and whether every forward's logits
-    equal `reference`. `stream=False`: the layers load on demand only (runtime/prefill.py off)."""
+def measure_prefill(model, prompt: torch.Tensor, repeats: int, streams: tuple[bool, ...] = (True,),
+                    **offload) -> tuple[float, dict[bool, dict]]:
+    """The prompt's forward, the original against the offloaded one (`offload`: options of `m2r2_moe.offload`)
+    with the next layers' experts streamed in (True) and/or loaded on demand only (False), interleaved round
+    by round (`repeats` rounds) so that a busy machine slows all alike. Each offloaded forward follows one in
+    the same mode (what it finds resident is that mode's). Returns (the original's fastest seconds, {mode:
+    the fastest forward's seconds, bytes moved, stall, misses, and whether every forward's logits equal the
+    original's}); the model is restored afterwards."""
+    device = torch.device(offload.get("device") or "cpu")
+    original = copy.deepcopy(model).to(device)  # whole, on the device, as the reference
     api.offload(model, **offload)
-    offloader = api.get_offloader(model)
-    offloader.prefill.enabled = stream
-    prompt = prompt.to(offloader.device)
+    prompt = prompt.to(device)
+    base, runs = [], {mode: [] for mode in streams}
     try:
-        identical = torch.equal(_forward(model, prompt)[1], reference)
-        runs = []
+        offloader = api.get_offloader(model)
+        reference = _forward(original, prompt)[1]
         for _ in range(repeats):
-            api.reset_stats(model)
-            seconds, logits = _forward(model, prompt)
-            phase = api.stats(model).prefill
-            identical = identical and torch.equal(logits, reference)
-            runs.append({"seconds": seconds, "bytes": phase.bytes_to_device, "stall": phase.stall_seconds,
-                         "misses": phase.misses})
+            base.append(_forward(original, prompt)[0])
+            for mode in streams:
+                offloader.prefill.enabled = mode
+                _forward(model, prompt)
+                api.reset_stats(model)
+                seconds, logits = _forward(model, prompt)
+                phase = api.stats(model).prefill
+                runs[mode].append({"seconds": seconds, "bytes": phase.bytes_to_device, "misses": phase.misses,
+                                   "stall": phase.stall_seconds, "identical": torch.equal(logits, reference)})
     finally:
         api.remove_offload(model)
-    return {**min(runs, key=lambda r: r["seconds"]), "identical": identical}
+        del original
+    best = {mode: {**min(r, key=lambda x: x["seconds"]), "identical": all(x["identical"] for x in r)}
+            for mode, r in runs.items()}
+    return min(base), best
 
 
 def prefill_rows(model, prompts: dict[int, torch.Tensor], ratios: list[float], link_gbps: dict[float, float | None],
-                 repeats: int, stream: bool = True, **offload) -> list[dict]:
-    """One row per (prompt length, link ratio): original and offloaded seconds, bytes, limit, ratio to it.
-    `link_gbps`: the emulated link of each ratio (None: the device's own link, whose speed is not known)."""
+                 repeats: int, **offload) -> list[dict]:
+    """One row per (prompt length, link ratio): original and offloaded (streamed) seconds, bytes, limit,
+    ratio to it. `link_gbps`: the emulated link of each ratio (None: the device's own link, whose speed is
+    not known: the limit is then the original's forward)."""
     rows = []
     for length, prompt in prompts.items():
-        original, reference = original_prefill(model, prompt, repeats, offload.get("device"))
         for ratio in ratios:
             gbps = link_gbps[ratio]
-            run = offloaded_prefill(model, prompt, reference, repeats, stream, link_gbps=gbps, **offload)
-            transfer = run["bytes"] / (gbps * 1e9) if gbps else 0.0
-            limit = max(original, transfer)
-            rows.append({"prompt_tokens": length, "link_ratio": ratio, "link_gbps": gbps,
-                         "original_s": original, "offloaded_s": run["seconds"], "bytes": run["bytes"],
-                         "stall_s": run["stall"], "misses": run["misses"], "limit_s": limit,
-                         "ratio_to_limit": run["seconds"] / limit, "identical": run["identical"]})
+            original, runs = measure_prefill(model, prompt, repeats, link_gbps=gbps, **offload)
+            rows.append(prefill_row(length, ratio, gbps, original, runs[True]))
     return rows
 
 
-def chunked_prefill(model, prompt: torch.Tensor, chunk: int | None, repeats: int) -> float:
-    """Seconds to the first token (`generate` of one token; the fastest of `repeats` after a warm-up), the
-    prompt prefilled in chunks of `chunk` tokens (None: one forward)."""
-    kwargs = dict(max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
-    if chunk is not None:
-        kwargs["prefill_chunk_size"] = chunk
+def prefill_row(length: int, ratio: float, gbps: float | None, original: float, run: dict) -> dict:
+    """One forward's figures against its limit, max(original, bytes moved / link bandwidth)."""
+    limit = max(original, run["bytes"] / (gbps * 1e9) if gbps else 0.0)
+    return {"prompt_tokens": length, "link_ratio": ratio, "link_gbps": gbps, "original_s": original,
+            "offloaded_s": run["seconds"], "bytes": run["bytes"], "stall_s": run["stall"], "misses": run["misses"],
+            "limit_s": limit, "ratio_to_limit": run["seconds"] / limit, "identical": run["identical"]}
 
-    def once() -> float:
+
+def chunked_prefill(model, prompt: torch.Tensor, chunks: list[int | None], repeats: int) -> dict:
+    """{chunk: seconds to the first token} (`generate` of one token, the prompt prefilled in chunks of `chunk`
+    tokens, None: one forward): the fastest of `repeats` rounds that run every chunk size in turn, after a
+    warm-up of each."""
+    def once(chunk) -> float:
+        kwargs = dict(max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+        if chunk is not None:
+            kwargs["prefill_chunk_size"] = chunk
         with torch.no_grad():
             start = time.perf_counter()
             model.generate(input_ids=prompt, **kwargs)
             return time.perf_counter() - start
 
-    once()
-    return min(once() for _ in range(repeats))
+    times = {chunk: [] for chunk in chunks}
+    for _ in range(repeats + 1):
+        for chunk in chunks:
+            times[chunk].append(once(chunk))
+    return {chunk: min(t[1:]) for chunk, t in times.items()}
 
 
 def prefill_table(rows: list[dict]) -> str:
