@@ -224,3 +224,18 @@ def test_eager_top3_decode_stays_exact_whatever_order_the_slots_are_in(cache):
         m2r2_moe.remove_offload(model)
     assert torch.equal(out.sequences, reference.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.scores, reference.scores))
+
+
+def test_measure_prefill_interleaves_modes_and_restores_the_model():
+    from m2r2_moe.profile.prefill import chunked_prefill, measure_prefill
+
+    model = tiny_mixtral()
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(1))
+    original, runs = measure_prefill(model, prompt, 2, (True, False), device="cpu", cache_experts=12, link_gbps=1.0)
+    assert original > 0 and set(runs) == {True, False}
+    assert all(r["identical"] and r["bytes"] > 0 and r["seconds"] > 0 for r in runs.values())
+    assert not m2r2_moe.is_offloaded(model)
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+    times = chunked_prefill(model, prompt, [None, 8], 1)
+    assert set(times) == {None, 8} and all(t > 0 for t in times.values())
