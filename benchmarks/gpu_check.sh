@@ -20,6 +20,9 @@
 #                bandwidth.json)
 #   5b. prefill  the profiler's prefill mode on the GPU (built-in model, half of all experts cached): prompt
 #                forwards offloaded against the original, logits compared (prefill.log, prefill.json)
+
+#   5c. expand   compressed experts: the expansion kernel's twin tests (tests_expand.log) and one Mixtral-8x7B
+#                expert copied + expanded (int8, int4) against its plain bf16 copy (expand.log, expand.json)
 #   6. replay    offloaded decoding per predictor on Mixtral-8x7B expert geometry (4 MoE layers, synthetic
 #                weights, the built-in model's routing replayed: benchmarks/gpu_replay.py), in the time
 #                left (replay.log, replay.json); skipped when under 60 s are left
@@ -123,6 +126,16 @@ M2R2_MOE_NATIVE_CUDA=0 PYTHONPATH="$PWD" run_for 60 "$OUT/prefill.log" "$VPY" to
   --prefill 256,1024 --link-ratios 1 --repeats 3 --new-tokens 8 --json "$OUT/prefill.json"
 rc=$?
 result prefill "$(outcome $rc) (see prefill.log, prefill.json)"
+
+# -- 5c. expand: compressed experts on the copy stream ---------------------------------------------------
+started expand
+PYTHONPATH="$PWD" run_for 60 "$OUT/tests_expand.log" "$VPY" -m pytest -q -rs -p no:cacheprovider -m gpu \
+  tests/test_expansion.py
+rc=$?
+result expand-tests "$(outcome $rc): $(tail -1 "$OUT/tests_expand.log")"
+PYTHONPATH="$PWD" run_for 45 "$OUT/expand.log" "$VPY" benchmarks/gpu_expand.py --json "$OUT/expand.json"
+rc=$?
+result expand "$(outcome $rc) (see expand.log, expand.json)"
 
 # -- 6. replay ------------------------------------------------------------------------------------------
 # 4 MoE layers x 8 experts x 352 MB bf16: the model is made on the GPU (11.5 GB), decoded with every expert

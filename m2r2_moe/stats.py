@@ -40,6 +40,9 @@ class OffloadStats:
     - misses: not resident, not predicted: compute waited for a full demand load.
     - bytes_to_device: bytes copied host→device (demand loads and prefetches).
     - stall_seconds: time the compute side waited for experts to arrive.
+    - expand_seconds: time spent expanding compressed experts into their slots (`expert_format` int8 /
+      int4; measured by the CPU copy engine, part of each copy's link time; 0 on CUDA, where the expansion
+      kernels run on the copy stream).
     - tokens: token positions processed (prefill and decode, all sequences of a batch).
     - failed_copies: copies that failed and were redone as demand loads (outputs unaffected).
     - predictor_failures: predictors that raised and were switched off (prefetching stops, outputs
@@ -65,6 +68,7 @@ class OffloadStats:
     predictor_failures: int = 0
     prefill: PhaseStats = field(default_factory=PhaseStats)
     decode: PhaseStats = field(default_factory=PhaseStats)
+    expand_seconds: float = 0.0
 
     @property
     def expert_uses(self) -> int:
@@ -101,6 +105,8 @@ class OffloadStats:
             ("  wasted (prefetched, unused)", f"{self.wasted_bytes / 1e6:.2f} MB"),
             ("stall", f"{self.stall_seconds * 1e3:.2f} ms"),
         ]
+        if self.expand_seconds:
+            rows.append(("expansion (compressed experts)", f"{self.expand_seconds * 1e3:.2f} ms"))
         for name, phase in (("prefill", self.prefill), ("decode", self.decode)):
             if phase.forwards:
                 rows += [(f"{name} ({phase.forwards} forwards, {phase.tokens} tokens)", f"{phase.seconds * 1e3:.1f} ms"),

@@ -5,8 +5,9 @@ twice: (1) read config.json and every safetensors header (`Checkpoint.open`: mis
 files); (2) build the model on the meta device (no weights); (3) map every checkpoint tensor onto the model
 (`map_checkpoint`: renamings, expert layout, shapes); (4) plan slots and check host/device memory
 (`Plan`, logged); (5) read the non-expert tensors straight to the device; (6) allocate the host store and
-stream the expert bytes into its packed rows, file by file in offset order; (7) attach the runtime exactly
-as `offload` does. The result matches `offload(AutoModelForCausalLM.from_pretrained(path), ...)`.
+stream the expert bytes into its packed rows, file by file in offset order (compressed formats: expert by
+expert through one staging row, checkpoint/compressed.py); (7) attach the runtime exactly as `offload` does.
+The result matches `offload(AutoModelForCausalLM.from_pretrained(path), ...)`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from ..config import OffloadConfig, OffloadConfigError
 from ..errors import UnsupportedModelError, WeightsMismatchError
 from ..models import find_moe_layers
 from .plan import Plan, check_memory, expert_store_host_bytes, kv_cache_bytes, resolve_slots
-from ..runtime.disk_store import DiskExpertStore
+from ..runtime.compressed import RowLayout
+from .stores import check_format_options, expert_store_and_fill
 from ..runtime.offloader import _packing
-from .weight_map import WeightMap, dtype_plan, map_checkpoint, missing_dense, read_piece
+from .weight_map import WeightMap, dtype_plan, map_checkpoint, missing_dense
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ STORES = ("ram", "disk")
 def from_pretrained(path: str | os.PathLike, device: str | None = None, cache_experts: int | str | None = "auto",
                     dtype: torch.dtype | str | None = None, predictor: str = "none", adapters: str | None = None,
                     expert_store: str = "ram", context_length: int = 4096, progress: bool = True,
-                    **options) -> nn.Module:
+                    save_compressed: bool = False, **options) -> nn.Module:
     """Load a MoE checkpoint folder with its experts offloaded, never materializing the whole model.
 
     Non-expert weights go straight to `device`; expert tensors stream from the safetensors shards into
@@ -53,7 +55,12 @@ def from_pretrained(path: str | os.PathLike, device: str | None = None, cache_ex
             memory minus non-expert weights, a KV-cache reserve for `context_length`, and a margin).
         dtype: weights dtype; `None` or `"auto"` uses the config's dtype, as transformers does.
         predictor, adapters, **options: `OffloadConfig` fields (`lookahead`, `pin_memory`, `link_gbps`, ...).
-        expert_store: `"ram"` or `"disk"`.
+            `expert_format="int8" | "int4"` quantizes the experts while they stream in: the host store holds
+            the compressed rows only; `remove_offload` reads the originals from the checkpoint again.
+        expert_store: `"ram"` or `"disk"` (the model's dtype only).
+        save_compressed: with a compressed `expert_format`, save the compressed store next to the checkpoint
+            (`m2r2_moe-experts-<format>-<dtype>.safetensors`); a matching saved store is always read instead
+            of quantizing again.
         context_length: tokens of KV cache to reserve when sizing `"auto"`.
         progress: show a progress bar while the weights load.
 
@@ -62,8 +69,10 @@ def from_pretrained(path: str | os.PathLike, device: str | None = None, cache_ex
         UnsupportedModelError, HostMemoryError, DeviceMemoryError: before anything is allocated.
     """
     cfg = _config(device, predictor, adapters, options)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be True or False, got {progress!r}")
+    for name, flag in (("progress", progress), ("save_compressed", save_compressed)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    check_format_options(cfg, expert_store, save_compressed, path)
     plan, model, layers, packings, wmap, ckpt = _prepare(path, cfg, cache_experts, dtype, expert_store,
                                                          context_length)
     _check_adapters_file(cfg)  # the fingerprint needs the routers' weights: checked once they are loaded
@@ -71,10 +80,8 @@ def from_pretrained(path: str | os.PathLike, device: str | None = None, cache_ex
     reader, store = Reader(), None
     try:
         _load_dense(model, layers, wmap, reader, cfg.resolved_device(), plan.dtype, progress)
-        if expert_store == "disk":
-            store = DiskExpertStore(packings, [int(l.experts.num_experts) for l in layers], wmap.expert_pieces(),
-                                    cfg.resolved_pin_memory())
-        fill = (lambda s: None) if store is not None else (lambda s: _fill_host_store(s, wmap, reader, progress))
+        store, fill = expert_store_and_fill(expert_store, cfg, packings, layers, wmap, reader, ckpt, save_compressed,
+                                            progress)
         attach(model, cfg.replace(cache_experts=plan.num_slots), fill_store=fill, store=store)
     except BaseException:
         if store is not None:
@@ -115,6 +122,7 @@ def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, conte
         raise TypeError(f"path must be a checkpoint folder (str or os.PathLike), got {type(path).__name__} {path!r}")
     if expert_store not in STORES:
         raise OffloadConfigError(f"expert_store must be one of {STORES}, got {expert_store!r}")
+    fmt = cfg.resolved_format()
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 0:
         raise OffloadConfigError(f"context_length must be a whole number of tokens >= 0, got {context_length!r}")
     ckpt = Checkpoint.open(path)
@@ -131,8 +139,9 @@ def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, conte
                        type(model).__name__, ", ".join(wmap.unexpected[:3]))
     device = cfg.resolved_device()
     num_experts = [int(layer.experts.num_experts) for layer in layers]
-    expert_bytes = max(p.nbytes for p in packings)
-    store_bytes = sum(p.nbytes * n for p, n in zip(packings, num_experts))
+    expert_bytes = max(p.nbytes for p in packings)  # a slot
+    row_bytes = [p.nbytes if fmt is None else RowLayout.build(p, fmt).nbytes for p in packings]  # over the link
+    store_bytes = sum(b * n for b, n in zip(row_bytes, num_experts))
     dense_bytes = _dense_bytes(model, wmap, dtype)
     kv_bytes = kv_cache_bytes(config, context_length, dtype)
     top_k = adapter.top_k(model)
@@ -142,8 +151,10 @@ def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, conte
     if slots < top_k:
         raise OffloadConfigError(f"cache_experts={cache_experts} is below the model's top-k ({top_k}); use >= {top_k}")
     pin = cfg.resolved_pin_memory()
-    store_host = expert_store_host_bytes(expert_store, [p.nbytes * n for p, n in zip(packings, num_experts)], top_k,
+    store_host = expert_store_host_bytes(expert_store, [b * n for b, n in zip(row_bytes, num_experts)], top_k,
                                          expert_bytes, pin)
+    if fmt is not None:
+        store_host += expert_bytes  # the staging row of the expert being quantized
     host_need = store_host
     if device.type == "cpu":
         host_need += dense_bytes + slots * expert_bytes + kv_bytes
@@ -156,6 +167,7 @@ def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, conte
         host_available=mem["host_available"], host_need=host_need,
         device_free=mem["device"][0] if mem["device"] else None,
         device_source=mem["device"][2] if mem["device"] else "", layouts=tuple(wmap.layouts),
+        expert_format="model" if fmt is None else fmt.name, link_bytes=max(row_bytes),
     )
     check_memory(plan, mem)
     return plan, model, layers, packings, wmap, ckpt
@@ -304,17 +316,3 @@ def _finish_like_transformers(model: nn.Module, device: torch.device) -> None:
             setattr(module, leaf, nn.Parameter(value, tensor.requires_grad) if leaf in module._parameters else value)
     if hasattr(model, "initialize_weights"):
         model.initialize_weights()
-
-
-def _fill_host_store(store, wmap: WeightMap, reader: Reader, progress: bool) -> None:
-    """Stream the expert bytes into the packed store rows, file by file in offset order."""
-    total = sum(p.numel * p.entry.dtype.itemsize for p in wmap.pieces)
-    try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="experts -> host store", disable=not progress) as bar:
-            for piece in wmap.pieces:
-                read_piece(reader, piece, store.expert(piece.layer, piece.expert))
-                bar.update(piece.numel * piece.entry.dtype.itemsize)
-    except BaseException:
-        if isinstance(getattr(store, "buffers", None), list):
-            store.buffers.clear()  # free the (pinned) rows now, not when the traceback is dropped
-        raise

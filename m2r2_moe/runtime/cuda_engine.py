@@ -106,7 +106,7 @@ class CudaCopyEngine:
         self.clock = CopyClock(self.stream) if on else None
 
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
-               after: torch.cuda.Event | None = None) -> CudaTransfer:
+               after: torch.cuda.Event | None = None, expand=None) -> CudaTransfer:
         if self.fault is not None:
             self.fault(key, slot, priority)
         timed = self.clock is not None
@@ -122,7 +122,10 @@ class CudaCopyEngine:
                 stream.wait_event(latest[1])  # an earlier copy into the slot, on the other stream, lands first
             if start is not None:
                 start.record(stream)
-            dst.copy_(src, non_blocking=True)
+            if expand is None:
+                dst.copy_(src, non_blocking=True)
+            else:  # a compressed row: copied to a staging row, then expanded into the slot, on this stream
+                expand.on_device(dst, src, stream)
             event.record(stream)
         self._latest[slot] = (stream, event)
         nbytes = src.numel() * src.element_size()

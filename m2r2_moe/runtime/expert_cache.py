@@ -242,9 +242,10 @@ class ExpertCache:
         """Queue the copy of an expert into its slot. A submission that raises gives a `FailedTransfer`,
         handled like a copy that failed on the link."""
         src = self.store.expert(layer, expert)
+        expand = self.store.expansion(layer)  # a compressed store's: expanded into the slot as it lands
+        dst = self.pool[slot, : src.numel() if expand is None else expand.numel]
         try:
-            transfer = self.engine.submit(key, slot, self.pool[slot, : src.numel()], src, priority,
-                                          after=self._slot_free[slot])
+            transfer = self.engine.submit(key, slot, dst, src, priority, after=self._slot_free[slot], expand=expand)
         except Exception as e:  # noqa: BLE001 — reported where the copy is waited for
             return FailedTransfer(key, slot, src.numel() * src.element_size(), priority, e)
         self.stats.bytes_to_device += transfer.nbytes

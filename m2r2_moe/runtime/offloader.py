@@ -45,10 +45,10 @@ class Offloader:
         if any(p.dtype != dtype for p in self.packings):
             raise TypeError("all MoE layers must keep their experts in one dtype")
         self.num_slots = num_slots = plan.num_slots
-        self.expert_bytes = [p.nbytes for p in self.packings]  # bytes one expert transfer moves, per layer
-        if store is None:  # else a pre-built store with HostExpertStore's interface (from_pretrained's disk tier)
+        if store is None:  # else a pre-built store with HostExpertStore's interface (disk tier, compressed)
             store = HostExpertStore(self.packings, self.num_experts, plan.pin_memory)
         self.store = store
+        self.expert_bytes = store.link_bytes  # bytes one expert transfer moves, per layer
         slot_numel = max(p.numel for p in self.packings)
         # zeros, not empty: a kernel may read a never-filled slot in batched_mm's clamped sentinel rows (x 0 weight)
         self.pool = allocate_pool(num_slots, slot_numel, dtype, self.device)  # [S, numel]
@@ -238,9 +238,11 @@ class Offloader:
     def collect_device_stalls(self) -> None:
         self.stats.stall_seconds += self.engine.drain_stall_seconds()
         self.phases.collect_device(self.engine)
+        self.stats.expand_seconds += self.store.drain_expand_seconds()
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
+        self.store.drain_expand_seconds()  # expansions before the reset are not this period's
 
 
 def _packing(layer: MoELayer) -> ExpertPacking:
