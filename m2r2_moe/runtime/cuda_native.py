@@ -1,8 +1,9 @@
 """The native CUDA copy engine (csrc/copy_engine.cu) behind the interface of `cuda_engine.CudaCopyEngine`.
 
-Same streams-and-events discipline as the torch twin: one long-lived copy stream owned by torch, one
-event per expert copy, the compute stream waits on that event (`cudaStreamWaitEvent`), so the host
-never blocks in the per-token path. What the native engine saves is the Python/torch dispatch of
+The torch twin's streams-and-events discipline with one long-lived copy stream owned by torch (the torch
+twin gives demand loads a second stream; here they queue behind the prefetches submitted before them), one
+event per expert copy, the compute stream waits on that event (`cudaStreamWaitEvent`), so the host never
+blocks in the per-token path. What the native engine saves is the Python/torch dispatch of
 `copy_` and of event creation per copy; the copy itself is the same `cudaMemcpyAsync` on the GPU's copy
 engines. Pointers, the stream and events cross into C++ as integers, so no torch ABI is involved.
 

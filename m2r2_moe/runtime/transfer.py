@@ -10,7 +10,8 @@ The engines (`runtime/engines.py` picks one):
 - `cpu_engine.ThreadCopyEngine`: a worker thread does the real memcpy into the slot buffer and, when a link
   is emulated, holds the transfer until `latency + bytes / bandwidth` has passed on a serial link, so
   transfer/compute overlap and stalls can be studied without a GPU; demand loads pre-empt prefetches.
-- `cuda_engine.CudaCopyEngine`: one long-lived copy stream; each copy records an event; the compute stream
+- `cuda_engine.CudaCopyEngine`: two long-lived copy streams, prefetches on one, demand loads on the other (of
+  higher priority: they never queue behind prefetches); each copy records an event; the compute stream
   waits on that event, so the host never blocks in the per-token path.
 - `cuda_native.NativeCudaCopyEngine`: the same through the C++/CUDA extension (opt-in).
 
