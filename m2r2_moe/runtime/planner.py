@@ -95,7 +95,7 @@ class PlannerCore:
         """Start from `export_state`'s output (of either twin); the rest (mirror, benefit balance) starts afresh.
         ValueError, changing nothing, when it was made for another geometry."""
         width = self.num_layers + 1
-        counts, prior, regret = _checked_state(state, self.num_layers, self.num_experts, 2 * width * BINS * 2)
+        counts, prior, regret = checked_state(state, self.num_layers, self.num_experts)
         self._counts = {}
         for i in range(0, len(counts), 2):
             if counts[i] or counts[i + 1]:
@@ -222,8 +222,10 @@ class PlannerCore:
         return out
 
 
-def _checked_state(state: dict, num_layers: int, num_experts: int, size: int):
-    """(counts, prior, regret) of an exported planner state, as floats, checked against this geometry."""
+def checked_state(state: dict, num_layers: int, num_experts: int):
+    """(counts, prior, regret) of an exported planner state, as floats, checked against this geometry; ValueError
+    naming what does not match."""
+    size = 2 * (num_layers + 1) * BINS * 2
     try:
         if (int(state["num_layers"]), int(state["num_experts"])) != (num_layers, num_experts):
             raise ValueError(f"it was learned for {state['num_layers']} MoE layers of {state['num_experts']} experts, "
