@@ -15,7 +15,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kAbiVersion = 1;  // bumped when the Python-visible interface changes (see _ext.py)
+constexpr int kAbiVersion = 2;  // bumped when the Python-visible interface changes (see _ext.py)
 
 using Probs = py::array_t<float, py::array::c_style>;
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -38,9 +39,10 @@ class Job:
 
 class TextDeltas(BaseStreamer):
     """Turns the tokens `generate` streams into text deltas: each sent once a later decode cannot change it
-    (no half-decoded character, nothing that could still start a stop string); stops at a stop string."""
+    (no half-decoded character, nothing that could still start a stop string); stops at a stop string. With
+    `emit=None` (a completion not streamed) it only decodes when there are stop strings to look for."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...], emit):
+    def __init__(self, tokenizer, stops: tuple[str, ...], emit=None):
         self.tokenizer, self.stops, self.emit = tokenizer, stops, emit
         self.hold = max((len(s) for s in stops), default=1) - 1  # characters that could begin a stop string
         self.ids: list[int] = []
@@ -55,6 +57,8 @@ class TextDeltas(BaseStreamer):
         if self.stopped:
             return
         self.ids.extend(value.reshape(-1).tolist())
+        if self.emit is None and not self.stops:
+            return
         text = self.text()
         ready = len(text) - self.hold if not self.stopped else len(text)
         if text.endswith("\ufffd") and not self.stopped:  # a character whose bytes have not all come yet
@@ -74,7 +78,7 @@ class TextDeltas(BaseStreamer):
         return text
 
     def _send(self, text: str) -> None:
-        if len(text) > len(self.sent) and text.startswith(self.sent):
+        if self.emit is not None and len(text) > len(self.sent) and text.startswith(self.sent):
             self.emit(text[len(self.sent):])
             self.sent = text
 
@@ -100,7 +104,7 @@ class ModelWorker:
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closed = threading.Event()
         self._lock = threading.Lock()
-        self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "tokens_generated": 0}
+        self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "tokens_generated": 0, "generate_seconds": 0.0}
         self.running: Job | None = None
         self._thread = threading.Thread(target=self._run, name="m2r2-serve-model")
         self._thread.start()
@@ -164,7 +168,8 @@ class ModelWorker:
 
     def _generate(self, job: Job) -> None:
         request = job.request
-        deltas = TextDeltas(self.tokenizer, request.stop, lambda text: job.events.put(("text", text)))
+        emit = (lambda text: job.events.put(("text", text))) if request.stream else None
+        deltas = TextDeltas(self.tokenizer, request.stop, emit)
         ids = torch.tensor([job.ids], device=self.device)  # [1, T]
         options = dict(max_new_tokens=request.max_tokens, streamer=deltas, attention_mask=torch.ones_like(ids),
                        stopping_criteria=StoppingCriteriaList([_Stop(job, deltas)]),
@@ -175,8 +180,10 @@ class ModelWorker:
                 torch.manual_seed(request.seed)
         else:
             options.update(do_sample=False)
+        start = time.perf_counter()
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, **options)
+        self._count("generate_seconds", time.perf_counter() - start)  # what the server adds is the rest
         generated = out[0, ids.shape[1]:].tolist()
         self._count("tokens_generated", len(generated))
         if job.cancelled.is_set():  # its client left (it reads no more), or the server is shutting down
