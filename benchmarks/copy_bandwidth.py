@@ -28,6 +28,7 @@ from _report import machine, markdown_table  # noqa: E402
 
 from m2r2_moe import _ext  # noqa: E402
 from m2r2_moe.runtime.cuda_engine import CudaCopyEngine  # noqa: E402
+from m2r2_moe.runtime.transfer import PREFETCH  # noqa: E402
 
 MiB = 1 << 20
 
@@ -71,7 +72,7 @@ def measure(expert_bytes: int, count: int, reps: int) -> dict:
         for _ in range(reps):
             handles = []
             runs.append(timed_on(engine.stream, lambda: handles.extend(
-                engine.submit(i, i, pool[i], src[i]) for i in range(count))))
+                engine.submit(i, i, pool[i], src[i], PREFETCH) for i in range(count))))
             del handles
         result[f"{name}_GBps"] = total / min(r[0] for r in runs) / 1e9
         result[f"{name}_submit_us"] = min(r[1] for r in runs) / count * 1e6

@@ -11,12 +11,18 @@
 #   1. env       the machine: GPU, driver, CUDA, torch (env.log)
 #   2. gpu-torch the gpu-marked tests from the source tree, torch copy engine (tests_torch.log): device
 #                placement of the predictors, host syncs per token, stream/event ordering (pool fill,
-#                slot reuse, cuda:1 when there are two devices), the pinned store, the stall log
+#                slot reuse, cuda:1 when there are two devices), the pinned store, the stall log, demand
+#                loads on their own stream overtaking queued prefetches, prefill streaming
 #   3. build     pip install with the CUDA copy engine required (M2R2_MOE_CUDA=ON), else AUTO (build.log)
 #   4. gpu-native the native core's tests and the gpu-marked tests again, both native parts required and
 #                the native copy engine in use (tests_native.log)
 #   5. bandwidth the copy engines' host→device bandwidth against one large pinned copy_ (bandwidth.log,
 #                bandwidth.json)
+#   5b. prefill  the profiler's prefill mode on the GPU (built-in model, half of all experts cached): prompt
+#                forwards offloaded against the original, logits compared (prefill.log, prefill.json)
+
+#   5c. expand   compressed experts: the expansion kernel's twin tests (tests_expand.log) and one Mixtral-8x7B
+#                expert copied + expanded (int8, int4) against its plain bf16 copy (expand.log, expand.json)
 #   6. replay    offloaded decoding per predictor on Mixtral-8x7B expert geometry (4 MoE layers, synthetic
 #                weights, the built-in model's routing replayed: benchmarks/gpu_replay.py), in the time
 #                left (replay.log, replay.json); skipped when under 60 s are left
@@ -61,7 +67,7 @@ result env "$(grep -m1 '^torch ' "$OUT/env.log" || echo 'torch not importable')"
 started gpu-torch
 export PYTHONUNBUFFERED=1
 M2R2_MOE_NO_EXT=1 run_for 120 "$OUT/tests_torch.log" "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu \
-  tests/test_gpu_runtime.py tests/test_gpu.py
+  tests/test_gpu_runtime.py tests/test_gpu_streams.py tests/test_gpu.py
 rc=$?
 result gpu-torch "$(outcome $rc): $(tail -1 "$OUT/tests_torch.log")"
 
@@ -99,7 +105,7 @@ result ext "$(grep '^ext: ' "$OUT/build.log" | tail -1)"
 started gpu-native
 M2R2_MOE_REQUIRE_EXT=1 M2R2_MOE_REQUIRE_CUDA_EXT=1 M2R2_MOE_NATIVE_CUDA=1 run_for 100 "$OUT/tests_native.log" \
   "$VPY" -m pytest -q -rs -p no:cacheprovider tests/test_ext.py tests/test_slot_manager_diff.py tests/test_gpu.py \
-  tests/test_gpu_runtime.py
+  tests/test_gpu_runtime.py tests/test_gpu_streams.py
 rc=$?
 result gpu-native "$(outcome $rc): $(tail -1 "$OUT/tests_native.log")"
 
@@ -111,6 +117,25 @@ rc=$?
 cp "$SCRATCH/bandwidth.json" "$OUT/" 2>/dev/null
 [ -f "$SCRATCH/bandwidth.md" ] && cat "$SCRATCH/bandwidth.md" >>"$OUT/bandwidth.log"
 result bandwidth "$(outcome $rc) (see bandwidth.log)"
+
+# -- 5b. prefill -----------------------------------------------------------------------------------------
+# The source tree with the torch copy engine (demand loads on their own stream); the real link, so the limit
+# column is the original forward alone.
+started prefill
+M2R2_MOE_NATIVE_CUDA=0 PYTHONPATH="$PWD" run_for 60 "$OUT/prefill.log" "$VPY" tools/profile_prefetch.py --device cuda \
+  --prefill 256,1024 --link-ratios 1 --repeats 3 --new-tokens 8 --json "$OUT/prefill.json"
+rc=$?
+result prefill "$(outcome $rc) (see prefill.log, prefill.json)"
+
+# -- 5c. expand: compressed experts on the copy stream ---------------------------------------------------
+started expand
+PYTHONPATH="$PWD" run_for 60 "$OUT/tests_expand.log" "$VPY" -m pytest -q -rs -p no:cacheprovider -m gpu \
+  tests/test_expansion.py
+rc=$?
+result expand-tests "$(outcome $rc): $(tail -1 "$OUT/tests_expand.log")"
+PYTHONPATH="$PWD" run_for 45 "$OUT/expand.log" "$VPY" benchmarks/gpu_expand.py --json "$OUT/expand.json"
+rc=$?
+result expand "$(outcome $rc) (see expand.log, expand.json)"
 
 # -- 6. replay ------------------------------------------------------------------------------------------
 # 4 MoE layers x 8 experts x 352 MB bf16: the model is made on the GPU (11.5 GB), decoded with every expert

@@ -39,6 +39,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 path, method, slots = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with torch.device("meta"):  # warm-up: import the modeling code (both paths need it; not the load's memory)
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+fmt = method.split()[-1] if method.split()[-1] in ("int8", "int4") else "model"
+if fmt != "model":  # the quantizer's import is not the load's memory either
+    from m2r2_moe.runtime.compressed import codec
+    codec.quant_primitives()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset VmHWM: from here on it is this load's peak
 before = psutil.Process().memory_info().rss
@@ -46,7 +50,8 @@ anon_before = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") i
 start = time.perf_counter()
 if method.startswith("m2r2_moe"):
     store = "disk" if method.endswith("disk") else "ram"
-    model = m2r2_moe.from_pretrained(path, device="cpu", cache_experts=slots, expert_store=store, progress=False)
+    model = m2r2_moe.from_pretrained(path, device="cpu", cache_experts=slots, expert_store=store, progress=False,
+                                     expert_format=fmt)
 else:
     model = AutoModelForCausalLM.from_pretrained(path)
     if method == "load+offload":
@@ -123,8 +128,11 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--slots", type=int, default=8, help="device slots (on CPU: the slot pool is host memory too)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--expert-formats", default="",
+                        help="also m2r2_moe.from_pretrained with these compressed formats, e.g. int8,int4")
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args()
+    methods = METHODS + [f"m2r2_moe.from_pretrained {f}" for f in args.expert_formats.split(",") if f]
     if not Path("/proc/self/clear_refs").exists():
         sys.exit("needs Linux (/proc/self/clear_refs and VmHWM)")
     folder = Path(tempfile.mkdtemp(prefix="m2r2_load_rss_"))
@@ -133,9 +141,9 @@ def main() -> None:
         nbytes = write_checkpoint(ckpt, args.hidden, args.intermediate, args.layers, args.experts)
         for f in ckpt.iterdir():  # warm the page cache: every method reads from memory, not the disk
             f.read_bytes()
-        results = {m: [] for m in METHODS}
+        results = {m: [] for m in methods}
         for _ in range(args.rounds):
-            for method in METHODS:
+            for method in methods:
                 results[method].append(measure(ckpt, method, args.slots))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -143,7 +151,7 @@ def main() -> None:
     pool = args.slots * expert_bytes
     base = statistics.median(r["seconds"] for r in results["transformers only"])
     rows = []
-    for method in METHODS:
+    for method in methods:
         peak = max(r["peak"] for r in results[method])
         secs = statistics.median(r["seconds"] for r in results[method])
         after = statistics.median(r["after"] for r in results[method])

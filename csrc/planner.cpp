@@ -76,18 +76,20 @@ void Planner::load_state(std::vector<double> counts, std::vector<std::vector<dou
   evictions_ = evictions;
 }
 
-void Planner::evict(int64_t key, int64_t now) {
+void Planner::evict(int64_t key) {
   resident_.erase(key);
   inflight_.erase(key);
-  evicted_at_[key] = now;
-  evictions_ = evictions_ * kDecay + 1.0;
-  regretted_ *= kDecay;
 }
 
 void Planner::issued(int64_t key, int64_t evicted, int64_t now) {
   if (evicted == kNotQueued) return;
   inflight_.insert(key);
-  if (evicted >= 0) evict(evicted, now);
+  if (evicted >= 0) {  // evicted for a prefetch: regretted if a demand load brings it back soon
+    evict(evicted);
+    evicted_at_[evicted] = now;
+    evictions_ = evictions_ * kDecay + 1.0;
+    regretted_ *= kDecay;
+  }
 }
 
 void Planner::settle(const LayerInput& in) {
@@ -104,15 +106,18 @@ void Planner::settle(const LayerInput& in) {
       if (it != evicted_at_.end()) {
         bool recent = in.now - it->second <= num_layers_;
         evicted_at_.erase(it);
-        if (recent) regretted_ += 1.0;
+        if (recent) {
+          regretted_ += 1.0;
+          spent_ += in.miss;
+        }
       }
     } else if (how == kPrefetchHit) {
-      saved_ += in.transfer;
+      saved_ += in.miss;
     } else if (how == kLate) {
-      saved_ += in.transfer / 2;
+      saved_ += in.miss / 2;
     }
   }
-  for (int64_t key : in.evicted) evict(key, in.now);
+  for (int64_t key : in.evicted) evict(key);
   std::vector<Pending> pending;
   pending.swap(pending_[static_cast<size_t>(in.layer)]);
   if (in.decode) {
@@ -228,8 +233,8 @@ Decision Planner::layer(const LayerInput& in) {
     int64_t ahead = 0;
     for (int64_t d : backlog) ahead += d <= c.distance;
     double lead = in.compute > 0 ? c.distance * in.compute - in.transfer * ahead : std::numeric_limits<double>::infinity();
-    double saving = std::min(in.transfer, std::max(lead, 0.0));
-    double value = c.q * saving - (1.0 - c.q) * in.busy * in.transfer - (free <= 0 ? regret_share * in.transfer : 0.0);
+    double saving = in.miss * (in.transfer > 0 ? std::min(1.0, std::max(lead, 0.0) / in.transfer) : 1.0);
+    double value = c.q * saving - (1.0 - c.q) * in.busy * in.transfer - (free <= 0 ? regret_share * in.miss : 0.0);
     if (value <= 0) continue;
     out.queue.emplace_back(c.target, c.expert, c.distance);
     backlog.push_back(c.distance);

@@ -19,6 +19,7 @@ constexpr int kBins = 10;
 constexpr double kDecay = 0.995;
 constexpr double kPrior = 4.0;
 constexpr double kPriorDecay = 0.8;
+constexpr double kRegretPrior = 0.1;
 constexpr int kHit = 0, kPrefetchHit = 1, kLate = 2, kMiss = 3;
 constexpr int64_t kNotQueued = -2;
 
@@ -39,7 +40,7 @@ struct LayerInput {
   int64_t rows = 0, cols = 0;
   bool wraps = false;
   int64_t horizon = 0;
-  double transfer = 0, compute = 0, busy = 0;
+  double miss = 0, transfer = 0, compute = 0, busy = 0;
   int64_t free = 0;
   std::vector<int64_t> backlog;
   double min_prob = 0;
@@ -53,7 +54,7 @@ class Planner {
   void issued(int64_t key, int64_t evicted, int64_t now);
   void withdrawn(int64_t key) { inflight_.erase(key); }
   double probability(int source, int64_t distance, double score) const;
-  double regret() const { return (regretted_ + 0.5) / (evictions_ + 1.0); }
+  double regret() const { return (regretted_ + kRegretPrior) / (evictions_ + 1.0); }
   bool active(int64_t layer) const { return every_ != 0 && layer % every_ == 0; }
   void step(int64_t window);
   void add_spent(double seconds) { spent_ += seconds; }
@@ -89,7 +90,7 @@ class Planner {
   int bin(double score) const;
   double* counts(int source, int64_t distance, double score);
   void settle(const LayerInput& in);
-  void evict(int64_t key, int64_t now);
+  void evict(int64_t key);
   std::vector<Candidate> candidates(const LayerInput& in, int64_t horizon);
   std::vector<Pair> withdrawals(int64_t layer, const std::vector<Candidate>& cands);
 

@@ -21,6 +21,7 @@ from .errors import AlreadyOffloadedError, NotOffloadedError, UnsupportedModelEr
 from .guard import UseGuard
 from .model_hooks import ModelHooks
 from .models import find_moe_layers
+from .runtime.compressed import make_compressed_store
 from .runtime.offloader import Offloader
 from .warm import WarmState, read_profile
 
@@ -65,8 +66,9 @@ def guard_of(model: nn.Module) -> UseGuard:
 def attach(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None,
            memory: budget.MemoryPlan | None = None) -> nn.Module:
     """`offload`; with `fill_store` (from_pretrained) the expert params are still on meta and the store is
-    filled from the checkpoint by `fill_store(store)`; `store` replaces the host store (disk tier); `memory`: the
-    memory plan from_pretrained sized it by."""
+    filled from the checkpoint by `fill_store(store)`; `store` replaces the host store (disk tier, or
+    from_pretrained's compressed store); else `cfg.expert_format` int8 / int4 makes a compressed one. `memory`:
+    the memory plan from_pretrained sized it by."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"offload() expects a transformers model (a torch.nn.Module), got {type(model).__name__}")
     if is_attached(model):
@@ -88,6 +90,8 @@ def attach(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None,
     predictor = _build_predictor(cfg, model, adapter, layers)  # before anything moves: bad adapters change nothing
     plan = cfg.resolve(top_k=adapter.top_k(model), total_experts=sum(int(layer.experts.num_experts) for layer in layers),
                        predictor_lookahead=None if predictor is None else predictor.depth)
+    if store is None and plan.expert_format is not None:  # int8 / int4: compressed rows, the originals kept
+        store = make_compressed_store(layers, plan.expert_format, plan.pin_memory)
     offloader = Offloader(model, layers, plan, adapter, store=store)
     guard = hooks = warm = None
     try:
@@ -112,8 +116,9 @@ def attach(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None,
         _release(offloader)
         raise
     logger.info(
-        "offloaded %d MoE layers (%s adapter): %d slots on %s, %.1f MB of experts in host memory",
+        "offloaded %d MoE layers (%s adapter): %d slots on %s, %.1f MB of experts in host memory (%s)",
         len(layers), adapter.name, plan.num_slots, offloader.device, offloader.store.nbytes / 1e6,
+        "model dtype" if plan.expert_format is None else plan.expert_format.name,
     )
     if memory is not None:
         logger.info("%s", memory.summary())

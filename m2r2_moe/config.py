@@ -21,6 +21,12 @@ MIN_LINK_GBPS = 1e-3  # an emulated link slower than 1 MB/s would stall for minu
 MAX_LINK_LATENCY_US = 1e6
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+EXPERT_FORMATS = ("model", "int8", "int4")  # "model": the model's own dtype, lossless
+# group sizes and symmetry chosen by measurement on the built-in models (BENCHMARKS.md, "Compressed experts")
+DEFAULT_GROUP_SIZE = {"int8": 64, "int4": 64}
+DEFAULT_SYMMETRIC = {"int8": False, "int4": False}
+FORMAT_GRAMMAR = ("'model', 'int8' or 'int4', optionally followed by '-g<N>' (group size: a power of two from 16 to "
+                  "1024) and '-sym' or '-asym', e.g. 'int4-g32-sym'")
 
 
 class OffloadConfigError(ValueError):
@@ -73,6 +79,11 @@ class OffloadConfig:
         warm_start: a profile file written by `m2r2_moe.save_profile` for this model: the slots are filled
             with its likeliest experts in the background (demand loads go first) and the prefetch planner
             starts from what it learned (m2r2_moe/warm.py).
+        expert_format: how experts are kept in host memory and moved over the link. `"model"` (the
+            default): the model's own dtype, lossless. `"int8"` / `"int4"`: group-wise affine integers
+            (a scale and a zero point per group of weights), expanded back to the model's dtype in the
+            slot, so the model's kernels run unchanged; outputs CHANGE (README.md, "Compressed experts").
+            Suffixes pick the scheme's options: `"int4-g32"` (group size), `"-sym"` (no zero points).
     """
 
     device: str | None = None
@@ -91,10 +102,12 @@ class OffloadConfig:
     unified_memory: bool | None = None
     context_length: int = 4096
     warm_start: str | os.PathLike | None = None
+    expert_format: str = "model"
 
     def __post_init__(self) -> None:
         _check_device(self.device)
         self._check_budgets()
+        parse_expert_format(self.expert_format)
         if self.cache_experts is not None:
             if isinstance(self.cache_experts, bool) or not isinstance(self.cache_experts, int):
                 hint = (" (byte budgets like '8GB' and 'auto' are m2r2_moe.from_pretrained's)"
@@ -162,6 +175,10 @@ class OffloadConfig:
             return torch.cuda.is_available()
         return self.pin_memory
 
+    def resolved_format(self) -> "ExpertFormat | None":
+        """The compressed expert format, None for the model's own dtype."""
+        return parse_expert_format(self.expert_format)
+
     def replace(self, **changes) -> "OffloadConfig":
         return dataclasses.replace(self, **changes)
 
@@ -182,7 +199,7 @@ class OffloadConfig:
             policy=self.policy, lookahead=lookahead,
             prefetch_min_prob=self.prefetch_min_prob if self.prefetch_min_prob is not None else 0.0,
             pin_memory=self.resolved_pin_memory(), link_gbps=self.link_gbps, link_latency_us=self.link_latency_us,
-            copy_timeout_s=self.copy_timeout_s,
+            copy_timeout_s=self.copy_timeout_s, expert_format=parse_expert_format(self.expert_format),
         )
 
     @classmethod
@@ -203,6 +220,54 @@ class RuntimePlan:
     link_gbps: float | None
     link_latency_us: float
     copy_timeout_s: float
+    expert_format: "ExpertFormat | None" = None  # None: the model's own dtype (lossless)
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """A compressed expert format: `bits`-bit integer codes, one scale (float16) per `group_size` consecutive
+    weights of a tensor and, unless `symmetric`, one integer zero point (uint8) per group:
+    w = (code - zero) * scale. Symmetric formats use the fixed zero point 2^(bits-1)."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}"
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+
+def parse_expert_format(spec) -> ExpertFormat | None:
+    """`expert_format` as an `ExpertFormat` (None for "model"); `OffloadConfigError` naming the grammar."""
+    if isinstance(spec, ExpertFormat):
+        return spec
+    if not isinstance(spec, str):
+        raise OffloadConfigError(f"expert_format must be a string: {FORMAT_GRAMMAR}; got {type(spec).__name__} {spec!r}")
+    parts = spec.strip().lower().split("-")
+    if parts[0] not in EXPERT_FORMATS:
+        raise OffloadConfigError(f"expert_format {spec!r} is not a format: {FORMAT_GRAMMAR}")
+    if parts[0] == "model":
+        if len(parts) > 1:
+            raise OffloadConfigError(f"expert_format {spec!r}: 'model' (lossless) takes no options; {FORMAT_GRAMMAR}")
+        return None
+    group, symmetric = DEFAULT_GROUP_SIZE[parts[0]], DEFAULT_SYMMETRIC[parts[0]]
+    for part in parts[1:]:
+        if part in ("sym", "asym"):
+            symmetric = part == "sym"
+        elif part.startswith("g") and part[1:].isdigit() and _power_of_two(int(part[1:]), 16, 1024):
+            group = int(part[1:])
+        else:
+            raise OffloadConfigError(f"expert_format {spec!r}: {part!r} is not an option; {FORMAT_GRAMMAR}")
+    return ExpertFormat(int(parts[0][3:]), group, symmetric)
+
+
+def _power_of_two(n: int, lo: int, hi: int) -> bool:
+    return lo <= n <= hi and n & (n - 1) == 0
 
 
 def parse_bytes(text: str) -> int:

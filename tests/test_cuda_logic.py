@@ -28,9 +28,9 @@ from m2r2_moe.runtime.cuda_compute import MAX_PENDING, StallLog
 class FakeStream:
     _ids = itertools.count(1)
 
-    def __init__(self, device=None, name="side"):
+    def __init__(self, device=None, name="side", priority=0):
         self.device = torch.device(device) if device is not None else torch.device("cuda", FakeCuda.now.current)
-        self.name, self.log, self.cuda_stream = name, [], next(self._ids)
+        self.name, self.log, self.cuda_stream, self.priority = name, [], next(self._ids), priority
 
     def wait_event(self, event):
         self.log.append(("wait_event", event))
@@ -119,8 +119,9 @@ def test_every_stream_and_event_is_the_runtime_device_s(fake_cuda):
     compute = fake_cuda.compute[1]
     assert engine.stream.log == [("wait_stream", compute)]  # after the pool's zero fill, before any copy
     src, dst = torch.arange(6.0), torch.zeros(6)
+    assert engine.demand_stream.log == [("wait_stream", compute)] and engine.demand_stream.device == engine.device
     t = engine.submit(0, 0, dst, src)
-    assert torch.equal(dst, src) and t.event.stream is engine.stream
+    assert torch.equal(dst, src) and t.event.stream is engine.demand_stream  # a demand load
     assert fake_cuda.current == 0  # restored after the copy
     assert t.wait() == 0.0
     kinds = [entry[0] for entry in compute.log]
@@ -218,7 +219,7 @@ def test_reset_stats_drops_the_stall_timings_still_pending(fake_cuda):
         assert pending  # the device has not run them yet
         m2r2_moe.reset_stats(model)
         assert not engine.compute.stalls.pending
-        for start, end in pending:  # they complete after the reset: still not counted
+        for start, end, _ in pending:  # they complete after the reset: still not counted
             start.done = end.done = True
         assert m2r2_moe.stats(model).stall_seconds == 0.0
     finally:
@@ -271,7 +272,7 @@ def test_timed_copies_give_the_trace_a_copy_lane(fake_cuda):
     assert untimed.start is None and not untimed.event.timing and untimed.started_at == 0.0
     engine.time_copies(True)
     timed = engine.submit(1, 1, torch.zeros(4), torch.ones(4))
-    records = [entry[1] for entry in engine.stream.log if entry[0] == "record"]
+    records = [entry[1] for entry in engine.demand_stream.log if entry[0] == "record"]
     assert records[-2:] == [timed.start, timed.event]  # start, then the copy, then its event: on the copy stream
     assert engine.clock.host < timed.started_at < timed.finished_at
     assert timed.busy == pytest.approx(timed.finished_at - timed.started_at)

@@ -79,10 +79,10 @@ def test_a_submission_that_raises_is_a_failed_copy_too(admit_every_prediction):
     model, off, before = _setup("history", lookahead=2)
     submit = off.engine.submit
 
-    def refuse_prefetches(key, slot, dst, src, priority=DEMAND, after=None):
+    def refuse_prefetches(key, slot, dst, src, priority=DEMAND, after=None, expand=None):
         if priority != DEMAND:
             raise RuntimeError("injected: submit refused")
-        return submit(key, slot, dst, src, priority, after)
+        return submit(key, slot, dst, src, priority, after, expand)
 
     off.engine.submit = refuse_prefetches
     assert torch.equal(_generate(model), before[0])

@@ -85,7 +85,7 @@ def test_the_pinned_store_is_page_locked_and_takes_what_the_plan_computes():
         engine = CudaCopyEngine(torch.device("cuda"))
         slot = torch.zeros(packing.numel, dtype=torch.bfloat16, device="cuda")
         store.buffers[1][2].fill_(3.0)
-        _sleep(engine.stream, 300)  # the copy cannot start yet: a page-locked source returns at once
+        _sleep(engine.demand_stream, 300)  # the copy cannot start yet: a page-locked source returns at once
         start = time.perf_counter()
         engine.submit(0, 0, slot, store.expert(1, 2)).wait()
         assert time.perf_counter() - start < 0.15, "the host waited for the copy: the store is not page-locked"
@@ -102,10 +102,10 @@ def test_the_stall_log_keeps_only_waits_the_device_has_not_run():
     src = torch.ones(1 << 16).pin_memory()
     dst = torch.zeros(1 << 16, device="cuda")
     for _ in range(300):
-        _sleep(engine.stream, 0.2)  # each copy is still queued when the compute stream is made to wait
+        _sleep(engine.demand_stream, 0.2)  # each copy is still queued when the compute stream is made to wait
         engine.submit(0, 0, dst, src).wait()
     torch.cuda.synchronize()
-    _sleep(engine.stream, 0.2)
+    _sleep(engine.demand_stream, 0.2)
     engine.submit(0, 0, dst, src).wait()
     assert len(engine.compute.stalls.pending) <= 1  # the 300 completed waits were folded, not kept
     torch.cuda.synchronize()

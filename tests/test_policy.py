@@ -80,12 +80,13 @@ def _prefetcher(link_gbps):
 
 
 def test_value_weighs_the_hidden_stall_against_link_and_eviction():
-    """value(q, T, lead, busy, evicts, regret) = q min(T, lead) - (1 - q) busy T - regret T [if it evicts]."""
-    assert value(1.0, 1.0, 5.0, 1.0, True, 0.0) == 1.0  # certain, in time, nothing regretted
-    assert value(0.5, 1.0, 0.25, 0.0, False, 0.0) == pytest.approx(0.125)  # lands late: hides a quarter
-    assert value(0.5, 1.0, 5.0, 1.0, False, 0.0) == 0.0  # a busy link: the wrong half costs what the right half saves
-    assert value(0.9, 1.0, 5.0, 0.0, True, 0.95) < 0 < value(0.9, 1.0, 5.0, 0.0, False, 0.95)  # a costly victim
-    assert value(1.0, 1.0, -1.0, 0.0, False, 0.0) == 0.0  # too late to hide anything
+    """value(q, S, T, lead, busy, evicts, regret) = q S min(1, lead / T) - (1 - q) busy T - regret S [evicts]."""
+    assert value(1.0, 1.0, 1.0, 5.0, 1.0, True, 0.0) == 1.0  # certain, in time, nothing regretted
+    assert value(0.5, 1.0, 1.0, 0.25, 0.0, False, 0.0) == pytest.approx(0.125)  # lands late: hides a quarter
+    assert value(0.5, 1.0, 1.0, 5.0, 1.0, False, 0.0) == 0.0  # busy link: the wrong half costs what the right saves
+    assert value(0.9, 1.0, 1.0, 5.0, 0.0, True, 0.95) < 0 < value(0.9, 1.0, 1.0, 5.0, 0.0, False, 0.95)  # costly victim
+    assert value(1.0, 1.0, 1.0, -1.0, 0.0, False, 0.0) == 0.0  # too late to hide anything
+    assert value(1.0, 3.0, 1.0, 5.0, 0.0, False, 0.0) == 3.0  # a demand load stalls more than its link time
 
 
 @pytest.fixture(params=["python", "native"])
@@ -99,7 +100,7 @@ def _settle(planner, layer, now, used, probs=None, served=None, evicted=()):
     """One decode layer call that used experts `used` of `layer` (served as `served`, default hits)."""
     keys = [layer * 8 + e for e in used]
     return planner.layer(layer=layer, decode=True, now=now, keys=keys, served=served or [0] * len(keys),
-                         evicted=list(evicted), probs=probs, wraps=False, horizon=0, transfer=1.0, compute=0.0,
+                         evicted=list(evicted), probs=probs, wraps=False, horizon=0, miss=1.0, transfer=1.0, compute=0.0,
                          busy=0.0, free=0, backlog=[], min_prob=0.0)
 
 
@@ -116,12 +117,17 @@ def test_calibration_learns_what_the_scores_mean(planner):
     assert planner.probability(1, 1, 0.35) == pytest.approx(0.35)  # another source too
 
 
-def test_regret_is_the_share_of_victims_loaded_again_soon(planner):
-    assert planner.regret() == 0.5  # unknown: neither free nor forbidden
-    for now in range(400):  # every call evicts an expert of layer 1; a quarter come back (a miss) 3 turns later
+def test_regret_is_the_share_of_prefetch_victims_loaded_again_soon(planner):
+    assert planner.regret() == pytest.approx(0.1)  # unknown: optimistic, so that prefetching starts
+    for now in range(400):  # every call evicts an expert of layer 1 for a prefetch; a quarter come back 3 turns later
+        planner.issued(2 * 8 + now % 8, 8 + now % 8, now)
         back = [(now - 3) % 8] if now >= 3 and (now - 3) % 4 == 0 else []
-        _settle(planner, 1, now, back or [7], served=[MISS] * len(back) or [0], evicted=[8 + now % 8])
+        _settle(planner, 1, now, back or [7], served=[MISS] * len(back) or [0])
     assert 0.15 < planner.regret() < 0.35
+    spent = planner.spent
+    _settle(planner, 1, 401, [(401 - 3) % 8], served=[MISS])  # 398 % 8 = 6 was evicted at 398: regretted
+    assert planner.spent == pytest.approx(spent + 1.0)  # a regretted demand load counts against prefetching
+    _settle(planner, 1, 402, [5], served=[MISS])  # a demand eviction is not the prefetcher's doing: no regret
 
 
 def test_benefit_backs_off_to_none_and_probes_again(planner):
@@ -133,7 +139,7 @@ def test_benefit_backs_off_to_none_and_probes_again(planner):
     for _ in range(8):
         planner.step(8)
     assert planner.active(0) and not planner.active(1)  # a probe: one layer per forward
-    for _ in range(6):  # it pays now (prefetch hits save whole transfers): back to every layer
+    for _ in range(6):  # it pays now (prefetch hits save whole demand loads): back to every layer
         _settle(planner, 0, 0, [1, 2], served=[PREFETCH_HIT, PREFETCH_HIT])
         planner.step(8)
     assert planner.every == 1
@@ -145,7 +151,7 @@ def test_the_planner_queues_by_expected_value(planner):
     probs = torch.zeros(2, 8)
     probs[0, 4], probs[1, 5], probs[1, 6] = 1.0, 0.9, 0.1
     args = dict(layer=0, decode=True, now=1, keys=[0, 1], served=[0, 0], evicted=[], probs=probs.numpy(), wraps=False,
-                horizon=0, transfer=1.0, compute=2.0, busy=1.0, backlog=[], min_prob=0.0)
+                horizon=0, miss=1.0, transfer=1.0, compute=2.0, busy=1.0, backlog=[], min_prob=0.0)
     queue, expect, withdraw = planner.layer(free=4, **args)
     assert queue == [(1, 4, 1), (2, 5, 2)] and not expect and not withdraw  # 6 (q 0.1, busy link): not worth it
     planner.issued(1 * 8 + 4, -1, 1)

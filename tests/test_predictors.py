@@ -41,15 +41,19 @@ def test_predictors_are_well_formed(trained):
     model, adapter, layers, adapters, _ = trained
     residual = torch.randn(5, 64)
     chosen = torch.randint(0, 8, (5, 2))
-    for name in ("history", "gate", "m2r2"):
-        p = make_predictor(name, model, adapter, layers, DEPTH, adapters=adapters)
+    for name, kind in (("history", None), ("gate", None), ("m2r2", "linear"), ("m2r2", "mlp")):
+        p = make_predictor(name, model, adapter, layers, DEPTH, adapters=adapters, kind=kind)
         out = p.predict(0, residual, chosen)
         assert sorted(out) == [1, 2]
         for scores in out.values():
             assert scores.shape == (5, 8) and torch.isfinite(scores).all()
-        assert sorted(p.predict(len(layers) - 2, residual, chosen)) == [1]  # no target beyond the last layer
-        assert p.predict(len(layers) - 1, residual, chosen) == {}
-    m2r2 = make_predictor("m2r2", model, adapter, layers, DEPTH, adapters=adapters)
+        last = p.predict(len(layers) - 1, residual, chosen)
+        if p.wraps:  # the heads wrap: from the last layer, the next token's first layers
+            assert kind == "mlp" and sorted(last) == [1, 2]
+        else:
+            assert sorted(p.predict(len(layers) - 2, residual, chosen)) == [1]  # no target beyond the last layer
+            assert last == {}
+    m2r2 = make_predictor("m2r2", model, adapter, layers, DEPTH, adapters=adapters, kind="linear")
     with pytest.raises(ValueError, match="expert choice"):
         m2r2.predict(0, residual)  # routing-feature adapters need the source layer's choice
 
@@ -187,7 +191,8 @@ def test_stacked_routing_matches_the_reference_path(trained):
     """The batched fast path of gate/m2r2 gives the reference's scores (and is used on Mixtral)."""
     model, adapter, layers, adapters, _ = trained
     for name in ("gate", "m2r2"):
-        p = make_predictor(name, model, adapter, layers, DEPTH, adapters=adapters)
+        kind = "linear" if name == "m2r2" else None  # the accelerated residual, routed by the target's router
+        p = make_predictor(name, model, adapter, layers, DEPTH, adapters=adapters, kind=kind)
         assert all(s is not None for s in p.stacked[: len(layers) - 1])
         r, chosen = torch.randn(4, 64), torch.randint(0, 8, (4, 2))
         fast = p.predict(0, r, chosen)
@@ -224,3 +229,20 @@ def test_gate_shared_residual_path_matches_the_reference(trained):
         assert gate.stacked[layer].scores_shared(residual) is not None  # the fused path was taken
         reference = torch.stack([gate.target_scores(layer + d, residual) for d in depths])
         assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_gate_native_batch1_path_matches_the_tensor_path(trained):
+    """Decode at batch 1 on the CPU: gate's one native call gives predict_stacked's probabilities."""
+    from m2r2_moe import _ext
+
+    if not _ext.HAS_PLANNER:
+        pytest.skip(f"C++ heads: {_ext.PLANNER_ERROR}")
+    model, adapter, layers, _, _ = trained
+    gate = make_predictor("gate", model, adapter, layers, DEPTH)
+    residual = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+    for layer in range(len(layers) - 1):
+        host = gate.predict_host(layer, residual)
+        _, reference = gate.predict_stacked(layer, residual)
+        assert host is not None and host.shape == tuple(reference[:, 0].shape)
+        assert torch.allclose(torch.from_numpy(host), reference[:, 0], atol=2e-6, rtol=1e-4)
+    assert gate.predict_host(0, residual.expand(2, 64)) is None  # several tokens: the tensor path

@@ -38,8 +38,11 @@ class ManualEngine:
         self.transfers = []
         self.bytes_copied, self.busy_seconds, self.fault = 0, 0.0, None
 
-    def submit(self, key, slot, dst, src, priority=0, after=None):
-        dst.copy_(src)  # the bytes are real; only "arrival" is under the test's control
+    def submit(self, key, slot, dst, src, priority=0, after=None, expand=None):
+        if expand is None:  # the bytes are real; only "arrival" is under the test's control
+            dst.copy_(src)
+        else:
+            expand.expand(dst, src)
         t = ManualTransfer(key, src.numel() * src.element_size(), priority)
         self.transfers.append(t)
         return t

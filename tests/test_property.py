@@ -153,7 +153,7 @@ def test_offloaded_logits_equal_the_original(case):
     assert s.expert_uses == counted.uses > 0  # every use the routers asked for, counted once
     assert s.bytes_to_device == (s.misses + s.prefetches - s.cancelled_prefetches) * expert_bytes
     if case["predictor"] == "none":
-        assert s.prefetches == 0
+        assert s.decode.prefetches == 0  # only forwards of many tokens stream their next layers' experts
     assert same_weights(model, snap)
 
 

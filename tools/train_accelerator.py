@@ -1,8 +1,12 @@
 #!/usr/bin/env python
-"""Train M2R2 accelerator adapters: the same code as `m2r2-moe train-adapters`.
+"""Train M2R2 accelerators (linear adapters and nonlinear heads): the same code as `m2r2-moe train-adapters`.
 
-    python tools/train_accelerator.py --model builtin --text builtin:train --lookahead 4 --rank 16 \
+The shipped adapters of the built-in models are made with
+
+    python tools/train_accelerator.py --model builtin:tiny-mixtral --lookahead 4 --rank 16 \
         --out m2r2_moe/builtin/tiny-mixtral/adapters.safetensors
+    python tools/train_accelerator.py --model builtin:tiny-qwen3-moe --lookahead 4 --rank 16 \
+        --out m2r2_moe/builtin/tiny-qwen3-moe/adapters.safetensors
 """
 
 import sys

@@ -5,8 +5,9 @@ twice: (1) read config.json and every safetensors header (`Checkpoint.open`: mis
 files); (2) build the model on the meta device (no weights); (3) map every checkpoint tensor onto the model
 (`map_checkpoint`: renamings, expert layout, shapes); (4) plan slots and check host/device memory
 (`Plan`, logged); (5) read the non-expert tensors straight to the device; (6) allocate the host store and
-stream the expert bytes into its packed rows, file by file in offset order; (7) attach the runtime exactly
-as `offload` does. The result matches `offload(AutoModelForCausalLM.from_pretrained(path), ...)`.
+stream the expert bytes into its packed rows, file by file in offset order (compressed formats: expert by
+expert through one staging row, checkpoint/compressed.py); (7) attach the runtime exactly as `offload` does.
+The result matches `offload(AutoModelForCausalLM.from_pretrained(path), ...)`.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from ..config import OffloadConfig, OffloadConfigError
 from ..errors import UnsupportedModelError, WeightsMismatchError
 from ..models import find_moe_layers
 from .plan import Plan, check_memory, expert_store_host_bytes, kv_cache_bytes
-from ..runtime.disk_store import DiskExpertStore
+from ..runtime.compressed import RowLayout
 from ..runtime.offloader import _packing
 from ..warm import Profile
-from .weight_map import WeightMap, dtype_plan, map_checkpoint, missing_dense, read_piece
+from .stores import check_format_options, expert_store_and_fill
+from .weight_map import WeightMap, dtype_plan, map_checkpoint, missing_dense
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ STORES = ("ram", "disk")
 def from_pretrained(path: str | os.PathLike, device: str | None = None, cache_experts: int | str | None = "auto",
                     dtype: torch.dtype | str | None = None, predictor: str = "none", adapters: str | None = None,
                     expert_store: str | None = None, context_length: int = 4096, progress: bool = True,
-                    **options) -> nn.Module:
+                    save_compressed: bool = False, **options) -> nn.Module:
     """Load a MoE checkpoint folder with its experts offloaded, never materializing the whole model.
 
     Non-expert weights go straight to `device`; expert tensors stream from the safetensors shards into
@@ -57,8 +59,13 @@ def from_pretrained(path: str | os.PathLike, device: str | None = None, cache_ex
         predictor, adapters, **options: `OffloadConfig` fields (`lookahead`, `pin_memory`, `link_gbps`,
             `warm_start`, ...). `gpu_memory` / `host_memory` (bytes or text like "4GiB") state memory budgets
             instead of `cache_experts`: slots, pinning and the expert store are derived from them (budget.py).
-        expert_store: `"ram"` or `"disk"`; `None`: `"ram"`, or with memory budgets `"disk"` when the store
-            does not fit `host_memory`.
+            `expert_format="int8" | "int4"` quantizes the experts while they stream in: the host store holds
+            the compressed rows only; `remove_offload` reads the originals from the checkpoint again.
+        expert_store: `"ram"` or `"disk"` (the model's dtype only); `None`: `"ram"`, or with memory budgets
+            `"disk"` when the store does not fit `host_memory` (with a compressed format always `"ram"`).
+        save_compressed: with a compressed `expert_format`, save the compressed store next to the checkpoint
+            (`m2r2_moe-experts-<format>-<dtype>.safetensors`); a matching saved store is always read instead
+            of quantizing again.
         context_length: tokens of KV cache to reserve when sizing `"auto"` or `gpu_memory`.
         progress: show a progress bar while the weights load.
 
@@ -67,8 +74,10 @@ def from_pretrained(path: str | os.PathLike, device: str | None = None, cache_ex
         UnsupportedModelError, HostMemoryError, DeviceMemoryError: before anything is allocated.
     """
     cfg = _config(device, predictor, adapters, options, context_length)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be True or False, got {progress!r}")
+    for name, flag in (("progress", progress), ("save_compressed", save_compressed)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    check_format_options(cfg, expert_store, save_compressed, path)
     plan, model, layers, packings, wmap, ckpt, memory = _prepare(path, cfg, cache_experts, dtype, expert_store,
                                                                  context_length)
     _check_adapters_file(cfg)  # the fingerprint needs the routers' weights: checked once they are loaded
@@ -79,11 +88,10 @@ def from_pretrained(path: str | os.PathLike, device: str | None = None, cache_ex
     reader, store = Reader(), None
     try:
         _load_dense(model, layers, wmap, reader, cfg.resolved_device(), plan.dtype, progress)
-        if plan.expert_store == "disk":
-            store = DiskExpertStore(packings, [int(l.experts.num_experts) for l in layers], wmap.expert_pieces(), pin)
-        fill = (lambda s: None) if store is not None else (lambda s: _fill_host_store(s, wmap, reader, progress))
-        attach(model, cfg.replace(cache_experts=plan.num_slots, pin_memory=pin, gpu_memory=None, host_memory=None),
-               fill_store=fill, store=store, memory=memory)
+        run = cfg.replace(cache_experts=plan.num_slots, pin_memory=pin, gpu_memory=None, host_memory=None)
+        store, fill = expert_store_and_fill(plan.expert_store, run, packings, layers, wmap, reader, ckpt,
+                                            save_compressed, progress)
+        attach(model, run, fill_store=fill, store=store, memory=memory)
     except BaseException:
         if store is not None:
             store.close()  # its open checkpoint files, now rather than when the traceback goes
@@ -126,6 +134,9 @@ def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, conte
     if expert_store is not None and expert_store not in STORES:
         raise OffloadConfigError(f"expert_store must be one of {STORES} (or None: chosen by the budgets), got "
                                  f"{expert_store!r}")
+    fmt = cfg.resolved_format()
+    if fmt is not None and expert_store is None:
+        expert_store = "ram"  # compressed rows live in RAM: the budgets do not move them to disk
     ckpt = Checkpoint.open(path)
     config = _read_config(ckpt.path)
     dtype = _resolve_dtype(dtype, config, ckpt)
@@ -140,19 +151,22 @@ def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, conte
                        type(model).__name__, ", ".join(wmap.unexpected[:3]))
     device = cfg.resolved_device()
     num_experts = [int(layer.experts.num_experts) for layer in layers]
-    expert_bytes = max(p.nbytes for p in packings)
-    store_bytes = sum(p.nbytes * n for p, n in zip(packings, num_experts))
+    expert_bytes = max(p.nbytes for p in packings)  # a slot
+    row_bytes = [p.nbytes if fmt is None else RowLayout.build(p, fmt).nbytes for p in packings]  # over the link
+    store_bytes = sum(b * n for b, n in zip(row_bytes, num_experts))
     dense_bytes = _dense_bytes(model, wmap, dtype)
     kv_bytes = kv_cache_bytes(config, context_length, dtype)
     top_k = adapter.top_k(model)
-    need = budget.ModelBytes(tuple(p.nbytes * n for p, n in zip(packings, num_experts)), expert_bytes,
+    need = budget.ModelBytes(tuple(b * n for b, n in zip(row_bytes, num_experts)), expert_bytes,
                              sum(num_experts), top_k, dense_bytes, kv_bytes, context_length, disk_tier=True)
     slots, budget_text, mem, expert_store, pin, memory = budget.checkpoint_slots(cfg, cache_experts, device,
                                                                                  expert_store, need)
     if slots < top_k:
         raise OffloadConfigError(f"cache_experts={cache_experts} is below the model's top-k ({top_k}); use >= {top_k}")
-    store_host = expert_store_host_bytes(expert_store, [p.nbytes * n for p, n in zip(packings, num_experts)], top_k,
+    store_host = expert_store_host_bytes(expert_store, [b * n for b, n in zip(row_bytes, num_experts)], top_k,
                                          expert_bytes, pin)
+    if fmt is not None:
+        store_host += expert_bytes  # the staging row of the expert being quantized
     host_need = store_host
     if device.type == "cpu":
         host_need += dense_bytes + slots * expert_bytes + kv_bytes
@@ -165,6 +179,7 @@ def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, conte
         host_available=mem["host_available"], host_need=host_need,
         device_free=mem["device"][0] if mem["device"] else None,
         device_source=mem["device"][2] if mem["device"] else "", layouts=tuple(wmap.layouts),
+        expert_format="model" if fmt is None else fmt.name, link_bytes=max(row_bytes),
     )
     check_memory(plan, mem)
     return plan, model, layers, packings, wmap, ckpt, memory
@@ -313,17 +328,3 @@ def _finish_like_transformers(model: nn.Module, device: torch.device) -> None:
             setattr(module, leaf, nn.Parameter(value, tensor.requires_grad) if leaf in module._parameters else value)
     if hasattr(model, "initialize_weights"):
         model.initialize_weights()
-
-
-def _fill_host_store(store, wmap: WeightMap, reader: Reader, progress: bool) -> None:
-    """Stream the expert bytes into the packed store rows, file by file in offset order."""
-    total = sum(p.numel * p.entry.dtype.itemsize for p in wmap.pieces)
-    try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="experts -> host store", disable=not progress) as bar:
-            for piece in wmap.pieces:
-                read_piece(reader, piece, store.expert(piece.layer, piece.expert))
-                bar.update(piece.numel * piece.entry.dtype.itemsize)
-    except BaseException:
-        if isinstance(getattr(store, "buffers", None), list):
-            store.buffers.clear()  # free the (pinned) rows now, not when the traceback is dropped
-        raise

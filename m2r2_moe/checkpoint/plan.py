@@ -95,7 +95,7 @@ class Plan:
     total_experts: int
     top_k: int
     expert_bytes: int  # one packed expert (the largest layer's)
-    store_bytes: int  # all packed experts
+    store_bytes: int  # all packed experts, as the store keeps them (compressed rows for int8 / int4)
     dense_bytes: int  # non-expert weights on the device
     checkpoint_bytes: int
     num_slots: int
@@ -108,6 +108,13 @@ class Plan:
     device_free: int | None = None
     device_source: str = ""
     layouts: tuple[str, ...] = ()
+    expert_format: str = "model"  # how experts are kept in host RAM and moved ("model": the dtype, lossless)
+    link_bytes: int = 0  # one expert over the link (a compressed row; 0: expert_bytes)
+
+    @property
+    def bytes_per_copy(self) -> int:
+        """Bytes one expert copy moves over the link."""
+        return self.link_bytes or self.expert_bytes
 
     @property
     def pool_bytes(self) -> int:
@@ -123,7 +130,8 @@ class Plan:
             f"m2r2_moe plan for {self.path}: {self.model_type} ({self.adapter} adapter), {self.dtype}, "
             f"checkpoint {mb(self.checkpoint_bytes)} ({layouts} expert layout)",
             f"  experts : {self.moe_layers} MoE layers, {self.total_experts} experts, top-{self.top_k}, "
-            f"{mb(self.expert_bytes)} each, {mb(self.store_bytes)} in {store}",
+            f"{mb(self.expert_bytes)} each, {mb(self.store_bytes)} in {store}" + ("" if self.expert_format == "model"
+            else f" as {self.expert_format} ({mb(self.bytes_per_copy)} per expert over the link, changes outputs)"),
             f"  {self.device.type:<8}: {mb(self.dense_bytes)} non-expert weights + {self.num_slots} expert slots "
             f"x {mb(self.expert_bytes)} = {mb(self.dense_bytes + self.pool_bytes)} on {self.device} "
             f"(slots: {self.budget}); KV reserve {mb(self.kv_bytes)} for {self.context_length} tokens",

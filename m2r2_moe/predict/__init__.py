@@ -10,11 +10,12 @@ from torch import nn
 from ..models.base import MoEAdapter, MoELayer
 from .base import Predictor, select
 from .gate import GatePredictor
-from .m2r2 import AcceleratorAdapters, AdapterFileError, AdapterMismatchError, M2R2Predictor, model_fingerprint
+from .accelerators import AcceleratorAdapters, AdapterFileError, AdapterMismatchError, model_fingerprint
+from .m2r2 import M2R2Predictor
+from .mlp import MLPHeads
 from .simple import HistoryPredictor, OraclePredictor
 
 PREDICTORS = ("none", "history", "gate", "m2r2", "oracle")
-
 
 
 def default_adapters_path(model: nn.Module, layers: list[MoELayer]) -> Path:
@@ -34,9 +35,10 @@ def default_adapters_path(model: nn.Module, layers: list[MoELayer]) -> Path:
 
 def make_predictor(name: str, model: nn.Module, adapter: MoEAdapter, layers: list[MoELayer], depth: int,
                    adapters: str | Path | AcceleratorAdapters | None = None, trace: torch.Tensor | None = None,
-                   device: torch.device | str | None = None) -> Predictor:
-    """Build predictor `name` for a model. `adapters`: path or object (m2r2); `trace`: `[N, L, K]` (oracle);
-    `device`: where the adapters run (default: the model's device)."""
+                   device: torch.device | str | None = None, kind: str | None = None) -> Predictor:
+    """Build predictor `name` for a model. `adapters`: path or object (m2r2); `kind`: which of the adapters'
+    accelerators m2r2 runs, `linear` or `mlp` (default: the one the adapters file names); `trace`: `[N, L, K]`
+    (oracle); `device`: where the adapters run (default: the model's device)."""
     num_layers = len(layers)
     num_experts = max(int(layer.experts.num_experts) for layer in layers)
     top_k = adapter.top_k(model)
@@ -52,7 +54,7 @@ def make_predictor(name: str, model: nn.Module, adapter: MoEAdapter, layers: lis
             path = adapters if adapters is not None else default_adapters_path(model, layers)
             adapters = AcceleratorAdapters.load(path, fingerprint=model_fingerprint(model, layers))
         device = device or next(p.device for p in model.parameters() if p.numel())
-        return M2R2Predictor(*common, adapter, layers, adapters.to(device))
+        return M2R2Predictor(*common, adapter, layers, adapters.to(device), kind=kind)
     if name == "oracle":
         if trace is None:
             raise ValueError("predictor='oracle' replays a recorded routing trace: pass trace=[N, L, K] expert ids")
@@ -61,6 +63,6 @@ def make_predictor(name: str, model: nn.Module, adapter: MoEAdapter, layers: lis
 
 
 __all__ = [
-    "Predictor", "HistoryPredictor", "GatePredictor", "M2R2Predictor", "OraclePredictor", "AcceleratorAdapters",
+    "Predictor", "HistoryPredictor", "GatePredictor", "M2R2Predictor", "OraclePredictor", "AcceleratorAdapters", "MLPHeads",
     "AdapterFileError", "AdapterMismatchError", "make_predictor", "model_fingerprint", "select", "PREDICTORS",
 ]

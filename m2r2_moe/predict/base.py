@@ -54,6 +54,13 @@ class Predictor:
         depths = sorted(predictions)
         return depths, (torch.stack([predictions[d] for d in depths]) if depths else None)
 
+    def predict_host(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
+                     normed: torch.Tensor | None = None):
+        """Decode at batch 1 on the CPU: the probabilities of `predict_stacked` as a float32 numpy array `[D, E]`
+        from one native call (csrc/heads.cpp), or None when this predictor (or this build) has no such path —
+        the caller then uses `predict_stacked`."""
+        return None
+
     def depths(self, layer: int) -> range:
         """Distances predicted from `layer`: up to `depth`, within the forward unless the predictor `wraps`
         (then up to one full cycle of layers, into the next forward)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -14,12 +13,17 @@ from ..cli_common import (UsageError, add_model_argument, check_adapters, existi
                           nonnegative_float, nonnegative_int, one_of, positive_int, probability, require_matplotlib,
                           text_files)
 from ..corpus import token_stream
-from ..loading import load_model
+from ..builtin import resolve_name
+from ..loading import is_builtin, load_model
 from ..models import find_moe_layers
 from . import PREDICTORS, make_predictor, model_fingerprint
 from .collect import chunk_tokens, collect
-from .evaluate import evaluate
+from .cost import cost_table, predictor_cost
+from .evaluate import evaluate, evaluate_next_token
+from .report import depth_table, layer_table, next_token_table, plot, training_summary
 from .train import train_adapters
+
+__all__ = ["add_train_parser", "add_eval_parser", "train_command", "eval_command", "cost_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,11 @@ def _load_model(args: argparse.Namespace):
         raise UsageError(f"--lookahead {args.lookahead}: this model has {len(layers)} MoE layers, so the lookahead is "
                          f"1..{len(layers) - 1}")
     return model, tokenizer, adapter, layers
+
+
+def _default_text(model_spec: str, split: str) -> str:
+    """The `--text` default: a built-in model's own corpus split, else the default corpus's."""
+    return f"builtin:{resolve_name(model_spec)}:{split}" if is_builtin(model_spec) else f"builtin:{split}"
 
 
 def _check_lengths(args: argparse.Namespace) -> None:
@@ -53,18 +62,31 @@ def _tokens(tokenizer, files, args: argparse.Namespace, skip: int = 0) -> torch.
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train-adapters", help="train M2R2 accelerator adapters for a model",
-                       description="Train accelerated-residual adapters on calibration text "
+                       description="Train the accelerators of both kinds on calibration text — linear accelerated-"
+                                   "residual adapters and nonlinear heads, within the token and across it — and make "
+                                   "the one that predicts better on a validation split the default "
                                    "(the method: docs/design.md).")
     add_model_argument(p)
     p.add_argument("--text", nargs="+", default=None,
-                   help="calibration files/folders (default: builtin:train, the built-in model's training split)")
+                   help="calibration files/folders (default: a built-in model's own corpus, e.g. builtin:tiny-mixtral:train; "
+                        "builtin:train for other models)")
     p.add_argument("--lookahead", "--depth", dest="lookahead", type=positive_int, default=4,
                    help="layers ahead the adapters predict: distances d = 1..lookahead")
     p.add_argument("--rank", type=positive_int, default=32, help="rank of each low-rank adapter")
     p.add_argument("--out", required=True, help="adapters .safetensors file to write")
     p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per calibration sequence")
     p.add_argument("--batch", type=positive_int, default=8, help="sequences per forward")
-    p.add_argument("--max-tokens", type=positive_int, default=262144, help="calibration tokens to use")
+    p.add_argument("--max-tokens", type=positive_int, default=131072,
+                   help="calibration tokens to use (the last --validation share of the sequences validates)")
+    p.add_argument("--validation", type=probability, default=0.125,
+                   help="share of the calibration sequences held out to stop training and choose the default kind")
+    p.add_argument("--kinds", type=listed(one_of(("linear", "mlp"))), default="linear,mlp",
+                   help="accelerators to train: linear (always fitted), mlp (nonlinear heads)")
+    p.add_argument("--width", type=positive_int, default=128, help="hidden width of each nonlinear head")
+    p.add_argument("--epochs", type=positive_int, default=3,
+                   help="most passes over the calibration tokens for the heads (early-stopped on validation)")
+    p.add_argument("--within-token", action="store_true",
+                   help="no heads for the next token's first layers (the predictor then does not wrap)")
     p.add_argument("--ridge", type=nonnegative_float, default=1e-3, help="ridge penalty of the closed-form fit")
     p.add_argument("--kl-steps", type=nonnegative_int, default=0,
                    help="Adam steps per (layer, rate) on the routing loss; 0 = closed form only")
@@ -82,36 +104,45 @@ def train_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out} is a folder; name the file to write, e.g. "
                          f"{Path(args.out) / 'adapters.safetensors'}")
     _check_lengths(args)
-    files = text_files(args.text, "builtin:train")
+    files = text_files(args.text, _default_text(args.model, "train"))
     torch.manual_seed(args.seed)
     model, tokenizer, adapter, layers = _load_model(args)
     ids = _tokens(tokenizer, files, args)
     adapters, report = train_adapters(
         model, adapter, layers, chunk_tokens(ids, args.seq_len, args.batch), depth=args.lookahead, rank=args.rank,
         ridge=args.ridge, kl_steps=args.kl_steps, kl_samples=args.kl_samples, seed=args.seed,
-        route_features=args.route_features,
+        route_features=args.route_features, kinds=tuple(args.kinds), width=args.width, wraps=not args.within_token,
+        epochs=args.epochs, validation=args.validation,
     )
-    info = {"model": args.model, "files": len(files), "tokens": report["tokens"], "seconds": round(report["seconds"], 1),
-            "kl_steps": args.kl_steps, "ridge": args.ridge, "seed": args.seed, "mean_final": report["mean_final"],
-            "by_depth": report["by_depth"], "max_tokens": args.max_tokens, "kl_samples": args.kl_samples,
-            "route_features": report["route_features"]}
+    settings = {k: getattr(args, k) for k in ("max_tokens", "seq_len", "validation", "rank", "ridge", "kl_steps",
+                                              "kl_samples", "width", "epochs", "within_token", "seed")}
+    info = {"model": args.model, "files": len(files), "seconds": round(report["seconds"], 1),
+            "stage_seconds": report["stage_seconds"], **settings,
+            **{k: report[k] for k in ("tokens", "validation_tokens", "kind", "validation", "mean_final", "by_depth",
+                                      "route_features")},
+            "mlp": report.get("mlp")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     adapters.save(args.out, model_fingerprint(model, layers), info)
-    m = report["mean_final"]
-    print(f"trained {len(report['pairs'])} adapters (depth {args.lookahead}, rank {args.rank}) on {report['tokens']} tokens "
-          f"in {report['seconds']:.1f} s → {args.out}")
-    print(f"calibration (mean over pairs): normalized MSE {m['nmse']:.3f}, KL {m['kl']:.4f}, "
-          f"top-k recall {m['recall_topk']:.3f} (gate on the same pairs {m['gate_recall_topk']:.3f})")
-    for d, r in report["by_depth"].items():
-        print(f"  depth {d}: top-k recall gate {r['final_gate_recall_topk']:.3f}, closed form "
-              f"{r['closed_form_recall_topk']:.3f}, after routing fine-tune {r['final_recall_topk']:.3f}")
+    heads = ""
+    if adapters.mlp is not None:
+        pairs = adapters.mlp.pairs()
+        wrapped = sum(l + d >= len(layers) for l, d in pairs)
+        heads = f" and {len(pairs)} mlp heads (width {args.width}, {wrapped} for the next token)"
+    print(f"trained {len(report['pairs'])} adapters (depth {args.lookahead}, rank {args.rank}){heads} on "
+          f"{report['tokens']} tokens in {report['seconds']:.1f} s → {args.out}")
+    print("  stages (s): " + ", ".join(f"{k} {v}" for k, v in report["stage_seconds"].items())
+          + f"; torch threads {torch.get_num_threads()}")
+    print(f"default kind: {report['kind']} (the better top-k recall on {report['validation_tokens']} validation tokens)")
+    print(training_summary(report, len(layers)))
     return 0
 
 
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval-predictor", help="recall/precision of predictors per lookahead depth on held-out text",
-                       description="Recall, precision and width of each predictor per lookahead depth on\n"
-                                   "held-out text, and what each predictor costs per token.")
+                       description="Recall, precision and width of each predictor per lookahead depth and per "
+                                   "source layer on held-out text, the next token's first layers for a predictor "
+                                   "that wraps (next to the previous token's experts), and what each predictor "
+                                   "costs: parameters, FLOPs per token, time per layer at batch 1.")
     add_model_argument(p)
     p.add_argument("--predictors", type=listed(one_of(PREDICTORS)), default="history,gate,m2r2,oracle",
                    help=f"comma-separated, from: {', '.join(PREDICTORS)}")
@@ -119,7 +150,10 @@ def add_eval_parser(sub) -> None:
                    help="layers ahead to evaluate: distances d = 1..lookahead")
     p.add_argument("--adapters", type=existing_file, default=None,
                    help="m2r2 adapters file (default: the shipped ones of a built-in model)")
-    p.add_argument("--text", nargs="+", default=None, help="held-out files/folders (default: builtin:heldout)")
+    p.add_argument("--kind", default=None, choices=["linear", "mlp"],
+                   help="which of the adapters' accelerators m2r2 runs (default: the one the file names)")
+    p.add_argument("--text", nargs="+", default=None, help="held-out files/folders (default: a built-in model's own corpus, e.g. "
+                                                                "builtin:tiny-mixtral:heldout; builtin:heldout for other models)")
     p.add_argument("--max-tokens", type=positive_int, default=16384, help="held-out tokens to evaluate")
     p.add_argument("--offset-tokens", type=nonnegative_int, default=0,
                    help="skip this many tokens of the text first (e.g. a validation window of the train split)")
@@ -142,121 +176,36 @@ def eval_command(args: argparse.Namespace) -> int:
         raise UsageError("--predictors: 'none' predicts nothing; name at least one of "
                          + ", ".join(n for n in PREDICTORS if n != "none"))
     _check_lengths(args)
-    files = text_files(args.text, "builtin:heldout")
+    files = text_files(args.text, _default_text(args.model, "heldout"))
     model, tokenizer, adapter, layers = _load_model(args)
     if "m2r2" in names:
         check_adapters(model, layers, args.model, args.adapters, "--predictors")
     top_k = adapter.top_k(model)
     dummy_trace = torch.zeros(1, len(layers), top_k, dtype=torch.long)  # [1, L, K], replaced per sequence
     predictors = {n: make_predictor(n, model, adapter, layers, args.lookahead, adapters=args.adapters,
-                                    trace=dummy_trace if n == "oracle" else None) for n in names}
+                                    trace=dummy_trace if n == "oracle" else None,
+                                    kind=args.kind if n == "m2r2" else None) for n in names}
     sequences = chunk_tokens(_tokens(tokenizer, files, args, skip=args.offset_tokens), args.seq_len, 1)
     tokens = sum(s.numel() for s in sequences)
     widths = sorted({top_k, top_k + 1, 2 * top_k})
-    results = evaluate(predictors, collect(model, layers, sequences), top_k, args.lookahead, widths, mass=args.mass)
+    held_out = list(collect(model, layers, sequences))  # [(residuals [L, S, H], chosen [L, S, K])], collected once
+    results = evaluate(predictors, held_out, top_k, args.lookahead, widths, mass=args.mass)
+    next_token = evaluate_next_token(predictors, held_out, top_k)
     out = {"model": args.model, "tokens": tokens, "top_k": top_k, "num_layers": len(layers),
            "num_experts": max(int(layer.experts.num_experts) for layer in layers), "mass": args.mass,
            "results": {n: {str(d): v for d, v in r.items()} for n, r in results.items()},
-           "cost": _cost(model, layers, predictors)}
-    print(_table(results, args.lookahead, widths))
+           "next_token": next_token, "cost": predictor_cost(model, layers, predictors)}
+    print(depth_table(results, args.lookahead, widths))
+    print()
+    print(layer_table(results))
+    if next_token:
+        print()
+        print(next_token_table(next_token, len(layers)))
     print()
     print(cost_table(out["cost"]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
     if args.plot:
-        _plot(results, args.lookahead, args.plot, args.model, tokens)
+        plot(results, args.lookahead, args.plot, args.model, tokens)
     return 0
-
-
-def _table(results: dict, depth: int, widths: list[int]) -> str:
-    head = "predictor  set        " + "".join(f"  d={d}: recall/prec/width" for d in range(1, depth + 1))
-    lines = [head, "-" * len(head)]
-    for name, r in results.items():
-        rows = [("top-k", lambda v: v)] + [(f"width {w}", lambda v, w=w: v["at_width"][w]) for w in widths[1:]]
-        rows.append(("widened", lambda v: v["widened"]))
-        for label, get in rows:
-            cells = "".join(f"  {get(r[d])['recall']:.3f} / {get(r[d])['precision']:.3f} / {get(r[d])['width']:.2f}   "
-                            for d in range(1, depth + 1))
-            lines.append(f"{name:<10} {label:<10}{cells}")
-    return "\n".join(lines)
-
-
-def _cost(model, layers, predictors) -> dict:
-    """Adapter size and compute relative to the model (per token), and measured predictor time per token."""
-    from .m2r2 import M2R2Predictor
-
-    hidden = model.config.hidden_size
-    top_k = predictors[next(iter(predictors))].top_k if predictors else 2
-    experts = sum(p.numel() for layer in layers for p in layer.experts.parameters())
-    expert_share = top_k / max(int(layers[0].experts.num_experts), 1)
-    embed = model.get_input_embeddings().weight.numel()
-    active = sum(p.numel() for p in model.parameters()) - experts - embed + experts * expert_share
-    cost = {"model_active_params": int(active), "model_flops_per_token": int(2 * active)}
-    residual = torch.randn(1, hidden, dtype=next(model.parameters()).dtype)
-    chosen = torch.arange(top_k).unsqueeze(0)  # [1, K]
-    for name, p in predictors.items():
-        if name == "oracle":
-            continue
-        start = time.perf_counter()
-        for _ in range(20):
-            for l in range(len(layers)):
-                p.predict(l, residual, chosen)
-        entry = {"seconds_per_token": (time.perf_counter() - start) / 20}
-        if isinstance(p, M2R2Predictor):
-            flops = sum(p.adapters.flops_per_token(l) for l in range(len(layers)))
-            entry |= {"adapter_params": p.adapters.num_parameters, "adapter_flops_per_token": flops,
-                      "adapter_flops_share": flops / cost["model_flops_per_token"],
-                      "adapter_params_share": p.adapters.num_parameters / int(active)}
-        cost[name] = entry
-    return cost
-
-
-def cost_table(cost: dict) -> str:
-    """The cost `_cost` measured, as a labelled table: predictor time per token; adapter parameters and
-    FLOPs per token, with their share of the model's active ones."""
-    head = f"{'cost per token':<16}{'time':>12}{'params (share of model)':>28}{'FLOPs (share of model)':>28}"
-    model = f"{_si(cost['model_active_params'])} (active)", _si(cost["model_flops_per_token"])
-    lines = [head, "-" * len(head), f"{'model':<16}{'':>12}{model[0]:>28}{model[1]:>28}"]
-    for name, entry in cost.items():
-        if not isinstance(entry, dict):
-            continue
-        params = flops = "-"
-        if "adapter_params" in entry:
-            params = f"{_si(entry['adapter_params'])} ({entry['adapter_params_share']:.1%})"
-            flops = f"{_si(entry['adapter_flops_per_token'])} ({entry['adapter_flops_share']:.1%})"
-        lines.append(f"{name:<16}{entry['seconds_per_token'] * 1e3:>9.3f} ms{params:>28}{flops:>28}")
-    return "\n".join(lines)
-
-
-def _si(value: float) -> str:
-    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.2f} {suffix}"
-    return f"{value:g}"
-
-
-def _plot(results: dict, depth: int, path: str, model: str, tokens: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    depths = list(range(1, depth + 1))
-    for name, r in results.items():
-        line, = ax.plot(depths, [r[d]["recall"] for d in depths], marker="o", label=f"{name} (top-k)")
-        if name != "oracle":
-            ax.plot(depths, [r[d]["widened"]["recall"] for d in depths], marker="x", linestyle="--",
-                    color=line.get_color(), alpha=0.7,
-                    label=f"{name} (widened, width {sum(r[d]['widened']['width'] for d in depths) / depth:.1f})")
-    ax.set_xlabel("lookahead depth d (layers ahead)")
-    ax.set_ylabel("recall of the experts used")
-    ax.set_xticks(depths)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.set_title(f"Expert prediction on held-out text — {model}, {tokens} tokens")
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

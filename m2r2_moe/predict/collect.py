@@ -8,11 +8,12 @@ r_l is the residual entering layer l's MoE block (the input of the norm in front
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..models.base import MoELayer
+from ..models.base import MoEAdapter, MoELayer
 from ..models.tap import LayerTap
 
 
@@ -21,11 +22,21 @@ def collect(model: nn.Module, layers: list[MoELayer], batches: Iterable[torch.Te
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """For each batch of token ids `[B, S]` (no padding): (`residuals [L, B*S, H]` float32,
     `chosen [L, B*S, K]` int64), token order = row-major over (batch, position)."""
+    for residuals, _, chosen in collect_normed(model, layers, batches):
+        yield residuals, chosen
+
+
+@torch.no_grad()
+def collect_normed(model: nn.Module, layers: list[MoELayer], batches: Iterable[torch.Tensor],
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`collect`, with the router inputs: (`residuals [L, N, H]`, `normed [L, N, H]` float32 = norm_l(r_l) as
+    the model computed it, `chosen [L, N, K]`) per batch, N = B*S."""
     device = next(p.device for p in model.parameters() if p.numel())
     with LayerTap(layers) as tap:
         for ids in batches:
             model(input_ids=ids.to(device), use_cache=False)
             yield (torch.stack([r.float().cpu() for r in tap.residual]),
+                   torch.stack([n.float().cpu() for n in tap.normed]),
                    torch.stack([c.long().cpu() for c in tap.chosen]))
 
 
@@ -33,3 +44,49 @@ def chunk_tokens(ids: torch.Tensor, seq_len: int, batch_size: int) -> list[torch
     """Split a 1-D token stream into `[B, seq_len]` batches (the tail that does not fill a row is dropped)."""
     rows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
     return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+@dataclass
+class RoutingSet:
+    """What the accelerators learn from, for N tokens of text, every MoE layer (L):
+    `normed [L, N, H]` router inputs, `probs [L, N, E]` the routers' distributions on them, `chosen [L, N, K]`
+    the experts used, `next [N]` the row of the same sequence's next token (-1 at a sequence's end) and,
+    when kept, `residuals [L, N, H]`."""
+
+    normed: torch.Tensor
+    probs: torch.Tensor
+    chosen: torch.Tensor
+    next: torch.Tensor
+    residuals: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.normed.shape[1]
+
+
+class RoutingSetBuilder:
+    """Accumulates `collect_normed` batches into a `RoutingSet` (routers' distributions computed here)."""
+
+    def __init__(self, adapter: MoEAdapter, layers: list[MoELayer], dtype: torch.dtype, keep_residuals: bool = False):
+        self.adapter, self.layers, self.dtype, self.keep_residuals = adapter, layers, dtype, keep_residuals
+        self.parts: list[tuple[torch.Tensor, ...]] = []
+        self.offset = 0
+
+    @torch.no_grad()
+    def add(self, residuals: torch.Tensor, normed: torch.Tensor, chosen: torch.Tensor, seq_len: int) -> None:
+        """One batch of rows of `seq_len` tokens: `residuals`, `normed [L, N, H]`, `chosen [L, N, K]`."""
+        # the router reads the norm's output in the model's dtype: normed was widened from it, losslessly
+        probs = torch.stack([self.adapter.route(layer, normed[l].to(self.dtype))[0].float()
+                             for l, layer in enumerate(self.layers)])  # [L, N, E]
+        n = normed.shape[1]
+        rows = torch.arange(n)
+        nxt = torch.where(rows % seq_len < seq_len - 1, rows + 1 + self.offset, -1)  # [N]
+        self.offset += n
+        self.parts.append((normed, probs, chosen, nxt, residuals if self.keep_residuals else None))
+
+    def build(self) -> RoutingSet:
+        if not self.parts:
+            raise ValueError("no tokens collected")
+        normed, probs, chosen, nxt, residuals = zip(*self.parts)
+        return RoutingSet(torch.cat(normed, 1), torch.cat(probs, 1), torch.cat(chosen, 1), torch.cat(nxt),
+                          torch.cat(residuals, 1) if self.keep_residuals else None)

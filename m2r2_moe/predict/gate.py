@@ -21,6 +21,7 @@ class GatePredictor(Predictor):
         self.adapter, self.layers = adapter, layers
         # per source layer: the targets' routing batched (predict/stacked.py), or None for the reference path
         self.stacked = self._stack()
+        self._host = self._host_weights()
 
     def _stack(self) -> list[StackedRouting | None]:
         return [StackedRouting.build(self.adapter, self.layers, [l + d for d in self.depths(l)])
@@ -31,7 +32,24 @@ class GatePredictor(Predictor):
         stacked copies of their weights are rebuilt from them as they are now (after the model moved to
         `device`, and in its dtype if that changed since the predictor was built)."""
         self.stacked = self._stack()
+        self._host = self._host_weights()
         return self
+
+    def _host_weights(self) -> list:
+        """Per source layer, numpy views (no copy) of the stacked routers for the native batch-1 path: (all
+        targets' folded routers [H, D*E], eps, D), or None where it does not apply (not on the CPU in float32,
+        no shared stacked weights, or no native heads in this build)."""
+        from .. import _ext  # the only door to native code
+
+        out = []
+        for stacked in self.stacked:
+            shared = stacked.shared if stacked is not None and _ext.HAS_PLANNER else None
+            if shared is None or shared[0].device.type != "cpu":
+                out.append(None)
+                continue
+            weight, eps = shared
+            out.append((weight.numpy(), eps, stacked.router_weight_t.shape[0]))
+        return out
 
     def target_scores(self, target: int, residual: torch.Tensor) -> torch.Tensor:
         """The family's expert scores `[T, E]` at layer `target` for a (predicted) residual `[T, H]`."""
@@ -60,6 +78,15 @@ class GatePredictor(Predictor):
                 ) -> dict[int, torch.Tensor]:
         depths = self.depths(layer)
         return self._scores(layer, residual.expand(len(depths), *residual.shape)) if len(depths) else {}
+
+    def predict_host(self, layer, residual, chosen=None, normed=None):
+        host = self._host[layer]
+        if host is None or residual.shape[0] != 1 or residual.dtype != torch.float32 or residual.device.type != "cpu":
+            return None
+        from .. import _ext
+
+        weight, eps, count = host
+        return _ext.planner.rms_linear_softmax(residual[0].numpy(), eps, weight, count)
 
     @torch.no_grad()
     def predict_stacked(self, layer, residual, chosen=None, normed=None):

@@ -1,59 +1,27 @@
-"""`m2r2`: accelerated-residual adapters (our reading of M2R2, arXiv 2502.02040).
+"""`m2r2`: the accelerated-residual predictor (our reading of M2R2, arXiv 2502.02040).
 
-For source layer l and rate d, the accelerated residual is
-
-    r̂_{l→l+d} = r_l + (x_l @ U_{l,d}) @ V_{l,d} + b_{l,d}        U [F, R], V [R, H], b [H]
-
-where x_l = norm_l(r_l) [H] — with routing features, x_l = [norm_l(r_l), multi-hot of the experts layer l
-routes to] [H + E]: the router of layer l has already run when the prediction is made, and its choice
-says much about what the residual will become — trained to land on r_{l+d}; the experts of layer l+d
-are predicted by the model's own router applied to `norm_{l+d}(r̂)`. Adapters are saved as safetensors with a JSON header (model fingerprint, depth, rank,
-losses) and refused, with a clear error, for a model they were not trained on.
+For source layer l and rate d it predicts the experts of layer l + d from x_l = norm_l(r_l), with the
+accelerators of `accelerators.py`, of the kind the adapters file names:
+- `linear`: the accelerated residual r̂_{l→l+d} = r_l + (x_l @ U_{l,d}) @ V_{l,d} + b_{l,d} — with routing
+  features, x_l = [norm_l(r_l), multi-hot of the experts layer l routes to] [H + E] — routed by the model's own
+  router of layer l+d applied to `norm_{l+d}(r̂)`;
+- `mlp`: small nonlinear heads from x_l to the router logits of layer l+d (`mlp.py`). Heads trained across the
+  token boundary make the predictor *wrap*: from the last layers it also predicts the next token's first
+  layers (target l + d >= L is layer l + d - L of the next forward), which no within-token prediction reaches.
+Both give each target's expert probabilities (`scores_are_probabilities`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
 
-from ..errors import M2R2Error
-from ..models.base import MoELayer
+from .accelerators import (FORMAT, VERSION, AcceleratorAdapters, AdapterFileError, AdapterMismatchError,
+                           model_fingerprint)
 from .gate import GatePredictor
+from .mlp import fused_probabilities
 
-FORMAT = "m2r2-adapters"
-VERSION = 1
-
-
-class AdapterFileError(M2R2Error, ValueError):
-    """The adapters file is missing, corrupted or not an m2r2 adapters file."""
-
-
-class AdapterMismatchError(M2R2Error, ValueError):
-    """The adapters were trained for another model."""
-
-
-def model_fingerprint(model: nn.Module, layers: list[MoELayer]) -> str:
-    """Hash of what the adapters depend on: geometry, routers and pre-MoE norms (values rounded to bf16,
-    so an fp32 and a bf16 copy of one checkpoint share a fingerprint)."""
-    h = hashlib.sha256()
-    cfg = model.config
-    geometry = [getattr(cfg, "model_type", ""), getattr(cfg, "hidden_size", 0), len(layers),
-                [int(layer.experts.num_experts) for layer in layers]]
-    h.update(json.dumps(geometry).encode())
-    for layer in layers:
-        for module in (layer.router, layer.norm):
-            if module is None:
-                continue
-            for name, t in sorted(module.state_dict().items()):
-                h.update(name.encode())
-                h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:32]
+__all__ = ["FORMAT", "VERSION", "AcceleratorAdapters", "AdapterFileError", "AdapterMismatchError", "M2R2Predictor",
+           "model_fingerprint"]
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:
@@ -61,96 +29,36 @@ def _float(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-class AcceleratorAdapters(nn.Module):
-    """Low-rank adapters `A_{l,d}` for every source layer l and rate d = 1..depth."""
-
-    def __init__(self, num_layers: int, hidden: int, depth: int, rank: int, route_features: int = 0):
-        super().__init__()
-        self.num_layers, self.hidden, self.depth, self.rank = num_layers, hidden, depth, rank
-        self.route_features = route_features  # E when the source layer's expert choice is an input, else 0
-        self.U = nn.Parameter(torch.zeros(num_layers, depth, hidden + route_features, rank))  # [L, D, F, R]
-        self.V = nn.Parameter(torch.zeros(num_layers, depth, rank, hidden))  # [L, D, R, H]
-        self.b = nn.Parameter(torch.zeros(num_layers, depth, hidden))  # [L, D, H]
-        self.meta: dict = {}
-
-    def features(self, normed: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
-        """x_l `[T, F]` float32 from `normed [T, H]` and the source layer's `chosen [T, K]` experts."""
-        x = normed.float()
-        if not self.route_features:
-            return x
-        if chosen is None:
-            raise ValueError("these adapters take the source layer's expert choice: pass chosen [T, K]")
-        hot = torch.zeros(x.shape[0], self.route_features, device=x.device).scatter_(1, chosen.long(), 1.0)
-        return torch.cat([x, hot], dim=-1)
-
-    def delta(self, layer: int, depth: int, normed: torch.Tensor, chosen: torch.Tensor | None = None) -> torch.Tensor:
-        """`A_{l,d}(x)` for `normed [T, H]` (any float dtype) and `chosen [T, K]` → `[T, H]` float32."""
-        i = depth - 1
-        return (self.features(normed, chosen) @ self.U[layer, i]) @ self.V[layer, i] + self.b[layer, i]
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def flops_per_token(self, layer: int) -> int:
-        """Multiply-adds ×2 of the adapters evaluated at one source layer (all rates)."""
-        per_rate = 2 * (self.hidden + self.route_features) * self.rank + 2 * self.rank * self.hidden
-        return sum(per_rate for d in range(1, self.depth + 1) if layer + d < self.num_layers)
-
-    def save(self, path: str | Path, fingerprint: str, extra: dict | None = None) -> None:
-        meta = {"format": FORMAT, "version": str(VERSION), "fingerprint": fingerprint, "num_layers": str(self.num_layers),
-                "hidden": str(self.hidden), "depth": str(self.depth), "rank": str(self.rank),
-                "route_features": str(self.route_features),
-                "info": json.dumps(extra or {})}
-        tensors = {"U": self.U.detach().contiguous(), "V": self.V.detach().contiguous(), "b": self.b.detach().contiguous()}
-        save_file(tensors, str(path), metadata=meta)
-
-    @classmethod
-    def load(cls, path: str | Path, fingerprint: str | None = None) -> "AcceleratorAdapters":
-        """Load adapters; with `fingerprint`, refuse a file trained for another model."""
-        path = Path(path)
-        if path.is_dir():
-            raise AdapterFileError(f"{path} is a folder; pass the adapters .safetensors file inside it")
-        if not path.is_file():
-            raise AdapterFileError(f"adapters file {path} does not exist; train one with `m2r2-moe train-adapters`")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise AdapterFileError(f"{path} is not a readable safetensors file ({e}); re-train or re-download it") from e
-        if meta.get("format") != FORMAT:
-            raise AdapterFileError(f"{path} is not an m2r2 adapters file (format={meta.get('format')!r})")
-        if fingerprint is not None and meta.get("fingerprint") != fingerprint:
-            raise AdapterMismatchError(
-                f"{path} was trained for another model (fingerprint {meta.get('fingerprint')}, this model has "
-                f"{fingerprint}); train adapters for this model with `m2r2-moe train-adapters`."
-            )
-        try:
-            adapters = cls(int(meta["num_layers"]), int(meta["hidden"]), int(meta["depth"]), int(meta["rank"]),
-                           int(meta.get("route_features", 0)))
-            with torch.no_grad():
-                for name in ("U", "V", "b"):
-                    getattr(adapters, name).copy_(tensors[name])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise AdapterFileError(f"{path}: adapter tensors do not match its header ({e})") from e
-        adapters.meta = {**meta, "info": json.loads(meta.get("info", "{}"))}
-        return adapters
-
-
 class M2R2Predictor(GatePredictor):
-    """Routes the accelerated residual `r̂_{l→l+d}` with the model's own router of layer l+d."""
+    """Predicts the experts of layer l+d from layer l with the adapters' accelerators of `kind` (default: the
+    kind the adapters file names): `linear` routes the accelerated residual `r̂_{l→l+d}` with the model's own
+    router of layer l+d; `mlp` runs the nonlinear heads, and wraps into the next token when they were trained to."""
 
     name = "m2r2"
 
-    def __init__(self, num_layers, num_experts, top_k, depth, adapter, layers, adapters: AcceleratorAdapters):
+    def __init__(self, num_layers, num_experts, top_k, depth, adapter, layers, adapters: AcceleratorAdapters,
+                 kind: str | None = None):
         if adapters.num_layers != num_layers:
             raise AdapterMismatchError(f"adapters cover {adapters.num_layers} MoE layers, the model has {num_layers}")
-        super().__init__(num_layers, num_experts, top_k, min(depth, adapters.depth), adapter, layers)
+        self.kind = kind or adapters.kind
+        if self.kind == "mlp":
+            if adapters.mlp is None:
+                raise AdapterFileError("these adapters hold no nonlinear heads (kind 'mlp'): use kind='linear', or "
+                                       "retrain them with `m2r2-moe train-adapters`")
+            if adapters.mlp.num_experts != num_experts:
+                raise AdapterMismatchError(f"the adapters' heads predict {adapters.mlp.num_experts} experts per layer, "
+                                           f"the model has {num_experts}")
+            self.wraps = adapters.mlp.wraps
+        elif self.kind != "linear":
+            raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
         self.adapters = adapters
+        super().__init__(num_layers, num_experts, top_k, min(depth, adapters.depth), adapter, layers)
+        self._depth_lists = [list(self.depths(layer)) for layer in range(num_layers)]
         self._fused = [self._fuse(layer) for layer in range(num_layers)]
+
+    def _stack(self):
+        """The targets' routing, batched: only the linear kind routes (the heads give probabilities themselves)."""
+        return super()._stack() if self.kind == "linear" else [None] * self.num_layers
 
     def to(self, device: torch.device | str) -> "M2R2Predictor":
         """The adapters (and their fused per-layer matrices) on `device`; the routing as `GatePredictor.to`."""
@@ -161,14 +69,53 @@ class M2R2Predictor(GatePredictor):
 
     @torch.no_grad()
     def _fuse(self, layer: int):
-        """The rates of `layer` side by side, for `_accelerated`: U as one matrix `[F, D*R]` (split into
-        the normed-residual rows and the routing-feature rows `[E, D*R]`), V `[D, R, H]`, b `[D, 1, H]`."""
+        """The rates of `layer` side by side. mlp: `MLPHeads.fuse`. linear, for `_accelerated`: U as one matrix
+        `[F, D*R]` (split into the normed-residual rows and the routing-feature rows `[E, D*R]`), V `[D, R, H]`,
+        b `[D, 1, H]`."""
         n = len(self.depths(layer))
         if not n:
             return None
         a = self.adapters
+        if self.kind == "mlp":
+            return a.mlp.fuse(layer, n)
         u = a.U[layer, :n].detach().permute(1, 0, 2).reshape(a.hidden + a.route_features, n * a.rank).contiguous()
         return u[: a.hidden], u[a.hidden :], a.V[layer, :n].detach(), a.b[layer, :n].detach().unsqueeze(1)
+
+    def _host_weights(self) -> list:
+        """mlp kind: per source layer, numpy views of the heads for the native batch-1 path (w1 `[H, n*M]`, b1,
+        w2 `[n, M, E]`, b2), or None where it does not apply (not on the CPU in float32, or no native heads in
+        this build). The linear kind has none: its targets are routed from the accelerated residual."""
+        from .. import _ext  # the only door to native code
+
+        heads = self.adapters.mlp
+        if self.kind != "mlp" or not _ext.HAS_PLANNER or heads.w1.device.type != "cpu" or heads.w1.dtype != torch.float32:
+            return [None] * self.num_layers
+        out = []
+        for layer in range(self.num_layers):
+            n, m = len(self.depths(layer)), heads.width
+            if not n:
+                out.append(None)
+                continue
+            out.append(tuple(t.detach().contiguous().numpy() for t in (
+                heads.w1[layer, :, : n * m], heads.b1[layer, : n * m], heads.w2[layer, :n], heads.b2[layer, :n])))
+        return out
+
+    def predict_host(self, layer, residual, chosen=None, normed=None):
+        host = self._host[layer]
+        if host is None or residual.shape[0] != 1 or residual.device.type != "cpu":
+            return None
+        x = normed if normed is not None else self._normed(layer, residual, None)
+        if x.dtype != torch.float32:
+            return None
+        from .. import _ext
+
+        return _ext.planner.mlp_softmax(x[0].detach().numpy(), *host)
+
+    def _normed(self, layer: int, residual: torch.Tensor, normed: torch.Tensor | None) -> torch.Tensor:
+        if normed is not None:
+            return normed
+        source = self.layers[layer]
+        return source.norm(residual) if source.norm is not None else residual
 
     def _accelerated(self, layer: int, residual: torch.Tensor, chosen: torch.Tensor | None,
                      normed: torch.Tensor | None = None) -> torch.Tensor:
@@ -176,11 +123,8 @@ class M2R2Predictor(GatePredictor):
         is the per-rate reference). In few ops, as it runs per layer per token: one matmul for every rate's
         down-projection, the routing features as a row gather instead of a multi-hot product, the
         up-projection fused with the bias and the residual. `normed`: norm_l(residual) when known."""
-        if normed is None:
-            source = self.layers[layer]
-            normed = source.norm(residual) if source.norm is not None else residual
         u_normed, u_route, v, b = self._fused[layer]
-        z = _float(normed) @ u_normed  # [T, D*R]
+        z = _float(self._normed(layer, residual, normed)) @ u_normed  # [T, D*R]
         if self.adapters.route_features:
             if chosen is None:
                 raise ValueError("these adapters take the source layer's expert choice: pass chosen [T, K]")
@@ -192,21 +136,35 @@ class M2R2Predictor(GatePredictor):
 
     def accelerate(self, layer: int, depth: int, residual: torch.Tensor, chosen: torch.Tensor | None = None,
                    ) -> torch.Tensor:
-        """`r̂_{l→l+d}` for `residual [T, H]` (and the layer's `chosen [T, K]`), in the residual's dtype."""
-        source = self.layers[layer]
-        normed = source.norm(residual) if source.norm is not None else residual
+        """Linear kind: `r̂_{l→l+d}` for `residual [T, H]` (and the layer's `chosen [T, K]`), in the residual's dtype."""
+        normed = self._normed(layer, residual, None)
         return (residual.float() + self.adapters.delta(layer, depth, normed, chosen)).to(residual.dtype)
+
+    def head_scores(self, layer: int, depth: int, residual: torch.Tensor) -> torch.Tensor:
+        """mlp kind, the per-pair reference: probabilities `[T, E]` of the target of (`layer`, `depth`)."""
+        x = self._normed(layer, residual, None).float()
+        return torch.softmax(self.adapters.mlp.head_logits(layer, depth, x), dim=-1)
 
     @torch.no_grad()
     def predict(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
                 ) -> dict[int, torch.Tensor]:
-        if not len(self.depths(layer)):
-            return {}
-        return self._scores(layer, self._accelerated(layer, residual, chosen))
+        if self.kind == "linear":
+            return self._scores(layer, self._accelerated(layer, residual, chosen)) if len(self.depths(layer)) else {}
+        depths, scores = self.predict_stacked(layer, residual, chosen)
+        return {d: scores[i] for i, d in enumerate(depths)}
 
-    @torch.no_grad()
     def predict_stacked(self, layer, residual, chosen=None, normed=None):
-        depths = list(self.depths(layer))
+        depths = self._depth_lists[layer]
         if not depths:
             return [], None
-        return depths, self._probabilities(layer, self._accelerated(layer, residual, chosen, normed))
+        if self.kind == "mlp":  # [D, T, E] in four ops, on detached weights: no autograd state to switch off
+            x = normed if normed is not None else self._normed(layer, residual, None)
+            return list(depths), fused_probabilities(self._fused[layer], _float(x))
+        with torch.no_grad():
+            return list(depths), self._probabilities(layer, self._accelerated(layer, residual, chosen, normed))
+
+    def flops_per_token(self, layer: int) -> int:
+        """Multiply-adds x2 of one prediction from `layer` (all its depths), for the kind in use."""
+        if self.kind == "mlp":
+            return self.adapters.mlp.flops_per_token(len(self.depths(layer)))
+        return self.adapters.flops_per_token(layer)

@@ -1,19 +1,14 @@
-"""Training the accelerator adapters.
+"""Training the accelerators of both kinds on calibration text, and choosing the default kind.
 
-Two stages, both deterministic:
-
-1. Closed form (reduced-rank ridge regression), streamed: for every source layer l the sufficient
-   statistics of x = norm_l(r_l) and, per rate d, of y = r_{l+d} - r_l are accumulated batch by batch
-   (sums and [H, H] cross products in float64), so the activation set is never held in memory. The
-   full-rank ridge solution W = (C_xx + λI)^-1 C_xy is projected on the top-R eigenvectors of the fitted
-   covariance Wᵀ C_xx W, which is the optimal rank-R least-squares map (reduced-rank regression).
-   Cost: one pass over the calibration text plus an [H, H] solve per (l, d).
-   With routing features, x also holds a multi-hot of the source layer's experts.
-2. Router fine-tuning (optional, `kl_steps > 0`; off by default: on the built-in model it raised
-   in-sample recall but not recall on unseen text, see BENCHMARKS.md): starting from stage 1, Adam minimises
-   normalized MSE(r̂, r_{l+d}) + λ·KL(router_{l+d}(r_{l+d}) ‖ router_{l+d}(r̂)) on a bounded reservoir of
-   calibration tokens. MSE alone spends rank on directions the router ignores; the KL term spends it on
-   the routing decision, which is what prefetching needs.
+1. One pass of the model over the calibration text (`collect.collect_normed`): the last `validation` share of
+   its rows is set aside; on the rest the linear adapters' sufficient statistics are accumulated and the
+   router inputs and distributions kept for the nonlinear heads (`collect.RoutingSet`).
+2. `linear`: reduced-rank ridge regression in closed form, optionally fine-tuned on the routing loss
+   (`linear_fit.py`).
+3. `mlp`: nonlinear heads for every (layer, depth) pair, within the token and, with `wraps`, across it, trained
+   with Adam on the KL to the target routers, early-stopped on the validation split (`train_mlp.py`).
+4. Both kinds, and the `gate` baseline, are scored on the validation split (top-k recall of the experts used);
+   the kind with the better mean recall within the token becomes the file's `kind`.
 """
 
 from __future__ import annotations
@@ -26,168 +21,166 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.base import MoEAdapter, MoELayer
-from .collect import collect
-from .m2r2 import AcceleratorAdapters
+from .accelerators import AcceleratorAdapters
+from .collect import RoutingSet, RoutingSetBuilder, collect_normed
+from .linear_fit import _finetune_pair, _pair_losses, _recall, _solve, _Stats  # noqa: F401  (re-exported)
+from .train_mlp import fit_heads, head_recalls
 
 logger = logging.getLogger(__name__)
-
-
-class _Stats:
-    """Streamed sums for one source layer: x statistics and, per rate d, y statistics."""
-
-    def __init__(self, features: int, hidden: int, depths: int):
-        self.n = 0
-        self.sx = torch.zeros(features, dtype=torch.float64)
-        self.xx = torch.zeros(features, features, dtype=torch.float64)
-        self.sy = [torch.zeros(hidden, dtype=torch.float64) for _ in range(depths)]
-        self.xy = [torch.zeros(features, hidden, dtype=torch.float64) for _ in range(depths)]
-
-    def add(self, x: torch.Tensor, ys: list[torch.Tensor]) -> None:
-        x = x.double()
-        self.n += x.shape[0]
-        self.sx += x.sum(0)
-        self.xx += x.T @ x
-        for i, y in enumerate(ys):
-            y = y.double()
-            self.sy[i] += y.sum(0)
-            self.xy[i] += x.T @ y
-
-
-def _normed(layer: MoELayer, residual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return layer.norm(residual.to(dtype)).float()
-
-
-def _solve(stats: _Stats, i: int, rank: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank-`rank` ridge regression of y [H] on x [F] for rate index i → (U [F, R], V [R, H], b [H])."""
-    n = stats.n
-    mx, my = stats.sx / n, stats.sy[i] / n
-    cxx = stats.xx / n - torch.outer(mx, mx)  # [F, F]
-    cxy = stats.xy[i] / n - torch.outer(mx, my)  # [F, H]
-    scale = cxx.diagonal().mean().clamp_min(1e-12)
-    w = torch.linalg.solve(cxx + ridge * scale * torch.eye(len(cxx), dtype=cxx.dtype), cxy)  # [F, H]
-    fitted = w.T @ cxx @ w  # covariance of the fitted values
-    _, vecs = torch.linalg.eigh(fitted)
-    q = vecs[:, -rank:]  # top-R eigenvectors of the fitted covariance [H, R]
-    u, v = w @ q, q.T
-    b = my - mx @ u @ v
-    return u.float(), v.float(), b.float()
+KEYS = ("nmse", "kl", "recall_topk", "gate_recall_topk")
 
 
 def train_adapters(model, adapter: MoEAdapter, layers: list[MoELayer], batches: Iterable[torch.Tensor],
                    depth: int = 4, rank: int = 32, ridge: float = 1e-3, kl_steps: int = 0, kl_weight: float = 1.0,
                    kl_samples: int = 8192, lr: float = 3e-3, seed: int = 0, route_features: bool = False,
-                   progress: bool = True) -> tuple[AcceleratorAdapters, dict]:
-    """Train adapters on calibration `batches` of token ids `[B, S]`. Returns (adapters, report).
+                   progress: bool = True, kinds: tuple[str, ...] = ("linear", "mlp"), width: int = 128,
+                   wraps: bool = True, epochs: int = 3, validation: float = 0.125,
+                   ) -> tuple[AcceleratorAdapters, dict]:
+    """Train accelerators on calibration `batches` of token ids `[B, S]`. Returns (adapters, report).
 
-    `route_features`: the adapters also see which experts the source layer routes to (see m2r2.py; off
-    by default: on the built-in model it changed recall by < 0.2 points, the choice being a function of
-    the residual the adapters already see)."""
+    `kinds`: which to train (the linear adapters are always fitted; `mlp` adds the heads, of hidden `width`,
+    across the token boundary with `wraps`); the better on the validation split (the last `validation` share
+    of the rows) becomes the default. `route_features`: the linear adapters also see which experts the source
+    layer routes to (off by default: on the built-in model it changed recall by < 0.2 points)."""
+    if not 1 <= depth < len(layers):
+        raise ValueError(f"depth {depth}: a model of {len(layers)} MoE layers is predicted 1..{len(layers) - 1} ahead")
+    batches = list(batches)
+    rows = torch.cat(batches) if batches else torch.zeros(0, 1, dtype=torch.long)  # [rows, S]
+    if len(rows) < 2:
+        raise ValueError("the calibration text fills fewer than 2 sequences (one to train on, one to validate): "
+                         "give more text or a smaller --seq-len")
+    held = min(max(1, round(len(rows) * validation)), len(rows) - 1)
+    train_rows, val_rows = rows[:-held], rows[-held:]
+    batch = batches[0].shape[0]
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)  # gradients flow through the routers to the adapters only
     try:
         num_experts = int(layers[0].experts.num_experts) if route_features else 0
         adapters = AcceleratorAdapters(len(layers), model.config.hidden_size, depth, rank, num_experts)
-        return _train(model, adapter, layers, list(batches), adapters, ridge, kl_steps, kl_weight, kl_samples, lr,
-                      seed, progress)
+        opts = dict(ridge=ridge, kl_steps=kl_steps, kl_weight=kl_weight, kl_samples=kl_samples, lr=lr, seed=seed,
+                    progress=progress, kinds=kinds, width=width, wraps=wraps, epochs=epochs)
+        return _train(model, adapter, layers, train_rows.split(batch), val_rows, adapters, opts)
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
 
 
-def _train(model, adapter, layers, batches, adapters, ridge, kl_steps, kl_weight, kl_samples, lr, seed, progress):
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    num_layers, depth, rank = len(layers), adapters.depth, adapters.rank
+def _train(model, adapter, layers, batches, val_rows, adapters, opts):
+    torch.manual_seed(opts["seed"])
+    clock = _StageClock()
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and p.numel())
+    train, sample, stats = _collect_train(model, adapter, layers, batches, adapters, dtype, opts)
+    val = _collect(model, adapter, layers, val_rows.split(len(batches[0])), dtype, keep_residuals=True)
+    clock.lap("collect")
+    report = {"tokens": stats[0].n, "validation_tokens": val.tokens, "depth": adapters.depth, "rank": adapters.rank,
+              "ridge": opts["ridge"], "route_features": adapters.route_features}
+    report |= _fit_linear(adapters, adapter, layers, stats, sample, dtype, opts)
+    clock.lap("linear")
+    if "mlp" in opts["kinds"]:
+        heads, report["mlp"] = fit_heads(train, val, adapters.depth, opts["width"], opts["wraps"], opts["epochs"],
+                                         seed=opts["seed"], progress=opts["progress"])
+        adapters.mlp = heads
+        clock.lap("mlp")
+    report["validation"] = validation_recalls(adapters, adapter, layers, val, dtype)
+    clock.lap("validate")
+    scores = {kind: _mean(report["validation"][kind]) for kind in ("linear", "mlp") if kind in report["validation"]}
+    adapters.kind = max(scores, key=scores.get)
+    report |= {"kind": adapters.kind, "seconds": clock.total, "stage_seconds": clock.stages}
+    logger.info("accelerators: validation recall within the token %s; default kind %s",
+                {k: round(v, 4) for k, v in scores.items()}, adapters.kind)
+    return adapters, report
+
+
+class _StageClock:
+    """Wall seconds per training stage (`lap(name)` closes the stage since the previous lap)."""
+
+    def __init__(self):
+        self.start = self.mark = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stages[name], self.mark = round(now - self.mark, 1), now
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _collect(model, adapter, layers, batches, dtype, keep_residuals=False) -> RoutingSet:
+    builder = RoutingSetBuilder(adapter, layers, dtype, keep_residuals)
+    for residuals, normed, chosen in collect_normed(model, layers, batches):
+        builder.add(residuals, normed, chosen, batches[0].shape[1])
+    return builder.build()
+
+
+def _collect_train(model, adapter, layers, batches, adapters, dtype, opts):
+    """One pass over the training rows: the linear statistics, the routing fine-tune's reservoir and, for the
+    heads, the router inputs and distributions."""
+    num_layers, depth = len(layers), adapters.depth
     stats = [_Stats(adapters.hidden + adapters.route_features, adapters.hidden, depth) for _ in range(num_layers)]
+    builder = RoutingSetBuilder(adapter, layers, dtype) if "mlp" in opts["kinds"] else None
     kept_r, kept_c, kept = [], [], 0
-    for residuals, chosen in tqdm(collect(model, layers, batches), total=len(batches), desc="collect residuals",
-                                  disable=not progress):
+    for residuals, normed, chosen in tqdm(collect_normed(model, layers, batches), total=len(batches),
+                                          desc="collect residuals", disable=not opts["progress"]):
         for l in range(num_layers):
             ds = [d for d in range(1, depth + 1) if l + d < num_layers]
-            x = adapters.features(_normed(layers[l], residuals[l], dtype), chosen[l])
-            stats[l].add(x, [residuals[l + d] - residuals[l] for d in ds])
-        if kept < kl_samples:
-            kept_r.append(residuals[:, : kl_samples - kept])
-            kept_c.append(chosen[:, : kl_samples - kept])
+            stats[l].add(adapters.features(normed[l], chosen[l]), [residuals[l + d] - residuals[l] for d in ds])
+        if builder is not None:
+            builder.add(residuals, normed, chosen, batches[0].shape[1])
+        if kept < opts["kl_samples"]:
+            kept_r.append(residuals[:, : opts["kl_samples"] - kept])
+            kept_c.append(chosen[:, : opts["kl_samples"] - kept])
             kept += kept_r[-1].shape[1]
+    sample = (torch.cat(kept_r, dim=1), torch.cat(kept_c, dim=1))  # [L, N, H], [L, N, K]
+    return (builder.build() if builder is not None else None), sample, stats
+
+
+def _fit_linear(adapters, adapter, layers, stats, sample, dtype, opts) -> dict:
+    """Closed form for every in-token pair, then the optional routing fine-tune; in-sample losses per pair."""
+    num_layers, depth = len(layers), adapters.depth
     pairs = [(l, d) for l in range(num_layers) for d in range(1, depth + 1) if l + d < num_layers]
     with torch.no_grad():
         for l, d in pairs:
-            adapters.U[l, d - 1], adapters.V[l, d - 1], adapters.b[l, d - 1] = _solve(stats[l], d - 1, rank, ridge)
-    sample = (torch.cat(kept_r, dim=1), torch.cat(kept_c, dim=1))  # [L, N, H], [L, N, K]
-    report = {"tokens": stats[0].n, "depth": depth, "rank": rank, "ridge": ridge, "pairs": {},
-              "route_features": adapters.route_features}
-    for l, d in tqdm(pairs, desc="fine-tune on routing (KL)", disable=not progress or kl_steps == 0):
-        before = _pair_losses(adapters, adapter, layers, sample, l, d, dtype)
-        if kl_steps:
-            _finetune_pair(adapters, adapter, layers, sample, l, d, dtype, kl_steps, kl_weight, lr)
-        after = _pair_losses(adapters, adapter, layers, sample, l, d, dtype)
+            adapters.U[l, d - 1], adapters.V[l, d - 1], adapters.b[l, d - 1] = _solve(stats[l], d - 1, adapters.rank,
+                                                                                    opts["ridge"])
+    report = {"pairs": {}}
+    steps = opts["kl_steps"]
+    for l, d in tqdm(pairs, desc="fine-tune on routing (KL)", disable=not opts["progress"] or steps == 0):
+        before = after = _pair_losses(adapters, adapter, layers, sample, l, d, dtype)
+        if steps:
+            _finetune_pair(adapters, adapter, layers, sample, l, d, dtype, steps, opts["kl_weight"], opts["lr"])
+            after = _pair_losses(adapters, adapter, layers, sample, l, d, dtype)
         report["pairs"][f"{l}->{l + d}"] = {"closed_form": before, "final": after}
-    report["seconds"] = time.perf_counter() - start
-    keys = ("nmse", "kl", "recall_topk", "gate_recall_topk")
-    report["mean_final"] = {k: sum(p["final"][k] for p in report["pairs"].values()) / len(pairs) for k in keys}
+    report["mean_final"] = {k: sum(p["final"][k] for p in report["pairs"].values()) / len(pairs) for k in KEYS}
     report["by_depth"] = {}
     for d in range(1, depth + 1):
         rows = [report["pairs"][f"{l}->{l + d}"] for l, dd in pairs if dd == d]
         report["by_depth"][d] = {f"{stage}_{k}": sum(r[stage][k] for r in rows) / len(rows)
-                                 for stage in ("closed_form", "final") for k in keys}
-    return adapters, report
+                                 for stage in ("closed_form", "final") for k in KEYS}
+    return report
 
 
-def _targets(adapter, layers, residuals, l, d, dtype):
-    target_layer = layers[l + d]
-    with torch.no_grad():
-        probs, chosen = adapter.route(target_layer, target_layer.norm(residuals[l + d].to(dtype)))
-    return probs, chosen
+def _mean(by_pair: dict) -> float:
+    """Mean recall over the in-token pairs of `{"l->t": recall}` (a wrapped pair is named `l->next:j`)."""
+    values = [v for k, v in by_pair.items() if "next" not in k]
+    return sum(values) / len(values)
 
 
-def _route_logp(adapter, layers, target: int, r_hat: torch.Tensor, dtype) -> torch.Tensor:
-    """log router probabilities of layer `target` on r̂ (differentiable w.r.t. r̂)."""
-    layer = layers[target]
-    scores, _ = adapter.route(layer, layer.norm(r_hat.to(dtype)))
-    return torch.log(scores.clamp_min(1e-12))
-
-
-def _pair_losses(adapters, adapter, layers, sample, l, d, dtype) -> dict:
-    residuals, chosen = sample
-    with torch.no_grad():
-        probs, used = _targets(adapter, layers, residuals, l, d, dtype)
-        r_hat = residuals[l] + adapters.delta(l, d, _normed(layers[l], residuals[l], dtype), chosen[l])
-        logp = _route_logp(adapter, layers, l + d, r_hat, dtype)
-        target = residuals[l + d]
-        nmse = ((r_hat - target).pow(2).sum() / (target - residuals[l]).pow(2).sum()).item()
-        kl = (probs * (torch.log(probs.clamp_min(1e-12)) - logp)).sum(-1).mean().item()
-        k = used.shape[-1]
-        gate_scores, _ = adapter.route(layers[l + d], layers[l + d].norm(residuals[l].to(dtype)))
-        return {"nmse": nmse, "kl": kl, "recall_topk": _recall(logp, used, k), "gate_recall_topk": _recall(gate_scores, used, k)}
-
-
-def _recall(scores: torch.Tensor, chosen: torch.Tensor, k: int) -> float:
-    predicted = scores.topk(k, dim=-1).indices  # [N, K]
-    return (predicted.unsqueeze(-1) == chosen.unsqueeze(-2)).any(-2).float().mean().item()
-
-
-def _finetune_pair(adapters, adapter, layers, sample, l, d, dtype, steps, kl_weight, lr, batch=1024):
-    """Adam on one (l, d) pair's own copies of U, V, b; written back at the end."""
-    residuals, chosen = sample
-    probs, _ = _targets(adapter, layers, residuals, l, d, dtype)
-    target, source = residuals[l + d], residuals[l]
-    x_all = adapters.features(_normed(layers[l], source, dtype), chosen[l]).detach()  # [N, F]
-    scale = (target - source).pow(2).sum(-1).mean()
-    i = d - 1
-    u, v, b = (t[l, i].detach().clone().requires_grad_() for t in (adapters.U, adapters.V, adapters.b))
-    opt = torch.optim.Adam([u, v, b], lr=lr)
-    generator = torch.Generator().manual_seed(1000 * l + d)
-    for _ in range(steps):
-        idx = torch.randint(0, source.shape[0], (min(batch, source.shape[0]),), generator=generator)
-        r_hat = source[idx] + (x_all[idx] @ u) @ v + b
-        logp = _route_logp(adapter, layers, l + d, r_hat, dtype)
-        nmse = (r_hat - target[idx]).pow(2).sum(-1).mean() / scale
-        kl = (probs[idx] * (torch.log(probs[idx].clamp_min(1e-12)) - logp)).sum(-1).mean()
-        opt.zero_grad()
-        (nmse + kl_weight * kl).backward()
-        opt.step()
-    with torch.no_grad():
-        adapters.U[l, i], adapters.V[l, i], adapters.b[l, i] = u, v, b
+@torch.no_grad()
+def validation_recalls(adapters: AcceleratorAdapters, adapter, layers, val: RoutingSet, dtype) -> dict:
+    """Top-k recall per pair on `val` (`{kind: {"l->t": recall}}`) of gate, the linear adapters, the heads (with
+    their next-token pairs `l->next:j`) and, for the next token's layers, the experts of the current token."""
+    num_layers, depth, k = len(layers), adapters.depth, val.chosen.shape[-1]
+    out = {"gate": {}, "linear": {}}
+    for l in range(num_layers):
+        for d in range(1, min(depth, num_layers - 1 - l) + 1):
+            target, used, source = layers[l + d], val.chosen[l + d], val.residuals[l]
+            gate = adapter.route(target, target.norm(source.to(dtype)))[0]
+            r_hat = source + adapters.delta(l, d, val.normed[l], val.chosen[l])
+            linear = adapter.route(target, target.norm(r_hat.to(dtype)))[0]
+            out["gate"][f"{l}->{l + d}"], out["linear"][f"{l}->{l + d}"] = _recall(gate, used, k), _recall(linear, used, k)
+    if adapters.mlp is not None:
+        out["mlp"], out["previous_token"] = head_recalls(adapters.mlp, val, k)
+    return out

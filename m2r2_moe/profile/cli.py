@@ -5,6 +5,9 @@ of them generate the reference tokens; compares each run with the limit
 max(compute time, bytes Belady's optimal policy must move at this cache size / link bandwidth) per token.
 On CPU the link is emulated, its bandwidth set by the regime's *link ratio* = one expert's transfer time /
 one layer's compute time (bf16 Mixtral-8x7B over PCIe 4 is near 15).
+
+`--prefill 64,256,1024` measures the prompt's forward instead (time to first token, profile/prefill.py): per
+prompt length and link ratio, the original and offloaded forward, bytes moved and the limit.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from tqdm.auto import tqdm
 
 from ..cli_common import (UsageError, add_model_argument, check_adapters, check_cache_experts, check_device,
                           existing_file, listed, one_of, positive_float, positive_int, probability, require_matplotlib)
-from ..config import MIN_LINK_GBPS, POLICIES
+from ..config import MIN_LINK_GBPS, POLICIES, OffloadConfigError, parse_expert_format
 from ..corpus import resolve_text, token_stream
 from ..loading import load_model
 from ..models import find_moe_layers
 from . import report
+from .prefill import prefill_prompts, prefill_rows, prefill_table
 from .runs import lru_curve, limit_per_token, offloaded_run, reference_run
 
 logger = logging.getLogger(__name__)
@@ -56,6 +60,9 @@ def add_parser(sub) -> None:
     p.add_argument("--min-prob", type=probability, default=None,
                    help="prefetch_min_prob: smallest predicted probability worth a prefetch, in (0, 1] "
                         "(default: the runtime's)")
+    p.add_argument("--expert-format", default="model", type=_expert_format,
+                   help="how experts cross the link: model (lossless), int8 or int4 (and their options, e.g. "
+                        "int4-g32-sym); link ratios stay those of the uncompressed expert")
     p.add_argument("--prompts", type=positive_int, default=1, help="held-out prompts to run")
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="runs of every configuration per prompt; the fastest is kept (noise only adds time)")
@@ -70,7 +77,20 @@ def add_parser(sub) -> None:
                                                  "matplotlib (default: not drawn)")
     p.add_argument("--sweep-cache", action="store_true",
                    help="also run none/m2r2 at 1/4, 1/2, 3/4 of all experts for the hit-rate plot")
+    p.add_argument("--prefill", type=listed(positive_int), default=None,
+                   help="prefill mode: comma-separated prompt lengths; times one prompt forward (after a warm-up, the "
+                        "fastest of --repeats) offloaded at the first --cache-experts and --policies, per link ratio, "
+                        "against max(original forward, bytes moved / link bandwidth); predictors are not run (a "
+                        "prompt's forward streams its experts without one) (default: the decode profile)")
     p.set_defaults(func=main)
+
+
+def _expert_format(text: str) -> str:
+    try:
+        parse_expert_format(text)
+    except OffloadConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _depth(text: str) -> str | int:
@@ -117,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
     total = sum(int(x.experts.num_experts) for x in layers)
     caches = args.cache_experts or [total // 2]
     check_cache_experts(caches, adapter.top_k(model), total)
-    if "m2r2" in args.predictors or args.sweep_cache:
+    if not args.prefill and ("m2r2" in args.predictors or args.sweep_cache):  # prefill mode runs no predictor
         check_adapters(model, layers, args.model, args.adapters,
                        "--predictors" if "m2r2" in args.predictors else "--sweep-cache (runs m2r2)")
     ratios, policies, predictors = args.link_ratios, args.policies, args.predictors
@@ -126,6 +146,8 @@ def main(args: argparse.Namespace) -> int:
     expert_bytes = _expert_bytes(layers)
     if emulated:
         _check_link_ratios(ratios, expert_bytes, compute_layer)
+    if args.prefill:
+        return _prefill_mode(args, model, tokenizer, caches[0], expert_bytes, compute_layer, emulated)
     plan = [(ratio, cache, policy, name) for ratio in ratios for cache in caches for policy in policies
             for name in predictors]
     if args.sweep_cache:
@@ -142,7 +164,8 @@ def main(args: argparse.Namespace) -> int:
         gbps = expert_bytes / link_s / 1e9 if emulated else None
         depth = min(max(math.ceil(ratio), 1), 4) if args.lookahead == "auto" else int(args.lookahead)
         per_prompt = [_fastest(lambda: offloaded_run(model, ref, args.new_tokens, name, cache, gbps, policy,
-                                                     args.adapters, depth, args.device, args.min_prob),
+                                                     args.adapters, depth, args.device, args.min_prob,
+                                                     args.expert_format),
                                args.repeats, _time) for ref in refs]
         limits = [limit_per_token(ref, cache, expert_bytes, gbps and gbps * 1e9, args.new_tokens) for ref in refs]
         recorders[(ratio, cache, policy, name)] = per_prompt[0]["recorder"]
@@ -156,7 +179,25 @@ def main(args: argparse.Namespace) -> int:
     print(f"runtime floor (every expert cached, no stall): {floor * 1e3:.1f} ms per token; 'ceiling' = the share of "
           f"gain a run without any stall or prediction cost would reach")
     _outputs(args, runs, recorders, refs, ratios, caches, total)
-    return 0 if all(r["tokens_identical"] for r in runs + floor_runs) else 1
+    checked = runs + floor_runs if parse_expert_format(args.expert_format) is None else floor_runs  # int8/int4 differ
+    return 0 if all(r["tokens_identical"] for r in checked) else 1
+
+
+def _prefill_mode(args, model, tokenizer, cache, expert_bytes, compute_layer, emulated) -> int:
+    """`--prefill`: the prompt forward's table (profile/prefill.py); exit status 1 if any logits differ."""
+    prompts = prefill_prompts(tokenizer, args.model, args.prefill, model.config.vocab_size)
+    gbps = {r: expert_bytes / (r * compute_layer) / 1e9 if emulated else None for r in args.link_ratios}
+    rows = prefill_rows(model, prompts, args.link_ratios, gbps, args.repeats, device=args.device,
+                        cache_experts=cache, policy=args.policies[0], predictor="none")
+    print(prefill_table(rows))
+    print(f"\nmodel {args.model}: {expert_bytes / 1e6:.2f} MB per expert, {cache} slots, policy {args.policies[0]}; "
+          f"decode compute {compute_layer * 1e3:.2f} ms per MoE layer sets each link ratio's speed; limit = "
+          f"max(original forward, bytes moved / link bandwidth); each forward timed after a warm-up, fastest of "
+          f"{args.repeats}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"prefill": rows}, indent=1))
+    return 0 if all(r["identical"] for r in rows) else 1
 
 
 def _check_link_ratios(ratios: list[float], expert_bytes: int, compute_layer: float) -> None:

@@ -73,9 +73,10 @@ def lru_curve(ref: Reference, sizes: list[int]) -> dict[int, tuple[int, int]]:
 
 def offloaded_run(model, ref: Reference, new_tokens: int, predictor_name: str, cache_experts: int,
                   link_gbps: float | None, policy: str, adapters=None, depth: int = 4, device=None,
-                  min_prob: float | None = None) -> dict:
+                  min_prob: float | None = None, expert_format: str = "model") -> dict:
     """Offload, generate the reference prompt, compare, measure; the model is restored afterwards.
-    `min_prob`: the prefetcher's `prefetch_min_prob` (None: the default)."""
+    `min_prob`: the prefetcher's `prefetch_min_prob` (None: the default); `expert_format`: "model" (lossless)
+    or a compressed format (its tokens may then differ from the reference's: `tokens_identical` says so)."""
     adapter, layers = find_moe_layers(model)
     top_k = adapter.top_k(model)
     if predictor_name in ("oracle", "oracle-wrap"):
@@ -87,7 +88,7 @@ def offloaded_run(model, ref: Reference, new_tokens: int, predictor_name: str, c
         predictor = make_predictor(predictor_name, model, adapter, layers, depth, adapters=adapters, device=device)
     extra = {} if min_prob is None else {"prefetch_min_prob": min_prob}
     api.offload(model, device=device, cache_experts=cache_experts, link_gbps=link_gbps, policy=policy,
-                predictor=predictor, lookahead=depth, **extra)
+                predictor=predictor, lookahead=depth, expert_format=expert_format, **extra)
     offloader = api.get_offloader(model)
     recorder = Recorder(offloader)
     try:
@@ -117,5 +118,7 @@ def offloaded_run(model, ref: Reference, new_tokens: int, predictor_name: str, c
         "prefetches": stats.prefetches,
         "link_busy_s": recorder.link_busy_seconds(),
         "recorder": recorder,
-        "expert_bytes": offloader.expert_bytes[0],
+        "expert_bytes": offloader.expert_bytes[0],  # bytes one copy moves (compressed formats: the row)
+        "expand_s_per_token": stats.expand_seconds / max(new_tokens - 1, 1),  # prefill's copies included
+        "copies": sum(1 for c in recorder.copies if not c.cancelled),
     }

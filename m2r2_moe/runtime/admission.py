@@ -5,15 +5,17 @@ what the predictor says and is corrected by what the running model does.
 - Calibration: every prediction is later confirmed or refuted by the routing (did layer t use expert e at
   its next turn?). Per (source, distance, score bin) decayed counts of both give P(used | d, score) as measured
   on this model and this text, shrunk toward the predictor's own score while there are few outcomes.
-- `value`: a copy for distance d, right with probability q, saves the stall it hides, min(T, lead) (T: one
-  expert's transfer time; lead: the compute time until its layer, d layer times, less the copies queued ahead of
-  it on the link); wrong, it costs the link time it takes from other copies (T times the link's busy share: on
-  the CPU engine demand loads pre-empt prefetches, so it delays only other prefetches) — and either way, when a
-  slot must be freed for it, the expected cost of the expert it evicts (T times the measured share of evicted
-  experts that a demand load had to bring back soon after: `regret`). Admit when the expected value is
-  positive.
+- `value`: a copy for distance d, right with probability q, saves the stall a demand load of it would cost
+  (S, measured: the runtime's stall per demand load), all of it when it lands in time, the share lead/T of it
+  otherwise (T: one expert's transfer time; lead: the compute time until its layer, d layer times, less the
+  copies queued ahead of it on the link); wrong, it costs the link time it takes from other copies (T times the
+  link's busy share: on the CPU engine demand loads pre-empt prefetches, so it delays only other prefetches) —
+  and either way, when a slot must be freed for it, the expected cost of the expert it evicts (S times the
+  measured share of experts evicted for a prefetch that a demand load had to bring back soon after: `regret`,
+  optimistic until measured, so that prefetching starts). Admit when the expected value is positive.
 - Benefit: the stall prefetching saved (demand loads it made unnecessary, and the part of late ones it
-  hid), against the time spent predicting and planning. When the balance of the last tokens is negative
+  hid), against what it cost: the time spent predicting and planning, and the demand loads of experts it had
+  evicted. When the balance of the last tokens is negative
   prefetching backs off (it predicts on fewer layers), down to none, and probes again now and then: prefetching
   may never make a model slower than on-demand loading.
 The state behind these lives in the planner (runtime/planner.py and its C++ twin).
@@ -28,7 +30,11 @@ DECAY = 0.995  # per outcome: the calibration follows the text over the last few
 PRIOR = 4.0  # weight of the predictor's own score until outcomes accumulate
 
 
-def value(q: float, transfer: float, lead: float, busy: float, evicts: bool, regret: float) -> float:
-    """Expected seconds a copy saves (see the module docstring); admit when positive."""
-    saving = min(transfer, max(lead, 0.0))
-    return q * saving - (1.0 - q) * busy * transfer - (regret * transfer if evicts else 0.0)
+REGRET_PRIOR = 0.1  # the share of regretted evictions assumed before any is measured (one eviction's weight)
+
+
+def value(q: float, miss: float, transfer: float, lead: float, busy: float, evicts: bool, regret: float) -> float:
+    """Expected seconds a copy saves (see the module docstring); admit when positive. `miss`: the stall of a
+    demand load; `transfer`: the link time of a copy."""
+    saving = miss * (min(1.0, max(lead, 0.0) / transfer) if transfer > 0 else 1.0)
+    return q * saving - (1.0 - q) * busy * transfer - (regret * miss if evicts else 0.0)

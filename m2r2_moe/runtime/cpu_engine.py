@@ -5,7 +5,9 @@ until `latency + bytes / bandwidth` has passed on a serial link, so transfer/com
 be studied without a GPU. Demand loads jump the queue ahead of prefetches, and on an emulated link a demand
 load also pre-empts a prefetch already on the link: the prefetch gives the link up at once and resumes its
 remaining link time after the demand load (prefetch traffic never holds a demand load up). The bytes of a
-copy are moved when it first gets the link.
+copy are moved when it first gets the link. A compressed copy (`expand`) is expanded into the slot by the
+worker right there, and holds the link for the time of its compressed bytes plus the expansion (as on one CUDA
+copy stream, where the expansion kernel runs after the bytes have crossed, before the next copy).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class CpuTransfer:
     """Handle of one copy into a slot on the CPU engine."""
 
     __slots__ = ("key", "slot", "nbytes", "priority", "_done", "error", "started_at", "finished_at", "claimed",
-                 "cancelled", "busy", "dst", "src", "entry", "remaining")
+                 "cancelled", "busy", "dst", "src", "entry", "remaining", "expand", "expand_seconds")
 
     def __init__(self, key: int, slot: int, nbytes: int, priority: int):
         self.key, self.slot, self.nbytes, self.priority = key, slot, nbytes, priority
@@ -36,6 +38,8 @@ class CpuTransfer:
         self.dst = self.src = None  # the copy's arguments, held until it is done (CPU engine)
         self.entry = -1  # sequence number of its live queue entry (older entries of a promoted copy are stale)
         self.remaining = None  # emulated link seconds still to hold (None until its bytes have moved)
+        self.expand = None  # the expansion of a compressed copy (runtime/compressed), None for a plain copy
+        self.expand_seconds = 0.0  # seconds its expansion took
 
     def ready(self) -> bool:
         return self._done.is_set()
@@ -86,11 +90,12 @@ class ThreadCopyEngine:
         pass  # every copy carries its link times on the host clock already
 
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
-               after=None) -> CpuTransfer:
-        """Queue `dst.copy_(src)`. `after` (a device event guarding the slot's previous tenant) is unused
-        on CPU, where compute is synchronous."""
+               after=None, expand=None) -> CpuTransfer:
+        """Queue `dst.copy_(src)`, or with `expand` the expansion of the compressed row `src` into `dst`.
+        `after` (a device event guarding the slot's previous tenant) is unused on CPU, where compute is
+        synchronous."""
         transfer = CpuTransfer(key, slot, src.numel() * src.element_size(), priority)
-        transfer.dst, transfer.src = dst, src
+        transfer.dst, transfer.src, transfer.expand = dst, src, expand
         with self._cv:
             if self._closed:
                 raise RuntimeError("copy engine is closed")
@@ -111,7 +116,7 @@ class ThreadCopyEngine:
             if transfer.claimed:
                 return False
             transfer.cancelled = True
-            transfer.dst = transfer.src = None
+            transfer.dst = transfer.src = transfer.expand = None
         transfer._done.set()
         return True
 
@@ -154,8 +159,11 @@ class ThreadCopyEngine:
                 transfer.started_at = start
                 if self.fault is not None:
                     self.fault(transfer.key, transfer.slot, transfer.priority)
-                transfer.dst.copy_(transfer.src)
-                transfer.remaining = self.link_seconds(transfer.nbytes)
+                if transfer.expand is None:
+                    transfer.dst.copy_(transfer.src)
+                else:
+                    transfer.expand_seconds = transfer.expand.expand(transfer.dst, transfer.src)
+                transfer.remaining = self.link_seconds(transfer.nbytes) + transfer.expand_seconds
                 if self.bytes_per_s is not None:
                     transfer.started_at = max(start, self._link_free_at)
             if self.bytes_per_s is not None:
@@ -170,7 +178,7 @@ class ThreadCopyEngine:
         self.busy_seconds += busy
         if done:
             transfer.finished_at = end
-            transfer.dst = transfer.src = None
+            transfer.dst = transfer.src = transfer.expand = None
             transfer._done.set()
         return done
 

@@ -12,7 +12,8 @@ pairs not completed yet and folds the completed ones into a running total at eve
 only waits still queued on the device, however long nobody reads the stats. Events recorded on one
 stream complete in order: folding stops at the first pair still pending (amortized O(1) per wait); when
 pairs from several streams pile up (a caller switched the current stream), a full scan runs once
-`MAX_PENDING` is passed.
+`MAX_PENDING` is passed. Each pair carries the `label` current when it was recorded (the runtime's phase,
+prefill or decode: runtime/phases.py); `take_labelled` splits the last `drain` by label.
 """
 
 from __future__ import annotations
@@ -40,15 +41,17 @@ class StallLog:
     """
 
     def __init__(self):
-        self.pending: deque = deque()  # (start, end) pairs whose end has not completed, oldest first
+        self.pending: deque = deque()  # (start, end, label) of waits whose end has not completed, oldest first
+        self.label: str | None = None  # given to the waits recorded from now on
         self._ms = 0.0  # completed stalls not drained yet
+        self._by_label: dict = {}  # the same, per label (ms)
+        self._drained: dict = {}  # the last drain, per label (seconds)
 
     def add(self, start, end) -> None:
         """Record the pair of one wait, and fold what has completed since the last one."""
-        self.pending.append((start, end))
+        self.pending.append((start, end, self.label))
         while self.pending and self.pending[0][1].query():
-            first, last = self.pending.popleft()
-            self._ms += first.elapsed_time(last)
+            self._fold(*self.pending.popleft())
         if len(self.pending) > MAX_PENDING:
             self._fold_all_completed()
 
@@ -56,20 +59,33 @@ class StallLog:
         """Seconds the compute stream stalled in the waits completed so far; the total restarts at 0."""
         self._fold_all_completed()
         ms, self._ms = self._ms, 0.0
+        self._drained = {label: v / 1e3 for label, v in self._by_label.items()}
+        self._by_label = {}
         return ms / 1e3
+
+    def take_labelled(self) -> dict:
+        """{label: seconds} of the last `drain` (once: a second call returns {})."""
+        drained, self._drained = self._drained, {}
+        return drained
 
     def discard(self) -> None:
         """Forget every recorded wait, completed or not (the counters they feed were reset)."""
         self.pending.clear()
         self._ms = 0.0
+        self._by_label, self._drained = {}, {}
+
+    def _fold(self, start, end, label) -> None:
+        ms = start.elapsed_time(end)
+        self._ms += ms
+        self._by_label[label] = self._by_label.get(label, 0.0) + ms
 
     def _fold_all_completed(self) -> None:
         still = deque()
-        for start, end in self.pending:
+        for start, end, label in self.pending:
             if end.query():
-                self._ms += start.elapsed_time(end)
+                self._fold(start, end, label)
             else:
-                still.append((start, end))
+                still.append((start, end, label))
         self.pending = still
 
 

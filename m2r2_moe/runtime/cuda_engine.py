@@ -1,9 +1,15 @@
-"""The CUDA copy engine (torch): one long-lived copy stream, one event per expert copy.
+"""The CUDA copy engine (torch): two long-lived copy streams, one event per expert copy.
 
 The compute stream waits on a copy's event (`wait_event`), so the host never blocks in the per-token path.
 Streams and events are all the runtime's device's (runtime/cuda_compute.py), whichever device is current.
-The copy stream does not pre-empt: a demand load queues behind the prefetches submitted before it (feeding
-prefetches to the stream in pieces from the host would give it the CPU engine's pre-emption).
+
+Demand loads never queue behind prefetches (the CPU engine's rule, runtime/cpu_engine.py): prefetches go to
+one stream (`stream`), demand loads to a second one of higher priority (`demand_stream`), which runs beside
+it. Copies into one slot still land in the order they were submitted: a copy waits for the latest earlier
+copy into its slot when that one went to the other stream (a prefetch withdrawn by eviction while still
+queued — a stream cannot withdraw it — must not land over the demand load that reuses its slot), and, as
+before, for the compute that last read the slot (`after`). What the two streams do not change: copies on
+both share the link, and the hardware may interleave them.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import torch
 
 from .cuda_compute import ComputeSide
 from .transfer import DEMAND
+
+DEMAND_PRIORITY = -1  # CUDA stream priority of demand loads (lower is higher; the default stream's is 0)
 
 
 class CopyClock:
@@ -76,14 +84,18 @@ class CudaTransfer:
 
 
 class CudaCopyEngine:
-    """Host→device copies on one dedicated stream, one event per expert. Streams and events are the
-    engine's device's (`compute`: runtime/cuda_compute.py), whichever device is current."""
+    """Host→device copies on two dedicated streams (prefetches; demand loads, higher priority), one event
+    per expert. Streams and events are the engine's device's (`compute`: runtime/cuda_compute.py), whichever
+    device is current."""
 
     def __init__(self, device: torch.device):
         self.compute = ComputeSide(device)
         self.device = self.compute.device  # index resolved
-        self.stream = torch.cuda.Stream(device=self.device)
-        self.compute.order_before(self.stream)  # the slot pool's zero fill, queued on the compute stream
+        self.stream = torch.cuda.Stream(device=self.device)  # prefetches, in submission (deadline) order
+        self.demand_stream = torch.cuda.Stream(device=self.device, priority=DEMAND_PRIORITY)
+        for stream in (self.stream, self.demand_stream):
+            self.compute.order_before(stream)  # the slot pool's zero fill, queued on the compute stream
+        self._latest: dict[int, tuple[torch.cuda.Stream, torch.cuda.Event]] = {}  # slot -> its latest copy
         self.bytes_copied = 0
         self.busy_seconds = 0.0  # not measured on CUDA without a sync; the profiler times copies with events
         self.fault = None  # test-only hook, see the module docstring
@@ -94,20 +106,28 @@ class CudaCopyEngine:
         self.clock = CopyClock(self.stream) if on else None
 
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
-               after: torch.cuda.Event | None = None) -> CudaTransfer:
+               after: torch.cuda.Event | None = None, expand=None) -> CudaTransfer:
         if self.fault is not None:
             self.fault(key, slot, priority)
         timed = self.clock is not None
         event = torch.cuda.Event(enable_timing=timed)
         start = torch.cuda.Event(enable_timing=True) if timed else None
-        with torch.cuda.stream(self.stream):  # also makes the stream's device current inside the block
+        stream = self.demand_stream if priority == DEMAND else self.stream
+        latest = self._latest.get(slot)
+        with torch.cuda.stream(stream):  # also makes the stream's device current inside the block
             if after is not None:
                 # The slot's previous tenant may still be read by queued compute kernels: overwrite after them.
-                self.stream.wait_event(after)
+                stream.wait_event(after)
+            if latest is not None and latest[0] is not stream:
+                stream.wait_event(latest[1])  # an earlier copy into the slot, on the other stream, lands first
             if start is not None:
-                start.record(self.stream)
-            dst.copy_(src, non_blocking=True)
-            event.record(self.stream)
+                start.record(stream)
+            if expand is None:
+                dst.copy_(src, non_blocking=True)
+            else:  # a compressed row: copied to a staging row, then expanded into the slot, on this stream
+                expand.on_device(dst, src, stream)
+            event.record(stream)
+        self._latest[slot] = (stream, event)
         nbytes = src.numel() * src.element_size()
         self.bytes_copied += nbytes
         return CudaTransfer(key, slot, nbytes, priority, event, self, start, self.clock)
@@ -119,7 +139,7 @@ class CudaCopyEngine:
         return False  # a copy queued on the stream cannot be withdrawn
 
     def promote(self, transfer) -> None:
-        pass  # the stream runs copies in submission order
+        pass  # a queued prefetch cannot be moved to the demand stream (its copy is already on its stream)
 
     def drain_stall_seconds(self) -> float:
         """Seconds the compute stream waited on copies, for the waits whose end events have completed."""
@@ -135,3 +155,4 @@ class CudaCopyEngine:
     def close(self) -> None:
         # Copies still queued read pinned host memory that the store may free next: let them finish.
         self.stream.synchronize()
+        self.demand_stream.synchronize()

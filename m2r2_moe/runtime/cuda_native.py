@@ -1,8 +1,9 @@
 """The native CUDA copy engine (csrc/copy_engine.cu) behind the interface of `cuda_engine.CudaCopyEngine`.
 
-Same streams-and-events discipline as the torch twin: one long-lived copy stream owned by torch, one
-event per expert copy, the compute stream waits on that event (`cudaStreamWaitEvent`), so the host
-never blocks in the per-token path. What the native engine saves is the Python/torch dispatch of
+The torch twin's streams-and-events discipline with one long-lived copy stream owned by torch (the torch
+twin gives demand loads a second stream; here they queue behind the prefetches submitted before them), one
+event per expert copy, the compute stream waits on that event (`cudaStreamWaitEvent`), so the host never
+blocks in the per-token path. What the native engine saves is the Python/torch dispatch of
 `copy_` and of event creation per copy; the copy itself is the same `cudaMemcpyAsync` on the GPU's copy
 engines. Pointers, the stream and events cross into C++ as integers, so no torch ABI is involved.
 
@@ -77,6 +78,7 @@ class NativeCudaCopyEngine(CudaCopyEngine):
         self.busy_seconds = 0.0  # not measured without a sync; the profiler times copies with events
         self.fault = None  # test-only hook (runtime/transfer.py: the engine contract)
         self._in_flight: list[NativeCudaTransfer] = []  # holds each copy's buffers until its event completes
+        self.clock = None  # the torch twin's copy timing, used by its compressed copies (`submit(expand=...)`)
 
     def _hold(self, transfers: list[NativeCudaTransfer]) -> None:
         """Keep source buffers (possibly short-lived staging memory) alive until their copy has run; the
@@ -84,8 +86,12 @@ class NativeCudaCopyEngine(CudaCopyEngine):
         self._in_flight = [t for t in self._in_flight if not t.event.query()] + transfers
 
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
-               after=None) -> NativeCudaTransfer:
-        """Enqueue `dst.copy_(src)` after `after` (the event guarding the slot's previous tenant)."""
+               after=None, expand=None):
+        """Enqueue `dst.copy_(src)` after `after` (the event guarding the slot's previous tenant). A compressed
+        copy (`expand`) goes through the torch twin's path on the same stream (a row copy and the expansion
+        kernel: the native engine moves raw bytes only)."""
+        if expand is not None:
+            return CudaCopyEngine.submit(self, key, slot, dst, src, priority, after, expand)
         if self.fault is not None:
             self.fault(key, slot, priority)
         nbytes = _check_pair(dst, src)

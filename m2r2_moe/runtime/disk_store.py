@@ -35,6 +35,17 @@ class DiskExpertStore:
         """Bytes of packed experts this store serves (on disk, not in RAM)."""
         return sum(p.nbytes * n for p, n in zip(self.packings, self.num_experts))
 
+    @property
+    def link_bytes(self) -> list[int]:
+        """Bytes one expert copy moves, per layer (the packed row)."""
+        return [p.nbytes for p in self.packings]
+
+    def expansion(self, layer: int) -> None:
+        return None  # rows are the slot's own bytes
+
+    def drain_expand_seconds(self) -> float:
+        return 0.0
+
     def expert(self, layer: int, expert: int) -> torch.Tensor:
         """The packed row of one expert, `[numel]`, read from disk into a fresh staging buffer."""
         packing = self.packings[layer]

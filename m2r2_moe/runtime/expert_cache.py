@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 HIT, PREFETCH_HIT, LATE, MISS = 0, 1, 2, 3  # how each use of an expert was served (`acquire`)
 NOT_QUEUED = -2  # `prefetch`: no copy was queued
+STALE_ONLY = 1 << 62  # a prefetch's `needed_at` that no estimate is later than: only stale experts are victims
 
 
 class ExpertCache:
@@ -43,6 +44,7 @@ class ExpertCache:
         self.events, self.clock = events, clock
         self.stats = OffloadStats()
         self._prefetched: dict[int, Transfer] = {}  # key -> copy of a prefetched expert not used yet
+        self._streamed: set[int] = set()  # prefetched keys a forward's routing asked for (`stream`): kept
         self._slot_free: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last compute reading the slot
 
     def keys(self, layer: int, experts: list[int]) -> list[int]:
@@ -122,10 +124,57 @@ class ExpertCache:
         if lru_evicted >= 0:
             self._evicted(lru_evicted)
             evicted = lru_evicted
-        self.policy.predicted(key, when, now)
-        self._prefetched[key] = self._copy(layer, expert, key, slot, distance)
-        self.stats.prefetches += 1
+        self._start_prefetch(layer, expert, key, slot, distance, now)
         return evicted
+
+    def stream(self, wanted: list[tuple[int, int, int]], now: int, pinned: frozenset, layer: int,
+               limit: int) -> int:
+        """Bring `wanted` [(layer, expert, distance)] in, in that order (nearest need first), while the wave
+        `pinned` of `layer` computes (runtime/prefill.py: a forward of many tokens); at most `limit` copies,
+        stopping at the first that finds no room. An expert of the next layer (distance 1) takes a free slot or
+        displaces one needed later than it (`predictive`: the policy's victim, an expert done with for this
+        forward first; `lru`: the least recently used of those done with, of `layer` or before); a farther one
+        only a free slot or an expert the policy knows is not needed (stale): displacing one this forward used
+        would cost its copy again when the next forward (a prompt's next chunk) needs it. A prediction does
+        not withdraw a streamed copy. Returns the copies queued."""
+        resident = self.slots.resident()  # (key, slot), least recently used first
+        free = self.num_slots - len(resident)
+        near = set(pinned).union(k for k, _ in resident if k // self.key_stride == layer + 1)
+        # lru's victims: experts of `layer` or before, least recently used first (the forward is done with them)
+        done = (k for k, _ in resident if k // self.key_stride <= layer and k not in pinned)
+        queued = 0
+        for expert_layer, expert, distance in wanted:
+            key = expert_layer * self.key_stride + expert
+            if queued >= limit:
+                break
+            if self.slots.lookup(key) >= 0:  # resident or in flight
+                self.policy.expect(key, now + distance, now)
+                continue
+            if free > 0:
+                free -= 1
+            else:
+                victim = self._stream_victim(key, now, distance, near, pinned, done)
+                if victim < 0 or not self.slots.evict(victim):
+                    break
+                self._evicted(victim)
+            slot, _ = self.slots.prefetch(key)  # the slot just freed
+            if slot < 0:
+                break
+            near.add(key)
+            self._start_prefetch(expert_layer, expert, key, slot, distance, now)
+            self._streamed.add(key)
+            queued += 1
+        return queued
+
+    def _stream_victim(self, key: int, now: int, distance: int, near: set, pinned: frozenset, done) -> int:
+        """The expert `stream` displaces for `key`, -1 for none (see `stream`)."""
+        if distance > 1:  # stale ones only: a victim needed after the end of time is one that is not needed
+            victim = self.policy.victim(key, now, pinned, needed_at=STALE_ONLY)
+            return -1 if victim is None else victim
+        victim = self.policy.victim(key, now, near, needed_at=now + 1)
+        if victim is None:  # lru: the slot table's own order would not skip the kept keys
+            victim = next((k for k in done if self.slots.lookup(k) >= 0 and not self.slots.pins(k)), -1)
+        return victim
 
     def expect(self, layer: int, expert: int, distance: int, now: int) -> None:
         """A prediction wants a resident expert in `distance` layer turns (`predictive` keeps it)."""
@@ -135,7 +184,8 @@ class ExpertCache:
         """Cancel a prefetch a newer prediction contradicts, if its copy has not started; frees the slot."""
         key = layer * self.key_stride + expert
         transfer = self._prefetched.get(key)
-        if transfer is None or transfer.ready() or self.slots.pins(key) or not self.engine.cancel(transfer):
+        if (transfer is None or key in self._streamed or transfer.ready() or self.slots.pins(key)
+                or not self.engine.cancel(transfer)):
             return False
         del self._prefetched[key]
         self.slots.evict(key)
@@ -164,6 +214,7 @@ class ExpertCache:
 
     def _classify_hit(self, layer: int, expert: int, key: int, slot: int, waits: list) -> int:
         transfer = self._prefetched.pop(key, None)
+        self._streamed.discard(key)
         if transfer is None:
             self.stats.hits += 1
             return HIT
@@ -182,13 +233,19 @@ class ExpertCache:
         waits.append(transfer)
         return LATE
 
+    def _start_prefetch(self, layer: int, expert: int, key: int, slot: int, distance: int, now: int) -> None:
+        self.policy.predicted(key, now + distance, now)
+        self._prefetched[key] = self._copy(layer, expert, key, slot, distance)
+        self.stats.prefetches += 1
+
     def _copy(self, layer: int, expert: int, key: int, slot: int, priority: int) -> Transfer:
         """Queue the copy of an expert into its slot. A submission that raises gives a `FailedTransfer`,
         handled like a copy that failed on the link."""
         src = self.store.expert(layer, expert)
+        expand = self.store.expansion(layer)  # a compressed store's: expanded into the slot as it lands
+        dst = self.pool[slot, : src.numel() if expand is None else expand.numel]
         try:
-            transfer = self.engine.submit(key, slot, self.pool[slot, : src.numel()], src, priority,
-                                          after=self._slot_free[slot])
+            transfer = self.engine.submit(key, slot, dst, src, priority, after=self._slot_free[slot], expand=expand)
         except Exception as e:  # noqa: BLE001 — reported where the copy is waited for
             return FailedTransfer(key, slot, src.numel() * src.element_size(), priority, e)
         self.stats.bytes_to_device += transfer.nbytes
@@ -218,6 +275,7 @@ class ExpertCache:
         """`key` lost its slot: a prefetched copy never used is wasted (or withdrawn if still queued)."""
         self.stats.evictions += 1
         self.policy.forget(key)
+        self._streamed.discard(key)
         transfer = self._prefetched.pop(key, None)
         if transfer is None or transfer.error is not None:  # nothing, or nothing useful, landed
             return

@@ -20,7 +20,9 @@ from .clock import LayerClock
 from .events import RuntimeEvents
 from .expert_cache import ExpertCache
 from .experts import SlotView, allocate_pool, make_offloaded_forward, slot_range, to_device
+from .phases import PhaseMeter
 from .policy import make_policy
+from .prefill import PrefillStream
 from .store import ExpertPacking, HostExpertStore
 from .engines import make_copy_engine
 
@@ -43,10 +45,10 @@ class Offloader:
         if any(p.dtype != dtype for p in self.packings):
             raise TypeError("all MoE layers must keep their experts in one dtype")
         self.num_slots = num_slots = plan.num_slots
-        self.expert_bytes = [p.nbytes for p in self.packings]  # bytes one expert transfer moves, per layer
-        if store is None:  # else a pre-built store with HostExpertStore's interface (from_pretrained's disk tier)
+        if store is None:  # else a pre-built store with HostExpertStore's interface (disk tier, compressed)
             store = HostExpertStore(self.packings, self.num_experts, plan.pin_memory)
         self.store = store
+        self.expert_bytes = store.link_bytes  # bytes one expert transfer moves, per layer
         slot_numel = max(p.numel for p in self.packings)
         # zeros, not empty: a kernel may read a never-filled slot in batched_mm's clamped sentinel rows (x 0 weight)
         self.pool = allocate_pool(num_slots, slot_numel, dtype, self.device)  # [S, numel]
@@ -62,6 +64,8 @@ class Offloader:
                                  self.engine, store, self.pool, plan.copy_timeout_s, self.events, self.clock)
         self._moved = 0  # layers whose weights live in the store (for rollback)
         self.top_k = adapter.top_k(model)  # sizes predicted sets
+        self.prefill = PrefillStream(self.cache, self.clock, self.num_experts, self.expert_bytes, self.top_k)
+        self.phases = PhaseMeter(self.cache, len(layers))  # prefill and decode counted apart
         self.prefetcher = None  # set by attach_predictor
 
     @property
@@ -140,6 +144,7 @@ class Offloader:
         if layer == 0:
             self.stats.tokens += tokens
         self.stats.layer_calls += 1
+        self.phases.started(layer, tokens)
         listening = bool(self.events.listeners)
         if listening:
             self.events.layer_started(self.clock.step, layer, tokens)
@@ -152,8 +157,7 @@ class Offloader:
                 view, hidden_states, to_device([[slot_of[e] for e in chosen]], self.device), top_k_weights),
                 routing=top_k_index)
         else:
-            # host sync on CUDA, as above
-            needed = torch.unique(top_k_index).tolist()
+            needed = self.prefill.route(layer, top_k_index)  # host sync on CUDA, as above
             if not needed:
                 out = torch.zeros_like(hidden_states)
             elif len(needed) <= self.num_slots and waves.direct_is_exact(name, tokens, top_k):
@@ -164,6 +168,7 @@ class Offloader:
                 out = waves.run_pairs(self, layer, needed, hidden_states, top_k_index, top_k_weights)
         if listening:
             self.events.layer_finished(self.clock.step, layer)
+        self.phases.finished(layer)
         return out
 
     def run_wave(self, layer: int, wave: list[int], compute, routing: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,8 +179,13 @@ class Offloader:
         self.stats.waves += 1
         keys = self.cache.keys(layer, wave)
         slots, waits, served, evicted = self.cache.acquire(layer, wave, keys, self.clock.now(layer))
+        look_ahead = routing is not None and self.prefetcher is not None
+        # On CPU the prediction runs before the kernel, so that its copies start a layer's compute earlier; on
+        # CUDA after the kernels are queued, so that the host's prediction overlaps the device's compute.
+        early = look_ahead and self.device.type != "cuda"
         try:
-            if routing is not None and self.prefetcher is not None:  # the wave is pinned, its loads queued first
+            self.prefill.acquired(layer, keys)  # a forward of many tokens: the next layers' experts stream in
+            if early:  # the wave is pinned, its demand loads queued first
                 self._look_ahead(layer, routing, keys, served, evicted)
             self.cache.wait(layer, waits)
         except BaseException:
@@ -189,6 +199,8 @@ class Offloader:
             done = self.engine.compute_done()  # CUDA: after the kernels reading these slots
         finally:
             self.cache.release(keys, slots, done)
+        if look_ahead and not early:  # a copy into one of the wave's slots waits for `done`
+            self._look_ahead(layer, routing, keys, served, evicted)
         return out
 
     def table(self, layer: int, view: SlotView, slot_of: dict[int, int]) -> torch.Tensor:
@@ -225,9 +237,12 @@ class Offloader:
     # -- counters ----------------------------------------------------------------------------------
     def collect_device_stalls(self) -> None:
         self.stats.stall_seconds += self.engine.drain_stall_seconds()
+        self.phases.collect_device(self.engine)
+        self.stats.expand_seconds += self.store.drain_expand_seconds()
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
+        self.store.drain_expand_seconds()  # expansions before the reset are not this period's
 
 
 def _packing(layer: MoELayer) -> ExpertPacking:

@@ -6,7 +6,7 @@ and returns what to do: the copies to queue, the resident experts to mark as nee
 withdraw. It keeps everything that is learned online (runtime/admission.py says why each piece is there):
 - the calibration of P(used | source, distance, score bin), settled by the routing each prediction was for;
 - each layer's recent usage, the prior for distances past the predictor's lookahead and across the token;
-- the regret of evicting (the share of evicted experts that came back within a turn of layers);
+- the regret of evicting for a prefetch (the share of its victims that came back within a turn of layers);
 - the benefit balance (stall saved against time spent) that decides how often to predict;
 - a mirror of which experts are resident or in flight, from the reports it gets (acquires, evictions, the copies
   it asked for), so that candidates are filtered without asking the cache. The mirror only steers prefetching:
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from .admission import BINS, DECAY, PRIOR, value
+from .admission import BINS, DECAY, PRIOR, REGRET_PRIOR, value
 
 MODEL, PRIOR_SOURCE = 0, 1
 PRIOR_DECAY = 0.8  # per use of a layer: the prior follows the last few tokens
@@ -57,7 +57,7 @@ class PlannerCore:
         counts[1] = counts[1] * DECAY + 1.0
 
     def regret(self) -> float:
-        return (self.regretted + 0.5) / (self.evictions + 1.0)
+        return (self.regretted + REGRET_PRIOR) / (self.evictions + 1.0)
 
     def active(self, layer: int) -> bool:
         return self.every != 0 and layer % self.every == 0
@@ -106,12 +106,13 @@ class PlannerCore:
 
     # -- the per-layer decision ----------------------------------------------------------------------
     def layer(self, layer: int, decode: bool, now: int, keys: list[int], served: list[int], evicted: list[int],
-              probs, wraps: bool, horizon: int, transfer: float, compute: float, busy: float, free: int,
-              backlog: list[int], min_prob: float):
+              probs, wraps: bool, horizon: int, miss: float, transfer: float, compute: float, busy: float,
+              free: int, backlog: list[int], min_prob: float):
         """Returns (copies to queue [(target, expert, distance)], resident experts needed soon [(target,
         expert, distance)], copies to withdraw [(target, expert)]). `probs`: the predictor's probabilities
-        `[D, E]` for distances 1..D (a float32 numpy array; None: this layer does not predict)."""
-        self._settle(layer, decode, now, keys, served, evicted, transfer)
+        `[D, E]` for distances 1..D (a float32 numpy array; None: this layer does not predict); `miss`: the stall
+        of a demand load (measured); `transfer`: the link time of one copy."""
+        self._settle(layer, decode, now, keys, served, evicted, miss)
         if probs is None:
             return [], [], []
         rows = probs.tolist()
@@ -129,7 +130,7 @@ class PlannerCore:
                 continue
             ahead = sum(1 for d in backlog if d <= distance)
             lead = distance * compute - transfer * ahead if compute > 0 else math.inf
-            if value(q, transfer, lead, busy, free <= 0, regret) <= 0:
+            if value(q, miss, transfer, lead, busy, free <= 0, regret) <= 0:
                 continue
             queue.append((target, expert, distance))
             backlog.append(distance)
@@ -141,14 +142,17 @@ class PlannerCore:
         if evicted == NOT_QUEUED:
             return
         self._inflight.add(key)
-        if evicted >= 0:
-            self._evict(evicted, now)
+        if evicted >= 0:  # evicted for a prefetch: regretted if a demand load brings it back soon
+            self._evict(evicted)
+            self._evicted_at[evicted] = now
+            self.evictions = self.evictions * DECAY + 1.0  # both counts age by evictions: their ratio is a share
+            self.regretted *= DECAY
 
     def withdrawn(self, key: int) -> None:
         self._inflight.discard(key)
 
     # -- internals ---------------------------------------------------------------------------------
-    def _settle(self, layer, decode, now, keys, served, evicted, transfer) -> None:
+    def _settle(self, layer, decode, now, keys, served, evicted, miss) -> None:
         base = layer * self.key_stride
         used = [key - base for key in keys]
         for key, how in zip(keys, served):
@@ -156,14 +160,15 @@ class PlannerCore:
             self._inflight.discard(key)
             if how == MISS:
                 when = self._evicted_at.pop(key, None)
-                if when is not None and now - when <= self.num_layers:
+                if when is not None and now - when <= self.num_layers:  # a prefetch's victim, needed again
                     self.regretted += 1.0
+                    self.spent += miss
             elif how == PREFETCH_HIT:
-                self.saved += transfer
+                self.saved += miss
             elif how == LATE:
-                self.saved += transfer / 2  # part of its copy was hidden
+                self.saved += miss / 2  # part of its copy was hidden
         for key in evicted:
-            self._evict(key, now)
+            self._evict(key)
         pending, self._pending[layer] = self._pending[layer], []
         if decode:
             for source, distance, score, expert in pending:
@@ -176,12 +181,9 @@ class PlannerCore:
         if layer == 0 and len(self._evicted_at) > 4096:
             self._evicted_at = {k: t for k, t in self._evicted_at.items() if now - t <= self.num_layers}
 
-    def _evict(self, key: int, now: int) -> None:
+    def _evict(self, key: int) -> None:
         self._resident.discard(key)
         self._inflight.discard(key)
-        self._evicted_at[key] = now
-        self.evictions = self.evictions * DECAY + 1.0  # both counts age by evictions: their ratio is a share
-        self.regretted *= DECAY
 
     def _candidates(self, layer, decode, rows, wraps, horizon) -> list[tuple[int, int, int, float]]:
         """(distance, target layer, expert, calibrated P(used)), nearest first, likeliest first; at batch 1

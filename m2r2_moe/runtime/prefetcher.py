@@ -38,6 +38,8 @@ class Prefetcher:
         self.planner = make_planner(len(layers), num_experts, cache.key_stride, width or top_k, max_queued or 4 * top_k)
         self.link_busy = 0.0  # running estimate of the link's busy share
         self._busy_mark = (0.0, 0.0)  # (perf_counter, engine busy seconds) at the last layer-0 call
+        self.miss_seconds = 0.0  # running estimate of the stall one demand load costs (0 until measured)
+        self._stall_mark = (0.0, 0, 0, 0, 0)  # stall, misses, late at the last call; its new misses and late ones
         # r_l and norm_l(r_l) as the model computed them, for predictors that read the residual
         self.tap = LayerTap(layers, residual=True, routing=False) if predictor.needs_residual else None
 
@@ -57,9 +59,10 @@ class Prefetcher:
             self.planner.step(WINDOW)
         probs = self._predict(layer, top_k_index, decode) if self.planner.active(layer) else None
         transfer = self._transfer_seconds()
+        miss = self._miss_seconds() or transfer
         queue, expect, withdraw = self.planner.layer(  # positional: the C++ twin's fastest call
             layer, decode, now, keys, served, list(evicted), probs, self.predictor.wraps, self._horizon(transfer),
-            transfer, self.clock.layer_seconds, self.link_busy, self.cache.free_slots(),
+            miss, transfer, self.clock.layer_seconds, self.link_busy, self.cache.free_slots(),
             self.cache.queued_prefetches(), self.min_prob)
         self._act(queue, expect, withdraw, now, frozenset(keys))
         self.predictor.observe(layer, top_k_index)
@@ -72,6 +75,10 @@ class Prefetcher:
         device→host read per layer: which copies to issue depends on them); several tokens: each expert's
         highest."""
         residual, normed = (self.tap.residual[layer], self.tap.normed[layer]) if self.tap else (None, None)
+        if decode:  # one native call where the predictor has one (CPU, float32)
+            probs = self.predictor.predict_host(layer, residual, top_k_index, normed=normed)
+            if probs is not None:
+                return probs
         depths, scores = self.predictor.predict_stacked(layer, residual, top_k_index, normed=normed)
         if not depths:
             return None
@@ -103,6 +110,19 @@ class Prefetcher:
         the engine cannot time: offloading's transfer-bound regime), else one unit (nothing is known yet)."""
         seconds = self.engine.link_seconds(self.expert_bytes)
         return seconds if seconds > 0 else (4 * self.clock.layer_seconds or 1.0)
+
+    def _miss_seconds(self) -> float:
+        """The stall one demand load costs, as measured: a layer's demand loads are counted when it acquires
+        (before this call) and waited for after it, so the stall since the last call belongs to the loads that
+        call saw (a call with late prefetches, whose waits are partial, is not a sample)."""
+        stats = self.cache.stats
+        stall, misses, late = stats.stall_seconds, stats.misses, stats.late_prefetches
+        last_stall, last_misses, last_late, new_misses, new_late = self._stall_mark
+        if new_misses > 0 and new_late == 0 and stall >= last_stall:
+            sample = (stall - last_stall) / new_misses
+            self.miss_seconds = sample if not self.miss_seconds else 0.9 * self.miss_seconds + 0.1 * sample
+        self._stall_mark = (stall, misses, late, misses - last_misses, late - last_late)
+        return self.miss_seconds
 
     def _measure_link(self) -> None:
         """Once per forward: the share of the last forward the link spent copying."""

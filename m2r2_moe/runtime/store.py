@@ -113,9 +113,21 @@ class HostExpertStore:
         """Host bytes page-locked for the store (0 when not pinned)."""
         return 0 if self._locks is None else self._locks.nbytes
 
+    @property
+    def link_bytes(self) -> list[int]:
+        """Bytes one expert copy moves, per layer (the packed row)."""
+        return [p.nbytes for p in self.packings]
+
     def expert(self, layer: int, expert: int) -> torch.Tensor:
         """The packed buffer of one expert, `[numel]`."""
         return self.buffers[layer][expert]
+
+    def expansion(self, layer: int) -> None:
+        """None: the row is the slot's own bytes (a compressed store returns what expands it)."""
+        return None
+
+    def drain_expand_seconds(self) -> float:
+        return 0.0  # nothing is expanded
 
     def fill_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
         """Copy a layer's fused expert tensors (`name -> [E, *shape]`) into its packed rows."""

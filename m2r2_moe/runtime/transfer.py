@@ -10,9 +10,16 @@ The engines (`runtime/engines.py` picks one):
 - `cpu_engine.ThreadCopyEngine`: a worker thread does the real memcpy into the slot buffer and, when a link
   is emulated, holds the transfer until `latency + bytes / bandwidth` has passed on a serial link, so
   transfer/compute overlap and stalls can be studied without a GPU; demand loads pre-empt prefetches.
-- `cuda_engine.CudaCopyEngine`: one long-lived copy stream; each copy records an event; the compute stream
+- `cuda_engine.CudaCopyEngine`: two long-lived copy streams, prefetches on one, demand loads on the other (of
+  higher priority: they never queue behind prefetches); each copy records an event; the compute stream
   waits on that event, so the host never blocks in the per-token path.
 - `cuda_native.NativeCudaCopyEngine`: the same through the C++/CUDA extension (opt-in).
+
+Compressed experts (runtime/compressed): `submit(..., expand=...)` hands the engine the layer's `Expansion`
+with the compressed row as `src`; the engine moves the row's bytes (its `nbytes` are the compressed ones) and
+expands them into the slot `dst` as part of the same copy: the CPU worker calls `expand.expand(dst, src)`,
+the CUDA engines queue `expand.on_device(dst, src, stream)` (row copy and expansion kernel) on their stream.
+A copy is ready only once its slot holds the expanded weights.
 
 Every engine has a test-only fault hook: `engine.fault = fn(key, slot, priority)` runs before each copy
 (on the worker thread on CPU, in `submit` on CUDA); raising fails that copy, sleeping slows it.
@@ -58,8 +65,9 @@ class CopyEngine(Protocol):
     fault: object  # test-only hook: fn(key, slot, priority) run before each copy
 
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
-               after=None) -> Transfer:
-        """Queue `dst.copy_(src)`, after `after` (the event guarding the slot's previous tenant)."""
+               after=None, expand=None) -> Transfer:
+        """Queue `dst.copy_(src)`, after `after` (the event guarding the slot's previous tenant); with `expand`
+        (a compressed copy) the expansion of the row `src` into `dst` instead."""
 
     def cancel(self, transfer: Transfer) -> bool:
         """Withdraw a copy that has not started; False when it has (or the engine cannot)."""

@@ -67,42 +67,51 @@ def pair_rows(runtime, layer, needed, hidden_states, top_k_index, weight_dtype, 
     order = canonical_order(kernel, top_k_index)  # [P]
     rows = hidden_states.new_empty(experts.shape[0], hidden_states.shape[1])
     ones = torch.ones(1, 1, dtype=weight_dtype, device=hidden_states.device)  # x * 1 promotes as the kernel's x * w
+    needed = resident_first(runtime.cache, layer, needed)
     for start in range(0, len(needed), runtime.num_slots):
         wave = needed[start : start + runtime.num_slots]
-        wanted = torch.tensor(wave, device=experts.device)
-        # host sync: the wave's rows decide the kernel's shapes (multi-token forwards only)
-        sel = order[torch.isin(experts[order], wanted)]  # [S] the wave's pairs, in canonical order
+        if len(wave) == len(needed):
+            sel = order  # one wave: every pair
+        else:
+            wanted = torch.tensor(wave, device=experts.device)
+            # host sync: the wave's rows decide the kernel's shapes (multi-token forwards only)
+            sel = order[torch.isin(experts[order], wanted)]  # [S] the wave's pairs, in canonical order
 
         def compute(view, slot_of, sel=sel):
             table = runtime.table(layer, view, slot_of)
             return _compute_wave(runtime, layer, view, table, kernel, hidden_states, top_k, experts, sel, ones)
 
-        rows[sel] = runtime.run_wave(layer, wave, compute, routing=top_k_index if start == 0 else None)
+        out, pairs = runtime.run_wave(layer, wave, compute, routing=top_k_index if start == 0 else None)
+        rows[pairs] = out
     return rows
 
 
-def _compute_wave(runtime, layer, view, table, kernel, hidden_states, top_k, experts, sel, ones) -> torch.Tensor:
-    """The kernel on one wave's pair rows `sel [S]`; returns their outputs `[S, H]` in `sel`'s order."""
+def resident_first(cache, layer: int, needed: list[int]) -> list[int]:
+    """`needed` with the experts that hold a slot (resident or arriving) first, each group in id order."""
+    holds = [cache.slots.lookup(key) >= 0 for key in cache.keys(layer, needed)]
+    return [e for e, h in zip(needed, holds) if h] + [e for e, h in zip(needed, holds) if not h]
+
+
+def _compute_wave(runtime, layer, view, table, kernel, hidden_states, top_k, experts, sel, ones):
+    """The kernel on one wave's pair rows `sel [S]`: (outputs `[S, H]`, the pair of each output row `[S]`)."""
     keys = table[experts[sel]]  # [S] slot (view) index of each pair
-    pair_hidden = hidden_states[sel // top_k]  # [S, H]
     if kernel == "grouped_mm":
         # The kernel sorts the keys (unstable) and gives group g the rows in sorted order. Lay the keys out
         # sorted, work out where its sort will take each row from (the same call, so the same answer), and put
         # there the row the original call had at that place: its group's rows in canonical order.
         ranked = torch.sort(keys, stable=True)[1]  # groups in slot order, canonical order within each
-        keys, want = keys[ranked], ranked  # the desired sorted sequence: sel[want]
+        keys = keys[ranked]  # the desired sorted sequence of pairs: sel[ranked]
         taken = torch.sort(keys)[1]  # sorted position j reads input row taken[j]
-        placed = torch.empty_like(pair_hidden)
-        placed[taken] = pair_hidden[want]
-        out = runtime.kernels[layer](view, placed, keys.view(-1, 1), ones.expand(len(keys), 1))
-        result = torch.empty_like(out)
-        result[want] = out[taken]
-        return result
+        pairs = torch.empty_like(taken)
+        pairs[taken] = sel[ranked]  # [S] the pair input row i holds (one gather of rows below, not three)
+        out = runtime.kernels[layer](view, hidden_states[pairs // top_k], keys.view(-1, 1), ones.expand(len(keys), 1))
+        return out, pairs
+    pair_hidden = hidden_states[sel // top_k]  # [S, H]
     pad = kernel == "batched_mm" and len(sel) == 1 < len(experts)
     if pad:  # a bmm with a batch of one rounds differently from the same row in the model's larger batch
         keys, pair_hidden = keys.repeat(2), pair_hidden.repeat(2, 1)
     out = runtime.kernels[layer](view, pair_hidden, keys.view(-1, 1), ones.expand(len(keys), 1))
-    return out[:1] if pad else out
+    return (out[:1] if pad else out), sel
 
 
 def _sum_in_expert_order(rows, top_k_index, top_k_weights, dtype) -> torch.Tensor:

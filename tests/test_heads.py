@@ -1,0 +1,43 @@
+"""The native prediction heads at batch 1 (csrc/heads.cpp) compute what the torch paths compute, within float32
+rounding (they steer prefetching, never outputs), and refuse inputs of the wrong shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from m2r2_moe import _ext
+
+pytestmark = pytest.mark.skipif(not _ext.HAS_PLANNER and not _ext.require_ext(), reason=f"{_ext.PLANNER_ERROR}")
+
+
+@pytest.mark.parametrize("hidden, n, experts", [(128, 4, 8), (64, 1, 32), (96, 3, 128)])
+def test_rms_linear_softmax_matches_torch(hidden, n, experts):
+    g = torch.Generator().manual_seed(hidden + n)
+    x, w = torch.randn(hidden, generator=g) * 3, torch.randn(hidden, n * experts, generator=g) * 0.2
+    reference = torch.softmax(((x * torch.rsqrt(x.pow(2).mean() + 1e-6)) @ w).view(n, experts), -1)
+    out = torch.from_numpy(_ext.planner.rms_linear_softmax(x.numpy(), 1e-6, w.numpy(), n))
+    assert out.shape == (n, experts)
+    assert torch.allclose(out, reference, atol=2e-6, rtol=1e-4)
+    assert torch.allclose(out.sum(-1), torch.ones(n), atol=1e-5)
+
+
+@pytest.mark.parametrize("hidden, n, width, experts", [(128, 4, 64, 8), (64, 2, 256, 32), (32, 1, 8, 4)])
+def test_mlp_softmax_matches_torch(hidden, n, width, experts):
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(hidden, generator=g)
+    w1, b1 = torch.randn(hidden, n * width, generator=g) * 0.2, torch.randn(n * width, generator=g) * 0.2
+    w2, b2 = torch.randn(n, width, experts, generator=g) * 0.2, torch.randn(n, experts, generator=g) * 0.2
+    hidden_units = torch.relu(x @ w1 + b1).view(n, width)
+    reference = torch.softmax(torch.einsum("nm,nme->ne", hidden_units, w2) + b2, -1)
+    out = torch.from_numpy(_ext.planner.mlp_softmax(x.numpy(), w1.numpy(), b1.numpy(), w2.numpy(), b2.numpy()))
+    assert torch.allclose(out, reference, atol=2e-6, rtol=1e-4)
+
+
+def test_heads_refuse_mismatched_shapes():
+    x = torch.randn(16).numpy()
+    with pytest.raises(ValueError, match="w must be"):
+        _ext.planner.rms_linear_softmax(x, 1e-6, torch.randn(15, 8).numpy(), 2)
+    with pytest.raises(ValueError, match="w1"):
+        _ext.planner.mlp_softmax(x, torch.randn(16, 5).numpy(), torch.randn(8).numpy(), torch.randn(2, 4, 3).numpy(),
+                                 torch.randn(2, 3).numpy())
