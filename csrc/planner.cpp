@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <string>
 
 namespace m2r2 {
 
@@ -51,6 +52,28 @@ void Planner::step(int64_t window) {
   } else if (saved_ > 2 * spent_ && every_ > 1) {
     every_ /= 2;
   }
+}
+
+void Planner::load_state(std::vector<double> counts, std::vector<std::vector<double>> prior, double regretted,
+                         double evictions) {
+  if (counts.size() != counts_.size() || prior.size() != prior_.size())
+    throw std::invalid_argument("planner state of the wrong shape: " + std::to_string(counts.size()) +
+                                " counts (expected " + std::to_string(counts_.size()) + "), prior of " +
+                                std::to_string(prior.size()) + " layers (expected " + std::to_string(num_layers_) + ")");
+  auto bad = [](double x) { return !std::isfinite(x) || x < 0; };
+  for (const std::vector<double>& row : prior) {
+    if (static_cast<int64_t>(row.size()) != num_experts_)
+      throw std::invalid_argument("planner state of the wrong shape: a prior row of " + std::to_string(row.size()) +
+                                  " experts (expected " + std::to_string(num_experts_) + ")");
+    if (std::any_of(row.begin(), row.end(), bad))
+      throw std::invalid_argument("planner state has negative or non-finite counts");
+  }
+  if (std::any_of(counts.begin(), counts.end(), bad) || bad(regretted) || bad(evictions))
+    throw std::invalid_argument("planner state has negative or non-finite counts");
+  counts_ = std::move(counts);
+  prior_ = std::move(prior);
+  regretted_ = regretted;
+  evictions_ = evictions;
 }
 
 void Planner::evict(int64_t key) {

@@ -62,6 +62,18 @@ class Planner {
   double saved() const { return saved_; }
   double spent() const { return spent_; }
   int64_t every() const { return every_; }
+  int64_t num_layers() const { return num_layers_; }
+  int64_t num_experts() const { return num_experts_; }
+
+  // What outlives a run (planner.py: export_state / import_state): the calibration counts
+  // [source 2][distance 0..L][bin][used, seen], each layer's usage prior [L][E] and the regret counts.
+  const std::vector<double>& counts_state() const { return counts_; }
+  const std::vector<std::vector<double>>& prior_state() const { return prior_; }
+  double regretted() const { return regretted_; }
+  double evictions() const { return evictions_; }
+  // Replaces them, or throws std::invalid_argument (changing nothing) on another geometry or a bad value.
+  void load_state(std::vector<double> counts, std::vector<std::vector<double>> prior, double regretted,
+                  double evictions);
 
  private:
   struct Pending {

@@ -16,7 +16,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kAbiVersion = 1;  // bumped when the Python-visible interface changes (see _ext.py)
+constexpr int kAbiVersion = 2;  // bumped when the Python-visible interface changes (see _ext.py)
 
 using Probs = py::array_t<float, py::array::c_style>;
 
@@ -30,6 +30,38 @@ void read_probs(const py::object& probs, m2r2::LayerInput& in) {
   in.rows = array.shape(0);
   in.cols = array.shape(1);
   in.probs = array.data();
+}
+
+// planner.py's export_state: a dict of plain lists, the Python twin's format.
+py::dict export_state(const m2r2::Planner& p) {
+  py::dict out;
+  out["num_layers"] = p.num_layers();
+  out["num_experts"] = p.num_experts();
+  out["counts"] = p.counts_state();
+  out["prior"] = p.prior_state();
+  out["regret"] = std::vector<double>{p.regretted(), p.evictions()};
+  return out;
+}
+
+// planner.py's import_state: another geometry or a bad value is a ValueError, and nothing changes.
+void import_state(m2r2::Planner& p, const py::dict& state) {
+  for (const char* key : {"num_layers", "num_experts", "counts", "prior", "regret"})
+    if (!state.contains(key))
+      throw std::invalid_argument(std::string("not a planner state (needs num_layers, num_experts, counts, prior, "
+                                              "regret): no ") + key);
+  try {
+    auto layers = state["num_layers"].cast<int64_t>(), experts = state["num_experts"].cast<int64_t>();
+    if (layers != p.num_layers() || experts != p.num_experts())
+      throw std::invalid_argument("it was learned for " + std::to_string(layers) + " MoE layers of " +
+                                  std::to_string(experts) + " experts, this planner has " +
+                                  std::to_string(p.num_layers()) + " of " + std::to_string(p.num_experts()));
+    auto regret = state["regret"].cast<std::vector<double>>();
+    if (regret.size() != 2) throw std::invalid_argument("planner state of the wrong shape: regret needs 2 numbers");
+    p.load_state(state["counts"].cast<std::vector<double>>(),
+                 state["prior"].cast<std::vector<std::vector<double>>>(), regret[0], regret[1]);
+  } catch (const py::cast_error& e) {
+    throw std::invalid_argument(std::string("not a planner state (numbers expected): ") + e.what());
+  }
 }
 
 using Array = py::array_t<float, py::array::c_style>;
@@ -107,5 +139,7 @@ PYBIND11_MODULE(_native_plan, m) {
       .def("add_spent", &m2r2::Planner::add_spent, py::arg("seconds"))
       .def_property_readonly("saved", &m2r2::Planner::saved)
       .def_property_readonly("spent", &m2r2::Planner::spent)
-      .def_property_readonly("every", &m2r2::Planner::every);
+      .def_property_readonly("every", &m2r2::Planner::every)
+      .def("export_state", &export_state)
+      .def("import_state", &import_state, py::arg("state"));
 }

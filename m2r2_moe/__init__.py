@@ -6,7 +6,8 @@
     m2r2_moe.remove_offload(model)
 """
 
-from .api import get_offloader, is_offloaded, offload, remove_offload, reset_stats, stats
+from .api import get_offloader, is_offloaded, memory_plan, offload, remove_offload, reset_stats, save_profile, stats
+from .budget import MemoryBudgetError
 from .builtin import builtin_model_path, load_builtin
 from .config import OffloadConfig, OffloadConfigError
 from .errors import (
@@ -25,6 +26,7 @@ from .errors import (
 )
 from .checkpoint.loader import from_pretrained
 from .stats import OffloadStats
+from .warm import ProfileError
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,8 @@ __all__ = [
     "reset_stats",
     "is_offloaded",
     "get_offloader",
+    "save_profile",
+    "memory_plan",
     "OffloadConfig",
     "OffloadConfigError",
     "OffloadStats",
@@ -53,4 +57,6 @@ __all__ = [
     "CopyTimeoutError",
     "DeviceMemoryError",
     "HostMemoryError",
+    "MemoryBudgetError",
+    "ProfileError",
 ]

@@ -1,16 +1,22 @@
-"""Public entry points: `offload`, `remove_offload`, `from_pretrained`, `stats`, `reset_stats`, `is_offloaded`."""
+"""Public entry points: `offload`, `remove_offload`, `from_pretrained`, `stats`, `reset_stats`, `is_offloaded`,
+`save_profile` (a warm start's file), `memory_plan` (what the memory budgets resolved to)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .attach import attach, detach, is_attached, runtime_of
+import os
+
+from .attach import attach, detach, guard_of, is_attached, memory_of, runtime_of, warm_of
+from .budget import MemoryPlan
 from .checkpoint.loader import from_pretrained
 from .config import OffloadConfig
 from .runtime.offloader import Offloader
 from .stats import OffloadStats
+from .warm import Profile
 
-__all__ = ["offload", "remove_offload", "from_pretrained", "stats", "reset_stats", "is_offloaded", "get_offloader"]
+__all__ = ["offload", "remove_offload", "from_pretrained", "stats", "reset_stats", "is_offloaded", "get_offloader",
+           "save_profile", "memory_plan"]
 
 
 def offload(model: nn.Module, config: OffloadConfig | None = None, **kwargs) -> nn.Module:
@@ -27,7 +33,9 @@ def offload(model: nn.Module, config: OffloadConfig | None = None, **kwargs) -> 
     Args:
         model: a transformers causal LM with sparse MoE blocks, on CPU.
         config: an `OffloadConfig`; keyword arguments override its fields (`device`, `cache_experts`,
-            `predictor`, `link_gbps`, ...).
+            `predictor`, `link_gbps`, ...). `gpu_memory="4GiB"` / `host_memory="8GiB"` state budgets instead of
+            a slot count (`memory_plan(model)` says what they resolved to); `warm_start=path` starts from a
+            profile written by `save_profile`.
 
     Example:
         >>> model = m2r2_moe.offload(model, device="cuda", cache_experts=64)
@@ -56,6 +64,24 @@ def stats(model: nn.Module) -> OffloadStats:
     offloader = runtime_of(model)
     offloader.collect_device_stalls()
     return offloader.stats.copy()
+
+
+def save_profile(model: nn.Module, path: str | os.PathLike) -> Profile:
+    """Write what this run learned about the model — how often each expert of each MoE layer was used, and what
+    the prefetch planner calibrated online — to `path` (a small JSON file with a version and the model's
+    fingerprint), for `offload(..., warm_start=path)` / `from_pretrained(..., warm_start=path)` to start warm.
+    Returns the `Profile`. Waits for no forward: one running on another thread makes it raise
+    `ConcurrentUseError`."""
+    with guard_of(model).hold():
+        profile = warm_of(model).profile(model)
+    profile.save(path)
+    return profile
+
+
+def memory_plan(model: nn.Module) -> MemoryPlan | None:
+    """What the memory budgets (`gpu_memory`, `host_memory`) of an offloaded model resolved to — slots, pinning,
+    where the experts are; `.summary()` is one readable line. None when it was sized by a slot count."""
+    return memory_of(model)
 
 
 def reset_stats(model: nn.Module) -> None:

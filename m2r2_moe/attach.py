@@ -1,9 +1,10 @@
 """Attaching the runtime to a model and taking it off again: what `offload` and `from_pretrained` share.
 
-`attach` checks the model, resolves the config against it (`OffloadConfig.resolve`), builds the predictor
-(before anything moves: bad adapters change nothing), the runtime (`runtime/offloader.py`), the one-thread
-guard and the transformers-habit hooks, and installs them all or nothing: on any error the model is left
-exactly as it was. `detach` undoes it, bit for bit.
+`attach` checks the model, resolves memory budgets (budget.py) and the config against it
+(`OffloadConfig.resolve`), reads a warm start's profile and builds the predictor (before anything moves: a bad
+budget, profile or adapters file changes nothing), the runtime (`runtime/offloader.py`), the one-thread guard,
+the transformers-habit hooks and the usage counter / warm start (warm.py), and installs them all or nothing: on
+any error the model is left exactly as it was. `detach` undoes it, bit for bit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import torch
 from torch import nn
 
+from . import budget
 from .config import OffloadConfig, OffloadConfigError
 from .errors import AlreadyOffloadedError, NotOffloadedError, UnsupportedModelError
 from .guard import UseGuard
@@ -21,12 +23,16 @@ from .model_hooks import ModelHooks
 from .models import find_moe_layers
 from .runtime.compressed import make_compressed_store
 from .runtime.offloader import Offloader
+from .warm import WarmState, read_profile
 
 logger = logging.getLogger(__name__)
 
 _ATTR = "_m2r2_offloader"
 _GUARD = "_m2r2_guard"
 _HOOKS = "_m2r2_hooks"
+_WARM = "_m2r2_warm"
+_MEMORY = "_m2r2_memory"
+_KEYS = (_ATTR, _GUARD, _HOOKS, _WARM, _MEMORY)
 
 
 def is_attached(model: nn.Module) -> bool:
@@ -40,10 +46,29 @@ def runtime_of(model: nn.Module) -> Offloader:
     return offloader
 
 
-def attach(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None) -> nn.Module:
+def memory_of(model: nn.Module) -> budget.MemoryPlan | None:
+    """The memory plan an offloaded model was sized by (None: no budget was given)."""
+    runtime_of(model)
+    return model.__dict__.get(_MEMORY)
+
+
+def warm_of(model: nn.Module) -> WarmState:
+    """An offloaded model's usage counter and warm start."""
+    runtime_of(model)
+    return model.__dict__[_WARM]
+
+
+def guard_of(model: nn.Module) -> UseGuard:
+    runtime_of(model)
+    return model.__dict__[_GUARD]
+
+
+def attach(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None,
+           memory: budget.MemoryPlan | None = None) -> nn.Module:
     """`offload`; with `fill_store` (from_pretrained) the expert params are still on meta and the store is
     filled from the checkpoint by `fill_store(store)`; `store` replaces the host store (disk tier, or
-    from_pretrained's compressed store); else `cfg.expert_format` int8 / int4 makes a compressed one."""
+    from_pretrained's compressed store); else `cfg.expert_format` int8 / int4 makes a compressed one. `memory`:
+    the memory plan from_pretrained sized it by."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"offload() expects a transformers model (a torch.nn.Module), got {type(model).__name__}")
     if is_attached(model):
@@ -53,13 +78,22 @@ def attach(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None) ->
     if fill_store is None:
         _check_on_cpu(model)
     adapter, layers = find_moe_layers(model)
+    if cfg.has_budget:  # slots and pinning from the budgets, refused before anything is allocated
+        device = cfg.resolved_device()
+        memory = budget.resolve(device, budget.offload_need(model, layers, adapter.top_k(model), cfg.context_length,
+                                                            device),
+                                gpu_memory=cfg.gpu_memory, host_memory=cfg.host_memory, unified=cfg.unified_memory,
+                                pin_memory=cfg.pin_memory, expert_store="ram")
+        cfg = cfg.replace(cache_experts=memory.num_slots, pin_memory=memory.pin_memory, gpu_memory=None,
+                          host_memory=None)
+    profile = read_profile(cfg.warm_start, model, layers) if cfg.warm_start is not None else None
     predictor = _build_predictor(cfg, model, adapter, layers)  # before anything moves: bad adapters change nothing
     plan = cfg.resolve(top_k=adapter.top_k(model), total_experts=sum(int(layer.experts.num_experts) for layer in layers),
                        predictor_lookahead=None if predictor is None else predictor.depth)
     if store is None and plan.expert_format is not None:  # int8 / int4: compressed rows, the originals kept
         store = make_compressed_store(layers, plan.expert_format, plan.pin_memory)
     offloader = Offloader(model, layers, plan, adapter, store=store)
-    guard = hooks = None
+    guard = hooks = warm = None
     try:
         offloader.install(model, fill_store=fill_store)  # rolls itself back on error
         if predictor is not None:
@@ -67,15 +101,16 @@ def attach(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None) ->
         offloader.attach_predictor(predictor)
         guard = UseGuard(model)
         hooks = ModelHooks(model, offloader).install()  # save_pretrained, state_dict, .to, backward, copy
-        model.__dict__[_ATTR] = offloader
-        model.__dict__[_GUARD] = guard
-        model.__dict__[_HOOKS] = hooks
+        warm = WarmState(model, offloader, profile, cfg.warm_start)  # counts expert uses; fills slots from a profile
+        model.__dict__.update({_ATTR: offloader, _GUARD: guard, _HOOKS: hooks, _WARM: warm, _MEMORY: memory})
     except BaseException:
+        if warm is not None:
+            warm.close()
         if hooks is not None:
             hooks.remove()
         if guard is not None:
             guard.remove()
-        for key in (_ATTR, _GUARD, _HOOKS):
+        for key in _KEYS:
             model.__dict__.pop(key, None)
         offloader.uninstall(model)  # idempotent: nothing left to undo when install rolled back already
         _release(offloader)
@@ -85,6 +120,8 @@ def attach(model: nn.Module, cfg: OffloadConfig, fill_store=None, store=None) ->
         len(layers), adapter.name, plan.num_slots, offloader.device, offloader.store.nbytes / 1e6,
         "model dtype" if plan.expert_format is None else plan.expert_format.name,
     )
+    if memory is not None:
+        logger.info("%s", memory.summary())
     return model
 
 
@@ -94,6 +131,9 @@ def detach(model: nn.Module) -> nn.Module:
     guard = model.__dict__.get(_GUARD)
     predictor = offloader.prefetcher.predictor if offloader.prefetcher is not None else None
     with guard.hold() if guard is not None else contextlib.nullcontext():  # no forward may run meanwhile
+        warm = model.__dict__.pop(_WARM, None)
+        if warm is not None:
+            warm.close()  # the fill stops before the copy engine closes
         hooks = model.__dict__.pop(_HOOKS, None)
         if hooks is not None:
             hooks.remove()  # first: uninstall moves the model back with model.to, which the hooks refuse
@@ -101,6 +141,7 @@ def detach(model: nn.Module) -> nn.Module:
     if guard is not None:
         guard.remove()
     model.__dict__.pop(_GUARD, None)
+    model.__dict__.pop(_MEMORY, None)
     del model.__dict__[_ATTR]
     _release(offloader)
     if predictor is not None:

@@ -1,4 +1,4 @@
-"""`m2r2-moe` command line: demo, train-adapters, eval-predictor, profile."""
+"""`m2r2-moe` command line: demo, train-adapters, eval-predictor, profile, serve."""
 
 from __future__ import annotations
 
@@ -84,18 +84,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `m2r2-moe` parser with its four sub-commands."""
+    """The `m2r2-moe` parser with its five sub-commands."""
     from .predict.cli import add_eval_parser, add_train_parser
     from .profile.cli import add_parser as add_profile_parser
+    from .serve.cli import add_parser as add_serve_parser
 
     parser = _Parser(prog="m2r2-moe", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does; tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                help="demo, train-adapters, eval-predictor or profile (each has --help)")
+                                help="demo, train-adapters, eval-predictor, profile or serve (each has --help)")
     _add_demo_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
     add_profile_parser(sub)
+    add_serve_parser(sub)
     for p in sub.choices.values():  # -v also after the command; SUPPRESS keeps the top-level value otherwise
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="log what the runtime does; tracebacks on errors")

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ PREDICTORS = ("none", "history", "gate", "m2r2")  # "oracle" needs a trace: pass
 POLICIES = ("lru", "predictive")
 MIN_LINK_GBPS = 1e-3  # an emulated link slower than 1 MB/s would stall for minutes per expert
 MAX_LINK_LATENCY_US = 1e6
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 EXPERT_FORMATS = ("model", "int8", "int4")  # "model": the model's own dtype, lossless
 # group sizes and symmetry chosen by measurement on the built-in models (BENCHMARKS.md, "Compressed experts")
 DEFAULT_GROUP_SIZE = {"int8": 64, "int4": 64}
@@ -62,6 +65,20 @@ class OffloadConfig:
         copy_timeout_s: longest the compute side waits for one expert copy before it raises
             `CopyTimeoutError` naming the layer and expert (a copy that never lands must not hang a
             generate). CPU copy engine; CUDA waits happen on the device.
+        gpu_memory: the device memory the runtime may use, in bytes or as text (`"4GiB"`, `"512MB"`): the
+            non-expert weights, a KV-cache reserve of `context_length` tokens and as many expert slots as fit
+            (m2r2_moe/budget.py). Instead of `cache_experts`. `None` with `host_memory` given: the free device
+            memory. On `device="cpu"` it is the memory of the emulated device.
+        host_memory: the host memory the expert store may use (bytes or text); it decides whether the store is
+            page-locked and, for `from_pretrained`, whether experts stay on disk. `None` with `gpu_memory`
+            given: the available host memory.
+        unified_memory: whether the GPU shares one memory with the host (Jetson-class devices): then the two
+            budgets come out of one pool and are counted once. `None`: asked of the device
+            (`is_integrated`); always one pool on `device="cpu"`.
+        context_length: tokens of KV cache reserved on the device when slots are sized from `gpu_memory`.
+        warm_start: a profile file written by `m2r2_moe.save_profile` for this model: the slots are filled
+            with its likeliest experts in the background (demand loads go first) and the prefetch planner
+            starts from what it learned (m2r2_moe/warm.py).
         expert_format: how experts are kept in host memory and moved over the link. `"model"` (the
             default): the model's own dtype, lossless. `"int8"` / `"int4"`: group-wise affine integers
             (a scale and a zero point per group of weights), expanded back to the model's dtype in the
@@ -80,10 +97,16 @@ class OffloadConfig:
     link_gbps: float | None = None
     link_latency_us: float = 0.0
     copy_timeout_s: float = 120.0
+    gpu_memory: int | str | None = None
+    host_memory: int | str | None = None
+    unified_memory: bool | None = None
+    context_length: int = 4096
+    warm_start: str | os.PathLike | None = None
     expert_format: str = "model"
 
     def __post_init__(self) -> None:
         _check_device(self.device)
+        self._check_budgets()
         parse_expert_format(self.expert_format)
         if self.cache_experts is not None:
             if isinstance(self.cache_experts, bool) or not isinstance(self.cache_experts, int):
@@ -119,6 +142,27 @@ class OffloadConfig:
                 "link_gbps / link_latency_us emulate a link on CPU only; on a GPU the real link is used. "
                 "Drop them or use device='cpu'."
             )
+
+    def _check_budgets(self) -> None:
+        for name in ("gpu_memory", "host_memory"):
+            value = getattr(self, name)
+            if value is not None and budget_bytes(name, value) <= 0:
+                raise OffloadConfigError(f"{name} must be more than 0 bytes, got {value!r}")
+        if self.gpu_memory is not None and self.cache_experts is not None:
+            raise OffloadConfigError(f"cache_experts={self.cache_experts} and gpu_memory={self.gpu_memory!r} both size the "
+                                     "device slots: give one of them (a number of slots, or a memory budget).")
+        if not any(self.unified_memory is v for v in (None, True, False)):
+            raise OffloadConfigError(f"unified_memory must be True, False or None, got {self.unified_memory!r}")
+        if isinstance(self.context_length, bool) or not isinstance(self.context_length, int) or self.context_length < 0:
+            raise OffloadConfigError(f"context_length must be a whole number of tokens >= 0, got {self.context_length!r}")
+        if self.warm_start is not None and not isinstance(self.warm_start, (str, os.PathLike)):
+            raise OffloadConfigError(f"warm_start must be the path of a profile file (m2r2_moe.save_profile), got "
+                                     f"{type(self.warm_start).__name__}")
+
+    @property
+    def has_budget(self) -> bool:
+        """Whether slots (and pinning) are to be derived from memory budgets (m2r2_moe/budget.py)."""
+        return self.gpu_memory is not None or self.host_memory is not None
 
     def resolved_device(self) -> torch.device:
         """The device experts run on, with `None` resolved."""
@@ -224,6 +268,28 @@ def parse_expert_format(spec) -> ExpertFormat | None:
 
 def _power_of_two(n: int, lo: int, hi: int) -> bool:
     return lo <= n <= hi and n & (n - 1) == 0
+
+
+def parse_bytes(text: str) -> int:
+    """'8GB' → 8e9, '512MiB' → 536870912 (decimal KB/MB/GB/TB, binary KiB/MiB/GiB/TiB)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*", text.lower())
+    if not m:
+        raise OffloadConfigError(f"cannot read {text!r} as an amount of memory; write e.g. '8GB', '512MiB' or 'auto'")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+
+
+def budget_bytes(name: str, value) -> int:
+    """A memory budget option (`gpu_memory`, `host_memory`): bytes, or text like '4GiB', as bytes."""
+    if isinstance(value, str):
+        try:
+            return parse_bytes(value)
+        except OffloadConfigError:
+            raise OffloadConfigError(f"{name}={value!r} is not an amount of memory; write e.g. '4GiB', '512MB' "
+                                     "or a number of bytes") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OffloadConfigError(f"{name} must be a number of bytes or text like '4GiB', got {type(value).__name__} "
+                                 f"{value!r}")
+    return value
 
 
 def default_slots(top_k: int, total_experts: int) -> int:

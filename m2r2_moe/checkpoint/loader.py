@@ -21,15 +21,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import budget
 from ..attach import attach
 from .reader import Checkpoint, Reader
 from ..config import OffloadConfig, OffloadConfigError
 from ..errors import UnsupportedModelError, WeightsMismatchError
 from ..models import find_moe_layers
-from .plan import Plan, check_memory, expert_store_host_bytes, kv_cache_bytes, resolve_slots
+from .plan import Plan, check_memory, expert_store_host_bytes, kv_cache_bytes
 from ..runtime.compressed import RowLayout
-from .stores import check_format_options, expert_store_and_fill
 from ..runtime.offloader import _packing
+from ..warm import Profile
+from .stores import check_format_options, expert_store_and_fill
 from .weight_map import WeightMap, dtype_plan, map_checkpoint, missing_dense
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ STORES = ("ram", "disk")
 
 def from_pretrained(path: str | os.PathLike, device: str | None = None, cache_experts: int | str | None = "auto",
                     dtype: torch.dtype | str | None = None, predictor: str = "none", adapters: str | None = None,
-                    expert_store: str = "ram", context_length: int = 4096, progress: bool = True,
+                    expert_store: str | None = None, context_length: int = 4096, progress: bool = True,
                     save_compressed: bool = False, **options) -> nn.Module:
     """Load a MoE checkpoint folder with its experts offloaded, never materializing the whole model.
 
@@ -54,35 +56,42 @@ def from_pretrained(path: str | os.PathLike, device: str | None = None, cache_ex
         cache_experts: device expert slots: a number, a budget like `"8GB"`, or `"auto"` (free device
             memory minus non-expert weights, a KV-cache reserve for `context_length`, and a margin).
         dtype: weights dtype; `None` or `"auto"` uses the config's dtype, as transformers does.
-        predictor, adapters, **options: `OffloadConfig` fields (`lookahead`, `pin_memory`, `link_gbps`, ...).
+        predictor, adapters, **options: `OffloadConfig` fields (`lookahead`, `pin_memory`, `link_gbps`,
+            `warm_start`, ...). `gpu_memory` / `host_memory` (bytes or text like "4GiB") state memory budgets
+            instead of `cache_experts`: slots, pinning and the expert store are derived from them (budget.py).
             `expert_format="int8" | "int4"` quantizes the experts while they stream in: the host store holds
             the compressed rows only; `remove_offload` reads the originals from the checkpoint again.
-        expert_store: `"ram"` or `"disk"` (the model's dtype only).
+        expert_store: `"ram"` or `"disk"` (the model's dtype only); `None`: `"ram"`, or with memory budgets
+            `"disk"` when the store does not fit `host_memory` (with a compressed format always `"ram"`).
         save_compressed: with a compressed `expert_format`, save the compressed store next to the checkpoint
             (`m2r2_moe-experts-<format>-<dtype>.safetensors`); a matching saved store is always read instead
             of quantizing again.
-        context_length: tokens of KV cache to reserve when sizing `"auto"`.
+        context_length: tokens of KV cache to reserve when sizing `"auto"` or `gpu_memory`.
         progress: show a progress bar while the weights load.
 
     Raises:
         NotACheckpointError, MissingShardError, CorruptCheckpointError, WeightsMismatchError,
         UnsupportedModelError, HostMemoryError, DeviceMemoryError: before anything is allocated.
     """
-    cfg = _config(device, predictor, adapters, options)
+    cfg = _config(device, predictor, adapters, options, context_length)
     for name, flag in (("progress", progress), ("save_compressed", save_compressed)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
     check_format_options(cfg, expert_store, save_compressed, path)
-    plan, model, layers, packings, wmap, ckpt = _prepare(path, cfg, cache_experts, dtype, expert_store,
-                                                         context_length)
+    plan, model, layers, packings, wmap, ckpt, memory = _prepare(path, cfg, cache_experts, dtype, expert_store,
+                                                                 context_length)
     _check_adapters_file(cfg)  # the fingerprint needs the routers' weights: checked once they are loaded
+    if cfg.warm_start is not None:  # its format now; whose model it is, once the routers are loaded
+        Profile.load(cfg.warm_start)
     logger.info("%s", plan)
+    pin = memory.pin_memory if memory is not None else cfg.resolved_pin_memory()
     reader, store = Reader(), None
     try:
         _load_dense(model, layers, wmap, reader, cfg.resolved_device(), plan.dtype, progress)
-        store, fill = expert_store_and_fill(expert_store, cfg, packings, layers, wmap, reader, ckpt, save_compressed,
-                                            progress)
-        attach(model, cfg.replace(cache_experts=plan.num_slots), fill_store=fill, store=store)
+        run = cfg.replace(cache_experts=plan.num_slots, pin_memory=pin, gpu_memory=None, host_memory=None)
+        store, fill = expert_store_and_fill(plan.expert_store, run, packings, layers, wmap, reader, ckpt,
+                                            save_compressed, progress)
+        attach(model, run, fill_store=fill, store=store, memory=memory)
     except BaseException:
         if store is not None:
             store.close()  # its open checkpoint files, now rather than when the traceback goes
@@ -93,19 +102,21 @@ def from_pretrained(path: str | os.PathLike, device: str | None = None, cache_ex
 
 
 def plan_checkpoint(path: str | os.PathLike, device: str | None = None, cache_experts: int | str | None = "auto",
-                    dtype: torch.dtype | str | None = None, expert_store: str = "ram", context_length: int = 4096,
-                    **options) -> Plan:
+                    dtype: torch.dtype | str | None = None, expert_store: str | None = None,
+                    context_length: int = 4096, **options) -> Plan:
     """The `Plan` that `from_pretrained` would follow, without loading any weight (reads headers only)."""
-    cfg = _config(device, "none", None, options)
+    cfg = _config(device, "none", None, options, context_length)
     return _prepare(path, cfg, cache_experts, dtype, expert_store, context_length)[0]
 
 
-def _config(device, predictor, adapters, options) -> OffloadConfig:
-    unknown = sorted(set(options) - set(OffloadConfig.field_names()))
-    if unknown or "cache_experts" in options:
-        raise TypeError(f"from_pretrained() got unknown option(s) {unknown or ['cache_experts']}; valid options: "
-                        f"{', '.join(f for f in OffloadConfig.field_names() if f != 'cache_experts')}")
-    return OffloadConfig(device=device, predictor=predictor, adapters=adapters, **options)
+def _config(device, predictor, adapters, options, context_length) -> OffloadConfig:
+    own = ("cache_experts", "context_length")  # from_pretrained's own arguments
+    unknown = sorted(set(options) - set(OffloadConfig.field_names()) | set(options) & set(own))
+    if unknown:
+        raise TypeError(f"from_pretrained() got unknown option(s) {unknown}; valid options: "
+                        f"{', '.join(f for f in OffloadConfig.field_names() if f not in own)}")
+    return OffloadConfig(device=device, predictor=predictor, adapters=adapters, context_length=context_length,
+                         **options)  # checks context_length too
 
 
 def _check_adapters_file(cfg: OffloadConfig) -> None:
@@ -120,11 +131,12 @@ def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, conte
     """Everything that only reads headers and builds meta tensors: fails fast, allocates nothing."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a checkpoint folder (str or os.PathLike), got {type(path).__name__} {path!r}")
-    if expert_store not in STORES:
-        raise OffloadConfigError(f"expert_store must be one of {STORES}, got {expert_store!r}")
+    if expert_store is not None and expert_store not in STORES:
+        raise OffloadConfigError(f"expert_store must be one of {STORES} (or None: chosen by the budgets), got "
+                                 f"{expert_store!r}")
     fmt = cfg.resolved_format()
-    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 0:
-        raise OffloadConfigError(f"context_length must be a whole number of tokens >= 0, got {context_length!r}")
+    if fmt is not None and expert_store is None:
+        expert_store = "ram"  # compressed rows live in RAM: the budgets do not move them to disk
     ckpt = Checkpoint.open(path)
     config = _read_config(ckpt.path)
     dtype = _resolve_dtype(dtype, config, ckpt)
@@ -145,12 +157,12 @@ def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, conte
     dense_bytes = _dense_bytes(model, wmap, dtype)
     kv_bytes = kv_cache_bytes(config, context_length, dtype)
     top_k = adapter.top_k(model)
-    slots, budget, mem = resolve_slots(cache_experts, device=device, expert_store=expert_store, top_k=top_k,
-                                       total_experts=sum(num_experts), expert_bytes=expert_bytes,
-                                       store_bytes=store_bytes, dense_bytes=dense_bytes, kv_bytes=kv_bytes)
+    need = budget.ModelBytes(tuple(b * n for b, n in zip(row_bytes, num_experts)), expert_bytes,
+                             sum(num_experts), top_k, dense_bytes, kv_bytes, context_length, disk_tier=True)
+    slots, budget_text, mem, expert_store, pin, memory = budget.checkpoint_slots(cfg, cache_experts, device,
+                                                                                 expert_store, need)
     if slots < top_k:
         raise OffloadConfigError(f"cache_experts={cache_experts} is below the model's top-k ({top_k}); use >= {top_k}")
-    pin = cfg.resolved_pin_memory()
     store_host = expert_store_host_bytes(expert_store, [b * n for b, n in zip(row_bytes, num_experts)], top_k,
                                          expert_bytes, pin)
     if fmt is not None:
@@ -162,7 +174,7 @@ def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, conte
         path=str(ckpt.path), model_type=config.model_type, adapter=adapter.name, dtype=dtype, device=device,
         expert_store=expert_store, moe_layers=len(layers), total_experts=sum(num_experts), top_k=top_k,
         expert_bytes=expert_bytes, store_bytes=store_bytes, dense_bytes=dense_bytes, checkpoint_bytes=ckpt.nbytes,
-        num_slots=slots, budget=budget, kv_bytes=kv_bytes, context_length=context_length,
+        num_slots=slots, budget=budget_text, kv_bytes=kv_bytes, context_length=context_length,
         pinned_bytes=store_host if pin else 0,
         host_available=mem["host_available"], host_need=host_need,
         device_free=mem["device"][0] if mem["device"] else None,
@@ -170,7 +182,7 @@ def _prepare(path, cfg: OffloadConfig, cache_experts, dtype, expert_store, conte
         expert_format="model" if fmt is None else fmt.name, link_bytes=max(row_bytes),
     )
     check_memory(plan, mem)
-    return plan, model, layers, packings, wmap, ckpt
+    return plan, model, layers, packings, wmap, ckpt, memory
 
 
 def _read_config(path: Path):

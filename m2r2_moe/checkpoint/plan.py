@@ -8,28 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 
-from ..config import OffloadConfigError, default_slots
+from ..config import OffloadConfigError, default_slots, parse_bytes
 from ..errors import DeviceMemoryError, HostMemoryError
 from ..runtime.store import pinned_bytes
 
 logger = logging.getLogger(__name__)
 
 GB = 1e9
-_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'8GB' → 8e9, '512MiB' → 536870912 (decimal KB/MB/GB/TB, binary KiB/MiB/GiB/TiB)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*", text.lower())
-    if not m:
-        raise OffloadConfigError(f"cannot read {text!r} as an amount of memory; write e.g. '8GB', '512MiB' or 'auto'")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
 
 
 def host_memory() -> tuple[int, int]:

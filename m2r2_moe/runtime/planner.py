@@ -79,6 +79,31 @@ class PlannerCore:
     def add_spent(self, seconds: float) -> None:
         self.spent += seconds
 
+    # -- what is kept across runs (a warm start's profile, m2r2_moe/warm.py) ---------------------------
+    def export_state(self) -> dict:
+        """What was learned online that outlives a run: the calibration counts `[2, L + 1, BINS, 2]` (source,
+        distance, score bin, (used, seen)) flattened, each layer's usage prior `[L, E]` and the regret counts."""
+        width = self.num_layers + 1
+        counts = [0.0] * (2 * width * BINS * 2)
+        for (source, distance, b), (used, seen) in self._counts.items():
+            i = ((source * width + distance) * BINS + b) * 2
+            counts[i], counts[i + 1] = used, seen
+        return {"num_layers": self.num_layers, "num_experts": self.num_experts, "counts": counts,
+                "prior": [list(row) for row in self.prior], "regret": [self.regretted, self.evictions]}
+
+    def import_state(self, state: dict) -> None:
+        """Start from `export_state`'s output (of either twin); the rest (mirror, benefit balance) starts afresh.
+        ValueError, changing nothing, when it was made for another geometry."""
+        width = self.num_layers + 1
+        counts, prior, regret = checked_state(state, self.num_layers, self.num_experts)
+        self._counts = {}
+        for i in range(0, len(counts), 2):
+            if counts[i] or counts[i + 1]:
+                b, rest = (i // 2) % BINS, (i // 2) // BINS
+                self._counts[(rest // width, rest % width, b)] = [counts[i], counts[i + 1]]
+        self.prior = prior
+        self.regretted, self.evictions = regret
+
     # -- the per-layer decision ----------------------------------------------------------------------
     def layer(self, layer: int, decode: bool, now: int, keys: list[int], served: list[int], evicted: list[int],
               probs, wraps: bool, horizon: int, miss: float, transfer: float, compute: float, busy: float,
@@ -197,6 +222,27 @@ class PlannerCore:
                     out.append((target, expert))
             self._wanted[target] = experts
         return out
+
+
+def checked_state(state: dict, num_layers: int, num_experts: int):
+    """(counts, prior, regret) of an exported planner state, as floats, checked against this geometry; ValueError
+    naming what does not match."""
+    size = 2 * (num_layers + 1) * BINS * 2
+    try:
+        if (int(state["num_layers"]), int(state["num_experts"])) != (num_layers, num_experts):
+            raise ValueError(f"it was learned for {state['num_layers']} MoE layers of {state['num_experts']} experts, "
+                             f"this planner has {num_layers} of {num_experts}")
+        counts = [float(x) for x in state["counts"]]
+        prior = [[float(x) for x in row] for row in state["prior"]]
+        regret = [float(x) for x in state["regret"]]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"not a planner state (needs num_layers, num_experts, counts, prior, regret): {e!r}") from None
+    if len(counts) != size or len(prior) != num_layers or any(len(r) != num_experts for r in prior) or len(regret) != 2:
+        raise ValueError(f"planner state of the wrong shape: {len(counts)} counts (expected {size}), prior "
+                         f"{len(prior)} x {len(prior[0]) if prior else 0} (expected {num_layers} x {num_experts})")
+    if not all(math.isfinite(x) and x >= 0 for x in counts + [v for r in prior for v in r] + regret):
+        raise ValueError("planner state has negative or non-finite counts")
+    return counts, prior, regret
 
 
 def make_planner(num_layers: int, num_experts: int, key_stride: int, width: int, max_queued: int,
