@@ -68,3 +68,7 @@ class CopyTimeoutError(CopyError, TimeoutError):
 class OffloadedOperationError(M2R2Error, RuntimeError):
     """An offloaded model cannot do this in place (backward through its experts, a dtype or device change,
     a copy, loading expert weights); the message names what to do instead. Nothing was changed."""
+
+
+class OffloadConfigError(ValueError):
+    """An `OffloadConfig` field has a value the runtime cannot use."""

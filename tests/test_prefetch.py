@@ -301,8 +301,23 @@ def test_share_of_gain_and_ceiling_on_hand_made_runs():
     # the ceiling: no stall and no prediction cost, i.e. the floor: (20 - 13) / (20 - 10)
     assert all(r["share_ceiling"] == pytest.approx(0.7) and r["floor_per_token_s"] == 0.013 for r in runs)
     assert oracle["share_of_gain"] == pytest.approx(0.8)  # a run may beat the floor's ceiling only by noise
+    # the gap a predictor can close: to max(floor, limit) = 13 ms
+    assert m2r2["gap_closed"] == pytest.approx(4 / 7) and oracle["gap_closed"] == pytest.approx(8 / 7)
     _share_of_gain(runs)  # without a floor there is no ceiling
     assert all(r["share_ceiling"] is None for r in runs)
+
+
+def test_profile_prompts_come_from_the_models_own_text_or_text_given(tmp_path, capsys):
+    from m2r2_moe.cli import main
+    from m2r2_moe.profile.cli import prompt_text
+
+    assert prompt_text("builtin:tiny-qwen3-moe", None) == ["builtin:tiny-qwen3-moe:heldout"]
+    assert prompt_text("builtin", None) == ["builtin:heldout"]
+    assert prompt_text(str(tmp_path), None) == ["builtin:heldout"]  # a checkpoint: the default built-in text
+    assert prompt_text("builtin", "a.txt,b") == ["a.txt", "b"]
+    code = main(["profile", "--predictors", "none", "--text", str(tmp_path / "nowhere.txt")])
+    err = capsys.readouterr().err
+    assert code != 0 and "error: text file" in err and "nowhere.txt" in err and "Traceback" not in err
 
 
 def test_profile_tool_refuses_zero_repeats(capsys):

@@ -72,7 +72,7 @@ def test_warm_first_forward_misses_less(builtin, tmp_path):
     warm_misses, warm_prefetched, warm = _first_forward(model, prompts[2], cache_experts=32,
                                                         warm_start=tmp_path / "p.json")
     assert torch.equal(cold, warm)
-    assert cold_prefetched == 0 and warm_prefetched > 0
+    assert warm_prefetched > 0  # the warm start's copies served the first forward (cold, only prefill streaming does)
     assert warm_misses < cold_misses, (warm_misses, cold_misses)
 
 

@@ -63,6 +63,9 @@ def add_parser(sub) -> None:
     p.add_argument("--expert-format", default="model", type=_expert_format,
                    help="how experts cross the link: model (lossless), int8 or int4 (and their options, e.g. "
                         "int4-g32-sym); link ratios stay those of the uncompressed expert")
+    p.add_argument("--text", default=None,
+                   help="comma-separated text files, folders or corpus splits the prompts are cut from (default: "
+                        "a built-in model's own held-out text; for a checkpoint, the default built-in model's)")
     p.add_argument("--prompts", type=positive_int, default=1, help="held-out prompts to run")
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="runs of every configuration per prompt; the fastest is kept (noise only adds time)")
@@ -109,19 +112,30 @@ def _fastest(run, repeats: int, key):
     return min((run() for _ in range(repeats)), key=key)
 
 
+def prompt_text(model_spec: str, text: str | None) -> list[str]:
+    """The text prompts are cut from: `--text` as given, else a built-in model's own held-out split (the
+    default built-in model's for a checkpoint folder)."""
+    if text:
+        return [t for t in text.split(",") if t]
+    return [f"{model_spec}:heldout" if model_spec.startswith("builtin") else "builtin:heldout"]
+
+
 def references(model, tokenizer, layers, count: int, prompt_tokens: int, new_tokens: int,
-               repeats: int = 1) -> list:
-    """The reference run of each of `count` held-out prompts (the fastest of `repeats`)."""
+               repeats: int = 1, text: list[str] | None = None) -> list:
+    """The reference run of each of `count` held-out prompts (the fastest of `repeats`), cut from `text`."""
     stride = max(int(x.experts.num_experts) for x in layers)
     return [_fastest(lambda: reference_run(model, p, new_tokens, stride), repeats,
                      lambda ref: ref.decode_seconds_per_token)
-            for p in _prompts(tokenizer, count, prompt_tokens, model.config.vocab_size)]
+            for p in _prompts(tokenizer, count, prompt_tokens, model.config.vocab_size, text or ["builtin:heldout"])]
 
 
-def _prompts(tokenizer, count: int, length: int, vocab: int) -> list[torch.Tensor]:
+def _prompts(tokenizer, count: int, length: int, vocab: int, text: list[str]) -> list[torch.Tensor]:
     if tokenizer is None:  # a random model: random prompts
         return [torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(i)) for i in range(count)]
-    ids = token_stream(tokenizer, resolve_text(["builtin:heldout"]), max_tokens=count * length * 8)
+    ids = token_stream(tokenizer, resolve_text(text), max_tokens=count * length * 8)
+    if len(ids) < count * length:
+        raise ValueError(f"the prompt text ({', '.join(text)}) has {len(ids)} tokens; {count} prompt(s) of {length} "
+                         "need more: pass more text with --text, or fewer --prompts / --prompt-tokens")
     step = len(ids) // max(count, 1)
     return [ids[i * step : i * step + length].unsqueeze(0) for i in range(count)]
 
@@ -141,7 +155,10 @@ def main(args: argparse.Namespace) -> int:
         check_adapters(model, layers, args.model, args.adapters,
                        "--predictors" if "m2r2" in args.predictors else "--sweep-cache (runs m2r2)")
     ratios, policies, predictors = args.link_ratios, args.policies, args.predictors
-    refs = references(model, tokenizer, layers, args.prompts, args.prompt_tokens, args.new_tokens, args.repeats)
+    text = prompt_text(args.model, args.text)
+    if not args.prefill:
+        resolve_text(text)  # a missing file fails now, not after the reference runs
+    refs = references(model, tokenizer, layers, args.prompts, args.prompt_tokens, args.new_tokens, args.repeats, text)
     compute_layer = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
     expert_bytes = _expert_bytes(layers)
     if emulated:
@@ -173,6 +190,7 @@ def main(args: argparse.Namespace) -> int:
         runs[-1]["lookahead"] = depth
     _share_of_gain(runs, floor)
     print(report.table(runs))
+    print(report.LEGEND)
     print(f"\nmodel {args.model}: {len(layers)} MoE layers, {total} experts, {expert_bytes / 1e6:.2f} MB per expert; "
           f"compute {compute_layer * 1e3:.2f} ms per layer, {compute_layer * len(layers) * 1e3:.1f} ms per token "
           f"(un-offloaded); {len(refs)} prompt(s) x {args.new_tokens} new tokens")
@@ -185,7 +203,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _prefill_mode(args, model, tokenizer, cache, expert_bytes, compute_layer, emulated) -> int:
     """`--prefill`: the prompt forward's table (profile/prefill.py); exit status 1 if any logits differ."""
-    prompts = prefill_prompts(tokenizer, args.model, args.prefill, model.config.vocab_size)
+    prompts = prefill_prompts(tokenizer, prompt_text(args.model, args.text), args.prefill, model.config.vocab_size)
     gbps = {r: expert_bytes / (r * compute_layer) / 1e9 if emulated else None for r in args.link_ratios}
     rows = prefill_rows(model, prompts, args.link_ratios, gbps, args.repeats, device=args.device,
                         cache_experts=cache, policy=args.policies[0], predictor="none")
@@ -252,6 +270,8 @@ def _share_of_gain(runs: list[dict], floor: float | None = None) -> None:
         r["floor_per_token_s"] = floor
         r["share_ceiling"] = (None if floor is None or not gap or gap <= 0
                               else min(1.0, (b["time_per_token_s"] - floor) / gap))
+        bound = None if b is None or floor is None else b["time_per_token_s"] - max(floor, r["limit_per_token_s"])
+        r["gap_closed"] = None if not bound or bound <= 0 else (b["time_per_token_s"] - r["time_per_token_s"]) / bound
 
 
 def _outputs(args, runs, recorders, refs, ratios, caches, total) -> None:

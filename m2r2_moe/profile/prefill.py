@@ -23,15 +23,15 @@ from .. import api
 from ..corpus import resolve_text, token_stream
 
 
-def prefill_prompts(tokenizer, model_spec: str, lengths: list[int], vocab: int) -> dict[int, torch.Tensor]:
-    """{length: [1, length] ids}: the start of the model's held-out text (seeded random ids without a
-    tokenizer)."""
+def prefill_prompts(tokenizer, text: list[str], lengths: list[int], vocab: int) -> dict[int, torch.Tensor]:
+    """{length: [1, length] ids}: the start of `text` (files or corpus splits: the profiler's `prompt_text`;
+    seeded random ids without a tokenizer)."""
     longest = max(lengths)
     if tokenizer is None:
         ids = torch.randint(3, vocab, (longest,), generator=torch.Generator().manual_seed(0))
     else:
-        spec = f"{model_spec}:heldout" if model_spec.startswith("builtin") else "builtin:heldout"
-        ids = token_stream(tokenizer, resolve_text([spec]), max_tokens=longest)
+        spec = ", ".join(text)
+        ids = token_stream(tokenizer, resolve_text(text), max_tokens=longest)
         if len(ids) < longest:
             raise ValueError(f"the held-out text ({spec}) has {len(ids)} tokens; the longest prompt asks {longest}")
     return {n: ids[:n].view(1, n) for n in lengths}

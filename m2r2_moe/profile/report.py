@@ -7,22 +7,43 @@ from pathlib import Path
 
 from .recorder import Recorder
 
-COLUMNS = ["predictor", "link_ratio", "cache_experts", "policy", "ms/token", "limit ms", "stall ms/token",
-           "hits", "pf hits", "late", "misses", "MB moved", "MB wasted", "share of gain", "ceiling", "stall removed", "identical"]
+COLUMNS = ["predictor", "link_ratio", "cache_experts", "policy", "ms/token", "x none", "limit ms", "stall ms/token",
+           "hits", "pf hits", "late", "misses", "MB moved", "MB wasted", "share of gain", "ceiling", "gap closed",
+           "stall removed", "identical"]
+LEGEND = """columns:
+  ms/token        decode time per generated token (the fastest of --repeats, mean over the prompts)
+  x none          ms/token over that of `none` (on-demand loading) in the same regime, cache and policy: < 1 is faster
+  limit ms        max(un-offloaded compute, bytes Belady's optimal eviction must move / link bandwidth) per token
+  stall ms/token  time the compute side waited for expert copies
+  hits / pf hits / late / misses   expert uses found resident / resident thanks to a prefetch / prefetched but still
+                  in flight / loaded on demand
+  MB moved / MB wasted   bytes copied to the device / of them, prefetched and evicted unused
+  share of gain   (T_none - T) / (T_none - limit): the share of the way from on-demand loading to the limit
+  ceiling         the share of gain a run with no stall and no prediction cost would reach (the runtime floor)
+  gap closed      (T_none - T) / (T_none - max(floor, limit)): the share of the gap a predictor can close
+  stall removed   the share of `none`'s stall this run removed
+  identical       tokens equal to the un-offloaded model's"""
 
 
 def table(runs: list[dict]) -> str:
     rows = [[r["predictor"], f"{r['link_ratio']:g}", r["cache_experts"], r["policy"],
-             f"{r['time_per_token_s'] * 1e3:.1f}", f"{r['limit_per_token_s'] * 1e3:.1f}",
+             f"{r['time_per_token_s'] * 1e3:.1f}", _fixed(r.get("speedup_vs_none"), invert=True),
+             f"{r['limit_per_token_s'] * 1e3:.1f}",
              f"{r['stall_s_per_token'] * 1e3:.1f}", r["hits"], r["prefetch_hits"], r["late_prefetches"], r["misses"],
              f"{r['bytes_to_device'] / 1e6:.1f}", f"{r['wasted_bytes'] / 1e6:.1f}",
              "" if r.get("share_of_gain") is None else f"{r['share_of_gain']:.2f}",
-             "" if r.get("share_ceiling") is None else f"{r['share_ceiling']:.2f}",
+             "" if r.get("share_ceiling") is None else f"{r['share_ceiling']:.2f}", _fixed(r.get("gap_closed")),
              "" if r.get("stall_removed") is None else f"{r['stall_removed']:.2f}",
              "yes" if r["tokens_identical"] else "NO"] for r in runs]
     widths = [max(len(str(x)) for x in col) for col in zip(COLUMNS, *rows)]
     fmt = lambda row: "  ".join(str(x).rjust(w) for x, w in zip(row, widths))  # noqa: E731
     return "\n".join([fmt(COLUMNS), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def _fixed(value, invert: bool = False) -> str:
+    if value is None:
+        return ""
+    return f"{1 / value:.3f}" if invert else f"{value:.2f}"
 
 
 def chrome_trace(recorder: Recorder, path: str | Path, label: str) -> None:

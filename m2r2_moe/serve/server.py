@@ -24,6 +24,7 @@ from .worker import Job, ModelWorker
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 2**20
+DISCARD_LIMIT = 64 * 2**20  # an oversized body up to this is read and dropped before its 413
 POLL_S = 0.05  # how often a waiting handler looks at its client's socket
 
 
@@ -220,8 +221,24 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(411, "a Content-Length header is required (chunked request bodies are not supported)")
         if int(length) > MAX_BODY:
             self.close_connection = True
+            self._discard(int(length))
             raise ApiError(413, f"the request body is {int(length)} bytes; the limit is {MAX_BODY}")
         return self.rfile.read(int(length))
+
+    def _discard(self, length: int) -> None:
+        """Read and drop an oversized body (up to DISCARD_LIMIT, for at most a few seconds) before the 413 is sent:
+        a client still sending would otherwise see its connection reset instead of the answer."""
+        if length > DISCARD_LIMIT:
+            return
+        try:
+            self.connection.settimeout(5.0)
+            while length > 0:
+                chunk = self.rfile.read(min(length, 2**16))
+                if not chunk:
+                    return
+                length -= len(chunk)
+        except OSError:
+            pass
 
     def _drain(self) -> None:
         """Read and drop a request body we will not use, so the connection stays in step."""
