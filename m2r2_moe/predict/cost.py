@@ -1,6 +1,6 @@
 """What a predictor costs: parameters and FLOPs per token against the model's active ones, the measured time of
-the prefetcher's per-layer call (`predict_stacked`, batch 1; the fastest of many short bursts, and the median
-burst), and the FLOP share projected to Mixtral-8x7B.
+the prefetcher's per-layer call at batch 1 (`predict_host`, the one native call, where the predictor has it on
+this machine; else `predict_stacked`; the fastest of many short bursts, and the median burst), and the FLOP share projected to Mixtral-8x7B.
 
 FLOPs count a multiply-add as 2; the model's active FLOPs per token are 2 x its active parameters (the
 non-expert weights without the input embedding, plus top-k / E of the experts).
@@ -46,7 +46,8 @@ def projected_flops(predictor: Predictor, g: dict = MIXTRAL_8X7B) -> int | None:
 
 def time_per_layer(predictor: Predictor, layers, hidden: int, dtype: torch.dtype, bursts: int = 200,
                    calls: int = 10) -> dict[str, float]:
-    """Seconds per `predict_stacked` call at batch 1 (the prefetcher's decode path: residual, chosen and the
+    """Seconds per prediction call at batch 1 as the prefetcher makes it (`predict_host` where it answers, else
+    `predict_stacked`; the prefetcher's decode path: residual, chosen and the
     model's normed input), averaged over source layers. Timed in short bursts of `calls` calls per layer:
     `best` is the fastest burst (the cost on an otherwise idle core: other jobs only ever add to a burst),
     `median` the median burst (what a busy machine gave)."""
@@ -57,13 +58,15 @@ def time_per_layer(predictor: Predictor, layers, hidden: int, dtype: torch.dtype
     per_layer = []
     with torch.no_grad():
         for l in range(len(layers)):
+            host = predictor.predict_host(l, residual, chosen, normed=normed[l]) is not None
+            call = predictor.predict_host if host else predictor.predict_stacked  # as the prefetcher chooses
             for _ in range(calls):  # warm-up: one-time checks and allocations are not per token
-                predictor.predict_stacked(l, residual, chosen, normed=normed[l])
+                call(l, residual, chosen, normed=normed[l])
             times = []
             for _ in range(bursts):
                 start = time.perf_counter()
                 for _ in range(calls):
-                    predictor.predict_stacked(l, residual, chosen, normed=normed[l])
+                    call(l, residual, chosen, normed=normed[l])
                 times.append((time.perf_counter() - start) / calls)
             per_layer.append(sorted(times))
     return {"best": sum(t[0] for t in per_layer) / len(per_layer),
