@@ -47,7 +47,7 @@ void Planner::step(int64_t window) {
     }
     return;
   }
-  if (spent_ > 2 * saved_ && spent_ > 0) {
+  if (spent_ > saved_ && spent_ > 0) {  // not paying: predict on fewer layers (more again only at twice the cost)
     every_ = every_ >= num_layers_ ? 0 : every_ * 2;
   } else if (saved_ > 2 * spent_ && every_ > 1) {
     every_ /= 2;

@@ -84,6 +84,11 @@ def test_heads_native_batch1_path_matches_the_tensor_path(model_and_layers, wrap
             assert host is not None and host.shape == tuple(reference[:, 0].shape)
             assert torch.allclose(torch.from_numpy(host), reference[:, 0], atol=2e-6, rtol=1e-4)
     assert p.predict_host(0, residual.expand(2, 64)) is None  # several tokens: the tensor path
+    full = p.predict_host(0, residual)
+    for count in range(1, len(full) + 2):  # only the nearest depths: the same rows, computed alone
+        near = p.predict_host(0, residual, count=count)
+        assert near.shape[0] == min(count, len(full)) and torch.equal(torch.from_numpy(near),
+                                                                      torch.from_numpy(full[: len(near)]))
     adapters = AcceleratorAdapters(len(layers), 64, DEPTH, 4, mlp=random_heads(len(layers)))
     linear = make_predictor("m2r2", model, adapter, layers, DEPTH, adapters=adapters, kind="linear")
     assert linear.predict_host(0, residual) is None  # routed from the accelerated residual: no native path

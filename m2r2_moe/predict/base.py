@@ -55,10 +55,11 @@ class Predictor:
         return depths, (torch.stack([predictions[d] for d in depths]) if depths else None)
 
     def predict_host(self, layer: int, residual: torch.Tensor | None, chosen: torch.Tensor | None = None,
-                     normed: torch.Tensor | None = None):
+                     normed: torch.Tensor | None = None, count: int | None = None):
         """Decode at batch 1 on the CPU: the probabilities of `predict_stacked` as a float32 numpy array `[D, E]`
         from one native call (csrc/heads.cpp), or None when this predictor (or this build) has no such path —
-        the caller then uses `predict_stacked`."""
+        the caller then uses `predict_stacked`. `count`: only the nearest `count` depths are needed (a
+        predictor may compute fewer rows than D then, never fewer than `count`)."""
         return None
 
     def depths(self, layer: int) -> range:

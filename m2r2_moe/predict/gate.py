@@ -79,7 +79,7 @@ class GatePredictor(Predictor):
         depths = self.depths(layer)
         return self._scores(layer, residual.expand(len(depths), *residual.shape)) if len(depths) else {}
 
-    def predict_host(self, layer, residual, chosen=None, normed=None):
+    def predict_host(self, layer, residual, chosen=None, normed=None, count=None):
         host = self._host[layer]
         if host is None or residual.shape[0] != 1 or residual.dtype != torch.float32 or residual.device.type != "cpu":
             return None

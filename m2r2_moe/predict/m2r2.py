@@ -82,9 +82,11 @@ class M2R2Predictor(GatePredictor):
         return u[: a.hidden], u[a.hidden :], a.V[layer, :n].detach(), a.b[layer, :n].detach().unsqueeze(1)
 
     def _host_weights(self) -> list:
-        """mlp kind: per source layer, numpy views of the heads for the native batch-1 path (w1 `[H, n*M]`, b1,
-        w2 `[n, M, E]`, b2), or None where it does not apply (not on the CPU in float32, or no native heads in
-        this build). The linear kind has none: its targets are routed from the accelerated residual."""
+        """mlp kind: per source layer, for each count c = 1..n of nearest depths, the heads of those depths as
+        contiguous numpy arrays for the native batch-1 path (w1 `[H, c*M]`, b1, w2 `[c, M, E]`, b2), or None where
+        it does not apply (not on the CPU in float32, or no native heads in this build). The prefix copies let
+        the prefetcher compute only the depths its horizon needs. The linear kind has none: its targets are
+        routed from the accelerated residual."""
         from .. import _ext  # the only door to native code
 
         heads = self.adapters.mlp
@@ -96,11 +98,12 @@ class M2R2Predictor(GatePredictor):
             if not n:
                 out.append(None)
                 continue
-            out.append(tuple(t.detach().contiguous().numpy() for t in (
-                heads.w1[layer, :, : n * m], heads.b1[layer, : n * m], heads.w2[layer, :n], heads.b2[layer, :n])))
+            out.append([tuple(t.detach().contiguous().numpy() for t in (
+                heads.w1[layer, :, : c * m], heads.b1[layer, : c * m], heads.w2[layer, :c], heads.b2[layer, :c]))
+                for c in range(1, n + 1)])
         return out
 
-    def predict_host(self, layer, residual, chosen=None, normed=None):
+    def predict_host(self, layer, residual, chosen=None, normed=None, count=None):
         host = self._host[layer]
         if host is None or residual.shape[0] != 1 or residual.device.type != "cpu":
             return None
@@ -109,7 +112,8 @@ class M2R2Predictor(GatePredictor):
             return None
         from .. import _ext
 
-        return _ext.planner.mlp_softmax(x[0].detach().numpy(), *host)
+        weights = host[-1] if not count else host[min(count, len(host)) - 1]
+        return _ext.planner.mlp_softmax(x[0].detach().numpy(), *weights)
 
     def _normed(self, layer: int, residual: torch.Tensor, normed: torch.Tensor | None) -> torch.Tensor:
         if normed is not None:

@@ -71,7 +71,7 @@ class PlannerCore:
             if self._quiet >= window:  # probe again: the text (and the link) may have changed
                 self.every, self._quiet = self.num_layers, 0
             return
-        if self.spent > 2 * self.saved and self.spent > 0:
+        if self.spent > self.saved and self.spent > 0:  # not paying: fewer layers (more only at twice the cost)
             self.every = 0 if self.every >= self.num_layers else self.every * 2
         elif self.saved > 2 * self.spent and self.every > 1:
             self.every //= 2

@@ -57,11 +57,12 @@ class Prefetcher:
         if layer == 0:
             self._measure_link()
             self.planner.step(WINDOW)
-        probs = self._predict(layer, top_k_index, decode) if self.planner.active(layer) else None
         transfer = self._transfer_seconds()
+        horizon = self._horizon(transfer)
+        probs = self._predict(layer, top_k_index, decode, horizon) if self.planner.active(layer) else None
         miss = self._miss_seconds() or transfer
         queue, expect, withdraw = self.planner.layer(  # positional: the C++ twin's fastest call
-            layer, decode, now, keys, served, list(evicted), probs, self.predictor.wraps, self._horizon(transfer),
+            layer, decode, now, keys, served, list(evicted), probs, self.predictor.wraps, horizon,
             miss, transfer, self.clock.layer_seconds, self.link_busy, self.cache.free_slots(),
             self.cache.queued_prefetches(), self.min_prob)
         self._act(queue, expect, withdraw, now, frozenset(keys))
@@ -70,13 +71,14 @@ class Prefetcher:
             self.predictor.advance(top_k_index.shape[0])
         self.planner.add_spent(time.perf_counter() - start)
 
-    def _predict(self, layer, top_k_index, decode):
+    def _predict(self, layer, top_k_index, decode, horizon):
         """The predictor's probabilities `[D, E]` for distances 1..D, a float32 numpy array on the host (one
         device→host read per layer: which copies to issue depends on them); several tokens: each expert's
-        highest."""
+        highest. At decode, the native path computes only the distances within `horizon` (farther ones are
+        predicted again, closer, by later layers)."""
         residual, normed = (self.tap.residual[layer], self.tap.normed[layer]) if self.tap else (None, None)
         if decode:  # one native call where the predictor has one (CPU, float32)
-            probs = self.predictor.predict_host(layer, residual, top_k_index, normed=normed)
+            probs = self.predictor.predict_host(layer, residual, top_k_index, normed=normed, count=horizon or None)
             if probs is not None:
                 return probs
         depths, scores = self.predictor.predict_stacked(layer, residual, top_k_index, normed=normed)
