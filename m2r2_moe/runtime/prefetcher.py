@@ -9,7 +9,9 @@ each target layer's recent usage — and admits those whose expected value is po
 The prefetcher then queues the admitted copies nearest deadline first, marks predicted resident experts as
 needed soon (the `predictive` policy keeps them), withdraws queued copies a newer prediction no longer wants,
 and tells the planner what the cache did. When prefetching costs more than it saves the planner predicts on
-fewer layers, down to none, and probes again: prefetching must never make a model slower than on-demand loading.
+fewer layers, down to none, and probes again; and the wall time of decode steps with prefetching on and off is
+compared online (runtime/onoff.py), which catches the costs no layer can time: prefetching must never make a model
+slower than on-demand loading.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import torch
 
 from ..models.tap import LayerTap
 from ..predict.base import Predictor, as_probabilities
+from .onoff import OnOff
 from .planner import make_planner
 
 WINDOW = 64  # forwards over which the benefit balance is kept
+OFF = 2.0  # a floor on the probability of use no candidate reaches: the planner settles and admits nothing
 
 
 class Prefetcher:
@@ -42,6 +46,8 @@ class Prefetcher:
         self._stall_mark = (0.0, 0, 0, 0, 0)  # stall, misses, late at the last call; its new misses and late ones
         # r_l and norm_l(r_l) as the model computed them, for predictors that read the residual
         self.tap = LayerTap(layers, residual=True, routing=False) if predictor.needs_residual else None
+        self.onoff = OnOff()  # seconds per decode step with prefetching on against off (runtime/onoff.py)
+        self.on = True
 
     def remove(self) -> None:
         if self.tap is not None:
@@ -57,14 +63,16 @@ class Prefetcher:
         if layer == 0:
             self._measure_link()
             self.planner.step(WINDOW)
+            self.on = self.onoff.step(start, decode)
         transfer = self._transfer_seconds()
         horizon = self._horizon(transfer)
-        probs = self._predict(layer, top_k_index, decode, horizon) if self.planner.active(layer) else None
+        active = self.on and self.planner.active(layer)
+        probs = self._predict(layer, top_k_index, decode, horizon) if active else None
         miss = self._miss_seconds() or transfer
         queue, expect, withdraw = self.planner.layer(  # positional: the C++ twin's fastest call
             layer, decode, now, keys, served, list(evicted), probs, self.predictor.wraps, horizon,
             miss, transfer, self.clock.layer_seconds, self.link_busy, self.cache.free_slots(),
-            self.cache.queued_prefetches(), self.min_prob)
+            self.cache.queued_prefetches(), self.min_prob if self.on else OFF)
         self._act(queue, expect, withdraw, now, frozenset(keys))
         self.predictor.observe(layer, top_k_index)
         if layer == self.num_layers - 1:

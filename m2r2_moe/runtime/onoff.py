@@ -1,0 +1,69 @@
+"""Do no harm, measured: seconds per decode step with prefetching on against off, online.
+
+The planner's benefit balance weighs the stall its copies save against the time it spends predicting, which is
+all it can time from inside a layer. Some costs it cannot see: copies that slow the kernels down (memory
+traffic; on the CPU copy engine a worker thread beside the compute), wasted link time, caches the predictor's
+weights push out. So the prefetcher also measures the one number prefetching is for: the wall time of a decode
+step, in blocks of `BLOCK` steps run with prefetching on or off. After one block of each, every block runs the
+arm whose recent blocks were faster (the median step of each block, the mean of the last `MEMORY` blocks per
+arm), except one block in `PROBE`, which measures the other arm again: the text, the cache and the link change
+as a generation goes on, and a decision made early must be undone when they do.
+
+Only decode steps count (a prompt's forward takes much longer and is not a sample); the first step of a block is
+not timed, as it pays the switch itself (copies queued by the other arm). With nothing to gain the off arm wins
+and prefetching costs one probe block in `PROBE`; when prefetching pays it costs the same share of its gain.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+BLOCK = 8  # decode steps per block
+PROBE = 8  # one block in PROBE measures the arm not in use
+MEMORY = 4  # blocks of each arm averaged
+
+
+class OnOff:
+    """Chooses, per decode step, whether prefetching runs; `step(now, decode)` at the start of every forward."""
+
+    def __init__(self, block: int = BLOCK, probe: int = PROBE, memory: int = MEMORY):
+        self.block, self.probe = block, probe
+        self.blocks: dict[bool, deque] = {True: deque(maxlen=memory), False: deque(maxlen=memory)}
+        self.arm = True  # the arm of the current block (True: prefetching on)
+        self._count = 0  # blocks finished
+        self._steps = 0  # decode steps begun in the current block
+        self._times: list[float] = []  # timed steps of the current block
+        self._last: float | None = None  # start of the previous decode step
+
+    def step(self, now: float, decode: bool) -> bool:
+        """Whether prefetching runs in the forward starting at `now` (seconds, perf_counter). Forwards of
+        several tokens always prefetch and break the chain of decode steps (their time is not a sample)."""
+        if not decode:
+            self._last = None
+            return True
+        if self._last is not None and self._steps > 1:  # the previous step was timed (not the block's first)
+            self._times.append(now - self._last)
+        self._last = now
+        if self._steps >= self.block:
+            self._finish()
+        self._steps += 1
+        return self.arm
+
+    def _finish(self) -> None:
+        if self._times:
+            self.blocks[self.arm].append(statistics.median(self._times))
+        self._count += 1
+        self._steps, self._times = 0, []
+        self.arm = self.choose()
+
+    def choose(self) -> bool:
+        """The arm of the next block: each arm measured once first; then the faster, the other every PROBE-th."""
+        for arm in (True, False):
+            if not self.blocks[arm]:
+                return arm
+        best = self.mean(True) <= self.mean(False)
+        return (not best) if self._count % self.probe == 0 else best
+
+    def mean(self, arm: bool) -> float:
+        return statistics.fmean(self.blocks[arm]) if self.blocks[arm] else float("nan")

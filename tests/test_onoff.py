@@ -1,0 +1,70 @@
+"""The online on/off guard (runtime/onoff.py): decode steps timed per arm, the faster arm kept, the other probed."""
+
+import pytest
+import torch
+
+import m2r2_moe
+from m2r2_moe.runtime.onoff import OnOff
+
+
+def drive(guard: OnOff, seconds, steps: int) -> list[bool]:
+    """Run `steps` decode steps; a step with prefetching on takes seconds(True), off seconds(False)."""
+    now, arms = 0.0, []
+    for _ in range(steps):
+        arm = guard.step(now, decode=True)
+        arms.append(arm)
+        now += seconds(arm)
+    return arms
+
+
+def share_on(arms: list[bool]) -> float:
+    return sum(arms) / len(arms)
+
+
+def test_both_arms_are_measured_first_then_the_faster_is_kept():
+    guard = OnOff(block=4, probe=8)
+    arms = drive(guard, lambda on: 0.010 if on else 0.012, 4 * 40)
+    assert arms[:4] == [True] * 4 and arms[4:8] == [False] * 4  # one block of each
+    assert share_on(arms[8:]) > 0.8  # on is faster: kept, off only probed
+    assert not all(arms[8:])  # ... and probed
+    guard = OnOff(block=4, probe=8)
+    arms = drive(guard, lambda on: 0.014 if on else 0.012, 4 * 40)
+    assert share_on(arms[8:]) < 0.2 and any(arms[8:])  # prefetching slower: off, on probed now and then
+
+
+def test_a_change_of_regime_is_followed():
+    guard = OnOff(block=4, probe=4, memory=2)
+    slow_on = lambda on: 0.014 if on else 0.012  # noqa: E731
+    fast_on = lambda on: 0.008 if on else 0.012  # noqa: E731
+    drive(guard, slow_on, 4 * 20)
+    assert guard.choose() is False
+    arms = drive(guard, fast_on, 4 * 30)
+    assert share_on(arms[-40:]) > 0.6
+
+
+def test_the_first_step_of_a_block_and_prompt_forwards_are_not_samples():
+    guard = OnOff(block=4, probe=8)
+    now = 0.0
+    for i in range(4):  # the on block: its first step (after a slow switch) is not timed
+        guard.step(now, decode=True)
+        now += 1.0 if i == 0 else 0.010
+    assert guard.step(now, decode=False) is True  # a prompt's forward: prefetching on, and not a sample
+    now += 5.0
+    guard.step(now, decode=True)  # the next block begins
+    assert list(guard.blocks[True]) == [pytest.approx(0.010)]
+
+
+def test_an_offloaded_model_measures_both_arms_and_stays_lossless():
+    model, tok = m2r2_moe.load_builtin()
+    ids = tok("def add(a, b):\n    return", return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = model.generate(input_ids=ids, max_new_tokens=40, do_sample=False)
+    m2r2_moe.offload(model, device="cpu", cache_experts=24, predictor="gate", link_gbps=0.5)
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=40, do_sample=False)
+        guard = m2r2_moe.get_offloader(model).prefetcher.onoff
+        assert torch.equal(out, reference)
+        assert guard.blocks[True] and guard.blocks[False]  # 39 decode steps: blocks of both arms were timed
+    finally:
+        m2r2_moe.remove_offload(model)
