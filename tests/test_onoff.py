@@ -22,18 +22,18 @@ def share_on(arms: list[bool]) -> float:
 
 
 def test_both_arms_are_measured_first_then_the_faster_is_kept():
-    guard = OnOff(block=4, probe=8)
+    guard = OnOff(block=4, probe=8, settle=1)
     arms = drive(guard, lambda on: 0.010 if on else 0.012, 4 * 40)
     assert arms[:4] == [True] * 4 and arms[4:8] == [False] * 4  # one block of each
     assert share_on(arms[8:]) > 0.8  # on is faster: kept, off only probed
     assert not all(arms[8:])  # ... and probed
-    guard = OnOff(block=4, probe=8)
+    guard = OnOff(block=4, probe=8, settle=1)
     arms = drive(guard, lambda on: 0.014 if on else 0.012, 4 * 40)
     assert share_on(arms[8:]) < 0.2 and any(arms[8:])  # prefetching slower: off, on probed now and then
 
 
 def test_a_change_of_regime_is_followed():
-    guard = OnOff(block=4, probe=4, memory=2)
+    guard = OnOff(block=4, probe=4, memory=2, settle=1)
     slow_on = lambda on: 0.014 if on else 0.012  # noqa: E731
     fast_on = lambda on: 0.008 if on else 0.012  # noqa: E731
     drive(guard, slow_on, 4 * 20)
@@ -42,8 +42,8 @@ def test_a_change_of_regime_is_followed():
     assert share_on(arms[-40:]) > 0.6
 
 
-def test_the_first_step_of_a_block_and_prompt_forwards_are_not_samples():
-    guard = OnOff(block=4, probe=8)
+def test_the_settling_steps_of_a_block_and_prompt_forwards_are_not_samples():
+    guard = OnOff(block=4, probe=8, settle=1)
     now = 0.0
     for i in range(4):  # the on block: its first step (after a slow switch) is not timed
         guard.step(now, decode=True)
@@ -58,13 +58,13 @@ def test_an_offloaded_model_measures_both_arms_and_stays_lossless():
     model, tok = m2r2_moe.load_builtin()
     ids = tok("def add(a, b):\n    return", return_tensors="pt").input_ids
     with torch.no_grad():
-        reference = model.generate(input_ids=ids, max_new_tokens=40, do_sample=False)
+        reference = model.generate(input_ids=ids, max_new_tokens=72, do_sample=False)
     m2r2_moe.offload(model, device="cpu", cache_experts=24, predictor="gate", link_gbps=0.5)
     try:
         with torch.no_grad():
-            out = model.generate(input_ids=ids, max_new_tokens=40, do_sample=False)
+            out = model.generate(input_ids=ids, max_new_tokens=72, do_sample=False)
         guard = m2r2_moe.get_offloader(model).prefetcher.onoff
         assert torch.equal(out, reference)
-        assert guard.blocks[True] and guard.blocks[False]  # 39 decode steps: blocks of both arms were timed
+        assert guard.blocks[True] and guard.blocks[False]  # 71 decode steps: blocks of both arms were timed
     finally:
         m2r2_moe.remove_offload(model)

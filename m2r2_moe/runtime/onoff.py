@@ -9,8 +9,8 @@ arm whose recent blocks were faster (the median step of each block, the mean of 
 arm), except one block in `PROBE`, which measures the other arm again: the text, the cache and the link change
 as a generation goes on, and a decision made early must be undone when they do.
 
-Only decode steps count (a prompt's forward takes much longer and is not a sample); the first step of a block is
-not timed, as it pays the switch itself (copies queued by the other arm). With nothing to gain the off arm wins
+Only decode steps count (a prompt's forward takes much longer and is not a sample); the first `SETTLE` steps of a
+block are not timed: they still run on what the other arm left (its prefetched experts, its queued copies). With nothing to gain the off arm wins
 and prefetching costs one probe block in `PROBE`; when prefetching pays it costs the same share of its gain.
 """
 
@@ -19,7 +19,8 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
-BLOCK = 8  # decode steps per block
+BLOCK = 16  # decode steps per block
+SETTLE = 4  # steps at the start of a block not timed
 PROBE = 8  # one block in PROBE measures the arm not in use
 MEMORY = 4  # blocks of each arm averaged
 
@@ -27,8 +28,8 @@ MEMORY = 4  # blocks of each arm averaged
 class OnOff:
     """Chooses, per decode step, whether prefetching runs; `step(now, decode)` at the start of every forward."""
 
-    def __init__(self, block: int = BLOCK, probe: int = PROBE, memory: int = MEMORY):
-        self.block, self.probe = block, probe
+    def __init__(self, block: int = BLOCK, probe: int = PROBE, memory: int = MEMORY, settle: int = SETTLE):
+        self.block, self.probe, self.settle = block, probe, min(settle, block - 1)
         self.blocks: dict[bool, deque] = {True: deque(maxlen=memory), False: deque(maxlen=memory)}
         self.arm = True  # the arm of the current block (True: prefetching on)
         self._count = 0  # blocks finished
@@ -42,7 +43,7 @@ class OnOff:
         if not decode:
             self._last = None
             return True
-        if self._last is not None and self._steps > 1:  # the previous step was timed (not the block's first)
+        if self._last is not None and self._steps > self.settle:  # the previous step is past the block's settling
             self._times.append(now - self._last)
         self._last = now
         if self._steps >= self.block:
