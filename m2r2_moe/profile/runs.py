@@ -7,7 +7,6 @@ policy) generates the same prompt and is checked token for token against the ref
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -43,21 +42,31 @@ def reference_run(model, prompt: torch.Tensor, new_tokens: int, key_stride: int)
         if layer == last:
             chosen_per_forward.append([c.clone() for c in tap.chosen])
 
+    stamps = _Stamps()
     with LayerTap(layers, residual=False, on_routing=keep_forward) as tap, torch.no_grad():
-        prefill = math.inf
-        for _ in range(2):  # the first call also pays one-time warm-up: the faster is the prefill's time
-            start = time.perf_counter()
-            model.generate(input_ids=prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
-            prefill = min(prefill, time.perf_counter() - start)
-        chosen_per_forward.clear()
-        start = time.perf_counter()
-        tokens = model.generate(input_ids=prompt, **gen)
-        total = time.perf_counter() - start
+        tokens = model.generate(input_ids=prompt, streamer=stamps, **gen)
     trace = torch.cat([torch.stack(f, dim=1) for f in chosen_per_forward])  # [positions, L, K]
     requests = [frozenset(l * key_stride + e for e in torch.unique(f[l]).tolist())
                 for f in chosen_per_forward for l in range(len(layers))]
-    decode = max(total - prefill, 0.0) / max(new_tokens - 1, 1)
-    return Reference(prompt, tokens, trace, requests, len(layers), max(decode, 1e-6))  # timer noise: never <= 0
+    return Reference(prompt, tokens, trace, requests, len(layers), stamps.decode_seconds_per_token())
+
+
+class _Stamps:
+    """A `generate` streamer that only notes when each token came: the prompt, then one per forward."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def decode_seconds_per_token(self) -> float:
+        """From the first generated token (the prompt's forward) to the last: the decode forwards alone."""
+        decoded = self.times[2:]
+        return (decoded[-1] - self.times[1]) / len(decoded) if decoded else 0.0
 
 
 def limit_per_token(ref: Reference, cache_experts: int, expert_bytes: int, link_bytes_per_s: float | None,
