@@ -25,6 +25,7 @@ from _report import markdown_table, publish  # noqa: E402
 from m2r2_moe import api  # noqa: E402
 from m2r2_moe.loading import load_model  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
+from m2r2_moe.corpus import resolve_text  # noqa: E402
 from m2r2_moe.profile.cli import prompt_text  # noqa: E402
 from m2r2_moe.profile.prefill import chunked_prefill, measure_prefill, prefill_prompts, prefill_row  # noqa: E402
 from m2r2_moe.profile.runs import reference_run  # noqa: E402
@@ -96,7 +97,8 @@ def main() -> None:
         total = sum(int(x.experts.num_experts) for x in layers)
         layer = layers[0].experts
         expert_bytes = sum(getattr(layer, n)[0].numel() * getattr(layer, n).element_size() for n in layers[0].param_names)
-        prompts = prefill_prompts(tokenizer, prompt_text(spec, None), sorted(set(args.lengths + args.chunk_lengths)),
+        text = resolve_text(prompt_text(spec, None))
+        prompts = prefill_prompts(tokenizer, text, sorted(set(args.lengths + args.chunk_lengths)),
                                   model.config.vocab_size)
         compute = decode_layer_seconds(model, layers, prompts[max(prompts)], args.repeats)
         gbps = {r: expert_bytes / (r * compute) / 1e9 for r in args.link_ratios}

@@ -83,13 +83,21 @@ def one_of(choices):
     return parse
 
 
-def model_spec(text: str) -> str:
-    """An argparse type for `--model`: refuses a value that names no model, before anything loads."""
-    try:
-        check_model_spec(text)
-    except ModelSpecError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+def checked_by(check, errors):
+    """An argparse type that runs `check(text)` and reports its `errors` as argparse's own, keeping the text."""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except errors as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return parse
+
+
+# `--model`: refuses a value that names no model, before anything loads
+model_spec = checked_by(check_model_spec, ModelSpecError)
 
 
 def existing_file(text: str) -> str:

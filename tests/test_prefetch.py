@@ -317,7 +317,7 @@ def test_profile_prompts_come_from_the_models_own_text_or_text_given(tmp_path, c
     assert prompt_text("builtin", "a.txt,b") == ["a.txt", "b"]
     code = main(["profile", "--predictors", "none", "--text", str(tmp_path / "nowhere.txt")])
     err = capsys.readouterr().err
-    assert code != 0 and "error: text file" in err and "nowhere.txt" in err and "Traceback" not in err
+    assert code != 0 and "error: --text: text file" in err and "nowhere.txt" in err and "Traceback" not in err
 
 
 def test_profile_tool_refuses_zero_repeats(capsys):

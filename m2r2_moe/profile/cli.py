@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..cli_common import (UsageError, add_model_argument, check_adapters, check_cache_experts, check_device,
-                          existing_file, listed, one_of, positive_float, positive_int, probability, require_matplotlib)
+from ..cli_common import (UsageError, add_model_argument, checked_by, check_adapters, check_cache_experts, check_device,
+                          existing_file, listed, one_of, positive_float, positive_int, probability, require_matplotlib,
+                          text_files)
 from ..config import MIN_LINK_GBPS, POLICIES, OffloadConfigError, parse_expert_format
 from ..corpus import resolve_text, token_stream
 from ..loading import load_model
@@ -60,7 +61,7 @@ def add_parser(sub) -> None:
     p.add_argument("--min-prob", type=probability, default=None,
                    help="prefetch_min_prob: smallest predicted probability worth a prefetch, in (0, 1] "
                         "(default: the runtime's)")
-    p.add_argument("--expert-format", default="model", type=_expert_format,
+    p.add_argument("--expert-format", default="model", type=checked_by(parse_expert_format, OffloadConfigError),
                    help="how experts cross the link: model (lossless), int8 or int4 (and their options, e.g. "
                         "int4-g32-sym); link ratios stay those of the uncompressed expert")
     p.add_argument("--text", default=None,
@@ -88,14 +89,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=main)
 
 
-def _expert_format(text: str) -> str:
-    try:
-        parse_expert_format(text)
-    except OffloadConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 def _depth(text: str) -> str | int:
     return "auto" if text == "auto" else positive_int(text)
 
@@ -121,20 +114,22 @@ def prompt_text(model_spec: str, text: str | None) -> list[str]:
 
 
 def references(model, tokenizer, layers, count: int, prompt_tokens: int, new_tokens: int,
-               repeats: int = 1, text: list[str] | None = None) -> list:
-    """The reference run of each of `count` held-out prompts (the fastest of `repeats`), cut from `text`."""
+               repeats: int = 1, files: list[Path] | None = None) -> list:
+    """The reference run of each of `count` held-out prompts (the fastest of `repeats`), cut from the text
+    `files` (default: the default built-in model's held-out split)."""
     stride = max(int(x.experts.num_experts) for x in layers)
     return [_fastest(lambda: reference_run(model, p, new_tokens, stride), repeats,
                      lambda ref: ref.decode_seconds_per_token)
-            for p in _prompts(tokenizer, count, prompt_tokens, model.config.vocab_size, text or ["builtin:heldout"])]
+            for p in _prompts(tokenizer, count, prompt_tokens, model.config.vocab_size,
+                              files or resolve_text(["builtin:heldout"]))]
 
 
-def _prompts(tokenizer, count: int, length: int, vocab: int, text: list[str]) -> list[torch.Tensor]:
+def _prompts(tokenizer, count: int, length: int, vocab: int, files: list[Path]) -> list[torch.Tensor]:
     if tokenizer is None:  # a random model: random prompts
         return [torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(i)) for i in range(count)]
-    ids = token_stream(tokenizer, resolve_text(text), max_tokens=count * length * 8)
+    ids = token_stream(tokenizer, files, max_tokens=count * length * 8)
     if len(ids) < count * length:
-        raise ValueError(f"the prompt text ({', '.join(text)}) has {len(ids)} tokens; {count} prompt(s) of {length} "
+        raise ValueError(f"the prompt text ({', '.join(map(str, files))}) has {len(ids)} tokens; {count} prompt(s) of {length} "
                          "need more: pass more text with --text, or fewer --prompts / --prompt-tokens")
     step = len(ids) // max(count, 1)
     return [ids[i * step : i * step + length].unsqueeze(0) for i in range(count)]
@@ -146,6 +141,7 @@ def main(args: argparse.Namespace) -> int:
         require_matplotlib("--plots")
     emulated = check_device(args.device).type == "cpu"  # on CPU the link is emulated at each regime's speed
     torch.set_num_threads(args.threads)
+    files = text_files(prompt_text(args.model, args.text), "builtin:heldout")  # a missing file fails before loading
     model, tokenizer = load_model(args.model, torch.float32)
     adapter, layers = find_moe_layers(model)
     total = sum(int(x.experts.num_experts) for x in layers)
@@ -155,16 +151,13 @@ def main(args: argparse.Namespace) -> int:
         check_adapters(model, layers, args.model, args.adapters,
                        "--predictors" if "m2r2" in args.predictors else "--sweep-cache (runs m2r2)")
     ratios, policies, predictors = args.link_ratios, args.policies, args.predictors
-    text = prompt_text(args.model, args.text)
-    if not args.prefill:
-        resolve_text(text)  # a missing file fails now, not after the reference runs
-    refs = references(model, tokenizer, layers, args.prompts, args.prompt_tokens, args.new_tokens, args.repeats, text)
+    refs = references(model, tokenizer, layers, args.prompts, args.prompt_tokens, args.new_tokens, args.repeats, files)
     compute_layer = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
     expert_bytes = _expert_bytes(layers)
     if emulated:
         _check_link_ratios(ratios, expert_bytes, compute_layer)
     if args.prefill:
-        return _prefill_mode(args, model, tokenizer, caches[0], expert_bytes, compute_layer, emulated)
+        return _prefill_mode(args, model, tokenizer, files, caches[0], expert_bytes, compute_layer, emulated)
     plan = [(ratio, cache, policy, name) for ratio in ratios for cache in caches for policy in policies
             for name in predictors]
     if args.sweep_cache:
@@ -201,9 +194,9 @@ def main(args: argparse.Namespace) -> int:
     return 0 if all(r["tokens_identical"] for r in checked) else 1
 
 
-def _prefill_mode(args, model, tokenizer, cache, expert_bytes, compute_layer, emulated) -> int:
+def _prefill_mode(args, model, tokenizer, files, cache, expert_bytes, compute_layer, emulated) -> int:
     """`--prefill`: the prompt forward's table (profile/prefill.py); exit status 1 if any logits differ."""
-    prompts = prefill_prompts(tokenizer, prompt_text(args.model, args.text), args.prefill, model.config.vocab_size)
+    prompts = prefill_prompts(tokenizer, files, args.prefill, model.config.vocab_size)
     gbps = {r: expert_bytes / (r * compute_layer) / 1e9 if emulated else None for r in args.link_ratios}
     rows = prefill_rows(model, prompts, args.link_ratios, gbps, args.repeats, device=args.device,
                         cache_experts=cache, policy=args.policies[0], predictor="none")

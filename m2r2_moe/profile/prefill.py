@@ -16,24 +16,23 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 
 import torch
 
 from .. import api
-from ..corpus import resolve_text, token_stream
+from ..corpus import token_stream
 
 
-def prefill_prompts(tokenizer, text: list[str], lengths: list[int], vocab: int) -> dict[int, torch.Tensor]:
-    """{length: [1, length] ids}: the start of `text` (files or corpus splits: the profiler's `prompt_text`;
-    seeded random ids without a tokenizer)."""
+def prefill_prompts(tokenizer, files: list[Path], lengths: list[int], vocab: int) -> dict[int, torch.Tensor]:
+    """{length: [1, length] ids}: the start of the text `files` (seeded random ids without a tokenizer)."""
     longest = max(lengths)
     if tokenizer is None:
         ids = torch.randint(3, vocab, (longest,), generator=torch.Generator().manual_seed(0))
     else:
-        spec = ", ".join(text)
-        ids = token_stream(tokenizer, resolve_text(text), max_tokens=longest)
+        ids = token_stream(tokenizer, files, max_tokens=longest)
         if len(ids) < longest:
-            raise ValueError(f"the held-out text ({spec}) has {len(ids)} tokens; the longest prompt asks {longest}")
+            raise ValueError(f"the text ({', '.join(map(str, files))}) has {len(ids)} tokens; the longest prompt asks {longest}")
     return {n: ids[:n].view(1, n) for n in lengths}
 
 
