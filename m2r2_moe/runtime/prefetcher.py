@@ -77,7 +77,8 @@ class Prefetcher:
         self.predictor.observe(layer, top_k_index)
         if layer == self.num_layers - 1:
             self.predictor.advance(top_k_index.shape[0])
-        self.planner.add_spent(time.perf_counter() - start)
+        if self.on:  # the off arm's bookkeeping is not prediction's cost
+            self.planner.add_spent(time.perf_counter() - start)
 
     def _predict(self, layer, top_k_index, decode, horizon):
         """The predictor's probabilities `[D, E]` for distances 1..D, a float32 numpy array on the host (one
