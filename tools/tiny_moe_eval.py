@@ -51,8 +51,9 @@ def chunk_stream(stream: np.ndarray, seq_len: int, limit: int | None = None) -> 
 
 
 @torch.no_grad()
-def eval_loss(model, chunks: torch.Tensor, batch: int) -> float:
-    """Mean next-token loss (nats) over all predicted positions of the chunks."""
+def eval_loss(model, chunks: torch.Tensor, batch: int, after_batch=None) -> float:
+    """Mean next-token loss (nats) over all predicted positions of the chunks; `after_batch(ids)` is called
+    after each batch's forward."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(chunks), batch):
@@ -61,27 +62,26 @@ def eval_loss(model, chunks: torch.Tensor, batch: int) -> float:
         n = ids[:, 1:].numel()
         total += lm_loss(logits, ids).item() * n
         count += n
+        if after_batch is not None:
+            after_batch(ids)
     model.train()
     return total / count
 
 
-@torch.no_grad()
 def routing_on(model, chunks: torch.Tensor, batch: int) -> tuple[float, np.ndarray]:
     """Held-out loss (nats/token) and top-k expert choices [n_chunks, T, L, k] over the chunks."""
-    model.eval()
-    tap = RouterTap(model)
-    total, count, choices = 0.0, 0, []
+    tap, choices = RouterTap(model), []
     k = model.config.num_experts_per_tok
-    for i in range(0, len(chunks), batch):
-        ids = chunks[i : i + batch]
-        logits = model(input_ids=ids, use_cache=False).logits
-        n = ids[:, 1:].numel()
-        total += lm_loss(logits, ids).item() * n
-        count += n
+
+    def keep(ids: torch.Tensor) -> None:
         per_layer = [lg.float().topk(k, dim=-1).indices.view(*ids.shape, k) for lg in tap.pop()]  # L x [B, T, k]
         choices.append(torch.stack(per_layer, dim=2).numpy())  # [B, T, L, k]
-    tap.remove()
-    return total / count, np.concatenate(choices)
+
+    try:
+        loss = eval_loss(model, chunks, batch, keep)
+    finally:
+        tap.remove()
+    return loss, np.concatenate(choices)
 
 
 def expert_usage(choices: np.ndarray, num_experts: int) -> np.ndarray:
