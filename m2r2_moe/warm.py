@@ -1,7 +1,7 @@
 """Warm starts: what a run learned about a model, kept in a small file, so the next process starts warm.
 
-Every offloaded model counts how often each expert of each MoE layer is used (`UsageCounter`, a hook on the
-experts modules: one `index_add_` per layer call on the device, no host sync). `save_profile(model, path)`
+Every offloaded model counts how often each expert of each MoE layer is used (`UsageCounter`, fed by the
+offloader's layer calls: one `index_add_` per layer call on the device, no host sync). `save_profile(model, path)`
 writes that popularity and what the prefetch planner learned online (its calibration of P(used | source,
 distance, score) and each layer's usage prior, runtime/planner.py) to a JSON file with a version and the
 model's fingerprint (`predict.model_fingerprint`: routers, norms, geometry). `offload(..., warm_start=path)`
@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from .errors import M2R2Error
-from .models.tap import LayerTap
 from .runtime.planner import checked_state
 
 logger = logging.getLogger(__name__)
@@ -108,7 +107,8 @@ def read_profile(path, model, layers) -> Profile:
 
 
 class UsageCounter:
-    """Uses of each expert of each MoE layer, counted on the device as the model routes (no host sync)."""
+    """Uses of each expert of each MoE layer, counted on the device as the model routes (no host sync): the
+    offloader calls `count` with each layer call's routing."""
 
     def __init__(self, layers, device: torch.device, start: Profile | None = None):
         width = max(int(layer.experts.num_experts) for layer in layers)
@@ -119,23 +119,19 @@ class UsageCounter:
                 self.counts[layer, : len(row)] = torch.tensor(row, dtype=torch.float64)
             self.tokens = start.tokens
         self._ones = torch.ones(0, dtype=torch.float64, device=device)
-        self.tap = LayerTap(layers, residual=False, routing=False, on_routing=self._count)
 
-    def _count(self, layer: int) -> None:
-        chosen = self.tap.chosen[layer].reshape(-1)  # [T * K]
+    def count(self, layer: int, top_k_index: torch.Tensor) -> None:
+        """One layer call's routing, `top_k_index [T, K]`."""
+        chosen = top_k_index.reshape(-1)  # [T * K]
         if chosen.numel() > self._ones.numel():
             self._ones = torch.ones(chosen.numel(), dtype=torch.float64, device=self.counts.device)
         self.counts[layer].index_add_(0, chosen, self._ones[: chosen.numel()])
         if layer == 0:
-            self.tokens += self.tap.chosen[layer].shape[0]
+            self.tokens += top_k_index.shape[0]
 
     def usage(self, num_experts: list[int]) -> list[list[float]]:
         counts = self.counts.cpu()
         return [counts[layer, :n].tolist() for layer, n in enumerate(num_experts)]
-
-    def remove(self) -> None:
-        self.tap.remove()
-
 
 class WarmState:
     """One offloaded model's usage counter and, after a warm start, the fill of its slots."""
@@ -144,7 +140,7 @@ class WarmState:
         from .runtime.warm_fill import WarmFill
 
         self.offloader, self.path = offloader, path
-        self.counter = UsageCounter(offloader.layers, offloader.device, profile)
+        self.counter = offloader.usage = UsageCounter(offloader.layers, offloader.device, profile)
         self.fill = None
         if profile is None:
             return
@@ -180,4 +176,4 @@ class WarmState:
     def close(self) -> None:
         if self.fill is not None:
             self.fill.close()
-        self.counter.remove()
+        self.offloader.usage = None

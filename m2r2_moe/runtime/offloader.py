@@ -66,6 +66,7 @@ class Offloader:
         self.top_k = adapter.top_k(model)  # sizes predicted sets
         self.prefill = PrefillStream(self.cache, self.clock, self.num_experts, self.expert_bytes, self.top_k)
         self.phases = PhaseMeter(self.cache, len(layers))  # prefill and decode counted apart
+        self.usage = None  # a warm.UsageCounter, fed each layer call's routing (set by attach)
         self.prefetcher = None  # set by attach_predictor
 
     @property
@@ -145,6 +146,8 @@ class Offloader:
             self.stats.tokens += tokens
         self.stats.layer_calls += 1
         self.phases.started(layer, tokens)
+        if self.usage is not None:
+            self.usage.count(layer, top_k_index)
         listening = bool(self.events.listeners)
         if listening:
             self.events.layer_started(self.clock.step, layer, tokens)
