@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu_copy.hpp"
 #include "heads.hpp"
 #include "planner.hpp"
 
@@ -89,6 +90,44 @@ Array mlp_softmax(const Array& x, const Array& w1, const Array& b1, const Array&
   return out;
 }
 
+// The CPU copy engine for Python (runtime/cpu_native.py wraps it). The engine is shared with its copies'
+// handles, which lock its mutex to read a copy's fields; `close` (also on the engine's deallocation) releases
+// the GIL while it joins the worker, which may be waiting for the GIL inside the hook.
+struct CopyEngine {
+  py::object hook;  // hook(id) -> seconds added to the link time, < 0 when the copy failed
+  std::shared_ptr<m2r2::CpuCopyEngine> engine;
+
+  CopyEngine(double bytes_per_s, double latency_s, py::object fn, double spin_s) : hook(std::move(fn)) {
+    PyObject* raw = hook.ptr();  // borrowed: `hook` outlives the worker, which `close` joins first
+    engine = std::make_shared<m2r2::CpuCopyEngine>(bytes_per_s, latency_s, [raw](int64_t id) -> double {
+      py::gil_scoped_acquire gil;
+      try {
+        return py::reinterpret_borrow<py::object>(raw)(id).cast<double>();
+      } catch (py::error_already_set& e) {
+        e.discard_as_unraisable("m2r2_moe CPU copy engine hook");
+        return -1.0;
+      } catch (const std::exception&) {
+        return -1.0;
+      }
+    }, spin_s);
+  }
+  ~CopyEngine() {
+    py::gil_scoped_release nogil;
+    engine->close();
+  }
+};
+
+struct Copy {
+  std::shared_ptr<m2r2::CpuCopyEngine> engine;
+  std::shared_ptr<m2r2::CpuCopy> copy;
+
+  template <typename T>
+  T read(T m2r2::CpuCopy::*field) const {
+    std::lock_guard<m2r2::SpinFirstMutex> lk(engine->mutex());
+    return (*copy).*field;
+  }
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_native_plan, m) {
@@ -98,6 +137,39 @@ PYBIND11_MODULE(_native_plan, m) {
         "gate at batch 1: softmax per distance of rms_norm(x) @ w [H, n*E] -> [n, E] (csrc/heads.hpp)");
   m.def("mlp_softmax", &mlp_softmax, py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
         "M2R2 heads at batch 1: softmax per distance of relu(x @ w1 + b1) @ w2[d] + b2[d] -> [n, E]");
+  py::class_<Copy>(m, "CpuCopy", "one copy on the C++ CPU copy engine (csrc/cpu_copy.hpp)")
+      .def_property_readonly("done", [](const Copy& c) { return c.copy->done.load(std::memory_order_acquire); })
+      .def_property_readonly("priority", [](const Copy& c) { return c.read(&m2r2::CpuCopy::priority); })
+      .def_property_readonly("claimed", [](const Copy& c) { return c.read(&m2r2::CpuCopy::claimed); })
+      .def_property_readonly("cancelled", [](const Copy& c) { return c.read(&m2r2::CpuCopy::cancelled); })
+      .def_property_readonly("failed", [](const Copy& c) { return c.read(&m2r2::CpuCopy::failed); })
+      .def_property_readonly("started_at", [](const Copy& c) { return c.read(&m2r2::CpuCopy::started_at); })
+      .def_property_readonly("finished_at", [](const Copy& c) { return c.read(&m2r2::CpuCopy::finished_at); })
+      .def_property_readonly("busy", [](const Copy& c) { return c.read(&m2r2::CpuCopy::busy); })
+      .def_property_readonly("hook_seconds", [](const Copy& c) { return c.read(&m2r2::CpuCopy::hook_seconds); })
+      .def("wait", [](const Copy& c, double timeout) { return c.engine->wait(c.copy, timeout); },
+           py::arg("timeout"), py::call_guard<py::gil_scoped_release>(),
+           "wait until the copy is done (timeout < 0: forever), without the GIL; False on timeout");
+  py::class_<CopyEngine>(m, "CpuCopyEngine", "C++ twin of runtime/cpu_engine.py's ThreadCopyEngine")
+      .def(py::init<double, double, py::object, double>(), py::arg("bytes_per_s"), py::arg("latency_s"),
+           py::arg("hook"), py::arg("spin_s"))
+      .def("submit",
+           [](CopyEngine& e, int64_t id, int64_t key, int64_t slot, int64_t nbytes, int priority, uintptr_t dst,
+              uintptr_t src, int64_t copy_bytes, bool hooked) -> py::object {
+             auto t = e.engine->submit(id, key, slot, nbytes, priority, reinterpret_cast<char*>(dst),
+                                       reinterpret_cast<const char*>(src), copy_bytes, hooked);
+             if (!t) throw std::runtime_error("copy engine is closed");
+             return py::cast(Copy{e.engine, std::move(t)});
+           },
+           py::arg("id"), py::arg("key"), py::arg("slot"), py::arg("nbytes"), py::arg("priority"), py::arg("dst"),
+           py::arg("src"), py::arg("copy_bytes"), py::arg("hooked"))
+      .def("cancel", [](CopyEngine& e, const Copy& c) { return e.engine->cancel(c.copy); })
+      .def("promote", [](CopyEngine& e, const Copy& c) { e.engine->promote(c.copy); })
+      .def("close", [](CopyEngine& e) { e.engine->close(); }, py::call_guard<py::gil_scoped_release>())
+      .def("link_seconds", [](CopyEngine& e, int64_t nbytes) { return e.engine->link_seconds(nbytes); })
+      .def_property_readonly("bytes_copied", [](CopyEngine& e) { return e.engine->bytes_copied(); })
+      .def_property_readonly("busy_seconds", [](CopyEngine& e) { return e.engine->busy_seconds(); });
+  m.def("monotonic_seconds", &m2r2::monotonic_seconds, "the engine's clock (time.perf_counter's on Linux)");
   py::class_<m2r2::Planner>(m, "Planner")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t>(), py::arg("num_layers"), py::arg("num_experts"),
            py::arg("key_stride"), py::arg("width"), py::arg("max_queued"))

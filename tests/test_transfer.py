@@ -1,12 +1,20 @@
-"""The CPU copy engine: real copies, demand before prefetch, emulated serial link timing."""
+"""The CPU copy engines (the C++ worker and its Python twin): real copies, demand before prefetch, emulated
+serial link timing. Every test runs on both."""
 
 import time
 
 import pytest
 import torch
 
+from m2r2_moe.runtime import cpu_native
 from m2r2_moe.runtime.cpu_engine import ThreadCopyEngine
 from m2r2_moe.runtime.transfer import DEMAND, PREFETCH
+
+_native = pytest.mark.skipif(not cpu_native.available(), reason="native module not built")
+ENGINES = [pytest.param(ThreadCopyEngine, id="python"),
+           pytest.param(lambda *a, **k: cpu_native.NativeCopyEngine(*a, spin=False, **k), id="native", marks=_native),
+           pytest.param(lambda *a, **k: cpu_native.NativeCopyEngine(*a, spin=True, **k), id="native-polling",
+                        marks=_native)]
 
 
 def _until_on_link(transfer) -> None:
@@ -15,8 +23,9 @@ def _until_on_link(transfer) -> None:
         time.sleep(0.0005)
 
 
-def test_copies_land_in_the_slot():
-    engine = ThreadCopyEngine()
+@pytest.mark.parametrize("Engine", ENGINES)
+def test_copies_land_in_the_slot(Engine):
+    engine = Engine()
     try:
         src, dst = torch.randn(1000), torch.zeros(1000)
         t = engine.submit(1, 0, dst, src)
@@ -27,8 +36,9 @@ def test_copies_land_in_the_slot():
         engine.close()
 
 
-def test_emulated_link_is_serial_and_timed():
-    engine = ThreadCopyEngine(link_gbps=0.001, link_latency_us=1000)  # 1 MB/s + 1 ms
+@pytest.mark.parametrize("Engine", ENGINES)
+def test_emulated_link_is_serial_and_timed(Engine):
+    engine = Engine(link_gbps=0.001, link_latency_us=1000)  # 1 MB/s + 1 ms
     try:
         src = [torch.randn(2500) for _ in range(3)]  # 10 kB each: 10 ms + 1 ms
         start = time.perf_counter()
@@ -46,8 +56,9 @@ def test_emulated_link_is_serial_and_timed():
         engine.close()
 
 
-def test_demand_loads_jump_queued_prefetches_and_preempt_the_one_on_the_link():
-    engine = ThreadCopyEngine(link_gbps=0.001)  # 1 MB/s: 10 ms per 10 kB copy
+@pytest.mark.parametrize("Engine", ENGINES)
+def test_demand_loads_jump_queued_prefetches_and_preempt_the_one_on_the_link(Engine):
+    engine = Engine(link_gbps=0.001)  # 1 MB/s: 10 ms per 10 kB copy
     try:
         src = torch.randn(2500)
         blocker_dst = torch.zeros(2500)
@@ -68,9 +79,10 @@ def test_demand_loads_jump_queued_prefetches_and_preempt_the_one_on_the_link():
         engine.close()
 
 
-def test_a_prefetch_never_preempts_another():
+@pytest.mark.parametrize("Engine", ENGINES)
+def test_a_prefetch_never_preempts_another(Engine):
     """Only demand loads cut in: a nearer prefetch queued while a farther one holds the link goes next."""
-    engine = ThreadCopyEngine(link_gbps=0.001)
+    engine = Engine(link_gbps=0.001)
     try:
         far = engine.submit(0, 0, torch.zeros(2500), torch.randn(2500), priority=3)
         _until_on_link(far)
@@ -81,8 +93,9 @@ def test_a_prefetch_never_preempts_another():
         engine.close()
 
 
-def test_promoting_a_partly_copied_prefetch_runs_its_rest_first():
-    engine = ThreadCopyEngine(link_gbps=0.001)
+@pytest.mark.parametrize("Engine", ENGINES)
+def test_promoting_a_partly_copied_prefetch_runs_its_rest_first(Engine):
+    engine = Engine(link_gbps=0.001)
     try:
         first = engine.submit(0, 0, torch.zeros(2500), torch.randn(2500), PREFETCH)
         other = engine.submit(1, 1, torch.zeros(250), torch.randn(250), PREFETCH)
@@ -99,8 +112,9 @@ def test_promoting_a_partly_copied_prefetch_runs_its_rest_first():
         engine.close()
 
 
-def test_failed_copy_reports_to_the_waiter():
-    engine = ThreadCopyEngine()
+@pytest.mark.parametrize("Engine", ENGINES)
+def test_failed_copy_reports_to_the_waiter(Engine):
+    engine = Engine()
     try:
         t = engine.submit(3, 0, torch.zeros(4), torch.zeros(5))  # shape mismatch
         try:
@@ -113,10 +127,11 @@ def test_failed_copy_reports_to_the_waiter():
         engine.close()
 
 
-def test_a_later_copy_into_the_same_slot_wins_over_a_preempted_one():
+@pytest.mark.parametrize("Engine", ENGINES)
+def test_a_later_copy_into_the_same_slot_wins_over_a_preempted_one(Engine):
     """A demand load into a slot whose evicted prefetch is still on the link (it cannot be withdrawn any
     more) pre-empts it; the slot ends up with the demand load's bytes, never the older copy's."""
-    engine = ThreadCopyEngine(link_gbps=0.001)
+    engine = Engine(link_gbps=0.001)
     try:
         slot = torch.zeros(2500)
         old = engine.submit(0, 7, slot, torch.ones(2500), PREFETCH)
@@ -129,3 +144,54 @@ def test_a_later_copy_into_the_same_slot_wins_over_a_preempted_one():
         assert torch.equal(slot, torch.full((2500,), 2.0))
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason="native module not built")
+def test_the_native_worker_copies_while_python_holds_the_gil():
+    """The point of the C++ worker: a plain copy lands, and its link time passes, while the compute thread
+    keeps the GIL (here a pure-Python loop with a 10 s switch interval, so no other Python thread runs)."""
+    import sys
+
+    engine = cpu_native.NativeCopyEngine(link_gbps=0.001)  # 10 ms per 10 kB copy
+    interval = sys.getswitchinterval()
+    try:
+        src, dst = torch.randn(2500), torch.zeros(2500)
+        sys.setswitchinterval(10.0)
+        t = engine.submit(0, 0, dst, src, PREFETCH)
+        deadline = time.perf_counter() + 5.0
+        while not t.ready() and time.perf_counter() < deadline:
+            pass  # never releases the GIL
+        landed = t.ready()
+    finally:
+        sys.setswitchinterval(interval)
+        engine.close()
+    assert landed and torch.equal(dst, src) and t.busy == pytest.approx(0.010, rel=1e-3)
+    assert not engine._hooked  # a plain copy never called back into Python
+
+
+def test_the_python_twin_needs_the_gil_to_copy():
+    """The same loop starves the Python worker: the reason the native one exists (this fails if the Python
+    worker ever stops needing the GIL, and then the native engine's reason to exist should be re-measured)."""
+    import sys
+
+    engine = ThreadCopyEngine(link_gbps=0.001)
+    interval = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(10.0)
+        t = engine.submit(0, 0, torch.zeros(2500), torch.randn(2500), PREFETCH)
+        deadline = time.perf_counter() + 0.2
+        while time.perf_counter() < deadline:
+            pass
+        starved = not t.ready()
+    finally:
+        sys.setswitchinterval(interval)
+        t.wait(10)
+        engine.close()
+    assert starved
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason="native module not built")
+@pytest.mark.parametrize("gbps", [0.0, -1.0, 1e-300, float("inf"), float("nan")])
+def test_the_native_engine_refuses_an_impossible_link(gbps):
+    with pytest.raises(ValueError, match="link_gbps"):
+        cpu_native.NativeCopyEngine(link_gbps=gbps)

@@ -69,7 +69,8 @@ def add_parser(sub) -> None:
                         "a built-in model's own held-out text; for a checkpoint, the default built-in model's)")
     p.add_argument("--prompts", type=positive_int, default=1, help="held-out prompts to run")
     p.add_argument("--repeats", type=positive_int, default=1,
-                   help="runs of every configuration per prompt; the fastest is kept (noise only adds time)")
+                   help="runs of every configuration per prompt, the predictors of a regime interleaved (a machine "
+                        "that slows down slows them alike); the fastest is kept (noise only adds time)")
     p.add_argument("--prompt-tokens", type=positive_int, default=64, help="tokens per prompt")
     p.add_argument("--new-tokens", type=_at_least_two, default=32, help="tokens generated per prompt (>= 2)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1: steadier timings)")
@@ -169,18 +170,30 @@ def main(args: argparse.Namespace) -> int:
                                                  device=args.device), args.repeats, _time) for ref in refs]
     floor = statistics.mean(r["time_per_token_s"] for r in floor_runs)
     runs, recorders = [], {}
-    for ratio, cache, policy, name in tqdm(plan, desc="profile runs"):
+    regimes: dict[tuple, list[str]] = {}  # (ratio, cache, policy) -> the predictors compared in it, in plan order
+    for ratio, cache, policy, name in plan:
+        regimes.setdefault((ratio, cache, policy), []).append(name)
+    bar = tqdm(total=len(plan) * args.repeats * len(refs), desc="profile runs")
+    for (ratio, cache, policy), names in regimes.items():
         link_s = ratio * compute_layer  # one expert's transfer time in this regime
         gbps = expert_bytes / link_s / 1e9 if emulated else None
         depth = min(max(math.ceil(ratio), 1), 4) if args.lookahead == "auto" else int(args.lookahead)
-        per_prompt = [_fastest(lambda: offloaded_run(model, ref, args.new_tokens, name, cache, gbps, policy,
-                                                     args.adapters, depth, args.device, args.min_prob,
-                                                     args.expert_format),
-                               args.repeats, _time) for ref in refs]
+        best: dict[tuple[str, int], dict] = {}  # (predictor, prompt) -> its fastest run
+        for _ in range(args.repeats):  # interleaved: a machine that slows down slows every predictor alike
+            for i, ref in enumerate(refs):
+                for name in names:
+                    run = offloaded_run(model, ref, args.new_tokens, name, cache, gbps, policy, args.adapters, depth,
+                                        args.device, args.min_prob, args.expert_format)
+                    if (name, i) not in best or _time(run) < _time(best[name, i]):
+                        best[name, i] = run
+                    bar.update()
         limits = [limit_per_token(ref, cache, expert_bytes, gbps and gbps * 1e9, args.new_tokens) for ref in refs]
-        recorders[(ratio, cache, policy, name)] = per_prompt[0]["recorder"]
-        runs.append(_merge(name, ratio, cache, policy, per_prompt, limits, gbps, args.new_tokens - 1))
-        runs[-1]["lookahead"] = depth
+        for name in names:
+            per_prompt = [best[name, i] for i in range(len(refs))]
+            recorders[(ratio, cache, policy, name)] = per_prompt[0]["recorder"]
+            runs.append(_merge(name, ratio, cache, policy, per_prompt, limits, gbps, args.new_tokens - 1))
+            runs[-1]["lookahead"] = depth
+    bar.close()
     _share_of_gain(runs, floor)
     print(report.table(runs))
     print(report.LEGEND)

@@ -1,4 +1,5 @@
-"""Which copy engine a runtime gets: CPU (thread, optional emulated link), CUDA (torch), or the native CUDA one."""
+"""Which copy engine a runtime gets: CPU (a C++ worker thread, or its Python twin where the native module is
+missing or M2R2_MOE_NO_EXT=1; optional emulated link), CUDA (torch), or the native CUDA one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 
 import torch
 
+from . import cpu_native
 from .cpu_engine import ThreadCopyEngine
 from .cuda_engine import CudaCopyEngine
 
@@ -27,4 +29,6 @@ def make_copy_engine(device: torch.device, link_gbps: float | None, link_latency
             logger.warning("M2R2_MOE_NATIVE_CUDA=1 but the native CUDA copy engine cannot run: %s", reason)
         # -- end native engine --
         return CudaCopyEngine(device)
+    if cpu_native.available():
+        return cpu_native.NativeCopyEngine(link_gbps, link_latency_us)
     return ThreadCopyEngine(link_gbps, link_latency_us)

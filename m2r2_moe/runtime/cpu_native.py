@@ -1,0 +1,214 @@
+"""The CPU copy engine with its worker in C++ (csrc/cpu_copy.hpp): the default on CPU when the native
+planner module is built; `cpu_engine.ThreadCopyEngine` is its Python twin and reference.
+
+Why: the Python engine's worker needs the GIL each time it wakes (a copy queued, a link hold ending, a copy
+landing), and takes it whenever the compute thread lets go of it around a torch op; the compute thread then
+waits to get it back. With prefetches on the link while a layer computes, that costs tens of µs per torch op
+(a `detach` measured 41 µs against 3 µs) — a tax on prefetching that only the CPU emulation has. This worker
+runs a plain copy (a memcpy, then the emulated link held on the monotonic clock) without Python.
+
+Same semantics as the twin (tests/test_transfer.py runs its tests on both): demand loads first, a demand
+load pre-empts a prefetch holding the emulated link, `promote`, `cancel`, link times on the host clock.
+Queueing a copy for a worker asleep on a condition variable costs the caller a futex wake (about 50 µs on a
+2-core VM: an inter-processor interrupt). When torch leaves a core free, the worker polls instead of sleeping
+(for up to `SPIN_S` when idle, and through each emulated link hold) and waiters poll before they sleep: the
+emulated link then stands in for a DMA engine, as on a GPU, where queueing a copy costs the compute side ~1 µs.
+
+A copy that needs Python runs a hook on the worker, with the GIL, before its bytes move: while the test-only
+`fault` hook is set (it is read when a copy is submitted), for a compressed copy's expansion (`expand`), and
+for a copy the memcpy cannot do (tensors not contiguous, of other dtypes or sizes: `dst.copy_(src)` then).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import time
+import weakref
+
+import torch
+
+from .. import _ext
+from .transfer import DEMAND, failed_error
+
+
+SPIN_S = 0.002  # how long an idle worker, or a waiter, polls before it sleeps (when a core is free for it)
+
+
+def spare_core() -> bool:
+    """Whether torch's threads leave a core of this process's CPU set free for the copy worker."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.get_num_threads() < cores
+
+
+def available() -> bool:
+    """Whether the native engine is built (an older installed module may lack it)."""
+    return _ext.HAS_PLANNER and hasattr(_ext.planner, "CpuCopyEngine")
+
+
+class NativeTransfer:
+    """Handle of one copy on the native CPU engine; the copy's tensors stay referenced until it is done."""
+
+    __slots__ = ("key", "slot", "nbytes", "error", "dst", "src", "expand", "fault", "_c")
+
+    def __init__(self, key: int, slot: int, nbytes: int, dst, src, expand, fault):
+        self.key, self.slot, self.nbytes = key, slot, nbytes
+        self.error: BaseException | None = None
+        self.dst, self.src, self.expand, self.fault = dst, src, expand, fault
+        self._c = None
+
+    priority = property(lambda self: self._c.priority)
+    started_at = property(lambda self: self._c.started_at)
+    finished_at = property(lambda self: self._c.finished_at)
+    busy = property(lambda self: self._c.busy)
+    cancelled = property(lambda self: self._c.cancelled)
+    claimed = property(lambda self: self._c.claimed)
+    expand_seconds = property(lambda self: self._c.hook_seconds if self.expand is not None else 0.0)
+
+    def ready(self) -> bool:
+        return self._c.done
+
+    def wait(self, timeout: float | None = None) -> float:
+        start = time.perf_counter()
+        if not self._c.done and not self._c.wait(-1.0 if timeout is None else timeout):
+            raise TimeoutError(f"copy of expert key {self.key} into slot {self.slot} did not land in {timeout} s")
+        if self._c.failed:
+            if self.error is None:
+                self.error = RuntimeError("the copy engine's hook failed (see the unraisable-exception report)")
+            raise failed_error(self)
+        return time.perf_counter() - start
+
+    def _release(self) -> None:
+        self.dst = self.src = self.expand = self.fault = None
+
+
+class NativeCopyEngine:
+    """CPU copy engine whose worker is a C++ thread; see the module docstring."""
+
+    def __init__(self, link_gbps: float | None = None, link_latency_us: float = 0.0, spin: bool | None = None):
+        """`spin`: poll instead of sleeping (module docstring); None: when a core is free for the worker."""
+        if link_gbps is not None and not (1e-9 <= link_gbps < float("inf")):
+            raise ValueError(f"link_gbps must be a finite number of at least 1e-9 GB/s (1 byte/s), not {link_gbps!r}")
+        if not (0.0 <= link_latency_us < float("inf")):
+            raise ValueError(f"link_latency_us must be a finite number >= 0, not {link_latency_us!r}")
+        self.bytes_per_s = None if link_gbps is None else link_gbps * 1e9
+        self.latency_s = link_latency_us * 1e-6
+        self.fault = None  # test-only hook, see runtime/transfer.py
+        self._ids = itertools.count()
+        self._hooked: dict[int, NativeTransfer] = {}  # copies whose worker step calls `_hook`, by id
+        self._live: list[NativeTransfer] = []  # copies maybe in flight: their tensors stay referenced
+        self._prune_at = 64
+        ref = weakref.ref(self)  # the C++ engine holds the hook: a weak reference, so no cycle keeps this alive
+
+        def hook(ident: int) -> float:
+            engine = ref()
+            return -1.0 if engine is None else engine._hook(ident)
+
+        self.spin = spare_core() if spin is None else bool(spin)
+        self._engine = _ext.planner.CpuCopyEngine(self.bytes_per_s or 0.0, self.latency_s, hook,
+                                                  SPIN_S if self.spin else 0.0)
+        _OPEN.add(self)
+
+    @property
+    def bytes_copied(self) -> int:
+        return self._engine.bytes_copied
+
+    @property
+    def busy_seconds(self) -> float:
+        return self._engine.busy_seconds
+
+    def link_seconds(self, nbytes: int) -> float:
+        """Time the emulated link needs for `nbytes` (0 without emulation)."""
+        return self._engine.link_seconds(nbytes)
+
+    def drain_stall_seconds(self) -> float:
+        return 0.0  # CPU waits are timed on the host, in NativeTransfer.wait
+
+    def discard_stalls(self) -> None:
+        """Nothing to forget: CPU waits are counted when they end."""
+
+    def compute_done(self) -> None:
+        return None  # compute is synchronous: a slot is free as soon as its kernel returned
+
+    def time_copies(self, on: bool) -> None:
+        pass  # every copy carries its link times on the host clock already
+
+    def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
+               after=None, expand=None) -> NativeTransfer:
+        """Queue `dst.copy_(src)`, or with `expand` the expansion of the compressed row `src` into `dst`
+        (`after` is unused on CPU, where compute is synchronous)."""
+        nbytes = src.numel() * src.element_size()
+        transfer = NativeTransfer(key, slot, nbytes, dst, src, expand, self.fault)
+        memcpy = expand is None and _memcpy_able(dst, src)
+        hooked = not memcpy or transfer.fault is not None
+        ident = next(self._ids)
+        if hooked:
+            self._hooked[ident] = transfer
+        try:
+            transfer._c = self._engine.submit(ident, key, slot, nbytes, priority, dst.data_ptr(), src.data_ptr(),
+                                              nbytes if memcpy else 0, hooked)
+        except BaseException:
+            self._hooked.pop(ident, None)
+            raise
+        self._live.append(transfer)
+        if len(self._live) >= self._prune_at:  # amortised: drop the references of copies that are done
+            for t in self._live:
+                if t._c.done:
+                    t._release()
+            self._live = [t for t in self._live if t.dst is not None]
+            self._prune_at = max(64, 2 * len(self._live))
+        return transfer
+
+    def _hook(self, ident: int) -> float:
+        """On the worker, with the GIL: the Python part of a hooked copy. Seconds it adds to the link time
+        (an expansion's), or -1 with the error on the handle."""
+        transfer = self._hooked.pop(ident, None)
+        if transfer is None:
+            return 0.0
+        try:
+            if transfer.fault is not None:
+                transfer.fault(transfer.key, transfer.slot, transfer.priority)
+            if transfer.expand is not None:
+                return float(transfer.expand.expand(transfer.dst, transfer.src))
+            if not _memcpy_able(transfer.dst, transfer.src):
+                transfer.dst.copy_(transfer.src)
+            return 0.0
+        except BaseException as e:  # noqa: BLE001 — reported to the waiter, never lost in the worker
+            transfer.error = e
+            return -1.0
+
+    def cancel(self, transfer: NativeTransfer) -> bool:
+        """Withdraw a queued copy. False when the worker has already started it."""
+        if not self._engine.cancel(transfer._c):
+            return False
+        transfer._release()
+        return True
+
+    def promote(self, transfer: NativeTransfer) -> None:
+        """Run a prefetch (queued, or pre-empted partway) before all other prefetches: compute waits for it."""
+        self._engine.promote(transfer._c)
+
+    def close(self) -> None:
+        """Let queued copies finish (without holding the emulated link any more) and stop the worker."""
+        self._engine.close()
+        for transfer in self._live:
+            transfer._release()
+        self._live.clear()
+        self._hooked.clear()
+        _OPEN.discard(self)
+
+
+def _memcpy_able(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    return (dst.dtype == src.dtype and dst.numel() == src.numel() and dst.device.type == src.device.type == "cpu"
+            and dst.is_contiguous() and src.is_contiguous())
+
+
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    """Join every worker before the interpreter tears down (a hooked copy needs the GIL)."""
+    for engine in list(_OPEN):
+        engine.close()
