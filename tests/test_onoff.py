@@ -32,6 +32,16 @@ def test_both_arms_are_measured_first_then_the_faster_is_kept():
     assert share_on(arms[8:]) < 0.2 and any(arms[8:])  # prefetching slower: off, on probed now and then
 
 
+def test_prefetching_stays_on_unless_off_is_faster_by_the_margin():
+    """Block-to-block noise must not switch off a predictor: off wins only by more than `margin`."""
+    guard = OnOff(block=4, probe=8, settle=1, margin=0.03)
+    arms = drive(guard, lambda on: 0.0122 if on else 0.012, 4 * 40)  # on 1.7 % slower: within the margin
+    assert share_on(arms[8:]) > 0.8
+    guard = OnOff(block=4, probe=8, settle=1, margin=0.03)
+    arms = drive(guard, lambda on: 0.0125 if on else 0.012, 4 * 40)  # on 4 % slower: off
+    assert share_on(arms[8:]) < 0.2
+
+
 def test_a_change_of_regime_is_followed():
     guard = OnOff(block=4, probe=4, memory=2, settle=1)
     slow_on = lambda on: 0.014 if on else 0.012  # noqa: E731

@@ -6,8 +6,13 @@ traffic; on the CPU copy engine a worker thread beside the compute), wasted link
 weights push out. So the prefetcher also measures the one number prefetching is for: the wall time of a decode
 step, in blocks of `BLOCK` steps run with prefetching on or off. After one block of each, every block runs the
 arm whose recent blocks were faster (the median step of each block, the mean of the last `MEMORY` blocks per
-arm), except one block in `PROBE`, which measures the other arm again: the text, the cache and the link change
+arm) — prefetching is switched off only when off measured faster by more than `MARGIN` — except one block in `PROBE`, which measures the other arm again: the text, the cache and the link change
 as a generation goes on, and a decision made early must be undone when they do.
+
+The margin is there because blocks differ by more than the arms do: the text changes from block to block, and
+with it how many experts miss (a 16-step block of a 128-token generation varies by 10 % and more on its own).
+Without it, noise switched a predictor that pays off for a third of a generation; the planner's own balance
+already turns prediction down when the costs it can time exceed the stall it saves.
 
 Only decode steps count (a prompt's forward takes much longer and is not a sample); the first `SETTLE` steps of a
 block are not timed: they still run on what the other arm left (its prefetched experts, its queued copies). With nothing to gain the off arm wins
@@ -23,13 +28,15 @@ BLOCK = 16  # decode steps per block
 SETTLE = 4  # steps at the start of a block not timed
 PROBE = 8  # one block in PROBE measures the arm not in use
 MEMORY = 4  # blocks of each arm averaged
+MARGIN = 0.03  # off must be faster than on by this share to switch prefetching off
 
 
 class OnOff:
     """Chooses, per decode step, whether prefetching runs; `step(now, decode)` at the start of every forward."""
 
-    def __init__(self, block: int = BLOCK, probe: int = PROBE, memory: int = MEMORY, settle: int = SETTLE):
-        self.block, self.probe, self.settle = block, probe, min(settle, block - 1)
+    def __init__(self, block: int = BLOCK, probe: int = PROBE, memory: int = MEMORY, settle: int = SETTLE,
+                 margin: float = MARGIN):
+        self.block, self.probe, self.settle, self.margin = block, probe, min(settle, block - 1), margin
         self.blocks: dict[bool, deque] = {True: deque(maxlen=memory), False: deque(maxlen=memory)}
         self.arm = True  # the arm of the current block (True: prefetching on)
         self._count = 0  # blocks finished
@@ -59,11 +66,12 @@ class OnOff:
         self.arm = self.choose()
 
     def choose(self) -> bool:
-        """The arm of the next block: each arm measured once first; then the faster, the other every PROBE-th."""
+        """The arm of the next block: each arm measured once first; then the faster (off only when faster by more
+        than the margin), the other every PROBE-th."""
         for arm in (True, False):
             if not self.blocks[arm]:
                 return arm
-        best = self.mean(True) <= self.mean(False)
+        best = self.mean(True) <= self.mean(False) * (1 + self.margin)
         return (not best) if self._count % self.probe == 0 else best
 
     def mean(self, arm: bool) -> float:
