@@ -42,6 +42,19 @@ def test_prefetching_stays_on_unless_off_is_faster_by_the_margin():
     assert share_on(arms[8:]) < 0.2
 
 
+def test_no_off_block_while_the_planner_vouches():
+    """While the planner's balance vouches (saved > VOUCH x spent), every block runs with prefetching on, even
+    when off would time faster; once it stops vouching the arms are compared again."""
+    guard = OnOff(block=4, probe=8, settle=1)
+    now, arms = 0.0, []
+    for i in range(4 * 20):
+        arm = guard.step(now, decode=True, vouched=i < 40)
+        arms.append(arm)
+        now += 0.010 if arm else 0.008
+    assert all(arms[:40])  # every block chosen while vouched ran with prefetching on
+    assert arms[40:44] == [False] * 4 and share_on(arms[48:]) < 0.3  # then off was measured, and is faster
+
+
 def test_a_change_of_regime_is_followed():
     guard = OnOff(block=4, probe=4, memory=2, settle=1)
     slow_on = lambda on: 0.014 if on else 0.012  # noqa: E731
@@ -64,7 +77,10 @@ def test_the_settling_steps_of_a_block_and_prompt_forwards_are_not_samples():
     assert list(guard.blocks[True]) == [pytest.approx(0.010)]
 
 
-def test_an_offloaded_model_measures_both_arms_and_stays_lossless():
+def test_an_offloaded_model_measures_both_arms_and_stays_lossless(monkeypatch):
+    from m2r2_moe.runtime import prefetcher
+
+    monkeypatch.setattr(prefetcher, "VOUCH", float("inf"))  # the planner never vouches: both arms are measured
     model, tok = m2r2_moe.load_builtin()
     ids = tok("def add(a, b):\n    return", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import logging
 import statistics
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from ..cli_common import (UsageError, add_model_argument, checked_by, check_adapters, check_cache_experts, check_device,
                           existing_file, listed, one_of, positive_float, positive_int, probability, require_matplotlib,
                           text_files)
-from ..config import MIN_LINK_GBPS, POLICIES, OffloadConfigError, parse_expert_format
+from ..config import MIN_LINK_GBPS, POLICIES, OffloadConfig, OffloadConfigError, parse_expert_format
 from ..corpus import resolve_text, token_stream
 from ..loading import load_model
 from ..models import find_moe_layers
@@ -56,8 +55,8 @@ def add_parser(sub) -> None:
     p.add_argument("--policies", type=listed(one_of(POLICIES)), default="predictive",
                    help=f"comma-separated: {', '.join(POLICIES)}")
     p.add_argument("--lookahead", "--depth", dest="lookahead", type=_depth, default="auto",
-                   help="prefetch lookahead in layers (>= 1); 'auto' = ceil(link ratio) capped at 4, the lead time "
-                        "a copy needs")
+                   help="prefetch lookahead in layers (>= 1); 'auto' = the runtime's default (OffloadConfig."
+                        "lookahead), of which the prefetcher predicts as far as the link's horizon needs")
     p.add_argument("--min-prob", type=probability, default=None,
                    help="prefetch_min_prob: smallest predicted probability worth a prefetch, in (0, 1] "
                         "(default: the runtime's)")
@@ -177,7 +176,7 @@ def main(args: argparse.Namespace) -> int:
     for (ratio, cache, policy), names in regimes.items():
         link_s = ratio * compute_layer  # one expert's transfer time in this regime
         gbps = expert_bytes / link_s / 1e9 if emulated else None
-        depth = min(max(math.ceil(ratio), 1), 4) if args.lookahead == "auto" else int(args.lookahead)
+        depth = OffloadConfig.lookahead if args.lookahead == "auto" else int(args.lookahead)
         best: dict[tuple[str, int], dict] = {}  # (predictor, prompt) -> its fastest run
         for _ in range(args.repeats):  # interleaved: a machine that slows down slows every predictor alike
             for i, ref in enumerate(refs):

@@ -14,6 +14,12 @@ with it how many experts miss (a 16-step block of a 128-token generation varies 
 Without it, noise switched a predictor that pays off for a third of a generation; the planner's own balance
 already turns prediction down when the costs it can time exceed the stall it saves.
 
+And while the planner's own balance vouches for prefetching by a wide margin (the stall it measured saved is more
+than `VOUCH` times the time it spent predicting and issuing), no block is run with prefetching off: measuring
+the off arm costs a block of the gain, and the comparison of two blocks of different text can only mislead
+when what can be timed already says so clearly that prefetching pays. The costs no layer can time would have
+to exceed that margin to be missed; the blocks resume as soon as the balance is less clear.
+
 Only decode steps count (a prompt's forward takes much longer and is not a sample); the first `SETTLE` steps of a
 block are not timed: they still run on what the other arm left (its prefetched experts, its queued copies). With nothing to gain the off arm wins
 and prefetching costs one probe block in `PROBE`; when prefetching pays it costs the same share of its gain.
@@ -29,6 +35,7 @@ SETTLE = 4  # steps at the start of a block not timed
 PROBE = 8  # one block in PROBE measures the arm not in use
 MEMORY = 4  # blocks of each arm averaged
 MARGIN = 0.03  # off must be faster than on by this share to switch prefetching off
+VOUCH = 2.0  # saved > VOUCH x spent in the planner's balance: no off blocks (the planner's own factor, admission.py)
 
 
 class OnOff:
@@ -44,9 +51,10 @@ class OnOff:
         self._times: list[float] = []  # timed steps of the current block
         self._last: float | None = None  # start of the previous decode step
 
-    def step(self, now: float, decode: bool) -> bool:
+    def step(self, now: float, decode: bool, vouched: bool = False) -> bool:
         """Whether prefetching runs in the forward starting at `now` (seconds, perf_counter). Forwards of
-        several tokens always prefetch and break the chain of decode steps (their time is not a sample)."""
+        several tokens always prefetch and break the chain of decode steps (their time is not a sample).
+        `vouched`: the planner's balance says prefetching pays by a wide margin; the next block runs it."""
         if not decode:
             self._last = None
             return True
@@ -54,16 +62,16 @@ class OnOff:
             self._times.append(now - self._last)
         self._last = now
         if self._steps >= self.block:
-            self._finish()
+            self._finish(vouched)
         self._steps += 1
         return self.arm
 
-    def _finish(self) -> None:
+    def _finish(self, vouched: bool) -> None:
         if self._times:
             self.blocks[self.arm].append(statistics.median(self._times))
         self._count += 1
         self._steps, self._times = 0, []
-        self.arm = self.choose()
+        self.arm = True if vouched else self.choose()
 
     def choose(self) -> bool:
         """The arm of the next block: each arm measured once first; then the faster (off only when faster by more

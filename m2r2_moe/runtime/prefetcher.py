@@ -23,7 +23,7 @@ import torch
 
 from ..models.tap import LayerTap
 from ..predict.base import Predictor, as_probabilities
-from .onoff import OnOff
+from .onoff import VOUCH, OnOff
 from .planner import make_planner
 
 WINDOW = 64  # forwards over which the benefit balance is kept
@@ -63,7 +63,8 @@ class Prefetcher:
         if layer == 0:
             self._measure_link()
             self.planner.step(WINDOW)
-            self.on = self.onoff.step(start, decode)
+            vouched = self.planner.saved > VOUCH * self.planner.spent > 0
+            self.on = self.onoff.step(start, decode, vouched)
         transfer = self._transfer_seconds()
         horizon = self._horizon(transfer)
         active = self.on and self.planner.active(layer)
