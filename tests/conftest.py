@@ -73,4 +73,4 @@ def admit_every_prediction(monkeypatch):
     monkeypatch.setattr(prefetcher, "make_planner", lambda *args: planner.PlannerCore(*args))  # the twin, patched:
     monkeypatch.setattr(planner, "value", lambda *args: 1.0)
     monkeypatch.setattr(planner.PlannerCore, "active", lambda self, layer: True)
-    monkeypatch.setattr(prefetcher.OnOff, "step", lambda self, now, decode: True)  # never the off arm
+    monkeypatch.setattr(prefetcher.OnOff, "step", lambda self, now, decode, vouched=False: True)  # never the off arm
