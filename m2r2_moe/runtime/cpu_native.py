@@ -22,6 +22,7 @@ for a copy the memcpy cannot do (tensors not contiguous, of other dtypes or size
 from __future__ import annotations
 
 import atexit
+import collections
 import itertools
 import os
 import time
@@ -33,6 +34,7 @@ from .. import _ext
 from .transfer import DEMAND, failed_error
 
 
+MAX_IN_ORDER = 64  # copies kept referenced past one still in flight before a full sweep
 SPIN_S = 0.05  # how long an idle worker, or a waiter, polls before it sleeps (when a core is free for it): longer
 # than the gaps between a decode step's copies (2 ms let the worker fall asleep between layers: 20 µs per submit)
 
@@ -98,8 +100,8 @@ class NativeCopyEngine:
         self.fault = None  # test-only hook, see runtime/transfer.py
         self._ids = itertools.count()
         self._hooked: dict[int, NativeTransfer] = {}  # copies whose worker step calls `_hook`, by id
-        self._live: list[NativeTransfer] = []  # copies maybe in flight: their tensors stay referenced
-        self._prune_at = 64
+        self._live: collections.deque[NativeTransfer] = collections.deque()  # copies maybe in flight, in submit
+        # order: their tensors stay referenced until they are done
         ref = weakref.ref(self)  # the C++ engine holds the hook: a weak reference, so no cycle keeps this alive
 
         def hook(ident: int) -> float:
@@ -152,13 +154,15 @@ class NativeCopyEngine:
         except BaseException:
             self._hooked.pop(ident, None)
             raise
-        self._live.append(transfer)
-        if len(self._live) >= self._prune_at:  # amortised: drop the references of copies that are done
-            for t in self._live:
+        live = self._live
+        live.append(transfer)
+        while live and live[0]._c.done:  # copies land about in submit order: the done ones are at the front
+            live.popleft()._release()
+        if len(live) > MAX_IN_ORDER:  # a copy stuck at the front (a slow link, a fault): sweep them all
+            for t in live:
                 if t._c.done:
                     t._release()
-            self._live = [t for t in self._live if t.dst is not None]
-            self._prune_at = max(64, 2 * len(self._live))
+            self._live = collections.deque(t for t in live if t.dst is not None)
         return transfer
 
     def _hook(self, ident: int) -> float:
