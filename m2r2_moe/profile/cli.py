@@ -168,17 +168,34 @@ def main(args: argparse.Namespace) -> int:
     floor_runs = [_fastest(lambda: offloaded_run(model, ref, args.new_tokens, "none", total, None, "lru",
                                                  device=args.device), args.repeats, _time) for ref in refs]
     floor = statistics.mean(r["time_per_token_s"] for r in floor_runs)
+    runs, recorders = _run_regimes(args, model, refs, plan, compute_layer, expert_bytes, emulated)
+    _share_of_gain(runs, floor)
+    print(report.table(runs))
+    print(report.LEGEND)
+    print(f"\nmodel {args.model}: {len(layers)} MoE layers, {total} experts, {expert_bytes / 1e6:.2f} MB per expert; "
+          f"compute {compute_layer * 1e3:.2f} ms per layer, {compute_layer * len(layers) * 1e3:.1f} ms per token "
+          f"(un-offloaded); {len(refs)} prompt(s) x {args.new_tokens} new tokens")
+    print(f"runtime floor (every expert cached, no stall): {floor * 1e3:.1f} ms per token; 'ceiling' = the share of "
+          f"gain a run without any stall or prediction cost would reach")
+    _outputs(args, runs, recorders, refs, ratios, caches, total)
+    checked = runs + floor_runs if parse_expert_format(args.expert_format) is None else floor_runs  # int8/int4 differ
+    return 0 if all(r["tokens_identical"] for r in checked) else 1
+
+
+def _run_regimes(args, model, refs, plan, compute_layer, expert_bytes, emulated) -> tuple[list[dict], dict]:
+    """Every (ratio, cache, policy, predictor) of `plan` on every prompt, the predictors of a regime interleaved
+    per prompt and repeat (a machine that slows down slows them alike); the fastest run of each kept. Returns
+    the merged rows, in plan order, and one recorder per row."""
     runs, recorders = [], {}
     regimes: dict[tuple, list[str]] = {}  # (ratio, cache, policy) -> the predictors compared in it, in plan order
     for ratio, cache, policy, name in plan:
         regimes.setdefault((ratio, cache, policy), []).append(name)
+    depth = OffloadConfig.lookahead if args.lookahead == "auto" else int(args.lookahead)
     bar = tqdm(total=len(plan) * args.repeats * len(refs), desc="profile runs")
     for (ratio, cache, policy), names in regimes.items():
-        link_s = ratio * compute_layer  # one expert's transfer time in this regime
-        gbps = expert_bytes / link_s / 1e9 if emulated else None
-        depth = OffloadConfig.lookahead if args.lookahead == "auto" else int(args.lookahead)
+        gbps = expert_bytes / (ratio * compute_layer) / 1e9 if emulated else None  # one transfer = ratio layers
         best: dict[tuple[str, int], dict] = {}  # (predictor, prompt) -> its fastest run
-        for _ in range(args.repeats):  # interleaved: a machine that slows down slows every predictor alike
+        for _ in range(args.repeats):
             for i, ref in enumerate(refs):
                 for name in names:
                     run = offloaded_run(model, ref, args.new_tokens, name, cache, gbps, policy, args.adapters, depth,
@@ -193,17 +210,7 @@ def main(args: argparse.Namespace) -> int:
             runs.append(_merge(name, ratio, cache, policy, per_prompt, limits, gbps, args.new_tokens - 1))
             runs[-1]["lookahead"] = depth
     bar.close()
-    _share_of_gain(runs, floor)
-    print(report.table(runs))
-    print(report.LEGEND)
-    print(f"\nmodel {args.model}: {len(layers)} MoE layers, {total} experts, {expert_bytes / 1e6:.2f} MB per expert; "
-          f"compute {compute_layer * 1e3:.2f} ms per layer, {compute_layer * len(layers) * 1e3:.1f} ms per token "
-          f"(un-offloaded); {len(refs)} prompt(s) x {args.new_tokens} new tokens")
-    print(f"runtime floor (every expert cached, no stall): {floor * 1e3:.1f} ms per token; 'ceiling' = the share of "
-          f"gain a run without any stall or prediction cost would reach")
-    _outputs(args, runs, recorders, refs, ratios, caches, total)
-    checked = runs + floor_runs if parse_expert_format(args.expert_format) is None else floor_runs  # int8/int4 differ
-    return 0 if all(r["tokens_identical"] for r in checked) else 1
+    return runs, recorders
 
 
 def _prefill_mode(args, model, tokenizer, files, cache, expert_bytes, compute_layer, emulated) -> int:
