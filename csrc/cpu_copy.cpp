@@ -155,7 +155,6 @@ bool CpuCopyEngine::serve(const std::shared_ptr<CpuCopy>& t) {
     if (!failed && t->copy_bytes > 0) std::memcpy(t->dst, t->src, static_cast<size_t>(t->copy_bytes));
     std::lock_guard<SpinFirstMutex> lk(mu_);
     if (!failed) {
-      t->hook_seconds = extra;
       t->remaining = link_seconds(t->nbytes) + extra;
       if (emulated()) t->started_at = std::max(start, link_free_at_);
     }

@@ -1,17 +1,17 @@
 // The CPU copy engine's worker in C++: the twin of m2r2_moe/runtime/cpu_engine.py's ThreadCopyEngine.
 //
-// Why it exists: the Python engine's worker is a Python thread, and every time it wakes (a copy queued, a
-// link hold ending, a copy landing) it needs the GIL, which it takes whenever the compute thread releases it
-// around a torch op; the compute thread then waits for it to be handed back. With prefetches on the link
-// while the layer computes, those handoffs cost tens of µs per torch op, a tax on prefetching that exists
-// only in the CPU emulation (on CUDA the copy engines are hardware). This worker never touches Python for a
-// plain copy: a memcpy, then the emulated serial link held on a steady clock (CLOCK_MONOTONIC, the clock of
-// Python's time.perf_counter on Linux, so its times compare with the profiler's).
+// Why it exists: the Python engine's worker is a Python thread that needs the GIL every time it wakes (a
+// copy queued, a link hold ending, a copy landing). It gets it when the compute thread releases the GIL
+// around a torch op, and the compute thread must then wait to take it back: a cost on every op while
+// prefetches are on the link, which only the CPU emulation has (on CUDA the copy engines are hardware).
+// This worker never touches Python for a plain copy: a memcpy, then the emulated serial link held on a steady
+// clock (CLOCK_MONOTONIC, the clock of Python's time.perf_counter on Linux, so its times compare with the
+// profiler's).
 //
 // Waking a thread that sleeps on a condition variable is a futex syscall and, in a virtual machine, an
-// inter-processor interrupt: about 50 µs for the thread that queues a copy (measured on a 2-core VM), as much
-// as the prefetcher's whole per-layer budget. With `spin_s` > 0 the worker polls instead of sleeping — idle
-// for up to `spin_s` after its last copy, and for the whole of each emulated link hold — so queueing a copy
+// inter-processor interrupt, tens of µs for the thread that queues a copy (benchmarks/copy_engine.py measures
+// it), as much as the prefetcher's whole per-layer budget. With `spin_s` > 0 the worker polls instead of
+// sleeping — idle for up to `spin_s` after its last copy, and for the whole of each emulated link hold — so queueing a copy
 // costs a lock and a push; a waiter polls for up to `spin_s` before it sleeps. That takes a core of its own:
 // the Python wrapper turns it on only when torch leaves a core free (the emulated link stands in for a DMA
 // engine, which needs no core at all).
@@ -71,7 +71,7 @@ struct CpuCopy {
   std::atomic<bool> done{false};  // set last (release): a reader that sees it sees the fields above
   uint64_t entry = 0;      // sequence number of its live queue entry
   double remaining = -1;   // emulated link seconds still to hold; < 0 until its bytes have moved
-  double started_at = 0, finished_at = 0, busy = 0, hook_seconds = 0;
+  double started_at = 0, finished_at = 0, busy = 0;
 };
 
 class CpuCopyEngine {

@@ -140,13 +140,11 @@ PYBIND11_MODULE(_native_plan, m) {
   py::class_<Copy>(m, "CpuCopy", "one copy on the C++ CPU copy engine (csrc/cpu_copy.hpp)")
       .def_property_readonly("done", [](const Copy& c) { return c.copy->done.load(std::memory_order_acquire); })
       .def_property_readonly("priority", [](const Copy& c) { return c.read(&m2r2::CpuCopy::priority); })
-      .def_property_readonly("claimed", [](const Copy& c) { return c.read(&m2r2::CpuCopy::claimed); })
       .def_property_readonly("cancelled", [](const Copy& c) { return c.read(&m2r2::CpuCopy::cancelled); })
       .def_property_readonly("failed", [](const Copy& c) { return c.read(&m2r2::CpuCopy::failed); })
       .def_property_readonly("started_at", [](const Copy& c) { return c.read(&m2r2::CpuCopy::started_at); })
       .def_property_readonly("finished_at", [](const Copy& c) { return c.read(&m2r2::CpuCopy::finished_at); })
       .def_property_readonly("busy", [](const Copy& c) { return c.read(&m2r2::CpuCopy::busy); })
-      .def_property_readonly("hook_seconds", [](const Copy& c) { return c.read(&m2r2::CpuCopy::hook_seconds); })
       .def("wait", [](const Copy& c, double timeout) { return c.engine->wait(c.copy, timeout); },
            py::arg("timeout"), py::call_guard<py::gil_scoped_release>(),
            "wait until the copy is done (timeout < 0: forever), without the GIL; False on timeout");

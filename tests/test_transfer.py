@@ -195,3 +195,19 @@ def test_the_python_twin_needs_the_gil_to_copy():
 def test_the_native_engine_refuses_an_impossible_link(gbps):
     with pytest.raises(ValueError, match="link_gbps"):
         cpu_native.NativeCopyEngine(link_gbps=gbps)
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason="native module not built")
+def test_a_withdrawn_hooked_copy_is_forgotten():
+    """A copy that would call back into Python (here: the fault hook is set), withdrawn before the worker
+    reached it, leaves nothing behind for the hook."""
+    engine = cpu_native.NativeCopyEngine(link_gbps=0.001, spin=False)
+    try:
+        first = engine.submit(0, 0, torch.zeros(2500), torch.randn(2500), PREFETCH)
+        _until_on_link(first)
+        engine.fault = lambda key, slot, priority: None
+        queued = engine.submit(1, 1, torch.zeros(2500), torch.randn(2500), PREFETCH)
+        assert engine._hooked and engine.cancel(queued)
+        assert not engine._hooked and queued.ready() and queued.cancelled
+    finally:
+        engine.close()

@@ -53,7 +53,24 @@ class CpuTransfer:
         return time.perf_counter() - start
 
 
-class ThreadCopyEngine:
+class HostClockEngine:
+    """What a CPU engine (this one, and its C++ twin in cpu_native.py) does where a CUDA engine works on the
+    device: waits are timed on the host when they end, compute is synchronous, copies carry host times."""
+
+    def drain_stall_seconds(self) -> float:
+        return 0.0  # CPU waits are timed on the host, in the transfer's wait
+
+    def discard_stalls(self) -> None:
+        """Nothing to forget: CPU waits are counted when they end."""
+
+    def compute_done(self) -> None:
+        return None  # compute is synchronous: a slot is free as soon as its kernel returned
+
+    def time_copies(self, on: bool) -> None:
+        pass  # every copy carries its link times on the host clock already
+
+
+class ThreadCopyEngine(HostClockEngine):
     """CPU copy engine: a worker thread, a priority queue, an optional emulated serial link."""
 
     def __init__(self, link_gbps: float | None = None, link_latency_us: float = 0.0):
@@ -76,18 +93,6 @@ class ThreadCopyEngine:
         if self.bytes_per_s is None:
             return 0.0
         return self.latency_s + nbytes / self.bytes_per_s
-
-    def drain_stall_seconds(self) -> float:
-        return 0.0  # CPU waits are timed on the host, in CpuTransfer.wait
-
-    def discard_stalls(self) -> None:
-        """Nothing to forget: CPU waits are counted when they end."""
-
-    def compute_done(self) -> None:
-        return None  # compute is synchronous: a slot is free as soon as its kernel returned
-
-    def time_copies(self, on: bool) -> None:
-        pass  # every copy carries its link times on the host clock already
 
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
                after=None, expand=None) -> CpuTransfer:

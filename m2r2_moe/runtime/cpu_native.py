@@ -3,14 +3,14 @@ planner module is built; `cpu_engine.ThreadCopyEngine` is its Python twin and re
 
 Why: the Python engine's worker needs the GIL each time it wakes (a copy queued, a link hold ending, a copy
 landing), and takes it whenever the compute thread lets go of it around a torch op; the compute thread then
-waits to get it back. With prefetches on the link while a layer computes, that costs tens of µs per torch op
-(a `detach` measured 41 µs against 3 µs) — a tax on prefetching that only the CPU emulation has. This worker
+waits to get it back. With prefetches on the link while a layer computes, that costs up to tens of µs per torch
+op — a tax on prefetching that only the CPU emulation has. This worker
 runs a plain copy (a memcpy, then the emulated link held on the monotonic clock) without Python.
 
 Same semantics as the twin (tests/test_transfer.py runs its tests on both): demand loads first, a demand
 load pre-empts a prefetch holding the emulated link, `promote`, `cancel`, link times on the host clock.
-Queueing a copy for a worker asleep on a condition variable costs the caller a futex wake (about 50 µs on a
-2-core VM: an inter-processor interrupt). When torch leaves a core free, the worker polls instead of sleeping
+Queueing a copy for a worker asleep on a condition variable costs the caller a futex wake (in a virtual
+machine an inter-processor interrupt, tens of µs: `benchmarks/copy_engine.py`). When torch leaves a core free, the worker polls instead of sleeping
 (for up to `SPIN_S` when idle, and through each emulated link hold) and waiters poll before they sleep: the
 emulated link then stands in for a DMA engine, as on a GPU, where queueing a copy costs the compute side ~1 µs.
 
@@ -31,12 +31,13 @@ import weakref
 import torch
 
 from .. import _ext
+from .cpu_engine import HostClockEngine
 from .transfer import DEMAND, failed_error
 
 
 MAX_IN_ORDER = 64  # copies kept referenced past one still in flight before a full sweep
 SPIN_S = 0.05  # how long an idle worker, or a waiter, polls before it sleeps (when a core is free for it): longer
-# than the gaps between a decode step's copies (2 ms let the worker fall asleep between layers: 20 µs per submit)
+# than the gaps between a decode step's copies, which a few ms are not (the worker would sleep between layers)
 
 
 def spare_core() -> bool:
@@ -53,12 +54,13 @@ def available() -> bool:
 class NativeTransfer:
     """Handle of one copy on the native CPU engine; the copy's tensors stay referenced until it is done."""
 
-    __slots__ = ("key", "slot", "nbytes", "error", "dst", "src", "expand", "fault", "_c")
+    __slots__ = ("key", "slot", "nbytes", "error", "dst", "src", "expand", "fault", "memcpy", "ident", "_c")
 
-    def __init__(self, key: int, slot: int, nbytes: int, dst, src, expand, fault):
-        self.key, self.slot, self.nbytes = key, slot, nbytes
+    def __init__(self, key: int, slot: int, nbytes: int, dst, src, expand, fault, ident: int):
+        self.key, self.slot, self.nbytes, self.ident = key, slot, nbytes, ident
         self.error: BaseException | None = None
         self.dst, self.src, self.expand, self.fault = dst, src, expand, fault
+        self.memcpy = expand is None and _memcpy_able(dst, src)  # the worker's memcpy moves the bytes
         self._c = None
 
     priority = property(lambda self: self._c.priority)
@@ -66,8 +68,6 @@ class NativeTransfer:
     finished_at = property(lambda self: self._c.finished_at)
     busy = property(lambda self: self._c.busy)
     cancelled = property(lambda self: self._c.cancelled)
-    claimed = property(lambda self: self._c.claimed)
-    expand_seconds = property(lambda self: self._c.hook_seconds if self.expand is not None else 0.0)
 
     def ready(self) -> bool:
         return self._c.done
@@ -86,7 +86,7 @@ class NativeTransfer:
         self.dst = self.src = self.expand = self.fault = None
 
 
-class NativeCopyEngine:
+class NativeCopyEngine(HostClockEngine):
     """CPU copy engine whose worker is a C++ thread; see the module docstring."""
 
     def __init__(self, link_gbps: float | None = None, link_latency_us: float = 0.0, spin: bool | None = None):
@@ -125,34 +125,20 @@ class NativeCopyEngine:
         """Time the emulated link needs for `nbytes` (0 without emulation)."""
         return self._engine.link_seconds(nbytes)
 
-    def drain_stall_seconds(self) -> float:
-        return 0.0  # CPU waits are timed on the host, in NativeTransfer.wait
-
-    def discard_stalls(self) -> None:
-        """Nothing to forget: CPU waits are counted when they end."""
-
-    def compute_done(self) -> None:
-        return None  # compute is synchronous: a slot is free as soon as its kernel returned
-
-    def time_copies(self, on: bool) -> None:
-        pass  # every copy carries its link times on the host clock already
-
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
                after=None, expand=None) -> NativeTransfer:
         """Queue `dst.copy_(src)`, or with `expand` the expansion of the compressed row `src` into `dst`
         (`after` is unused on CPU, where compute is synchronous)."""
         nbytes = src.numel() * src.element_size()
-        transfer = NativeTransfer(key, slot, nbytes, dst, src, expand, self.fault)
-        memcpy = expand is None and _memcpy_able(dst, src)
-        hooked = not memcpy or transfer.fault is not None
-        ident = next(self._ids)
+        transfer = NativeTransfer(key, slot, nbytes, dst, src, expand, self.fault, next(self._ids))
+        hooked = not transfer.memcpy or transfer.fault is not None
         if hooked:
-            self._hooked[ident] = transfer
+            self._hooked[transfer.ident] = transfer
         try:
-            transfer._c = self._engine.submit(ident, key, slot, nbytes, priority, dst.data_ptr(), src.data_ptr(),
-                                              nbytes if memcpy else 0, hooked)
+            transfer._c = self._engine.submit(transfer.ident, key, slot, nbytes, priority, dst.data_ptr(),
+                                              src.data_ptr(), nbytes if transfer.memcpy else 0, hooked)
         except BaseException:
-            self._hooked.pop(ident, None)
+            self._hooked.pop(transfer.ident, None)
             raise
         live = self._live
         live.append(transfer)
@@ -176,7 +162,7 @@ class NativeCopyEngine:
                 transfer.fault(transfer.key, transfer.slot, transfer.priority)
             if transfer.expand is not None:
                 return float(transfer.expand.expand(transfer.dst, transfer.src))
-            if not _memcpy_able(transfer.dst, transfer.src):
+            if not transfer.memcpy:
                 transfer.dst.copy_(transfer.src)
             return 0.0
         except BaseException as e:  # noqa: BLE001 — reported to the waiter, never lost in the worker
@@ -187,6 +173,7 @@ class NativeCopyEngine:
         """Withdraw a queued copy. False when the worker has already started it."""
         if not self._engine.cancel(transfer._c):
             return False
+        self._hooked.pop(transfer.ident, None)  # its hook will never run
         transfer._release()
         return True
 
