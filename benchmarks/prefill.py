@@ -54,6 +54,8 @@ def prefill_table(model, spec, prompts, ratios, gbps, cache, repeats) -> list[li
                 row = prefill_row(length, ratio, gbps[ratio], original, runs[stream])
                 cells += [f"{row['offloaded_s'] * 1e3:.0f}", f"{row['bytes'] / 1e6:.1f}", f"{row['limit_s'] * 1e3:.0f}",
                           f"{row['ratio_to_limit']:.2f}"]
+                if stream:
+                    cells += [f"{row['needed_bytes'] / 1e6:.1f}", f"{row['ratio_to_floor']:.2f}"]
             speedup = runs[False]["seconds"] / runs[True]["seconds"]
             same = runs[True]["identical"] and runs[False]["identical"]
             rows.append(cells + [f"{speedup:.2f}", "yes" if same else "NO"])
@@ -111,13 +113,14 @@ def main() -> None:
                      f"{cache} slots; decode compute {compute * 1e3:.2f} ms per MoE layer; link "
                      + ", ".join(f"ratio {r:g} = {g:.3f} GB/s" for r, g in gbps.items()))
     head = ["model", "prompt tokens", "link ratio", "original ms", "streamed ms", "MB", "limit ms", "x limit",
-            "on demand ms", "MB", "limit ms", "x limit", "streamed speedup", "identical"]
+            "MB needed", "x floor", "on demand ms", "MB", "limit ms", "x limit", "streamed speedup", "identical"]
     table = markdown_table(head, prefill_rows)
     chunks = markdown_table(["model", "prompt tokens", "link ratio", "prefill", "original ms", "offloaded ms",
                              "vs one forward"], chunk_rows)
     extra = ("\n" + "\n".join(f"- {n}" for n in notes) + "\n- original, streamed and on-demand forwards "
              f"interleaved round by round, each offloaded one after one in the same mode, the fastest of "
-             f"{args.repeats}; limit = max(original forward, bytes moved / link bandwidth); streamed = the next "
+             f"{args.repeats}; limit = max(original forward, bytes moved / link bandwidth); floor = max(original forward, "
+             "bytes of the experts the forward used that held no slot at its start / link bandwidth); streamed = the next "
              "layers' experts copied while a layer computes (runtime/prefill.py), on demand = each layer's copies "
              f"when it is reached\n\nTime to first token, one forward against chunks (offloaded, streamed):\n\n"
              f"{chunks}\n")

@@ -106,26 +106,32 @@ def test_no_expert_is_copied_twice_in_a_forward_and_logits_stay(policy, cache, l
 
 
 @pytest.mark.parametrize("policy", ["lru", "predictive"])
-def test_only_the_next_layer_may_displace_an_expert_this_forward_still_needs(policy):
-    model, offloader = _offloaded(cache=7, policy=policy)
+def test_a_streamed_expert_displaces_only_experts_needed_after_it(policy):
+    model, offloader = _offloaded(cache=8, policy=policy)
     cache = offloader.cache
     try:
+        sooner = cache.keys(1, [0])
+        slots = cache.acquire(1, [0], sooner, 1)[0]  # used at layer 1 of forward 0: needed at turn 5 again
+        cache.release(sooner, slots, None)
         later = cache.keys(3, [0, 1])
-        slots = cache.acquire(3, [0, 1], later, 3)[0]  # used at layer 3 of forward 0: needed at turn 7 again
+        slots = cache.acquire(3, [0, 1], later, 3)[0]  # used at layer 3: needed at turn 7 again
         cache.release(later, slots, None)
         cache.prefetch(2, 6, 2, 0, frozenset())  # predicted for turn 2, never used: stale from turn 3 on
         pinned = cache.keys(0, [0, 1, 2, 3])
         slots = cache.acquire(0, [0, 1, 2, 3], pinned, 4)[0]  # forward 1, layer 0: every slot taken
         stale = 2 * cache.key_stride + 6
-        farther = cache.stream([(2, 4, 2), (2, 5, 2)], 4, frozenset(pinned), 0, limit=8)
-        assert all(cache.slots.lookup(k) >= 0 for k in later)  # a farther layer never displaces them
-        assert farther == (1 if policy == "predictive" else 0)  # only the stale expert gives way
+        # layer 2's experts are needed at turn 6: after the stale one, the layer-3 experts (turn 7) give way
+        # under `predictive` (Belady: what is needed later makes room for what is needed sooner), never the
+        # layer-1 expert (turn 5); `lru` displaces only what the forward is done with (none here)
+        farther = cache.stream([(2, 4, 2), (2, 5, 2), (2, 7, 2), (2, 3, 2)], 4, frozenset(pinned), 0, limit=8)
+        assert farther == (3 if policy == "predictive" else 0)
+        assert cache.slots.lookup(sooner[0]) >= 0
         assert (cache.slots.lookup(stale) < 0) == (policy == "predictive")
-        nearest = cache.stream([(1, 5, 1)], 4, frozenset(pinned), 0, limit=8)
-        # the next layer may displace one needed later in the forward (predictive knows which), lru only
-        # what the forward is done with (none here)
-        assert nearest == (1 if policy == "predictive" else 0)
+        assert all((cache.slots.lookup(k) < 0) == (policy == "predictive") for k in later)
         cache.release(pinned, slots, None)
+        # once the forward is done with layer 0, lru may displace its experts for any later layer
+        done = cache.stream([(2, 4, 2)], 5, frozenset(), 1, limit=8)
+        assert done == (1 if policy == "lru" else 0)  # predictive: layer 2 expert 4 is already streamed
     finally:
         m2r2_moe.remove_offload(model)
 
@@ -202,6 +208,9 @@ def test_profile_prefill_mode_table_and_json(tmp_path, capsys):
         transfer = r["bytes"] / (r["link_gbps"] * 1e9)
         assert r["bytes"] > 0 and r["limit_s"] == pytest.approx(max(r["original_s"], transfer))
         assert r["ratio_to_limit"] == pytest.approx(r["offloaded_s"] / r["limit_s"])
+        # the floor counts one copy of each expert used that held no slot: never more than was moved
+        assert 0 < r["needed_bytes"] <= r["bytes"] and r["floor_s"] <= r["limit_s"]
+        assert r["ratio_to_floor"] == pytest.approx(r["offloaded_s"] / r["floor_s"])
     printed = capsys.readouterr().out
     assert "prompt tokens" in printed and "x limit" in printed
 

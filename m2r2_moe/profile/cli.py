@@ -222,7 +222,8 @@ def _prefill_mode(args, model, tokenizer, files, cache, expert_bytes, compute_la
     print(prefill_table(rows))
     print(f"\nmodel {args.model}: {expert_bytes / 1e6:.2f} MB per expert, {cache} slots, policy {args.policies[0]}; "
           f"decode compute {compute_layer * 1e3:.2f} ms per MoE layer sets each link ratio's speed; limit = "
-          f"max(original forward, bytes moved / link bandwidth); each forward timed after a warm-up, fastest of "
+          f"max(original forward, bytes moved / link bandwidth), floor = max(original forward, bytes of the experts "
+          f"used that held no slot / link bandwidth); each forward timed after a warm-up, fastest of "
           f"{args.repeats}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

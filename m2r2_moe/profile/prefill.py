@@ -5,6 +5,9 @@ each link regime), interleaved round by round, the fastest of `repeats`, each of
 the same mode, with the offloaded logits checked against the original's. Every offloaded forward is measured against its limit,
 max(the original's forward, bytes it moved / link bandwidth): a forward can end no sooner than its compute,
 nor before its copies crossed the link; a runtime that overlaps them perfectly reaches the limit (ratio 1).
+A forward that moves more than it needs (an expert displaced and copied again) raises its own limit, so each is
+also measured against its floor, max(the original's forward, bytes of the experts it used that held no slot
+when it started / link bandwidth): the copies no schedule can avoid.
 On CPU the link is emulated at each regime's speed, set by the link ratio (one expert's transfer time over one
 MoE layer's compute time in decode, as in the decode profile).
 
@@ -68,16 +71,46 @@ def measure_prefill(model, prompt: torch.Tensor, repeats: int, streams: tuple[bo
                 offloader.prefill.enabled = mode
                 _forward(model, prompt)
                 api.reset_stats(model)
-                seconds, logits = _forward(model, prompt)
+                with _UsedExperts(offloader) as used:
+                    seconds, logits = _forward(model, prompt)
                 phase = api.stats(model).prefill
                 runs[mode].append({"seconds": seconds, "bytes": phase.bytes_to_device, "misses": phase.misses,
-                                   "stall": phase.stall_seconds, "identical": torch.equal(logits, reference)})
+                                   "stall": phase.stall_seconds, "needed_bytes": used.needed_bytes,
+                                   "identical": torch.equal(logits, reference)})
     finally:
         api.remove_offload(model)
         del original
     best = {mode: {**min(r, key=lambda x: x["seconds"]), "identical": all(x["identical"] for x in r)}
             for mode, r in runs.items()}
     return min(base), best
+
+
+class _UsedExperts:
+    """While open: the experts each layer call of the offloaded model routes to (a listener on the routing the
+    offloader already passes to its usage counter). `needed_bytes`: the bytes of those that held no slot when
+    it opened, the copies the forward cannot do without (one each)."""
+
+    def __init__(self, offloader):
+        self.offloader, self.used, self.inner = offloader, set(), offloader.usage
+        self.resident = {key for key, _ in offloader.cache.slots.resident()}
+
+    def __enter__(self):
+        self.offloader.usage = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.offloader.usage = self.inner
+
+    def count(self, layer: int, top_k_index: torch.Tensor) -> None:
+        stride = self.offloader.cache.key_stride
+        self.used.update(layer * stride + e for e in top_k_index.unique().tolist())
+        if self.inner is not None:
+            self.inner.count(layer, top_k_index)
+
+    @property
+    def needed_bytes(self) -> int:
+        stride = self.offloader.cache.key_stride
+        return sum(self.offloader.expert_bytes[key // stride] for key in self.used - self.resident)
 
 
 def prefill_rows(model, prompts: dict[int, torch.Tensor], ratios: list[float], link_gbps: dict[float, float | None],
@@ -95,11 +128,14 @@ def prefill_rows(model, prompts: dict[int, torch.Tensor], ratios: list[float], l
 
 
 def prefill_row(length: int, ratio: float, gbps: float | None, original: float, run: dict) -> dict:
-    """One forward's figures against its limit, max(original, bytes moved / link bandwidth)."""
+    """One forward's figures against its limit, max(original, bytes moved / link bandwidth), and its floor,
+    max(original, bytes of the experts it needed that held no slot / link bandwidth)."""
     limit = max(original, run["bytes"] / (gbps * 1e9) if gbps else 0.0)
+    floor = max(original, run["needed_bytes"] / (gbps * 1e9) if gbps else 0.0)
     return {"prompt_tokens": length, "link_ratio": ratio, "link_gbps": gbps, "original_s": original,
             "offloaded_s": run["seconds"], "bytes": run["bytes"], "stall_s": run["stall"], "misses": run["misses"],
-            "limit_s": limit, "ratio_to_limit": run["seconds"] / limit, "identical": run["identical"]}
+            "limit_s": limit, "ratio_to_limit": run["seconds"] / limit, "needed_bytes": run["needed_bytes"],
+            "floor_s": floor, "ratio_to_floor": run["seconds"] / floor, "identical": run["identical"]}
 
 
 def chunked_prefill(model, prompt: torch.Tensor, chunks: list[int | None], repeats: int) -> dict:
@@ -125,11 +161,12 @@ def chunked_prefill(model, prompt: torch.Tensor, chunks: list[int | None], repea
 def prefill_table(rows: list[dict]) -> str:
     """The rows as an aligned text table."""
     head = ["prompt tokens", "link ratio", "GB/s", "original ms", "offloaded ms", "MB moved", "stall ms",
-            "limit ms", "x limit", "identical"]
+            "limit ms", "x limit", "MB needed", "x floor", "identical"]
     body = [[r["prompt_tokens"], f"{r['link_ratio']:g}", "-" if not r["link_gbps"] else f"{r['link_gbps']:.3f}",
              f"{r['original_s'] * 1e3:.0f}", f"{r['offloaded_s'] * 1e3:.0f}", f"{r['bytes'] / 1e6:.1f}",
              f"{r['stall_s'] * 1e3:.0f}", f"{r['limit_s'] * 1e3:.0f}", f"{r['ratio_to_limit']:.2f}",
-             "yes" if r["identical"] else "NO"] for r in rows]
+             f"{r['needed_bytes'] / 1e6:.1f}", f"{r['ratio_to_floor']:.2f}", "yes" if r["identical"] else "NO"]
+            for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     fmt = lambda row: "  ".join(str(x).rjust(w) for x, w in zip(row, widths))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])

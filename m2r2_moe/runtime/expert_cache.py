@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 
 HIT, PREFETCH_HIT, LATE, MISS = 0, 1, 2, 3  # how each use of an expert was served (`acquire`)
 NOT_QUEUED = -2  # `prefetch`: no copy was queued
-STALE_ONLY = 1 << 62  # a prefetch's `needed_at` that no estimate is later than: only stale experts are victims
 
 
 class ExpertCache:
@@ -131,12 +130,12 @@ class ExpertCache:
                limit: int) -> int:
         """Bring `wanted` [(layer, expert, distance)] in, in that order (nearest need first), while the wave
         `pinned` of `layer` computes (runtime/prefill.py: a forward of many tokens); at most `limit` copies,
-        stopping at the first that finds no room. An expert of the next layer (distance 1) takes a free slot or
-        displaces one needed later than it (`predictive`: the policy's victim, an expert done with for this
-        forward first; `lru`: the least recently used of those done with, of `layer` or before); a farther one
-        only a free slot or an expert the policy knows is not needed (stale): displacing one this forward used
-        would cost its copy again when the next forward (a prompt's next chunk) needs it. A prediction does
-        not withdraw a streamed copy. Returns the copies queued."""
+        stopping at the first that finds no room. A copy takes a free slot or displaces an expert needed after
+        it (`predictive`: the policy's victim, a stale one first, else the one needed farthest ahead, which
+        is one this forward is done with before one a later layer needs, which then costs its copy again;
+        never one needed sooner: Belady's rule); `lru`: the least recently
+        used of the experts the forward is done with (of `layer` or before). A prediction does not withdraw
+        a streamed copy. Returns the copies queued."""
         resident = self.slots.resident()  # (key, slot), least recently used first
         free = self.num_slots - len(resident)
         near = set(pinned).union(k for k, _ in resident if k // self.key_stride == layer + 1)
@@ -168,10 +167,7 @@ class ExpertCache:
 
     def _stream_victim(self, key: int, now: int, distance: int, near: set, pinned: frozenset, done) -> int:
         """The expert `stream` displaces for `key`, -1 for none (see `stream`)."""
-        if distance > 1:  # stale ones only: a victim needed after the end of time is one that is not needed
-            victim = self.policy.victim(key, now, pinned, needed_at=STALE_ONLY)
-            return -1 if victim is None else victim
-        victim = self.policy.victim(key, now, near, needed_at=now + 1)
+        victim = self.policy.victim(key, now, near if distance == 1 else pinned, needed_at=now + distance)
         if victim is None:  # lru: the slot table's own order would not skip the kept keys
             victim = next((k for k in done if self.slots.lookup(k) >= 0 and not self.slots.pins(k)), -1)
         return victim

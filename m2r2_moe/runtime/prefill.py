@@ -10,8 +10,9 @@ compute + transfer. `PrefillStream` overlaps the two:
 - `acquired`, after a wave's slots are pinned and its demand loads queued: at the layer's last wave (the
   earlier waves' experts are done with by then), the experts the following layers of this forward will use
   with probability >= `min_use` — 1 - (1 - rate)^T over T tokens — nearest layer first, most likely first,
-  at most as many as the slots the wave leaves, go to `ExpertCache.stream`, which copies the absent ones in
-  that order (the next layer's into any slot not needed sooner, farther ones only into slots nothing needs).
+  go to `ExpertCache.stream`, which copies the absent ones in that order into slots whose expert is needed
+  later than the copied one (one the forward is done with first): any layer ahead, not only the next, so the
+  link works while a layer whose experts are all resident computes.
 - `copy_budget`: on a link of known speed, only what the link moves while this layer computes (`MARGIN`
   layer times) is queued; the rest of the next layer is demand-loaded right behind it, so the link stays
   busy, and no more slots than that are taken early from the experts the next forward (a prompt's next
@@ -93,12 +94,14 @@ class PrefillStream:
 
     def plan(self, layer: int, tokens: int, room: int) -> list[tuple[int, int, int]]:
         """[(layer, expert, distance)]: the experts layers after `layer` (in this forward) will likely use
-        over `tokens` tokens, nearest layer first, most likely first within a layer; at most `room`."""
-        wanted = []
+        over `tokens` tokens, nearest layer first, most likely first within a layer, up to the `room`-th that
+        holds no slot (resident ones are listed too: the cache keeps them for their turn)."""
+        wanted, absent = [], 0
         for target in range(layer + 1, len(self.num_experts)):
             for expert in self.likely(target, tokens):
                 wanted.append((target, expert, target - layer))
-                if len(wanted) == room:
+                absent += self.cache.slots.lookup(target * self.cache.key_stride + expert) < 0
+                if absent == room:
                     return wanted
         return wanted
 
