@@ -130,17 +130,18 @@ class ExpertCache:
                limit: int) -> int:
         """Bring `wanted` [(layer, expert, distance)] in, in that order (nearest need first), while the wave
         `pinned` of `layer` computes (runtime/prefill.py: a forward of many tokens); at most `limit` copies,
-        stopping at the first that finds no room. A copy takes a free slot or displaces an expert needed after
-        it (`predictive`: the policy's victim, a stale one first, else the one needed farthest ahead, which
-        is one this forward is done with before one a later layer needs, which then costs its copy again;
-        never one needed sooner: Belady's rule); `lru`: the least recently
-        used of the experts the forward is done with (of `layer` or before). A prediction does not withdraw
-        a streamed copy. Returns the copies queued."""
+        stopping at the first that finds no room. `wanted` may reach into the next forward (an expert of a layer
+        up to `layer`, needed at its turn there). A copy takes a free slot or displaces an expert needed after
+        it (`predictive`: the policy's victim, a stale one first, else the one needed farthest ahead, which is
+        one this forward is done with before one a later layer needs, which then costs its copy again; never
+        one needed sooner: Belady's rule); `lru`: the least recently used of the experts the forward is done
+        with (of `layer` or before; for the next forward's, of a layer after the copied one's). A prediction
+        does not withdraw a streamed copy. Returns the copies queued."""
         resident = self.slots.resident()  # (key, slot), least recently used first
         free = self.num_slots - len(resident)
         near = set(pinned).union(k for k, _ in resident if k // self.key_stride == layer + 1)
         # lru's victims: experts of `layer` or before, least recently used first (the forward is done with them)
-        done = (k for k, _ in resident if k // self.key_stride <= layer and k not in pinned)
+        done = [k for k, _ in resident if k // self.key_stride <= layer and k not in pinned]
         queued = 0
         for expert_layer, expert, distance in wanted:
             key = expert_layer * self.key_stride + expert
@@ -165,11 +166,18 @@ class ExpertCache:
             queued += 1
         return queued
 
-    def _stream_victim(self, key: int, now: int, distance: int, near: set, pinned: frozenset, done) -> int:
+    def _stream_victim(self, key: int, now: int, distance: int, near: set, pinned: frozenset, done: list) -> int:
         """The expert `stream` displaces for `key`, -1 for none (see `stream`)."""
-        victim = self.policy.victim(key, now, near if distance == 1 else pinned, needed_at=now + distance)
+        # the next layer's expert displaces any needed after it; a farther one only what this forward no longer
+        # needs (an earlier copy would evict what a later layer of this forward then copies again)
+        last = now - now % self.clock.num_layers + self.clock.num_layers - 1  # this forward's last layer turn
+        victim = self.policy.victim(key, now, near if distance == 1 else pinned,
+                                    needed_at=now + 1 if distance == 1 else max(now + distance, last))
         if victim is None:  # lru: the slot table's own order would not skip the kept keys
-            victim = next((k for k in done if self.slots.lookup(k) >= 0 and not self.slots.pins(k)), -1)
+            # for the next forward's layer (`key` of a layer up to this one): only the done layers after it
+            after = key // self.key_stride
+            victim = next((k for k in done if (k // self.key_stride > after or after > now % self.clock.num_layers)
+                           and self.slots.lookup(k) >= 0 and not self.slots.pins(k)), -1)
         return victim
 
     def expect(self, layer: int, expert: int, distance: int, now: int) -> None:

@@ -8,11 +8,13 @@ compute + transfer. `PrefillStream` overlaps the two:
 - `route` (in place of the hot path's `torch.unique`, still one host read): the layer call's experts, and
   each one's selection rate per token at that layer, learned over the multi-token calls seen (prior: K/E).
 - `acquired`, after a wave's slots are pinned and its demand loads queued: at the layer's last wave (the
-  earlier waves' experts are done with by then), the experts the following layers of this forward will use
-  with probability >= `min_use` — 1 - (1 - rate)^T over T tokens — nearest layer first, most likely first,
-  go to `ExpertCache.stream`, which copies the absent ones in that order into slots whose expert is needed
-  later than the copied one (one the forward is done with first): any layer ahead, not only the next, so the
-  link works while a layer whose experts are all resident computes.
+  earlier waves' experts are done with by then), the experts the following layers will use with probability
+  >= `min_use` — 1 - (1 - rate)^T over T tokens — nearest layer first, most likely first, go to
+  `ExpertCache.stream`, which copies the absent ones in that order: the next layer's into slots whose expert
+  is needed after them, a farther layer's only into slots whose expert this forward no longer needs. Any layer
+  ahead, not only the next, so the link works while a layer whose experts are all resident computes; and past
+  the last layer into the next forward's first layers (taken to be alike: a prompt's next chunk), so the
+  next forward finds its first layers resident instead of waiting for them before it can compute.
 - `copy_budget`: on a link of known speed, only what the link moves while this layer computes (`MARGIN`
   layer times) is queued; the rest of the next layer is demand-loaded right behind it, so the link stays
   busy, and no more slots than that are taken early from the experts the next forward (a prompt's next
@@ -74,32 +76,36 @@ class PrefillStream:
         if self._left > 0 or not self.enabled:
             return  # later waves of this layer still need the free slots
         room = self.cache.num_slots - len(keys)
-        if room > 0 and layer + 1 < len(self.num_experts):
+        if room > 0:
             wanted = self.plan(layer, self._tokens, room)
-            limit = self.copy_budget(layer, wanted)
+            limit = self.copy_budget(wanted)
             if limit > 0:
                 self.cache.stream(wanted, self.clock.now(layer), frozenset(keys), layer, limit)
 
-    def copy_budget(self, layer: int, wanted: list[tuple[int, int, int]]) -> int:
+    def copy_budget(self, wanted: list[tuple[int, int, int]]) -> int:
         """How many copies to add to the link's queue now: what it can move while this layer computes, with
         a margin (`MARGIN`), less the prefetches still queued. An expert brought in earlier than needed holds
         a slot that would otherwise keep an expert for the next forward (a chunked prompt's next chunk), so
         on a slow link only that much is streamed, and the rest of the next layer is demand-loaded right
         behind it. Where the link's speed or the layer's time is not known yet: the nearest layer's experts."""
-        transfer = self.cache.engine.link_seconds(self.expert_bytes[layer + 1])
+        if not wanted:
+            return 0
+        transfer = self.cache.engine.link_seconds(self.expert_bytes[wanted[0][0]])
         compute = self.clock.layer_seconds
         if transfer <= 0 or compute <= 0:
-            return sum(1 for target, _, _ in wanted if target == wanted[0][0]) if wanted else 0
+            return sum(1 for target, _, _ in wanted if target == wanted[0][0])
         return max(1, math.ceil(MARGIN * compute / transfer)) - len(self.cache.queued_prefetches())
 
     def plan(self, layer: int, tokens: int, room: int) -> list[tuple[int, int, int]]:
-        """[(layer, expert, distance)]: the experts layers after `layer` (in this forward) will likely use
-        over `tokens` tokens, nearest layer first, most likely first within a layer, up to the `room`-th that
-        holds no slot (resident ones are listed too: the cache keeps them for their turn)."""
-        wanted, absent = [], 0
-        for target in range(layer + 1, len(self.num_experts)):
+        """[(layer, expert, distance)]: the experts the layers after `layer` will likely use over `tokens`
+        tokens — this forward's, then the next forward's up to `layer` (taken to be alike: a prompt's next
+        chunk) — nearest first, most likely first within a layer, up to the `room`-th that holds no slot
+        (resident ones are listed too: the cache keeps them for their turn)."""
+        wanted, absent, layers = [], 0, len(self.num_experts)
+        for distance in range(1, layers):
+            target = (layer + distance) % layers
             for expert in self.likely(target, tokens):
-                wanted.append((target, expert, target - layer))
+                wanted.append((target, expert, distance))
                 absent += self.cache.slots.lookup(target * self.cache.key_stride + expert) < 0
                 if absent == room:
                     return wanted
