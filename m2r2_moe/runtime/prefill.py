@@ -48,6 +48,7 @@ class PrefillStream:
         self._seen = [PRIOR_TOKENS * e for e in num_experts]
         # the multi-token layer call in progress: (forward, layer), experts not acquired yet, tokens
         self._call, self._left, self._tokens = (-1, -1), 0, 0
+        self._likely: dict[int, tuple[int, list[int]]] = {}  # layer -> (tokens, `likely`), until it learns
 
     def route(self, layer: int, top_k_index: torch.Tensor) -> list[int]:
         """`top_k_index [T, K]` → the experts the layer call needs, ascending. A call of more than one token
@@ -62,6 +63,7 @@ class PrefillStream:
             for expert, count in zip(needed, uses):
                 chosen[expert] += count
             self._seen[layer] += tokens
+            self._likely.pop(layer, None)
             if self._seen[layer] > MAX_TOKENS:
                 self._chosen[layer] = [c / 2 for c in chosen]
                 self._seen[layer] /= 2
@@ -75,45 +77,51 @@ class PrefillStream:
         self._left -= len(keys)
         if self._left > 0 or not self.enabled:
             return  # later waves of this layer still need the free slots
-        room = self.cache.num_slots - len(keys)
-        if room > 0:
-            wanted = self.plan(layer, self._tokens, room)
-            limit = self.copy_budget(wanted)
-            if limit > 0:
+        limit = min(self.cache.num_slots - len(keys), self.copy_budget(layer, self._tokens))
+        if limit > 0:
+            wanted = self.plan(layer, self._tokens, limit)  # empty when every likely expert is resident
+            if wanted:
                 self.cache.stream(wanted, self.clock.now(layer), frozenset(keys), layer, limit)
 
-    def copy_budget(self, wanted: list[tuple[int, int, int]]) -> int:
+    def copy_budget(self, layer: int, tokens: int) -> int:
         """How many copies to add to the link's queue now: what it can move while this layer computes, with
         a margin (`MARGIN`), less the prefetches still queued. An expert brought in earlier than needed holds
         a slot that would otherwise keep an expert for the next forward (a chunked prompt's next chunk), so
         on a slow link only that much is streamed, and the rest of the next layer is demand-loaded right
-        behind it. Where the link's speed or the layer's time is not known yet: the nearest layer's experts."""
-        if not wanted:
-            return 0
-        transfer = self.cache.engine.link_seconds(self.expert_bytes[wanted[0][0]])
+        behind it. Where the link's speed or the layer's time is not known yet: the next layer's likely
+        experts."""
+        following = (layer + 1) % len(self.num_experts)
+        transfer = self.cache.engine.link_seconds(self.expert_bytes[following])
         compute = self.clock.layer_seconds
         if transfer <= 0 or compute <= 0:
-            return sum(1 for target, _, _ in wanted if target == wanted[0][0])
+            return len(self.likely(following, tokens))
         return max(1, math.ceil(MARGIN * compute / transfer)) - len(self.cache.queued_prefetches())
 
-    def plan(self, layer: int, tokens: int, room: int) -> list[tuple[int, int, int]]:
+    def plan(self, layer: int, tokens: int, count: int) -> list[tuple[int, int, int]]:
         """[(layer, expert, distance)]: the experts the layers after `layer` will likely use over `tokens`
         tokens — this forward's, then the next forward's up to `layer` (taken to be alike: a prompt's next
-        chunk) — nearest first, most likely first within a layer, up to the `room`-th that holds no slot
-        (resident ones are listed too: the cache keeps them for their turn)."""
-        wanted, absent, layers = [], 0, len(self.num_experts)
+        chunk) — nearest first, most likely first within a layer, up to the `count`-th that holds no slot.
+        The resident ones before it are listed too (the cache keeps them for their turn rather than displace
+        them for a later one); the list ends at its last absent expert."""
+        wanted, absent, end, layers = [], 0, 0, len(self.num_experts)
         for distance in range(1, layers):
             target = (layer + distance) % layers
             for expert in self.likely(target, tokens):
                 wanted.append((target, expert, distance))
-                absent += self.cache.slots.lookup(target * self.cache.key_stride + expert) < 0
-                if absent == room:
-                    return wanted
-        return wanted
+                if self.cache.slots.lookup(target * self.cache.key_stride + expert) < 0:
+                    absent, end = absent + 1, len(wanted)
+                    if absent == count:
+                        return wanted
+        return wanted[:end]
 
     def likely(self, layer: int, tokens: int) -> list[int]:
         """Experts of `layer` used by `tokens` tokens with probability >= `min_use`, most likely first."""
+        known = self._likely.get(layer)
+        if known is not None and known[0] == tokens:
+            return known[1]
         seen = self._seen[layer]
         chances = [(1.0 - min(c / seen, 1.0)) ** tokens for c in self._chosen[layer]]  # P(unused) per expert
         order = sorted(range(len(chances)), key=chances.__getitem__)
-        return [e for e in order if 1.0 - chances[e] >= self.min_use]
+        experts = [e for e in order if 1.0 - chances[e] >= self.min_use]
+        self._likely[layer] = (tokens, experts)
+        return experts
