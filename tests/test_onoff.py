@@ -94,3 +94,30 @@ def test_an_offloaded_model_measures_both_arms_and_stays_lossless(monkeypatch):
         assert guard.blocks[True] and guard.blocks[False]  # 71 decode steps: blocks of both arms were timed
     finally:
         m2r2_moe.remove_offload(model)
+
+
+def test_the_off_arm_reads_no_residual_and_runs_no_admission():
+    model, tok = m2r2_moe.load_builtin()
+    ids = tok("def add(a, b):\n    return", return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+    m2r2_moe.offload(model, device="cpu", cache_experts=24, predictor="gate", link_gbps=0.5)
+    try:
+        offloader = m2r2_moe.get_offloader(model)
+        prefetcher = offloader.prefetcher
+        prefetcher.onoff.step = lambda *args: False  # every forward runs the off arm
+        reads = []
+        free_slots = offloader.cache.free_slots
+        offloader.cache.free_slots = lambda: reads.append(1) or free_slots()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+        assert torch.equal(out, reference)
+        # layer 0's residual is taken before the forward's arm is chosen (at its experts call); no other
+        assert not prefetcher.tap.residuals_wanted and all(r is None for r in prefetcher.tap.residual[1:])
+        assert not reads and m2r2_moe.stats(model).decode.prefetches == 0
+        prefetcher.onoff.step = lambda *args: True  # and back on: the tap reads again, admission runs
+        with torch.no_grad():
+            assert torch.equal(model.generate(input_ids=ids, max_new_tokens=12, do_sample=False), reference)
+        assert prefetcher.tap.residuals_wanted and all(r is not None for r in prefetcher.tap.residual) and reads
+    finally:
+        m2r2_moe.remove_offload(model)

@@ -37,6 +37,8 @@ class LayerTap:
         self.weights: list[torch.Tensor | None] = [None] * count
         self.logits: list[torch.Tensor | None] = [None] * count
         self.on_routing = on_routing
+        self.residuals_wanted = True  # False: the residual hooks return at once (a consumer pausing, e.g. the
+        # prefetcher while prefetching is off for a forward); what they last saw stays
         self._handles = []
         for i, layer in enumerate(layers):
             if residual:
@@ -50,11 +52,15 @@ class LayerTap:
 
     def _tap_residual(self, layer: MoELayer, i: int):
         def after_norm(module: nn.Module, args, output):
+            if not self.residuals_wanted:
+                return
             x = args[0]
             self.residual[i] = x.detach().reshape(-1, x.shape[-1])
             self.normed[i] = output.detach().reshape(-1, output.shape[-1])
 
         def before_block(module: nn.Module, args):
+            if not self.residuals_wanted:
+                return
             x = args[0]
             self.residual[i] = self.normed[i] = x.detach().reshape(-1, x.shape[-1])
 

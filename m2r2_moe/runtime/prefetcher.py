@@ -65,16 +65,22 @@ class Prefetcher:
             self.planner.step(WINDOW)
             vouched = self.planner.saved > VOUCH * self.planner.spent > 0
             self.on = self.onoff.step(start, decode, vouched)
+            if self.tap is not None:
+                self.tap.residuals_wanted = self.on  # the off arm reads no residual this forward
         transfer = self._transfer_seconds()
-        horizon = self._horizon(transfer)
-        active = self.on and self.planner.active(layer)
-        probs = self._predict(layer, top_k_index, decode, horizon) if active else None
         miss = self._miss_seconds() or transfer
+        if self.on and self.planner.active(layer):
+            horizon = self._horizon(transfer)
+            probs = self._predict(layer, top_k_index, decode, horizon)
+            free, backlog = self.cache.free_slots(), self.cache.queued_prefetches()
+        else:  # settling only: the cache's state matters to admission, which does not run
+            horizon, probs, free, backlog = 0, None, 0, []
         queue, expect, withdraw = self.planner.layer(  # positional: the C++ twin's fastest call
             layer, decode, now, keys, served, list(evicted), probs, self.predictor.wraps, horizon,
-            miss, transfer, self.clock.layer_seconds, self.link_busy, self.cache.free_slots(),
-            self.cache.queued_prefetches(), self.min_prob if self.on else OFF)
-        self._act(queue, expect, withdraw, now, frozenset(keys))
+            miss, transfer, self.clock.layer_seconds, self.link_busy, free, backlog,
+            self.min_prob if self.on else OFF)
+        if queue or expect or withdraw:
+            self._act(queue, expect, withdraw, now, frozenset(keys))
         self.predictor.observe(layer, top_k_index)
         if layer == self.num_layers - 1:
             self.predictor.advance(top_k_index.shape[0])
