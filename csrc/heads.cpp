@@ -20,9 +20,25 @@ M2R2_CLONES void axpy(float a, const float* row, float* y, int64_t cols) {
   for (int64_t j = 0; j < cols; ++j) y[j] += a * row[j];
 }
 
-// y[cols] = x[rows] @ w[rows, cols] (+ y's initial values)
+constexpr int64_t kAheadBytes = 16384;  // how far ahead of the row being read the rows are requested
+constexpr int64_t kLineFloats = 16;     // floats per 64-byte cache line
+
+// y[cols] = x[rows] @ w[rows, cols] (+ y's initial values). The weights are read once per token and are cold
+// by then (the layers' expert weights went through the caches since): a single sequential stream from memory
+// is latency-bound, so the rows kAheadBytes ahead are requested while this one is read, keeping more lines in
+// flight than the hardware prefetcher does on its own (cold reads of a 128 x 512 head about 1.6x faster on
+// a 2-core Xeon VM; benchmarks/prefetch_cost.py measures the prediction in place).
 void matvec(const float* x, const float* w, int64_t rows, int64_t cols, float* y) {
-  for (int64_t i = 0; i < rows; ++i) axpy(x[i], w + i * cols, y, cols);
+  const int64_t ahead = std::max<int64_t>(1, kAheadBytes / (cols * static_cast<int64_t>(sizeof(float))));
+  for (int64_t i = 0; i < std::min(ahead, rows); ++i)
+    for (int64_t j = 0; j < cols; j += kLineFloats) __builtin_prefetch(w + i * cols + j);
+  for (int64_t i = 0; i < rows; ++i) {
+    if (i + ahead < rows) {
+      const float* next = w + (i + ahead) * cols;
+      for (int64_t j = 0; j < cols; j += kLineFloats) __builtin_prefetch(next + j);
+    }
+    axpy(x[i], w + i * cols, y, cols);
+  }
 }
 
 void softmax_rows(float* z, int64_t rows, int64_t cols) {
