@@ -157,16 +157,18 @@ class ModelWorker:
                 continue
             self.running = job
             try:
-                self._generate(job)
+                last = self._generate(job)
             except Exception as e:  # noqa: BLE001 — one request failed: say so to its client, keep serving
                 logger.exception("generation failed")
                 self._count("failed")
-                job.events.put(("error", f"generation failed: {e}"))
+                last = ("error", f"generation failed: {e}")
             finally:
                 self.running = None
                 runtime_of(self.model).collect_device_stalls()  # on this thread, between forwards
+            job.events.put(last)  # once the worker is free: a client that has its answer finds it idle
 
-    def _generate(self, job: Job) -> None:
+    def _generate(self, job: Job) -> tuple:
+        """Run one job; returns its last event (`done` or `error`), which the caller reports."""
         request = job.request
         emit = (lambda text: job.events.put(("text", text))) if request.stream else None
         deltas = TextDeltas(self.tokenizer, request.stop, emit)
@@ -188,13 +190,12 @@ class ModelWorker:
         self._count("tokens_generated", len(generated))
         if job.cancelled.is_set():  # its client left (it reads no more), or the server is shutting down
             self._count("cancelled")
-            job.events.put(("error", "the server is shutting down" if self._closed.is_set() else "cancelled"))
-            return
+            return ("error", "the server is shutting down" if self._closed.is_set() else "cancelled")
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         finish = "stop" if deltas.stopped or (generated and generated[-1] in eos) else "length"
         self._count("completed")
-        job.events.put(("done", finish, deltas.text(), len(generated)))
+        return ("done", finish, deltas.text(), len(generated))
 
 
 def _pad_token(model) -> int | None:
