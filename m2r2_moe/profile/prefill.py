@@ -25,6 +25,7 @@ import torch
 
 from .. import api
 from ..corpus import token_stream
+from ..warm import UsageCounter
 
 
 def prefill_prompts(tokenizer, files: list[Path], lengths: list[int], vocab: int) -> dict[int, torch.Tensor]:
@@ -86,12 +87,14 @@ def measure_prefill(model, prompt: torch.Tensor, repeats: int, streams: tuple[bo
 
 
 class _UsedExperts:
-    """While open: the experts each layer call of the offloaded model routes to (a listener on the routing the
-    offloader already passes to its usage counter). `needed_bytes`: the bytes of those that held no slot when
-    it opened, the copies the forward cannot do without (one each)."""
+    """While open: which experts the offloaded model's layer calls route to, counted on the device by a
+    `warm.UsageCounter` beside the offloader's own (no host read inside the timed forward). `needed_bytes`,
+    read once it is closed: the bytes of those that held no slot when it opened, the copies the forward cannot
+    do without (one each)."""
 
     def __init__(self, offloader):
-        self.offloader, self.used, self.inner = offloader, set(), offloader.usage
+        self.offloader, self.inner = offloader, offloader.usage
+        self.used = UsageCounter(offloader.layers, offloader.device)
         self.resident = {key for key, _ in offloader.cache.slots.resident()}
 
     def __enter__(self):
@@ -102,15 +105,15 @@ class _UsedExperts:
         self.offloader.usage = self.inner
 
     def count(self, layer: int, top_k_index: torch.Tensor) -> None:
-        stride = self.offloader.cache.key_stride
-        self.used.update(layer * stride + e for e in top_k_index.unique().tolist())
+        self.used.count(layer, top_k_index)
         if self.inner is not None:
             self.inner.count(layer, top_k_index)
 
     @property
     def needed_bytes(self) -> int:
-        stride = self.offloader.cache.key_stride
-        return sum(self.offloader.expert_bytes[key // stride] for key in self.used - self.resident)
+        stride, sizes = self.offloader.cache.key_stride, self.offloader.expert_bytes
+        used = self.used.counts.nonzero().tolist()  # [(layer, expert)]
+        return sum(sizes[layer] for layer, expert in used if layer * stride + expert not in self.resident)
 
 
 def prefill_rows(model, prompts: dict[int, torch.Tensor], ratios: list[float], link_gbps: dict[float, float | None],
