@@ -26,8 +26,8 @@ constexpr int64_t kLineFloats = 16;     // floats per 64-byte cache line
 // y[cols] = x[rows] @ w[rows, cols] (+ y's initial values). The weights are read once per token and are cold
 // by then (the layers' expert weights went through the caches since): a single sequential stream from memory
 // is latency-bound, so the rows kAheadBytes ahead are requested while this one is read, keeping more lines in
-// flight than the hardware prefetcher does on its own (cold reads of a 128 x 512 head about 1.6x faster on
-// a 2-core Xeon VM; benchmarks/prefetch_cost.py measures the prediction in place).
+// flight than the hardware prefetcher does on its own (cold reads of a 128 x 512 head 1.2-1.4x faster in a
+// standalone A/B on a 2-core Xeon VM; benchmarks/prefetch_cost.py measures the prediction in place).
 void matvec(const float* x, const float* w, int64_t rows, int64_t cols, float* y) {
   const int64_t ahead = std::max<int64_t>(1, kAheadBytes / (cols * static_cast<int64_t>(sizeof(float))));
   for (int64_t i = 0; i < std::min(ahead, rows); ++i)

@@ -167,16 +167,17 @@ class ExpertCache:
         return queued
 
     def _stream_victim(self, key: int, now: int, distance: int, near: set, pinned: frozenset, done: list) -> int:
-        """The expert `stream` displaces for `key`, -1 for none (see `stream`)."""
-        # the next layer's expert displaces any needed after it; a farther one only what this forward no longer
-        # needs (an earlier copy would evict what a later layer of this forward then copies again)
-        last = now - now % self.clock.num_layers + self.clock.num_layers - 1  # this forward's last layer turn
-        victim = self.policy.victim(key, now, near if distance == 1 else pinned,
-                                    needed_at=now + 1 if distance == 1 else max(now + distance, last))
-        if victim is None:  # lru: the slot table's own order would not skip the kept keys
-            # for the next forward's layer (`key` of a layer up to this one): only the done layers after it
-            after = key // self.key_stride
-            victim = next((k for k in done if (k // self.key_stride > after or after > now % self.clock.num_layers)
+        """The expert `stream` displaces for `key`, needed `distance` turns from `now`; -1 for none (see `stream`)."""
+        layers = self.clock.num_layers
+        turn = now % layers  # the layer computing
+        if distance == 1:  # the next layer's expert displaces any needed after it
+            victim = self.policy.victim(key, now, near, needed_at=now + 1)
+        else:  # a farther one only what this forward no longer needs: displacing one a later layer of this
+            # forward uses would cost its copy again (needed after this forward's last turn, and after `key`)
+            victim = self.policy.victim(key, now, pinned, needed_at=max(now + distance, now - turn + layers - 1))
+        if victim is None:  # lru: a done expert (of layer j, needed next at the next forward's turn j, L + j - turn
+            # turns from now) needed after `key`; the slot table's own order would not skip the kept keys
+            victim = next((k for k in done if layers + k // self.key_stride - turn > distance
                            and self.slots.lookup(k) >= 0 and not self.slots.pins(k)), -1)
         return victim
 
