@@ -77,18 +77,28 @@ def test_the_settling_steps_of_a_block_and_prompt_forwards_are_not_samples():
     assert list(guard.blocks[True]) == [pytest.approx(0.010)]
 
 
+def _offloaded_builtin(new_tokens: int):
+    """The built-in model's greedy continuation of a short prompt, then the model offloaded (gate predictor, a
+    slow emulated link): (model, a function generating the same continuation again, the reference tokens)."""
+    model, tok = m2r2_moe.load_builtin()
+    ids = tok("def add(a, b):\n    return", return_tensors="pt").input_ids
+
+    def generate() -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False)
+
+    reference = generate()
+    m2r2_moe.offload(model, device="cpu", cache_experts=24, predictor="gate", link_gbps=0.5)
+    return model, generate, reference
+
+
 def test_an_offloaded_model_measures_both_arms_and_stays_lossless(monkeypatch):
     from m2r2_moe.runtime import prefetcher
 
     monkeypatch.setattr(prefetcher, "VOUCH", float("inf"))  # the planner never vouches: both arms are measured
-    model, tok = m2r2_moe.load_builtin()
-    ids = tok("def add(a, b):\n    return", return_tensors="pt").input_ids
-    with torch.no_grad():
-        reference = model.generate(input_ids=ids, max_new_tokens=72, do_sample=False)
-    m2r2_moe.offload(model, device="cpu", cache_experts=24, predictor="gate", link_gbps=0.5)
+    model, generate, reference = _offloaded_builtin(72)
     try:
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, max_new_tokens=72, do_sample=False)
+        out = generate()
         guard = m2r2_moe.get_offloader(model).prefetcher.onoff
         assert torch.equal(out, reference)
         assert guard.blocks[True] and guard.blocks[False]  # 71 decode steps: blocks of both arms were timed
@@ -97,11 +107,7 @@ def test_an_offloaded_model_measures_both_arms_and_stays_lossless(monkeypatch):
 
 
 def test_the_off_arm_reads_no_residual_and_runs_no_admission():
-    model, tok = m2r2_moe.load_builtin()
-    ids = tok("def add(a, b):\n    return", return_tensors="pt").input_ids
-    with torch.no_grad():
-        reference = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
-    m2r2_moe.offload(model, device="cpu", cache_experts=24, predictor="gate", link_gbps=0.5)
+    model, generate, reference = _offloaded_builtin(12)
     try:
         offloader = m2r2_moe.get_offloader(model)
         prefetcher = offloader.prefetcher
@@ -109,15 +115,12 @@ def test_the_off_arm_reads_no_residual_and_runs_no_admission():
         reads = []
         free_slots = offloader.cache.free_slots
         offloader.cache.free_slots = lambda: reads.append(1) or free_slots()
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
-        assert torch.equal(out, reference)
+        assert torch.equal(generate(), reference)
         # layer 0's residual is taken before the forward's arm is chosen (at its experts call); no other
         assert not prefetcher.tap.residuals_wanted and all(r is None for r in prefetcher.tap.residual[1:])
         assert not reads and m2r2_moe.stats(model).decode.prefetches == 0
         prefetcher.onoff.step = lambda *args: True  # and back on: the tap reads again, admission runs
-        with torch.no_grad():
-            assert torch.equal(model.generate(input_ids=ids, max_new_tokens=12, do_sample=False), reference)
+        assert torch.equal(generate(), reference)
         assert prefetcher.tap.residuals_wanted and all(r is not None for r in prefetcher.tap.residual) and reads
     finally:
         m2r2_moe.remove_offload(model)

@@ -5,7 +5,19 @@ here, once, as running a script does; the unit tests' helpers (tests/conftest.py
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 for folder in (ROOT / "benchmarks", ROOT / "tests"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (as the benchmarks run: a core left free for the copy worker)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy_engine
 import pytest
-import torch
 
 from m2r2_moe.runtime import cpu_native
 from m2r2_moe.runtime.cpu_engine import ThreadCopyEngine
@@ -14,15 +13,10 @@ from m2r2_moe.runtime.cpu_engine import ThreadCopyEngine
 pytestmark = pytest.mark.slow
 
 
-def test_every_engine_is_measured():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        figures = copy_engine.measure(lambda gbps: ThreadCopyEngine(gbps), 30, 10_000)
-        assert all(v >= 0 or k == "overshoot" for k, v in figures.items())
-        assert set(figures) == {"submit", "overshoot", "detach", "detach_max"}
-        if cpu_native.available():
-            polling = copy_engine.measure(lambda gbps: cpu_native.NativeCopyEngine(gbps, spin=True), 30, 10_000)
-            assert polling["overshoot"] < copy_engine.LINK_S  # it waited for the copy, and not a link time more
-    finally:
-        torch.set_num_threads(threads)
+def test_every_engine_is_measured(one_thread):
+    figures = copy_engine.measure(lambda gbps: ThreadCopyEngine(gbps), 30, 10_000)
+    assert all(v >= 0 or k == "overshoot" for k, v in figures.items())
+    assert set(figures) == {"submit", "overshoot", "detach", "detach_max"}
+    if cpu_native.available():
+        polling = copy_engine.measure(lambda gbps: cpu_native.NativeCopyEngine(gbps, spin=True), 30, 10_000)
+        assert polling["overshoot"] < copy_engine.LINK_S  # it waited for the copy, and not a link time more

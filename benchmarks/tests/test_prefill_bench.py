@@ -14,17 +14,12 @@ from m2r2_moe.models import find_moe_layers
 pytestmark = pytest.mark.slow
 
 
-def test_one_row_has_every_column():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, _ = load_model("builtin", torch.float32)
-        _, layers = find_moe_layers(model)
-        total = sum(int(x.experts.num_experts) for x in layers)
-        prompt = torch.randint(3, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
-        rows = prefill.prefill_table(model, "builtin", {24: prompt}, [2.0], {2.0: 0.2}, total // 2, total, 1)
-    finally:
-        torch.set_num_threads(threads)
+def test_one_row_has_every_column(one_thread):
+    model, _ = load_model("builtin", torch.float32)
+    _, layers = find_moe_layers(model)
+    total = sum(int(x.experts.num_experts) for x in layers)
+    prompt = torch.randint(3, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    rows = prefill.prefill_table(model, "builtin", {24: prompt}, [2.0], {2.0: 0.2}, total // 2, total, 1)
     assert len(rows) == 1
     row = rows[0]
     # model, tokens, ratio, original, all cached, streamed (ms, MB, limit, x limit, MB needed, x floor),
