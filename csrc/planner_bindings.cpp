@@ -17,7 +17,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kAbiVersion = 2;  // bumped when the Python-visible interface changes (see _ext.py)
+constexpr int kAbiVersion = 3;  // bumped when the Python-visible interface changes (see _ext.py)
 
 using Probs = py::array_t<float, py::array::c_style>;
 
@@ -81,13 +81,25 @@ Array rms_linear_softmax(const Array& x, double eps, const Array& w, int64_t n) 
   return out;
 }
 
-Array mlp_softmax(const Array& x, const Array& w1, const Array& b1, const Array& w2, const Array& b2) {
+Array mlp_softmax_of(const float* x, int64_t hidden, const Array& w1, const Array& b1, const Array& w2,
+                     const Array& b2) {
   if (w2.ndim() != 3) throw std::invalid_argument("heads: w2 must be [n, M, E]");
-  int64_t hidden = x.size(), n = w2.shape(0), width = w2.shape(1), experts = w2.shape(2);
+  int64_t n = w2.shape(0), width = w2.shape(1), experts = w2.shape(2);
   Array out({n, experts});
-  m2r2::mlp_softmax(x.data(), hidden, data_of(w1, hidden * n * width, "w1"), data_of(b1, n * width, "b1"), n, width,
+  m2r2::mlp_softmax(x, hidden, data_of(w1, hidden * n * width, "w1"), data_of(b1, n * width, "b1"), n, width,
                     w2.data(), data_of(b2, n * experts, "b2"), experts, out.mutable_data());
   return out;
+}
+
+Array mlp_softmax(const Array& x, const Array& w1, const Array& b1, const Array& w2, const Array& b2) {
+  return mlp_softmax_of(x.data(), x.size(), w1, b1, w2, b2);
+}
+
+// The same with x read at `address`: w1's H contiguous float32 values (a torch CPU tensor's data_ptr(), alive for
+// the call). Converting the tensor to a numpy array costs more than these heads' arithmetic at batch 1.
+Array mlp_softmax_at(uintptr_t address, const Array& w1, const Array& b1, const Array& w2, const Array& b2) {
+  if (address == 0 || w1.ndim() != 2) throw std::invalid_argument("heads: a null x, or w1 not [H, n*M]");
+  return mlp_softmax_of(reinterpret_cast<const float*>(address), w1.shape(0), w1, b1, w2, b2);
 }
 
 // The CPU copy engine for Python (runtime/cpu_native.py wraps it). The engine is shared with its copies'
@@ -137,6 +149,8 @@ PYBIND11_MODULE(_native_plan, m) {
         "gate at batch 1: softmax per distance of rms_norm(x) @ w [H, n*E] -> [n, E] (csrc/heads.hpp)");
   m.def("mlp_softmax", &mlp_softmax, py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
         "M2R2 heads at batch 1: softmax per distance of relu(x @ w1 + b1) @ w2[d] + b2[d] -> [n, E]");
+  m.def("mlp_softmax_at", &mlp_softmax_at, py::arg("address"), py::arg("w1"), py::arg("b1"), py::arg("w2"),
+        py::arg("b2"), "mlp_softmax with x [H] read at `address` (H = w1.shape[0] contiguous float32)");
   py::class_<Copy>(m, "CpuCopy", "one copy on the C++ CPU copy engine (csrc/cpu_copy.hpp)")
       .def_property_readonly("done", [](const Copy& c) { return c.copy->done.load(std::memory_order_acquire); })
       .def_property_readonly("priority", [](const Copy& c) { return c.read(&m2r2::CpuCopy::priority); })

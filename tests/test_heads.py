@@ -41,3 +41,15 @@ def test_heads_refuse_mismatched_shapes():
     with pytest.raises(ValueError, match="w1"):
         _ext.planner.mlp_softmax(x, torch.randn(16, 5).numpy(), torch.randn(8).numpy(), torch.randn(2, 4, 3).numpy(),
                                  torch.randn(2, 3).numpy())
+
+
+def test_mlp_softmax_at_reads_x_in_place():
+    """The prefetcher's call: x read at a torch tensor's address gives what the numpy call gives."""
+    torch.manual_seed(3)
+    x = torch.randn(1, 24)
+    w1, b1, w2, b2 = torch.randn(24, 2 * 5), torch.randn(2 * 5), torch.randn(2, 5, 7), torch.randn(2, 7)
+    arrays = [t.numpy() for t in (w1, b1, w2, b2)]
+    at = _ext.planner.mlp_softmax_at(x.data_ptr(), *arrays)
+    assert (at == _ext.planner.mlp_softmax(x[0].numpy(), *arrays)).all()
+    with pytest.raises(ValueError):
+        _ext.planner.mlp_softmax_at(0, *arrays)

@@ -92,6 +92,7 @@ class M2R2Predictor(GatePredictor):
         heads = self.adapters.mlp
         if self.kind != "mlp" or not _ext.HAS_PLANNER or heads.w1.device.type != "cpu" or heads.w1.dtype != torch.float32:
             return [None] * self.num_layers
+        self._heads_at = _ext.planner.mlp_softmax_at
         out = []
         for layer in range(self.num_layers):
             n, m = len(self.depths(layer)), heads.width
@@ -108,12 +109,10 @@ class M2R2Predictor(GatePredictor):
         if host is None or residual.shape[0] != 1 or residual.device.type != "cpu":
             return None
         x = normed if normed is not None else self._normed(layer, residual, None)
-        if x.dtype != torch.float32:
+        if x.dtype != torch.float32 or not x.is_contiguous():
             return None
-        from .. import _ext
-
         weights = host[-1] if not count else host[min(count, len(host)) - 1]
-        return _ext.planner.mlp_softmax(x[0].detach().numpy(), *weights)
+        return self._heads_at(x.data_ptr(), *weights)  # x [1, H] read in place: w1 [H, c*M] says H
 
     def _normed(self, layer: int, residual: torch.Tensor, normed: torch.Tensor | None) -> torch.Tensor:
         if normed is not None:
