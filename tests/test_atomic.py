@@ -186,20 +186,18 @@ def test_failed_from_pretrained_frees_everything(ckpt, fault, expert_store, monk
 
 
 def _fail_once_on_compute_thread(off):
-    off.store.expert = _fail_on_call(1, off.store.expert)  # an instance attribute: dropped by _release
+    off.cache._copy = _fail_on_call(1, off.cache._copy)  # raises out of acquire; an instance attribute: dropped by _release
 
 
 def _fail_once_in_worker(off):
-    expert = off.store.expert
     calls = []
 
-    def meta_once(layer, e):  # the worker's copy_ from a meta tensor raises there, not here
-        calls.append((layer, e))  # the first expert's copy and its retry (a failed copy is redone once) fail
-        src = expert(layer, e)
-        fail = calls.count(calls[0]) <= 2 and (layer, e) == calls[0]
-        return torch.empty(src.shape, dtype=src.dtype, device="meta") if fail else src
+    def fault(key, slot, priority):  # run by the copy worker before the bytes move: the copy fails there
+        calls.append(key)  # the first expert's copy and its retry (a failed copy is redone once) fail
+        if calls.count(calls[0]) <= 2 and key == calls[0]:
+            raise _Injected(f"injected: copy of key {key} failed in the worker")
 
-    off.store.expert = meta_once
+    off.engine.fault = fault
 
 
 @pytest.mark.parametrize("fault", [_fail_once_on_compute_thread, _fail_once_in_worker])

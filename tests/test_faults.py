@@ -84,10 +84,21 @@ def test_a_submission_that_raises_is_a_failed_copy_too(admit_every_prediction):
             raise RuntimeError("injected: submit refused")
         return submit(key, slot, dst, src, priority, after, expand)
 
+    submit_at = getattr(off.engine, "submit_at", None)  # the native CPU engine's by-address submission
+
+    def refuse_prefetches_at(key, slot, dst, src, nbytes, priority, owners):
+        if priority != DEMAND:
+            raise RuntimeError("injected: submit refused")
+        return submit_at(key, slot, dst, src, nbytes, priority, owners)
+
     off.engine.submit = refuse_prefetches
+    if submit_at is not None:
+        off.engine.submit_at = refuse_prefetches_at
     assert torch.equal(_generate(model), before[0])
     assert m2r2_moe.stats(model).failed_copies > 0
     off.engine.submit = submit
+    if submit_at is not None:
+        del off.engine.submit_at
     _restores(model, off, before)
 
 

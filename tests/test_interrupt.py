@@ -68,8 +68,8 @@ def _inject(model, where: str, monkeypatch):
         interrupt = offloader.kernels[2] = _Interrupt(6, kernel)
         return interrupt, {}, lambda: offloader.kernels.__setitem__(2, kernel)
     if where == "demand_load":  # inside the acquisition of a wave, some of its slots already pinned
-        interrupt = _Interrupt(9, offloader.store.expert)
-        monkeypatch.setattr(offloader.store, "expert", interrupt)
+        interrupt = _Interrupt(9, offloader.cache._copy)  # the copy's submission, after its slot was pinned
+        monkeypatch.setattr(offloader.cache, "_copy", interrupt)
         return interrupt, {}, None
     raise AssertionError(where)
 

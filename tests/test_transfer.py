@@ -211,3 +211,33 @@ def test_a_withdrawn_hooked_copy_is_forgotten():
         assert not engine._hooked and queued.ready() and queued.cancelled
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason="the native CPU engine is not built")
+@pytest.mark.parametrize("rows", [True, False])
+def test_copies_by_address_land_what_the_views_would(rows, monkeypatch):
+    """The hot path submits a plain row by address on the native engine (`ExpertCache._copy`); a store without
+    `rows` takes the per-copy views. Either way every resident slot holds its expert's row, bit for bit, and
+    the offloaded model's tokens are the original's."""
+    from conftest import tiny_mixtral
+
+    import m2r2_moe
+    from m2r2_moe.runtime.store import HostExpertStore
+
+    if not rows:
+        monkeypatch.delattr(HostExpertStore, "rows")
+    model = tiny_mixtral(torch.float32, seed=4)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+    m2r2_moe.offload(model, device="cpu", cache_experts=3, predictor="none", link_gbps=5.0)
+    off = m2r2_moe.get_offloader(model)
+    assert isinstance(off.engine, cpu_native.NativeCopyEngine)
+    try:
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), ref)
+        assert m2r2_moe.stats(model).misses > 0
+        assert (off.cache._plain_layout(0) is not None) == rows
+        for key, slot in off.cache.slots.resident():
+            row = off.store.expert(key // off.cache.key_stride, key % off.cache.key_stride)
+            assert torch.equal(off.pool[slot, : row.numel()], row)
+    finally:
+        m2r2_moe.remove_offload(model)

@@ -140,6 +140,32 @@ class NativeCopyEngine(HostClockEngine):
         except BaseException:
             self._hooked.pop(transfer.ident, None)
             raise
+        self._track(transfer)
+        return transfer
+
+    def submit_at(self, key: int, slot: int, dst_address: int, src_address: int, nbytes: int, priority: int,
+                  owners: tuple) -> NativeTransfer:
+        """`submit` for a plain copy given by addresses: `nbytes` from `src_address` to `dst_address`, inside the
+        tensors `owners` = (destination, source), which stay referenced until the copy is done. The hot path's
+        copies: no per-copy tensor views nor checks (the caller checked the layout once)."""
+        transfer = NativeTransfer.__new__(NativeTransfer)
+        transfer.key, transfer.slot, transfer.nbytes, transfer.ident = key, slot, nbytes, next(self._ids)
+        transfer.error, transfer.expand, transfer.fault, transfer.memcpy, transfer._c = None, None, self.fault, True, None
+        transfer.dst, transfer.src = owners
+        hooked = transfer.fault is not None
+        if hooked:
+            self._hooked[transfer.ident] = transfer
+        try:
+            transfer._c = self._engine.submit(transfer.ident, key, slot, nbytes, priority, dst_address, src_address,
+                                              nbytes, hooked)
+        except BaseException:
+            self._hooked.pop(transfer.ident, None)
+            raise
+        self._track(transfer)
+        return transfer
+
+    def _track(self, transfer: NativeTransfer) -> None:
+        """Keep `transfer`'s tensors referenced while it may be in flight; release those of the copies done."""
         live = self._live
         live.append(transfer)
         while live and live[0]._c.done:  # copies land about in submit order: the done ones are at the front
@@ -149,7 +175,6 @@ class NativeCopyEngine(HostClockEngine):
                 if t._c.done:
                     t._release()
             self._live = collections.deque(t for t in live if t.dst is not None)
-        return transfer
 
     def _hook(self, ident: int) -> float:
         """On the worker, with the GIL: the Python part of a hooked copy. Seconds it adds to the link time

@@ -45,6 +45,7 @@ class ExpertCache:
         self._prefetched: dict[int, Transfer] = {}  # key -> copy of a prefetched expert not used yet
         self._streamed: set[int] = set()  # prefetched keys a forward's routing asked for (`stream`): kept
         self._slot_free: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last compute reading the slot
+        self._plain: dict[int, tuple | None] = {}  # layer -> the layout `_copy` submits by address (`_plain_layout`)
 
     def keys(self, layer: int, experts: list[int]) -> list[int]:
         return [layer * self.key_stride + e for e in experts]
@@ -205,7 +206,7 @@ class ExpertCache:
 
     def free_slots(self) -> int:
         """Slots holding no expert (a prefetch into one evicts nothing)."""
-        return self.num_slots - len(self.slots.resident())
+        return self.num_slots - self.slots.occupied()
 
     # -- internals ---------------------------------------------------------------------------------
     def _make_room(self, key: int, now: int, pinned: frozenset) -> int:
@@ -245,7 +246,21 @@ class ExpertCache:
 
     def _copy(self, layer: int, expert: int, key: int, slot: int, priority: int) -> Transfer:
         """Queue the copy of an expert into its slot. A submission that raises gives a `FailedTransfer`,
-        handled like a copy that failed on the link."""
+        handled like a copy that failed on the link. A plain row on an engine that copies by address (the native
+        CPU engine) is submitted as two addresses, computed from the layer's layout checked once."""
+        submit_at = getattr(self.engine, "submit_at", None)
+        plain = self._plain_layout(layer) if submit_at is not None else None
+        if plain is not None:
+            rows, src_base, row_bytes, nbytes = plain
+            try:
+                transfer = submit_at(key, slot, self._pool_base + slot * self._pool_row_bytes,
+                                     src_base + expert * row_bytes, nbytes, priority, (self.pool, rows))
+            except Exception as e:  # noqa: BLE001 — as below
+                return FailedTransfer(key, slot, nbytes, priority, e)
+            self.stats.bytes_to_device += nbytes
+            if self.events.listeners:
+                self.events.copy_submitted(self.clock.step, self.clock.layer, key, priority, transfer)
+            return transfer
         src = self.store.expert(layer, expert)
         expand = self.store.expansion(layer)  # a compressed store's: expanded into the slot as it lands
         dst = self.pool[slot, : src.numel() if expand is None else expand.numel]
@@ -257,6 +272,23 @@ class ExpertCache:
         if self.events.listeners:
             self.events.copy_submitted(self.clock.step, self.clock.layer, key, priority, transfer)
         return transfer
+
+    def _plain_layout(self, layer: int):
+        """(rows `[E, numel]`, their address, bytes per row, bytes per copy) when the store's rows of `layer` are
+        the slots' own bytes in the pool's dtype, both contiguous on the host; else None. Checked once per layer."""
+        try:
+            return self._plain[layer]
+        except KeyError:
+            pass
+        pool, rows_of, layout = self.pool, getattr(self.store, "rows", None), None
+        rows = rows_of(layer) if rows_of is not None and self.store.expansion(layer) is None else None
+        if (rows is not None and rows.device.type == pool.device.type == "cpu" and rows.dim() == pool.dim() == 2
+                and rows.is_contiguous() and pool.is_contiguous() and rows.dtype == pool.dtype
+                and rows.shape[1] <= pool.shape[1]):
+            self._pool_base, self._pool_row_bytes = pool.data_ptr(), pool.stride(0) * pool.element_size()
+            layout = (rows, rows.data_ptr(), rows.stride(0) * rows.element_size(), rows.shape[1] * rows.element_size())
+        self._plain[layer] = layout
+        return layout
 
     def _wait(self, layer: int, transfer: Transfer) -> float:
         expert, timeout = transfer.key - layer * self.key_stride, self.copy_timeout_s

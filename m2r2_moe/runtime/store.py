@@ -122,6 +122,11 @@ class HostExpertStore:
         """The packed buffer of one expert, `[numel]`."""
         return self.buffers[layer][expert]
 
+    def rows(self, layer: int) -> torch.Tensor:
+        """The layer's packed rows `[E, numel]`, each the slot's own bytes: a copy engine may read them by address
+        (`ExpertCache._copy`). A store without this method hands out each row as `expert` makes it."""
+        return self.buffers[layer]
+
     def expansion(self, layer: int) -> None:
         """None: the row is the slot's own bytes (a compressed store returns what expands it)."""
         return None
