@@ -57,6 +57,8 @@ class SlotManager {
   int64_t pins(int64_t key) const;
   // (key, slot) pairs, least recently used first.
   std::vector<std::pair<int64_t, int64_t>> resident() const;
+  // How many slots hold a key (resident or being filled).
+  int64_t occupied() const { return static_cast<int64_t>(slot_of_.size()); }
 
   int64_t hits = 0, misses = 0, prefetches = 0, evictions = 0;
   void reset_counters() { hits = misses = prefetches = evictions = 0; }

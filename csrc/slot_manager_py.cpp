@@ -21,7 +21,7 @@
 
 namespace {
 
-constexpr int kAbiVersion = 2;  // bumped when the Python-visible interface changes (see _ext.py)
+constexpr int kAbiVersion = 3;  // bumped when the Python-visible interface changes (see _ext.py)
 
 // Owned references, deliberately never released (they must outlive every instance).
 PyObject* g_cache_full = nullptr;
@@ -147,6 +147,8 @@ PyObject* sm_resident(PyObject* self, PyObject*) {
   }
 }
 
+PyObject* sm_occupied(PyObject* self, PyObject*) { return PyLong_FromLongLong(of(self).occupied()); }
+
 PyObject* sm_counters(PyObject* self, PyObject*) {
   const auto& sm = of(self);
   return Py_BuildValue("{sLsLsLsL}", "hits", static_cast<long long>(sm.hits), "misses",
@@ -171,6 +173,7 @@ PyMethodDef sm_methods[] = {
     {"evict", sm_evict, METH_O, "Drop `key` if it is resident and not pinned. Returns whether it was dropped."},
     {"pins", sm_pins, METH_O, "Pin count of `key` (0 when absent)."},
     {"resident", sm_resident, METH_NOARGS, "(key, slot) pairs, least recently used first."},
+    {"occupied", sm_occupied, METH_NOARGS, "How many slots hold a key (resident or being filled)."},
     {"counters", sm_counters, METH_NOARGS, "hits, misses, prefetches, evictions."},
     {"reset_counters", sm_reset_counters, METH_NOARGS, "Zero the counters."},
     {nullptr, nullptr, 0, nullptr},

@@ -31,7 +31,9 @@ def apply(manager, op: str, key: int):
 
 
 def state(manager, keys) -> tuple:
-    return manager.resident(), manager.counters(), [manager.pins(k) for k in keys]
+    resident = manager.resident()
+    assert manager.occupied() == len(resident)
+    return resident, manager.counters(), [manager.pins(k) for k in keys]
 
 
 def run_both(num_slots: int, ops: list[tuple[str, int]], num_keys: int) -> None:

@@ -92,6 +92,10 @@ class SlotManager:
         """(key, slot) pairs, least recently used first."""
         return list(self._slot_of.items())
 
+    def occupied(self) -> int:
+        """How many slots hold a key (resident or being filled)."""
+        return len(self._slot_of)
+
     def counters(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "prefetches": self.prefetches, "evictions": self.evictions}
 
