@@ -124,3 +124,16 @@ def test_the_off_arm_reads_no_residual_and_runs_no_admission():
         assert prefetcher.tap.residuals_wanted and all(r is not None for r in prefetcher.tap.residual) and reads
     finally:
         m2r2_moe.remove_offload(model)
+
+
+def test_a_preempted_step_is_clipped_and_a_lasting_rise_is_followed():
+    """One step the OS held up for 200 ms must not count as 2000 layers of prediction (it would switch prefetching
+    off for a window); a step cost that really rises is followed within tens of steps."""
+    from m2r2_moe.runtime.admission import CLIP, StepTimer
+
+    timer = StepTimer()
+    assert [timer.spent(100e-6) for _ in range(50)] == [100e-6] * 50
+    assert timer.spent(0.2) == pytest.approx(CLIP * 100e-6)
+    steps = [timer.spent(2e-3) for _ in range(80)]  # a 20x rise that lasts
+    assert steps[0] < 1e-3 and steps[-1] == 2e-3  # clipped at first, then followed
+    assert timer.spent(50e-6) == 50e-6  # a faster step is never raised

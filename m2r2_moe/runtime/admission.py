@@ -14,8 +14,9 @@ what the predictor says and is corrected by what the running model does.
   measured share of experts evicted for a prefetch that a demand load had to bring back soon after: `regret`,
   optimistic until measured, so that prefetching starts). Admit when the expected value is positive.
 - Benefit: the stall prefetching saved (demand loads it made unnecessary, and the part of late ones it
-  hid), against what it cost: the time spent predicting and planning, and the demand loads of experts it had
-  evicted. When the balance of the last tokens is negative
+  hid), against what it cost: the time spent predicting and planning (each layer's step as timed, clipped at a
+  few times its running typical value by `StepTimer`: a step the OS preempted, or a page fault in it, is not
+  prediction's cost), and the demand loads of experts it had evicted. When the balance of the last tokens is negative
   prefetching backs off (it predicts on fewer layers), down to none, and probes again now and then: prefetching
   may never make a model slower than on-demand loading.
 The state behind these lives in the planner (runtime/planner.py and its C++ twin).
@@ -38,3 +39,27 @@ def value(q: float, miss: float, transfer: float, lead: float, busy: float, evic
     demand load; `transfer`: the link time of a copy."""
     saving = miss * (min(1.0, max(lead, 0.0) / transfer) if transfer > 0 else 1.0)
     return q * saving - (1.0 - q) * busy * transfer - (regret * miss if evicts else 0.0)
+
+
+CLIP = 4.0  # a step timed longer than CLIP x the running typical step counts as CLIP x typical
+FOLLOW = 0.05  # weight of each (clipped) step in the running typical value: a lasting change is followed in tens
+# of steps, by up to CLIP x per step
+
+
+class StepTimer:
+    """The time the prefetcher's per-layer steps cost, for the benefit balance, robust to outliers: on a shared
+    machine a step is sometimes preempted for milliseconds, and one such step would outweigh a hundred layers'
+    savings and switch prefetching off for a whole window. `spent(seconds)` returns the step's time clipped at
+    `CLIP` times the running typical step (a lasting rise is followed, up to CLIP x per step)."""
+
+    def __init__(self):
+        self.typical = 0.0
+
+    def spent(self, seconds: float) -> float:
+        typical = self.typical
+        if typical > 0:
+            seconds = min(seconds, CLIP * typical)
+            self.typical = typical + FOLLOW * (seconds - typical)
+        else:
+            self.typical = seconds
+        return seconds

@@ -23,6 +23,7 @@ import torch
 
 from ..models.tap import LayerTap
 from ..predict.base import Predictor, as_probabilities
+from .admission import StepTimer
 from .onoff import VOUCH, OnOff
 from .planner import make_planner
 
@@ -47,6 +48,7 @@ class Prefetcher:
         # r_l and norm_l(r_l) as the model computed them, for predictors that read the residual
         self.tap = LayerTap(layers, residual=True, routing=False) if predictor.needs_residual else None
         self.onoff = OnOff()  # seconds per decode step with prefetching on against off (runtime/onoff.py)
+        self.step_timer = StepTimer()  # this step's cost for the planner's balance, outliers clipped
         self.on = True
 
     def remove(self) -> None:
@@ -85,7 +87,7 @@ class Prefetcher:
         if layer == self.num_layers - 1:
             self.predictor.advance(top_k_index.shape[0])
         if self.on:  # the off arm's bookkeeping is not prediction's cost
-            self.planner.add_spent(time.perf_counter() - start)
+            self.planner.add_spent(self.step_timer.spent(time.perf_counter() - start))
 
     def _predict(self, layer, top_k_index, decode, horizon):
         """The predictor's probabilities `[D, E]` for distances 1..D, a float32 numpy array on the host (one
