@@ -1,8 +1,8 @@
 """The `predictive` eviction policy (runtime/policy.py) and the prefetcher's admission (runtime/admission.py).
 
-Invariants: a stale expert (its layer's turn passed without it) goes first, oldest first; otherwise the
-expert needed farthest ahead; pinned experts never; a prefetch never displaces an expert needed sooner
-than the one it brings. Admission: a copy's expected value weighs the stall it hides against the link time
+Invariants: the expert used least per turn of its layer lately goes first (equal rates: the one whose layer's turn
+comes last); one a prediction still wants only when all are; pinned experts never; a prefetch never displaces an
+expert needed sooner than the one it brings. Admission: a copy's expected value weighs the stall it hides against the link time
 it takes and the expert it evicts; probabilities are calibrated from outcomes; eviction regret is measured;
 prefetching backs off to none when it does not pay, and probes again; the horizon follows the link."""
 
@@ -19,18 +19,40 @@ from m2r2_moe.runtime.policy import NextUsePolicy
 L = 4  # layers
 
 
-def test_stale_oldest_first_then_farthest_next_use():
+def test_least_used_per_turn_first_then_the_farthest_next_turn():
     p = NextUsePolicy(L, num_slots=3)
-    p.used(10, now=0)  # next use at turn 4
-    p.used(11, now=1)  # turn 5
-    p.used(12, now=2)  # turn 6
-    assert p.victim(99, now=3, pinned=()) == 12  # none stale: the one needed farthest ahead
-    assert p.victim(99, now=5, pinned=()) == 10  # 10 missed turn 4 (5 is now, unused): the oldest stale one
-    assert p.victim(99, now=5, pinned={10, 11}) == 12
+    p.used(10, now=0)  # layers 0, 1, 2 of forward 0; next turns 4, 5, 6
+    p.used(11, now=1)
+    p.used(12, now=2)
+    assert p.victim(99, now=3, pinned=()) == 12  # equal rates: the one whose layer's turn comes last
+    assert p.victim(99, now=3, pinned={12}) == 11
     assert p.victim(99, now=3, pinned={10, 11, 12}) == -1
     assert p.victim(10, now=3, pinned=()) is None  # resident: nothing to evict
     p.forget(12)
     assert p.victim(99, now=3, pinned=()) is None  # a free slot: nothing to evict
+
+
+def test_an_expert_used_at_most_turns_outlives_one_used_once_lately():
+    """Recency alone would evict 10 the first time its layer skipped it; its rate says it comes back."""
+    p = NextUsePolicy(L, num_slots=3)
+    for forward in range(11):
+        if forward < 10:
+            p.used(10, now=forward * L)  # layer 0: every turn but forward 10's
+        p.used(12, now=forward * L + 2)  # layer 2: every turn
+    p.used(11, now=10 * L + 1)  # layer 1: once, in forward 10
+    assert p.frequency(10, now=10 * L + 3) < p.frequency(10, now=9 * L + 3)  # decayed by the skipped turn
+    assert p.victim(99, now=10 * L + 3, pinned=()) == 11
+    assert p.victim(99, now=10 * L + 3, pinned={11}) == 10  # 10 missed its latest turn, 12 did not
+
+
+def test_an_expert_a_prediction_still_wants_goes_last():
+    p = NextUsePolicy(L, num_slots=3)
+    p.used(10, now=0)
+    p.used(11, now=1)
+    p.predicted(13, when=6, now=3)  # prefetched for layer 2's turn at 6: never used yet
+    assert p.victim(99, now=4, pinned=()) != 13
+    assert p.victim(99, now=4, pinned={10, 11}) == 13  # only when every candidate is wanted
+    assert p.victim(99, now=7, pinned=()) == 13  # turn 6 passed without it: no use, no want
 
 
 def test_prediction_keeps_the_sooner_need():
@@ -48,11 +70,13 @@ def test_a_prefetch_never_displaces_an_expert_needed_sooner():
     p = NextUsePolicy(L, num_slots=2)
     p.used(1, now=0)  # turn 4
     p.used(2, now=1)  # turn 5
-    assert p.victim(99, now=2, pinned=(), needed_at=3) == 2  # needed at 5, later than the prefetched expert
+    assert p.victim(99, now=2, pinned=(), needed_at=3) == 2  # both needed later than the prefetched expert
+    assert p.victim(99, now=2, pinned=(), needed_at=4) == 2  # 1 is needed at 4, no later than it
     assert p.victim(99, now=2, pinned=(), needed_at=5) == -1  # every candidate is needed no later than it
     p.num_slots = 3
-    p.used(3, now=1)  # stale by turn 6 ...
-    assert p.victim(99, now=6, pinned=(), needed_at=7) == 1  # ... stale experts may always go, oldest first
+    p.used(3, now=1)
+    p.used(3, now=5)  # needed at 9; 1 and 2 missed their turns 4 and 5 ...
+    assert p.victim(99, now=6, pinned=(), needed_at=9) == 2  # ... stale experts may always go (then the rule)
 
 
 def test_predictive_policy_keeps_the_next_layers_experts():
