@@ -131,17 +131,7 @@ class NativeCopyEngine(HostClockEngine):
         (`after` is unused on CPU, where compute is synchronous)."""
         nbytes = src.numel() * src.element_size()
         transfer = NativeTransfer(key, slot, nbytes, dst, src, expand, self.fault, next(self._ids))
-        hooked = not transfer.memcpy or transfer.fault is not None
-        if hooked:
-            self._hooked[transfer.ident] = transfer
-        try:
-            transfer._c = self._engine.submit(transfer.ident, key, slot, nbytes, priority, dst.data_ptr(),
-                                              src.data_ptr(), nbytes if transfer.memcpy else 0, hooked)
-        except BaseException:
-            self._hooked.pop(transfer.ident, None)
-            raise
-        self._track(transfer)
-        return transfer
+        return self._enqueue(transfer, priority, dst.data_ptr(), src.data_ptr())
 
     def submit_at(self, key: int, slot: int, dst_address: int, src_address: int, nbytes: int, priority: int,
                   owners: tuple) -> NativeTransfer:
@@ -152,20 +142,21 @@ class NativeCopyEngine(HostClockEngine):
         transfer.key, transfer.slot, transfer.nbytes, transfer.ident = key, slot, nbytes, next(self._ids)
         transfer.error, transfer.expand, transfer.fault, transfer.memcpy, transfer._c = None, None, self.fault, True, None
         transfer.dst, transfer.src = owners
-        hooked = transfer.fault is not None
+        return self._enqueue(transfer, priority, dst_address, src_address)
+
+    def _enqueue(self, transfer: NativeTransfer, priority: int, dst_address: int, src_address: int) -> NativeTransfer:
+        """Hand `transfer` to the worker (its memcpy moves the bytes unless the copy is hooked), and keep its
+        tensors referenced while it may be in flight; release those of the copies done."""
+        hooked = not transfer.memcpy or transfer.fault is not None
         if hooked:
             self._hooked[transfer.ident] = transfer
         try:
-            transfer._c = self._engine.submit(transfer.ident, key, slot, nbytes, priority, dst_address, src_address,
-                                              nbytes, hooked)
+            transfer._c = self._engine.submit(transfer.ident, transfer.key, transfer.slot, transfer.nbytes, priority,
+                                              dst_address, src_address, transfer.nbytes if transfer.memcpy else 0,
+                                              hooked)
         except BaseException:
             self._hooked.pop(transfer.ident, None)
             raise
-        self._track(transfer)
-        return transfer
-
-    def _track(self, transfer: NativeTransfer) -> None:
-        """Keep `transfer`'s tensors referenced while it may be in flight; release those of the copies done."""
         live = self._live
         live.append(transfer)
         while live and live[0]._c.done:  # copies land about in submit order: the done ones are at the front
@@ -175,6 +166,7 @@ class NativeCopyEngine(HostClockEngine):
                 if t._c.done:
                     t._release()
             self._live = collections.deque(t for t in live if t.dst is not None)
+        return transfer
 
     def _hook(self, ident: int) -> float:
         """On the worker, with the GIL: the Python part of a hooked copy. Seconds it adds to the link time

@@ -250,24 +250,21 @@ class ExpertCache:
         CPU engine) is submitted as two addresses, computed from the layer's layout checked once."""
         submit_at = getattr(self.engine, "submit_at", None)
         plain = self._plain_layout(layer) if submit_at is not None else None
-        if plain is not None:
+        if plain is None:
+            src = self.store.expert(layer, expert)
+            expand = self.store.expansion(layer)  # a compressed store's: expanded into the slot as it lands
+            dst = self.pool[slot, : src.numel() if expand is None else expand.numel]
+            nbytes = src.numel() * src.element_size()
+        else:
             rows, src_base, row_bytes, nbytes = plain
-            try:
+        try:
+            if plain is None:
+                transfer = self.engine.submit(key, slot, dst, src, priority, after=self._slot_free[slot], expand=expand)
+            else:  # on the host, where compute is synchronous: no event guards the slot
                 transfer = submit_at(key, slot, self._pool_base + slot * self._pool_row_bytes,
                                      src_base + expert * row_bytes, nbytes, priority, (self.pool, rows))
-            except Exception as e:  # noqa: BLE001 — as below
-                return FailedTransfer(key, slot, nbytes, priority, e)
-            self.stats.bytes_to_device += nbytes
-            if self.events.listeners:
-                self.events.copy_submitted(self.clock.step, self.clock.layer, key, priority, transfer)
-            return transfer
-        src = self.store.expert(layer, expert)
-        expand = self.store.expansion(layer)  # a compressed store's: expanded into the slot as it lands
-        dst = self.pool[slot, : src.numel() if expand is None else expand.numel]
-        try:
-            transfer = self.engine.submit(key, slot, dst, src, priority, after=self._slot_free[slot], expand=expand)
         except Exception as e:  # noqa: BLE001 — reported where the copy is waited for
-            return FailedTransfer(key, slot, src.numel() * src.element_size(), priority, e)
+            return FailedTransfer(key, slot, nbytes, priority, e)
         self.stats.bytes_to_device += transfer.nbytes
         if self.events.listeners:
             self.events.copy_submitted(self.clock.step, self.clock.layer, key, priority, transfer)
