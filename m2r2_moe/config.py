@@ -33,12 +33,13 @@ class OffloadConfig:
             a GPU is present, else `"cpu"`.
         cache_experts: number of expert slots on the device, shared by all MoE layers. Must be at least
             the model's top-k. `None` means half of all experts (at least top-k).
-        policy: slot eviction policy. `"lru"`: least recently used. `"predictive"`: evict the expert whose
-            estimated next use is farthest (runtime/policy.py): one whose layer's turn passed without it,
-            oldest first, else the layer just computed — not the next layer's experts, which plain LRU
-            evicts in a pool shared by all layers. Predictions mark their experts as needed soon. The
-            default: on the built-in model it keeps more experts than `lru` at 16, 32 and 48 slots, with
-            and without prefetching (BENCHMARKS.md), and LRU with prefetching evicts what comes next.
+        policy: slot eviction policy. `"lru"`: least recently used. `"predictive"` (runtime/policy.py): evict
+            the expert used least per turn of its layer lately (uses decayed with a half-life of 32 tokens),
+            of equally frequent ones the one whose layer's turn comes last — not the next layer's experts,
+            which plain LRU evicts in a pool shared by all layers; experts a prediction still wants go last.
+            The default: replayed on recorded decode traffic of each model tried, on its own held-out text,
+            it loads 0.45-0.89x the experts `lru` loads at a quarter, half and three quarters of the experts
+            (`benchmarks/policies.py`, BENCHMARKS.md; on far-off text with a thrashing cache it can load more).
         predictor: what drives prefetching: `"none"` (on-demand loading only), `"history"`, `"gate"`
             (next layers' routers on the current residual), `"m2r2"` (accelerated residual adapters), or a
             `m2r2_moe.predict.Predictor` object (e.g. an `OraclePredictor` replaying a recorded trace).
