@@ -137,3 +137,18 @@ def test_a_preempted_step_is_clipped_and_a_lasting_rise_is_followed():
     steps = [timer.spent(2e-3) for _ in range(80)]  # a 20x rise that lasts
     assert steps[0] < 1e-3 and steps[-1] == 2e-3  # clipped at first, then followed
     assert timer.spent(50e-6) == 50e-6  # a faster step is never raised
+
+
+def test_decode_right_after_a_prompt_is_not_charged_to_prefetching():
+    """The first decode steps after a prompt are slow whatever the arm (the cache still holds the prompt's
+    experts); the first block always runs with prefetching on, so timing it would make on look slower."""
+    guard = OnOff(block=4, probe=8, settle=1)
+    now, arms = 0.0, []
+    assert guard.step(now, decode=False) is True
+    now += 1.0
+    for i in range(4 * 40):
+        arm = guard.step(now, decode=True)
+        arms.append(arm)
+        now += 0.050 if i < 4 else (0.010 if arm else 0.012)  # the prompt's wake, then on is faster
+    assert not guard.blocks[True] or max(guard.blocks[True]) < 0.02  # the wake was never a sample
+    assert share_on(arms[12:]) > 0.8

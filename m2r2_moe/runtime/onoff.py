@@ -21,7 +21,11 @@ when what can be timed already says so clearly that prefetching pays. The costs 
 to exceed that margin to be missed; the blocks resume as soon as the balance is less clear.
 
 Only decode steps count (a prompt's forward takes much longer and is not a sample); the first `SETTLE` steps of a
-block are not timed: they still run on what the other arm left (its prefetched experts, its queued copies). With nothing to gain the off arm wins
+block are not timed: they still run on what the other arm left (its prefetched experts, its queued copies). Nor
+are the first `BLOCK` decode steps after a prompt's forward: decode starts from the experts the prompt left in the
+cache and misses more until its own working set is in, whatever the arm (in two of three tiny-qwen3-moe prompts at
+link ratio 2 the first block's median step took 1.1-2.4x the later on-blocks') — and the first block, always run
+with prefetching on, would charge that to prefetching. With nothing to gain the off arm wins
 and prefetching costs one probe block in `PROBE`; when prefetching pays it costs the same share of its gain.
 """
 
@@ -52,16 +56,20 @@ class OnOff:
         self._steps = 0  # decode steps begun in the current block
         self._times: list[float] = []  # timed steps of the current block
         self._last: float | None = None  # start of the previous decode step
+        self._warming = 0  # decode steps after a prompt's forward whose time is not a sample yet
 
     def step(self, now: float, decode: bool, vouched: bool = False) -> bool:
         """Whether prefetching runs in the forward starting at `now` (seconds, perf_counter). Forwards of
         several tokens always prefetch and break the chain of decode steps (their time is not a sample).
         `vouched`: the planner's balance says prefetching pays by a wide margin; the next block runs it."""
         if not decode:
-            self._last = None
+            self._last, self._warming = None, self.block
             return True
-        if self._last is not None and self._steps > self.settle:  # the previous step is past the block's settling
-            self._times.append(now - self._last)
+        if self._last is not None:  # the previous step's time: a sample past the prompt's wake and the settling
+            if self._warming:
+                self._warming -= 1
+            elif self._steps > self.settle:
+                self._times.append(now - self._last)
         self._last = now
         if self._steps >= self.block:
             self._finish(vouched)
