@@ -65,7 +65,7 @@ class NextUsePolicy:
 
     name = "predictive"
 
-    def __init__(self, num_layers: int, num_slots: int, half_life: float = None):
+    def __init__(self, num_layers: int, num_slots: int, half_life: float | None = None):
         self.num_layers, self.num_slots = num_layers, num_slots
         self.next_use: dict[int, int] = {}  # resident key -> estimated turn of its next use
         self.wanted: set[int] = set()  # resident keys whose estimate is a prediction's (until they are used)
