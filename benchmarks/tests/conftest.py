@@ -16,7 +16,8 @@ for folder in (ROOT / "benchmarks", ROOT / "tests"):
 
 @pytest.fixture
 def one_thread():
-    """One torch thread for the test (as the benchmarks run: a core left free for the copy worker)."""
+    """One torch thread for the test, as the benchmarks run: a core left free for the copy worker (on a small
+    shared CPU, torch's intra-op pool spins against it, 5x slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

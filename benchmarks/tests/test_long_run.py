@@ -29,16 +29,7 @@ pytestmark = pytest.mark.slow
 SEQUENCES, NEW_TOKENS, EVERY = 5, 410, 40
 
 
-@pytest.fixture
-def one_torch_thread():
-    """One intra-op thread: on a small shared CPU, torch's pool spins against the copy worker (5x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_long_run_memory_threads_and_bookkeeping_stay_flat(one_torch_thread):
+def test_long_run_memory_threads_and_bookkeeping_stay_flat(one_thread):
     config = MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=32, num_hidden_layers=4,
                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=8, num_experts_per_tok=2,
                            max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
