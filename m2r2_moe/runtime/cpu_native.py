@@ -56,11 +56,13 @@ class NativeTransfer:
 
     __slots__ = ("key", "slot", "nbytes", "error", "dst", "src", "expand", "fault", "memcpy", "ident", "_c")
 
-    def __init__(self, key: int, slot: int, nbytes: int, dst, src, expand, fault, ident: int):
+    def __init__(self, key: int, slot: int, nbytes: int, dst, src, expand, fault, ident: int,
+                 memcpy: bool | None = None):
+        """`memcpy`: whether the worker's memcpy moves the bytes (None: decided from `dst` and `src`)."""
         self.key, self.slot, self.nbytes, self.ident = key, slot, nbytes, ident
         self.error: BaseException | None = None
         self.dst, self.src, self.expand, self.fault = dst, src, expand, fault
-        self.memcpy = expand is None and _memcpy_able(dst, src)  # the worker's memcpy moves the bytes
+        self.memcpy = (expand is None and _memcpy_able(dst, src)) if memcpy is None else memcpy
         self._c = None
 
     priority = property(lambda self: self._c.priority)
@@ -138,10 +140,8 @@ class NativeCopyEngine(HostClockEngine):
         """`submit` for a plain copy given by addresses: `nbytes` from `src_address` to `dst_address`, inside the
         tensors `owners` = (destination, source), which stay referenced until the copy is done. The hot path's
         copies: no per-copy tensor views nor checks (the caller checked the layout once)."""
-        transfer = NativeTransfer.__new__(NativeTransfer)
-        transfer.key, transfer.slot, transfer.nbytes, transfer.ident = key, slot, nbytes, next(self._ids)
-        transfer.error, transfer.expand, transfer.fault, transfer.memcpy, transfer._c = None, None, self.fault, True, None
-        transfer.dst, transfer.src = owners
+        dst, src = owners
+        transfer = NativeTransfer(key, slot, nbytes, dst, src, None, self.fault, next(self._ids), memcpy=True)
         return self._enqueue(transfer, priority, dst_address, src_address)
 
     def _enqueue(self, transfer: NativeTransfer, priority: int, dst_address: int, src_address: int) -> NativeTransfer:
