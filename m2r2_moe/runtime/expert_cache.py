@@ -46,6 +46,9 @@ class ExpertCache:
         self._streamed: set[int] = set()  # prefetched keys a forward's routing asked for (`stream`): kept
         self._slot_free: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last compute reading the slot
         self._plain: dict[int, tuple | None] = {}  # layer -> the layout `_copy` submits by address (`_plain_layout`)
+        # a host pool's (address, bytes per slot), for copies by address; None for a device pool
+        host = pool.device.type == "cpu" and pool.dim() == 2 and pool.is_contiguous()
+        self._pool_rows = (pool.data_ptr(), pool.stride(0) * pool.element_size()) if host else None
 
     def keys(self, layer: int, experts: list[int]) -> list[int]:
         return [layer * self.key_stride + e for e in experts]
@@ -261,8 +264,9 @@ class ExpertCache:
             if plain is None:
                 transfer = self.engine.submit(key, slot, dst, src, priority, after=self._slot_free[slot], expand=expand)
             else:  # on the host, where compute is synchronous: no event guards the slot
-                transfer = submit_at(key, slot, self._pool_base + slot * self._pool_row_bytes,
-                                     src_base + expert * row_bytes, nbytes, priority, (self.pool, rows))
+                pool_base, slot_bytes = self._pool_rows
+                transfer = submit_at(key, slot, pool_base + slot * slot_bytes, src_base + expert * row_bytes, nbytes,
+                                     priority, (self.pool, rows))
         except Exception as e:  # noqa: BLE001 — reported where the copy is waited for
             return FailedTransfer(key, slot, nbytes, priority, e)
         self.stats.bytes_to_device += transfer.nbytes
@@ -277,12 +281,11 @@ class ExpertCache:
             return self._plain[layer]
         except KeyError:
             pass
-        pool, rows_of, layout = self.pool, getattr(self.store, "rows", None), None
-        rows = rows_of(layer) if rows_of is not None and self.store.expansion(layer) is None else None
-        if (rows is not None and rows.device.type == pool.device.type == "cpu" and rows.dim() == pool.dim() == 2
-                and rows.is_contiguous() and pool.is_contiguous() and rows.dtype == pool.dtype
-                and rows.shape[1] <= pool.shape[1]):
-            self._pool_base, self._pool_row_bytes = pool.data_ptr(), pool.stride(0) * pool.element_size()
+        rows_of, layout = getattr(self.store, "rows", None), None
+        plain = self._pool_rows is not None and rows_of is not None and self.store.expansion(layer) is None
+        rows = rows_of(layer) if plain else None
+        if (rows is not None and rows.device.type == "cpu" and rows.dim() == 2 and rows.is_contiguous()
+                and rows.dtype == self.pool.dtype and rows.shape[1] <= self.pool.shape[1]):
             layout = (rows, rows.data_ptr(), rows.stride(0) * rows.element_size(), rows.shape[1] * rows.element_size())
         self._plain[layer] = layout
         return layout
