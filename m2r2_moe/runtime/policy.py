@@ -141,8 +141,11 @@ class NextUsePolicy:
                 continue
             score, _, layer = uses.get(candidate, _NEVER)
             rate = score + (to_come if layer > turn else done)
-            if rate < best_rate - _TIE or (rate <= best_rate + _TIE and _next_turn(when, now, layers) > best_turn):
-                best, best_rate, best_turn = candidate, rate, _next_turn(when, now, layers)
+            if rate > best_rate + _TIE:
+                continue
+            nxt = when if when > now else when + ((now - when) // layers + 1) * layers  # its layer's next turn
+            if rate < best_rate - _TIE or nxt > best_turn:
+                best, best_rate, best_turn = candidate, rate, nxt
         if best < 0 and kept:
             best = max(kept)[1]  # the wanted expert needed farthest ahead
         return best
@@ -150,11 +153,6 @@ class NextUsePolicy:
 
 _NEVER = (-math.inf, 0, 0)  # the use record of an expert never used
 _TIE = 1e-9  # log-rates closer than this are equal (the same uses at the same turns, computed in another order)
-
-
-def _next_turn(when: int, now: int, layers: int) -> int:
-    """The next turn of the layer of an expert whose estimated use is at turn `when`."""
-    return when if when > now else when + ((now - when) // layers + 1) * layers
 
 
 def make_policy(name: str, num_layers: int, num_slots: int):
