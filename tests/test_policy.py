@@ -6,6 +6,9 @@ expert needed sooner than the one it brings. Admission: a copy's expected value 
 it takes and the expert it evicts; probabilities are calibrated from outcomes; eviction regret is measured;
 prefetching backs off to none when it does not pay, and probes again; the horizon follows the link."""
 
+import math
+import random
+
 import pytest
 import torch
 
@@ -14,7 +17,7 @@ from conftest import tiny_mixtral
 from m2r2_moe import _ext
 from m2r2_moe.runtime.admission import value
 from m2r2_moe.runtime.planner import MISS, PREFETCH_HIT, make_planner
-from m2r2_moe.runtime.policy import NextUsePolicy
+from m2r2_moe.runtime.policy import HALF_LIFE, NextUsePolicy
 
 L = 4  # layers
 
@@ -59,11 +62,13 @@ def test_prediction_keeps_the_sooner_need():
     p = NextUsePolicy(L, num_slots=3)
     p.used(7, now=0)  # turn 4
     p.predicted(7, when=2, now=1)
-    assert p.next_use[7] == 2
+    assert p.next_turn(7) == 2
     p.predicted(7, when=3, now=1)  # a later wish does not push a sooner one back
-    assert p.next_use[7] == 2
+    assert p.next_turn(7) == 2
     p.predicted(7, when=9, now=6)  # but a stale estimate is replaced
-    assert p.next_use[7] == 9
+    assert p.next_turn(7) == 9
+    p.forget(7)
+    assert p.next_turn(7) is None
 
 
 def test_a_prefetch_never_displaces_an_expert_needed_sooner():
@@ -77,6 +82,126 @@ def test_a_prefetch_never_displaces_an_expert_needed_sooner():
     p.used(3, now=1)
     p.used(3, now=5)  # needed at 9; 1 and 2 missed their turns 4 and 5 ...
     assert p.victim(99, now=6, pinned=(), needed_at=9) == 2  # ... stale experts may always go (then the rule)
+
+
+class LoopPolicy:
+    """The `predictive` rule written as a plain loop over dicts (what `NextUsePolicy` computes with vector
+    operations): the reference its victims are checked against."""
+
+    def __init__(self, num_layers, num_slots, half_life=None):
+        self.L, self.num_slots, self.next_use, self.wanted, self.uses = num_layers, num_slots, {}, set(), {}
+        self.rate = math.log(2.0) / (half_life or HALF_LIFE)
+        self.first = -1
+
+    def used(self, key, now):
+        self.next_use[key] = now + self.L
+        self.wanted.discard(key)
+        visit = now // self.L
+        self.first = visit if self.first < 0 else self.first
+        score, last, _ = self.uses.get(key, (-math.inf, -1, 0))
+        if last != visit:
+            offset = self.rate * visit
+            self.uses[key] = (math.log1p(math.exp(score - offset)) + offset, visit, now % self.L)
+
+    def predicted(self, key, when, now):
+        known = self.next_use.get(key)
+        if known is None or known <= now or known > when:
+            self.next_use[key] = when
+        if when > now:
+            self.wanted.add(key)
+
+    def expect(self, key, when, now):
+        if key in self.next_use:
+            self.predicted(key, when, now)
+
+    def forget(self, key):
+        self.next_use.pop(key, None)
+        self.wanted.discard(key)
+
+    def per_turn(self, forward):
+        turns = forward - self.first + 1
+        if self.first < 0 or turns < 1:
+            return 0.0
+        decay = math.exp(-self.rate)
+        return -self.rate * forward - math.log((1.0 - decay ** turns) / (1.0 - decay))
+
+    def victim(self, key, now, pinned, needed_at=None):
+        if key in self.next_use or len(self.next_use) < self.num_slots:
+            return None
+        turn, forward = now % self.L, now // self.L
+        best, best_rate, best_turn, kept = -1, math.inf, 0, []
+        for candidate, when in self.next_use.items():  # in the order keys became resident
+            if candidate in pinned or (needed_at is not None and now < when <= needed_at):
+                continue
+            if when > now and candidate in self.wanted:
+                kept.append((when, candidate))
+                continue
+            score, _, layer = self.uses.get(candidate, (-math.inf, 0, 0))
+            rate = score + self.per_turn(forward - 1 if layer > turn else forward)
+            if rate > best_rate + 1e-9:
+                continue
+            nxt = when if when > now else when + ((now - when) // self.L + 1) * self.L
+            if rate < best_rate - 1e-9 or nxt > best_turn:
+                best, best_rate, best_turn = candidate, rate, nxt
+        if best < 0 and kept:
+            best = max(kept)[1]
+        return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_victims_equal_the_plain_loops(seed):
+    """Random traffic through the vectorised policy and the loop above, a cache's way (a miss evicts the
+    victim, a prefetch is refused on -1): the same victim at every question, the same next turns."""
+    rng = random.Random(seed)
+    layers, experts = rng.choice([(4, 8), (6, 16), (3, 40)])
+    slots = rng.randint(layers, layers * experts // 2)
+    fast, slow = NextUsePolicy(layers, slots), LoopPolicy(layers, slots)
+    resident, asked = set(), 0
+    for forward in range(40):
+        for layer in range(layers):
+            now = forward * layers + layer
+            keys = {layer * experts + rng.choice(range(experts)) ** 2 % experts for _ in range(3)}  # skewed
+            pinned = frozenset(keys)
+            for key in sorted(keys):  # demand loads
+                v = fast.victim(key, now, pinned)
+                assert v == slow.victim(key, now, pinned)
+                asked += 1
+                if v is not None and v >= 0:
+                    for p in (fast, slow):
+                        p.forget(v)
+                    resident.discard(v)
+                for p in (fast, slow):
+                    p.used(key, now)
+                resident.add(key)
+            for _ in range(rng.randint(0, 3)):  # predictions: prefetches and resident experts wanted
+                distance = rng.randint(1, layers)
+                target = (layer + distance) % layers * experts + rng.randrange(experts)
+                if target in resident:
+                    for p in (fast, slow):
+                        p.expect(target, now + distance, now)
+                    continue
+                v = fast.victim(target, now, pinned, needed_at=now + distance)
+                assert v == slow.victim(target, now, pinned, needed_at=now + distance)
+                asked += 1
+                if v == -1:
+                    continue
+                if v is not None:
+                    for p in (fast, slow):
+                        p.forget(v)
+                    resident.discard(v)
+                for p in (fast, slow):
+                    p.predicted(target, now + distance, now)
+                resident.add(target)
+            if rng.random() < 0.05 and resident:  # a withdrawn prefetch
+                gone = rng.choice(sorted(resident - pinned)) if resident - pinned else None
+                if gone is not None:
+                    for p in (fast, slow):
+                        p.forget(gone)
+                    resident.discard(gone)
+        assert fast.resident == len(slow.next_use) == len(resident)
+        for key in range(layers * experts):
+            assert fast.next_turn(key) == slow.next_use.get(key)
+    assert asked > 100
 
 
 def test_predictive_policy_keeps_the_next_layers_experts():

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 HALF_LIFE = 32.0  # tokens over which an expert's use frequency halves (the text's, not a model's, time scale; 8 to
 # 128 load within about 15 % of one another on every model tried, benchmarks/policies.py)
 
@@ -49,11 +51,12 @@ class NextUsePolicy:
     An estimate that is not in the future (`<= now`) is *stale*: its layer's turn came and went without the
     expert. And every expert, resident or not, has a use frequency: uses per turn of its layer, decayed with a
     half-life of `HALF_LIFE` tokens (forwards), so that it follows the text; an expert's history survives its
-    eviction. Victim choice, O(resident) but only when a slot must be freed, among the unpinned experts:
+    eviction. Victim choice, only when a slot must be freed, among the unpinned experts (one vector pass over the
+    keys: `benchmarks/policy_cost.py`; tests/test_policy.py checks it against the rule written as a loop):
     1. an expert a prediction still wants (its predicted turn is to come) only when every candidate is one, the
        one needed farthest ahead first;
     2. else the expert used least often lately; of equally frequent ones (never used, say), the one whose
-       layer's turn comes last.
+       layer's turn comes last, then the one resident longest.
     Recency alone (stale first, then the farthest next use) evicted an expert used at nearly every token the
     first time it was skipped. Replayed offline on the same decode requests (`benchmarks/policies.py`, no
     prefetching), this rule loads 0.45-0.88x the experts LRU loads on the shipped models' held-out text (0.45x: the
@@ -67,31 +70,70 @@ class NextUsePolicy:
 
     def __init__(self, num_layers: int, num_slots: int, half_life: float | None = None):
         self.num_layers, self.num_slots = num_layers, num_slots
-        self.next_use: dict[int, int] = {}  # resident key -> estimated turn of its next use
-        self.wanted: set[int] = set()  # resident keys whose estimate is a prediction's (until they are used)
         self._rate = math.log(2.0) / (half_life or HALF_LIFE)  # decay per token, as a rate
-        self._uses: dict[int, tuple[float, int, int]] = {}  # key -> (log of its decayed use count + rate x forward
-        # of its last use, that forward, its layer)
         self._first = -1  # the forward of the first use: turns are counted from it
+        self.resident = 0  # keys resident (as told: used or predicted, not forgotten)
+        self._entered = 0  # how many times a key became resident: the order of the last tie-break
+        self._size = 0
+        self._grow(0)
+
+    # Per key, indexed by the key and grown on demand: numpy arrays for the victim search (one pass of vector
+    # operations: it is asked at every demand load and prefetch, and a pool may hold thousands of experts), and
+    # memoryviews of the same memory for the per-use updates (a memoryview item costs what a dict item does).
+    _FIELDS = (
+        ("when", np.int64, 0),  # resident keys: the estimated turn of the next use
+        ("res", np.bool_, False),  # resident
+        ("want", np.bool_, False),  # resident, and the estimate is a prediction's (until it is used)
+        ("since", np.int64, 0),  # the order in which it became resident
+        ("score", np.float64, -math.inf),  # log of its decayed use count + rate x the forward of its last use
+        ("visit", np.int64, -1),  # the forward of its last use
+        ("layer", np.int64, 0),  # the layer of its uses
+    )
+
+    def _grow(self, key: int) -> None:
+        size = max(key + 1, 2 * self._size, 64)
+        for name, dtype, fill in self._FIELDS:
+            array = np.full(size, fill, dtype=dtype)
+            if self._size:
+                array[: self._size] = getattr(self, "_" + name + "_np")
+            setattr(self, "_" + name + "_np", array)
+            setattr(self, "_" + name, memoryview(array))
+        self._size = size
+
+    def _enter(self, key: int) -> None:
+        if key >= self._size:
+            self._grow(key)
+        if not self._res[key]:
+            self._res[key] = True
+            self._since[key] = self._entered
+            self._entered += 1
+            self.resident += 1
+
+    def next_turn(self, key: int) -> int | None:
+        """The estimated turn of resident `key`'s next use (None: not resident)."""
+        return self._when[key] if key < self._size and self._res[key] else None
 
     def frequency(self, key: int, now: int) -> float:
         """`key`'s decayed use count as of its layer's latest turn up to `now` (its uses, each weighed by the decay
         over the turns of its layer since)."""
-        score, _, layer = self._uses.get(key, (-math.inf, 0, 0))
-        visits = (now - layer) // self.num_layers  # index of its layer's latest turn (forward) up to now
-        return math.exp(score - self._rate * visits)
+        if key >= self._size:
+            return 0.0
+        visits = (now - self._layer[key]) // self.num_layers  # index of its layer's latest turn (forward) up to now
+        return math.exp(self._score[key] - self._rate * visits)
 
     def used(self, key: int, now: int) -> None:
         """`key` is used at turn `now` (its own layer's turn)."""
-        self.next_use[key] = now + self.num_layers
-        self.wanted.discard(key)
+        self._enter(key)
+        self._when[key] = now + self.num_layers
+        self._want[key] = False
         visit = now // self.num_layers  # the forward: its layer's turn in it
         if self._first < 0:
             self._first = visit
-        score, last, _ = self._uses.get(key, (-math.inf, -1, 0))
-        if last != visit:  # once per turn of its layer
+        if self._visit[key] != visit:  # once per turn of its layer
             offset = self._rate * visit  # log(count) = score - offset: decayed to this turn, plus this use
-            self._uses[key] = (math.log1p(math.exp(score - offset)) + offset, visit, now % self.num_layers)
+            self._score[key] = math.log1p(math.exp(self._score[key] - offset)) + offset
+            self._visit[key] = visit
+            self._layer[key] = now % self.num_layers
 
     def _per_turn(self, forward: int) -> float:
         """What turns a key's score into log(uses per turn of its layer) when the layer's latest turn was in
@@ -105,53 +147,62 @@ class NextUsePolicy:
 
     def predicted(self, key: int, when: int, now: int) -> None:
         """At turn `now` a prediction wants `key` at turn `when`; a sooner need already recorded stands."""
-        known = self.next_use.get(key)
-        if known is None or known <= now or known > when:  # unknown, stale or later: the prediction wins
-            self.next_use[key] = when
+        if key < self._size and self._res[key]:
+            known = self._when[key]
+            if known <= now or known > when:  # stale or later: the prediction wins
+                self._when[key] = when
+        else:
+            self._enter(key)
+            self._when[key] = when
         if when > now:
-            self.wanted.add(key)
+            self._want[key] = True
 
     def expect(self, key: int, when: int, now: int) -> None:
         """A prediction wants resident `key` at turn `when`: kept over experts needed later."""
-        if key in self.next_use:
+        if key < self._size and self._res[key]:
             self.predicted(key, when, now)
 
     def forget(self, key: int) -> None:
-        self.next_use.pop(key, None)
-        self.wanted.discard(key)
+        if key < self._size and self._res[key]:
+            self._res[key] = self._want[key] = False
+            self.resident -= 1
 
     def victim(self, key: int, now: int, pinned, needed_at: int | None = None) -> int | None:
         """The key to evict (not in `pinned`) so that `key` can be placed; None when `key` is resident or a
         slot is free; -1 if none may be evicted: with `needed_at` (a prefetch for that turn) only a stale key or
         one needed later than `needed_at` qualifies."""
-        next_use = self.next_use
-        if key in next_use or len(next_use) < self.num_slots:
+        if self.resident < self.num_slots or (key < self._size and self._res[key]):
             return None
-        layers, wanted, uses = self.num_layers, self.wanted, self._uses
+        layers, when = self.num_layers, self._when_np
+        candidates = self._res_np.copy()
+        if pinned:
+            candidates[[k for k in pinned if k < self._size]] = False
+        if needed_at is not None:
+            candidates &= (when <= now) | (when > needed_at)
+        kept = candidates & self._want_np & (when > now)  # a prediction wants it: only if every candidate is wanted
+        candidates &= ~kept
+        index = np.flatnonzero(candidates)
+        if not index.size:
+            index = np.flatnonzero(kept)
+            if not index.size:
+                return -1
+            ahead = when[index]
+            return int(index[ahead == ahead.max()].max())  # the wanted expert needed farthest ahead
         # uses per turn of its layer, as of that layer's latest turn: log(decayed uses) - log(decayed turns); a
         # layer still to come in this forward has had one turn less
         turn, forward = now % layers, now // layers
-        done, to_come = self._per_turn(forward), self._per_turn(forward - 1)
-        best, best_rate, best_turn, kept = -1, math.inf, 0, []
-        for candidate, when in next_use.items():
-            if candidate in pinned or (needed_at is not None and now < when <= needed_at):
-                continue
-            if when > now and candidate in wanted:  # a prediction wants it: only if every candidate is wanted
-                kept.append((when, candidate))
-                continue
-            score, _, layer = uses.get(candidate, _NEVER)
-            rate = score + (to_come if layer > turn else done)
-            if rate > best_rate + _TIE:
-                continue
-            nxt = when if when > now else when + ((now - when) // layers + 1) * layers  # its layer's next turn
-            if rate < best_rate - _TIE or nxt > best_turn:
-                best, best_rate, best_turn = candidate, rate, nxt
-        if best < 0 and kept:
-            best = max(kept)[1]  # the wanted expert needed farthest ahead
-        return best
+        rate = self._score_np[index] + np.where(self._layer_np[index] > turn, self._per_turn(forward - 1),
+                                                self._per_turn(forward))
+        index = index[rate <= rate.min() + _TIE]
+        if index.size > 1:  # equally frequent: the one whose layer's next turn comes last, then the first resident
+            last = when[index]
+            last = np.where(last > now, last, last + ((now - last) // layers + 1) * layers)
+            index = index[last == last.max()]
+            if index.size > 1:
+                index = index[[np.argmin(self._since_np[index])]]
+        return int(index[0])
 
 
-_NEVER = (-math.inf, 0, 0)  # the use record of an expert never used
 _TIE = 1e-9  # log-rates closer than this are equal (the same uses at the same turns, computed in another order)
 
 

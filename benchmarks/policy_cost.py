@@ -1,0 +1,100 @@
+"""What the `predictive` eviction policy costs the host per decision, at the pool sizes of real models.
+
+The policy is asked for a victim at every demand load and every prefetch that finds the pool full, and told of
+every use. Its victim search looks at every resident expert, so its cost grows with the pool: this script times
+it on synthetic batch-1 decode traffic (each layer's experts drawn Zipf-like over a layer-own ranking, the top-k
+of a token distinct) with a pool of half the experts, for geometries of shipped and real MoE models. Rows: µs
+per victim search that evicts, µs per use recorded, and what both add to a decoded token at the measured
+evictions per token.
+
+    python benchmarks/policy_cost.py [--tokens 300] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import markdown_table, publish  # noqa: E402
+from m2r2_moe.runtime.policy import NextUsePolicy  # noqa: E402
+
+GEOMETRIES = (  # name, MoE layers, experts per layer, top-k
+    ("tiny-mixtral (built-in)", 8, 8, 2),
+    ("tiny-qwen3-moe (built-in)", 12, 32, 4),
+    ("Mixtral-8x7B", 32, 8, 2),
+    ("DeepSeek-V2-Lite", 26, 64, 6),
+    ("Qwen3-30B-A3B", 48, 128, 8),
+)
+
+
+def traffic(layers: int, experts: int, top_k: int, tokens: int, seed: int = 0) -> list[list[int]]:
+    """Per (token, layer), the keys of the experts it routes to (key = layer x experts + expert)."""
+    rng = random.Random(seed)
+    rankings = [rng.sample(range(experts), experts) for _ in range(layers)]
+    weights = [1.0 / (r + 1) for r in range(experts)]
+    out = []
+    for _ in range(tokens):
+        for layer in range(layers):
+            chosen: set[int] = set()
+            while len(chosen) < top_k:
+                chosen.add(rankings[layer][rng.choices(range(experts), weights)[0]])
+            out.append(sorted(layer * experts + e for e in chosen))
+    return out
+
+
+def measure(layers: int, experts: int, top_k: int, tokens: int) -> dict:
+    """Replays the traffic as the expert cache would (a call's experts pinned, placed in key order); times the
+    victim searches that evict and the uses, over the tokens after the first quarter (the pool full)."""
+    policy = NextUsePolicy(layers, layers * experts // 2)
+    resident: set[int] = set()
+    search = use = 0.0
+    evictions = uses = 0
+    warm = tokens // 4 * layers
+    clock = time.perf_counter
+    for call, keys in enumerate(traffic(layers, experts, top_k, tokens)):
+        now, pinned, timed = call, frozenset(keys), call >= warm
+        for key in keys:
+            if key not in resident:
+                start = clock()
+                victim = policy.victim(key, now, pinned)
+                took = clock() - start
+                if victim is not None:
+                    policy.forget(victim)
+                    resident.discard(victim)
+                    if timed:
+                        search, evictions = search + took, evictions + 1
+                resident.add(key)
+            start = clock()
+            policy.used(key, now)
+            if timed:
+                use, uses = use + clock() - start, uses + 1
+    timed_tokens = tokens - tokens // 4
+    return {"search_us": search / max(evictions, 1) * 1e6, "use_us": use / max(uses, 1) * 1e6,
+            "evictions": evictions / timed_tokens, "token_ms": (search + use) / timed_tokens * 1e3}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=300, help="decoded tokens replayed per geometry")
+    parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    args = parser.parse_args()
+    rows = []
+    for name, layers, experts, top_k in GEOMETRIES:
+        m = measure(layers, experts, top_k, args.tokens)
+        rows.append([name, f"{layers} x {experts}, top-{top_k}", layers * experts // 2, f"{m['search_us']:.1f}",
+                     f"{m['use_us']:.2f}", f"{m['evictions']:.1f}", f"{m['token_ms']:.2f}"])
+    table = markdown_table(["geometry", "MoE layers x experts", "slots", "µs per victim search",
+                            "µs per use", "evictions per token", "policy ms per token"], rows)
+    extra = (f"\nSynthetic batch-1 decode traffic ({args.tokens} tokens, Zipf-like routing per layer), pool of half "
+             "the experts, no prefetching; timed after the first quarter of the tokens. `policy ms per token` = "
+             "the victim searches and use updates of one decoded token on the host.\n")
+    publish("Eviction policy cost per decision (benchmarks/policy_cost.py)", table, extra, not args.no_record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
