@@ -12,12 +12,13 @@
 #include "cpu_copy.hpp"
 #include "heads.hpp"
 #include "planner.hpp"
+#include "policy.hpp"
 
 namespace py = pybind11;
 
 namespace {
 
-constexpr int kAbiVersion = 3;  // bumped when the Python-visible interface changes (see _ext.py)
+constexpr int kAbiVersion = 4;  // bumped when the Python-visible interface changes (see _ext.py)
 
 using Probs = py::array_t<float, py::array::c_style>;
 
@@ -151,6 +152,22 @@ PYBIND11_MODULE(_native_plan, m) {
         "M2R2 heads at batch 1: softmax per distance of relu(x @ w1 + b1) @ w2[d] + b2[d] -> [n, E]");
   m.def("mlp_softmax_at", &mlp_softmax_at, py::arg("address"), py::arg("w1"), py::arg("b1"), py::arg("w2"),
         py::arg("b2"), "mlp_softmax with x [H] read at `address` (H = w1.shape[0] contiguous float32)");
+  m.def("policy_victim",
+        [](uintptr_t when, uintptr_t res, uintptr_t want, uintptr_t since, uintptr_t score, uintptr_t layer,
+           int64_t size, std::vector<int64_t> pinned, int64_t now, int64_t layers, double done, double to_come,
+           int64_t needed_at) {
+          if (!when || !res || !want || !since || !score || !layer || size < 0 || layers < 1)
+            throw std::invalid_argument("policy_victim: null arrays, a negative size or no layers");
+          const m2r2::PolicyArrays a{reinterpret_cast<const int64_t*>(when), reinterpret_cast<const bool*>(res),
+                                     reinterpret_cast<const bool*>(want), reinterpret_cast<const int64_t*>(since),
+                                     reinterpret_cast<const double*>(score), reinterpret_cast<const int64_t*>(layer),
+                                     size};
+          return m2r2::policy_victim(a, std::move(pinned), now, layers, done, to_come, needed_at);
+        },
+        py::arg("when"), py::arg("res"), py::arg("want"), py::arg("since"), py::arg("score"), py::arg("layer"),
+        py::arg("size"), py::arg("pinned"), py::arg("now"), py::arg("layers"), py::arg("done"), py::arg("to_come"),
+        py::arg("needed_at"),
+        "the predictive policy's victim search over its per-key arrays at these addresses (csrc/policy.hpp)");
   py::class_<Copy>(m, "CpuCopy", "one copy on the C++ CPU copy engine (csrc/cpu_copy.hpp)")
       .def_property_readonly("done", [](const Copy& c) { return c.copy->done.load(std::memory_order_acquire); })
       .def_property_readonly("priority", [](const Copy& c) { return c.read(&m2r2::CpuCopy::priority); })

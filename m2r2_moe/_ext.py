@@ -1,7 +1,8 @@
 """The only module that loads native code. Callers read the flags; they never `try: import` themselves.
 
 - `HAS_EXT`: the C++ core (`m2r2_moe._native`: slot manager) is loaded; else `EXT_ERROR` says why.
-- `HAS_PLANNER`: the C++ prefetch planner (`m2r2_moe._native_plan`) is loaded; else `PLANNER_ERROR` says why.
+- `HAS_PLANNER`: the C++ prefetch planner (`m2r2_moe._native_plan`: also the M2R2 heads, the CPU copy engine and the
+  `predictive` policy's victim search) is loaded; else `PLANNER_ERROR` says why.
 - `HAS_CUDA_EXT`: the CUDA copy engine (`m2r2_moe._native_cuda`) is loaded; else `CUDA_EXT_ERROR` says
   why. Loaded does not mean usable: `cuda_probe()` asks the CUDA runtime for a device.
 - `M2R2_MOE_NO_EXT=1` skips both (the pure-Python / torch twins are used).
@@ -30,7 +31,7 @@ from .errors import CacheFullError, SlotStateError
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 3  # must equal the ABI_VERSION the compiled modules report
+ABI_VERSION = 4  # must equal the ABI_VERSION the compiled modules report
 NO_EXT_ENV = "M2R2_MOE_NO_EXT"
 REQUIRE_EXT_ENV = "M2R2_MOE_REQUIRE_EXT"
 

@@ -22,8 +22,16 @@ from m2r2_moe.runtime.policy import HALF_LIFE, NextUsePolicy
 L = 4  # layers
 
 
-def test_least_used_per_turn_first_then_the_farthest_next_turn():
-    p = NextUsePolicy(L, num_slots=3)
+@pytest.fixture(params=["numpy", "native"])
+def search(request):
+    """Each victim search: the numpy twin and the C++ one (csrc/policy.hpp)."""
+    if request.param == "native" and not _ext.HAS_PLANNER:
+        pytest.skip(f"C++ victim search: {_ext.PLANNER_ERROR}")
+    return lambda layers, num_slots: NextUsePolicy(layers, num_slots, native=request.param == "native")
+
+
+def test_least_used_per_turn_first_then_the_farthest_next_turn(search):
+    p = search(L, num_slots=3)
     p.used(10, now=0)  # layers 0, 1, 2 of forward 0; next turns 4, 5, 6
     p.used(11, now=1)
     p.used(12, now=2)
@@ -35,9 +43,9 @@ def test_least_used_per_turn_first_then_the_farthest_next_turn():
     assert p.victim(99, now=3, pinned=()) is None  # a free slot: nothing to evict
 
 
-def test_an_expert_used_at_most_turns_outlives_one_used_once_lately():
+def test_an_expert_used_at_most_turns_outlives_one_used_once_lately(search):
     """Recency alone would evict 10 the first time its layer skipped it; its rate says it comes back."""
-    p = NextUsePolicy(L, num_slots=3)
+    p = search(L, num_slots=3)
     for forward in range(11):
         if forward < 10:
             p.used(10, now=forward * L)  # layer 0: every turn but forward 10's
@@ -48,8 +56,8 @@ def test_an_expert_used_at_most_turns_outlives_one_used_once_lately():
     assert p.victim(99, now=10 * L + 3, pinned={11}) == 10  # 10 missed its latest turn, 12 did not
 
 
-def test_an_expert_a_prediction_still_wants_goes_last():
-    p = NextUsePolicy(L, num_slots=3)
+def test_an_expert_a_prediction_still_wants_goes_last(search):
+    p = search(L, num_slots=3)
     p.used(10, now=0)
     p.used(11, now=1)
     p.predicted(13, when=6, now=3)  # prefetched for layer 2's turn at 6: never used yet
@@ -58,8 +66,8 @@ def test_an_expert_a_prediction_still_wants_goes_last():
     assert p.victim(99, now=7, pinned=()) == 13  # turn 6 passed without it: no use, no want
 
 
-def test_prediction_keeps_the_sooner_need():
-    p = NextUsePolicy(L, num_slots=3)
+def test_prediction_keeps_the_sooner_need(search):
+    p = search(L, num_slots=3)
     p.used(7, now=0)  # turn 4
     p.predicted(7, when=2, now=1)
     assert p.next_turn(7) == 2
@@ -71,8 +79,8 @@ def test_prediction_keeps_the_sooner_need():
     assert p.next_turn(7) is None
 
 
-def test_a_prefetch_never_displaces_an_expert_needed_sooner():
-    p = NextUsePolicy(L, num_slots=2)
+def test_a_prefetch_never_displaces_an_expert_needed_sooner(search):
+    p = search(L, num_slots=2)
     p.used(1, now=0)  # turn 4
     p.used(2, now=1)  # turn 5
     assert p.victim(99, now=2, pinned=(), needed_at=3) == 2  # both needed later than the prefetched expert
@@ -149,13 +157,13 @@ class LoopPolicy:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_victims_equal_the_plain_loops(seed):
+def test_victims_equal_the_plain_loops(seed, search):
     """Random traffic through the vectorised policy and the loop above, a cache's way (a miss evicts the
     victim, a prefetch is refused on -1): the same victim at every question, the same next turns."""
     rng = random.Random(seed)
     layers, experts = rng.choice([(4, 8), (6, 16), (3, 40)])
     slots = rng.randint(layers, layers * experts // 2)
-    fast, slow = NextUsePolicy(layers, slots), LoopPolicy(layers, slots)
+    fast, slow = search(layers, slots), LoopPolicy(layers, slots)
     resident, asked = set(), 0
     for forward in range(40):
         for layer in range(layers):

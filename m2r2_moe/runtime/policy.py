@@ -51,8 +51,8 @@ class NextUsePolicy:
     An estimate that is not in the future (`<= now`) is *stale*: its layer's turn came and went without the
     expert. And every expert, resident or not, has a use frequency: uses per turn of its layer, decayed with a
     half-life of `HALF_LIFE` tokens (forwards), so that it follows the text; an expert's history survives its
-    eviction. Victim choice, only when a slot must be freed, among the unpinned experts (one vector pass over the
-    keys: `benchmarks/policy_cost.py`; tests/test_policy.py checks it against the rule written as a loop):
+    eviction. Victim choice, only when a slot must be freed, among the unpinned experts (one pass over the keys, in
+    C++ or numpy: `benchmarks/policy_cost.py`; tests/test_policy.py checks both against the rule written as a loop):
     1. an expert a prediction still wants (its predicted turn is to come) only when every candidate is one, the
        one needed farthest ahead first;
     2. else the expert used least often lately; of equally frequent ones (never used, say), the one whose
@@ -68,7 +68,14 @@ class NextUsePolicy:
 
     name = "predictive"
 
-    def __init__(self, num_layers: int, num_slots: int, half_life: float | None = None):
+    def __init__(self, num_layers: int, num_slots: int, half_life: float | None = None, native: bool | None = None):
+        """`native`: the victim search in C++ (`csrc/policy.hpp`, the default when it is built), or the numpy
+        twin (False); True requires C++."""
+        from .. import _ext  # the only door to native code
+
+        if native and not _ext.HAS_PLANNER:
+            raise RuntimeError(f"the C++ victim search is not available: {_ext.PLANNER_ERROR}")
+        self._search = _ext.planner.policy_victim if native is not False and _ext.HAS_PLANNER else None
         self.num_layers, self.num_slots = num_layers, num_slots
         self._rate = math.log(2.0) / (half_life or HALF_LIFE)  # decay per token, as a rate
         self._first = -1  # the forward of the first use: turns are counted from it
@@ -77,9 +84,10 @@ class NextUsePolicy:
         self._size = 0
         self._grow(0)
 
-    # Per key, indexed by the key and grown on demand: numpy arrays for the victim search (one pass of vector
-    # operations: it is asked at every demand load and prefetch, and a pool may hold thousands of experts), and
-    # memoryviews of the same memory for the per-use updates (a memoryview item costs what a dict item does).
+    # Per key, indexed by the key and grown on demand: numpy arrays for the victim search (asked at every demand
+    # load and prefetch that finds the pool full, over every resident expert, and a pool may hold thousands: in
+    # C++ over the arrays in place, else one pass of numpy operations), and memoryviews of the same memory for the
+    # per-use updates (a memoryview item costs what a dict item does).
     _FIELDS = (
         ("when", np.int64, 0),  # resident keys: the estimated turn of the next use
         ("res", np.bool_, False),  # resident
@@ -99,6 +107,8 @@ class NextUsePolicy:
             setattr(self, "_" + name + "_np", array)
             setattr(self, "_" + name, memoryview(array))
         self._size = size
+        self._addresses = tuple(getattr(self, "_" + name + "_np").ctypes.data for name, _, _ in self._FIELDS
+                                if name != "visit")  # the C++ search's arrays, in its order
 
     def _enter(self, key: int) -> None:
         if key >= self._size:
@@ -173,7 +183,14 @@ class NextUsePolicy:
         one needed later than `needed_at` qualifies."""
         if self.resident < self.num_slots or (key < self._size and self._res[key]):
             return None
-        layers, when = self.num_layers, self._when_np
+        layers, turn, forward = self.num_layers, now % self.num_layers, now // self.num_layers
+        # uses per turn of its layer, as of that layer's latest turn: log(decayed uses) - log(decayed turns); a
+        # layer still to come in this forward has had one turn less
+        done, to_come = self._per_turn(forward), self._per_turn(forward - 1)
+        if self._search is not None:
+            return self._search(*self._addresses, self._size, list(pinned), now, layers, done, to_come,
+                                -1 if needed_at is None else needed_at)
+        when = self._when_np
         candidates = self._res_np.copy()
         if pinned:
             candidates[[k for k in pinned if k < self._size]] = False
@@ -188,11 +205,7 @@ class NextUsePolicy:
                 return -1
             ahead = when[index]
             return int(index[ahead == ahead.max()].max())  # the wanted expert needed farthest ahead
-        # uses per turn of its layer, as of that layer's latest turn: log(decayed uses) - log(decayed turns); a
-        # layer still to come in this forward has had one turn less
-        turn, forward = now % layers, now // layers
-        rate = self._score_np[index] + np.where(self._layer_np[index] > turn, self._per_turn(forward - 1),
-                                                self._per_turn(forward))
+        rate = self._score_np[index] + np.where(self._layer_np[index] > turn, to_come, done)
         index = index[rate <= rate.min() + _TIE]
         if index.size > 1:  # equally frequent: the one whose layer's next turn comes last, then the first resident
             last = when[index]
