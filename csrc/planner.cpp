@@ -81,6 +81,14 @@ void Planner::evict(int64_t key) {
   inflight_.erase(key);
 }
 
+void Planner::resync(const std::vector<int64_t>& resident) {
+  resident_.clear();
+  resident_.insert(resident.begin(), resident.end());
+  inflight_.clear();
+  for (auto& p : pending_) p.clear();
+  wanted_.clear();
+}
+
 void Planner::issued(int64_t key, int64_t evicted, int64_t now) {
   if (evicted == kNotQueued) return;
   inflight_.insert(key);

@@ -53,6 +53,8 @@ class Planner {
   Decision layer(const LayerInput& in);
   void issued(int64_t key, int64_t evicted, int64_t now);
   void withdrawn(int64_t key) { inflight_.erase(key); }
+  // After layers it was not told about: the mirror becomes `resident`, pending predictions are dropped.
+  void resync(const std::vector<int64_t>& resident);
   double probability(int source, int64_t distance, double score) const;
   double regret() const { return (regretted_ + kRegretPrior) / (evictions_ + 1.0); }
   bool active(int64_t layer) const { return every_ != 0 && layer % every_ == 0; }

@@ -233,6 +233,7 @@ PYBIND11_MODULE(_native_plan, m) {
            py::arg("busy"), py::arg("free"), py::arg("backlog"), py::arg("min_prob"))
       .def("issued", &m2r2::Planner::issued, py::arg("key"), py::arg("evicted"), py::arg("now"))
       .def("withdrawn", &m2r2::Planner::withdrawn, py::arg("key"))
+      .def("resync", &m2r2::Planner::resync, py::arg("resident"))
       .def("probability", &m2r2::Planner::probability, py::arg("source"), py::arg("distance"), py::arg("score"))
       .def("regret", &m2r2::Planner::regret)
       .def("active", &m2r2::Planner::active, py::arg("layer"))

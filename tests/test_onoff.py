@@ -126,6 +126,41 @@ def test_the_off_arm_reads_no_residual_and_runs_no_admission():
         m2r2_moe.remove_offload(model)
 
 
+def test_the_off_arm_leaves_the_planner_alone_and_resyncs_it_when_prefetching_resumes():
+    """While prefetching is off a decode step costs the planner nothing (no per-layer call); when it resumes, the
+    planner's mirror is rebuilt from the cache's keys and the predictions made before the gap are dropped."""
+    model, generate, reference = _offloaded_builtin(12)
+    try:
+        offloader = m2r2_moe.get_offloader(model)
+        prefetcher = offloader.prefetcher
+        planner = prefetcher.planner
+        told, resyncs = [], []
+
+        class Watch:  # the planner, with its per-layer calls and resyncs recorded
+            def __getattr__(self, name):
+                return getattr(planner, name)
+
+            def layer(self, *args):
+                told.append(args[1])  # decode or not
+                return planner.layer(*args)
+
+            def resync(self, resident):
+                resyncs.append((sorted(resident), sorted(k for k, _ in offloader.cache.slots.resident())))
+                planner.resync(resident)
+
+        prefetcher.planner = Watch()
+        prefetcher.onoff.step = lambda now, decode, vouched=False: not decode  # decode steps off, prompts on
+        assert torch.equal(generate(), reference)
+        assert told and not any(told)  # the prompt's layers only: no decode step reached the planner
+        assert not resyncs
+        prefetcher.onoff.step = lambda *args: True
+        assert torch.equal(generate(), reference)
+        assert any(told)  # decode steps are told again ...
+        assert len(resyncs) == 1 and resyncs[0][0] == resyncs[0][1]  # ... after one resync, to the cache's keys
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
 def test_a_preempted_step_is_clipped_and_a_lasting_rise_is_followed():
     """One step the OS held up for 200 ms must not count as 2000 layers of prediction (it would switch prefetching
     off for a window); a step cost that really rises is followed within tens of steps."""

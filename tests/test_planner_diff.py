@@ -2,8 +2,9 @@
 
 Random sequences of layer calls — decode and multi-token, with and without predictions, wrapping or not, every
 link state, backlogs, free slots — and random answers from the cache to the copies asked for, fed to both;
-after every call the decisions (copies to queue, experts to expect, copies to withdraw), the learned state
-(calibrated probabilities, regret, benefit balance, how often to predict) must be equal.
+and now and then a resynchronisation of the mirror (prefetching was off); after every call the decisions (copies
+to queue, experts to expect, copies to withdraw), the learned state (calibrated probabilities, regret, benefit
+balance, how often to predict) must be equal.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def test_native_planner_decides_as_the_python_twin(seed):
                 py.withdrawn(target * stride + expert), cc.withdrawn(target * stride + expert)
         spent = rng.random() * 1e-3
         py.add_spent(spent), cc.add_spent(spent)
+        if rng.random() < 0.04:  # prefetching was off for a while: the mirror from the cache, pending dropped
+            resident = rng.sample(range(layers * stride), rng.randint(0, min(layers * stride, 3 * layers)))
+            py.resync(resident), cc.resync(resident)
         assert _state(py, layers, experts) == _state(cc, layers, experts), (seed, call)
         assert set(py._wanted) <= set(range(layers)) and len(py._evicted_at) <= 4096 + layers * stride  # bounded
 

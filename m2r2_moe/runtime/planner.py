@@ -151,6 +151,16 @@ class PlannerCore:
     def withdrawn(self, key: int) -> None:
         self._inflight.discard(key)
 
+    def resync(self, resident: list[int]) -> None:
+        """After layers this planner was not told about (the prefetcher skips the settling while prefetching is
+        off): the mirror becomes `resident`, the cache's keys (copies in flight count as resident: they are not
+        asked for again), and the predictions made before the gap are dropped unsettled (their turns passed
+        unseen). What was learned stays: calibration, prior, regret, benefit balance."""
+        self._resident = set(resident)
+        self._inflight = set()
+        self._pending = [[] for _ in range(self.num_layers)]
+        self._wanted = {}
+
     # -- internals ---------------------------------------------------------------------------------
     def _settle(self, layer, decode, now, keys, served, evicted, miss) -> None:
         base = layer * self.key_stride

@@ -11,7 +11,8 @@ needed soon (the `predictive` policy keeps them), withdraws queued copies a newe
 and tells the planner what the cache did. When prefetching costs more than it saves the planner predicts on
 fewer layers, down to none, and probes again; and the wall time of decode steps with prefetching on and off is
 compared online (runtime/onoff.py), which catches the costs no layer can time: prefetching must never make a model
-slower than on-demand loading.
+slower than on-demand loading. A decode step that predicts nowhere (the off arm, or the planner backed off to none)
+does not call the planner at all: it is resynchronised with the cache when prefetching resumes.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Prefetcher:
         self.onoff = OnOff()  # seconds per decode step with prefetching on against off (runtime/onoff.py)
         self.step_timer = StepTimer()  # this step's cost for the planner's balance, outliers clipped
         self.on = True
+        self._gap = False  # decode steps were skipped (prefetching off) since the planner was last told
 
     def remove(self) -> None:
         if self.tap is not None:
@@ -67,8 +69,18 @@ class Prefetcher:
             self.planner.step(WINDOW)
             vouched = self.planner.saved > VOUCH * self.planner.spent > 0
             self.on = self.onoff.step(start, decode, vouched)
-            if self.tap is not None:
-                self.tap.residuals_wanted = self.on  # the off arm reads no residual this forward
+            if self.tap is not None:  # a forward that predicts nowhere reads no residual
+                self.tap.residuals_wanted = self.on and self.planner.every != 0
+        if decode and not (self.on and self.planner.every != 0):
+            # nothing is predicted in this decode step: the planner is not told about it either (its bookkeeping
+            # is most of what an idle prefetcher costs a layer); it is resynchronised when prefetching resumes
+            self._gap = True
+            self.predictor.observe(layer, top_k_index)
+            if layer == self.num_layers - 1:
+                self.predictor.advance(top_k_index.shape[0])
+            return
+        if self._gap:
+            self._resume()
         transfer = self._transfer_seconds()
         miss = self._miss_seconds() or transfer
         if self.on and self.planner.active(layer):
@@ -88,6 +100,15 @@ class Prefetcher:
             self.predictor.advance(top_k_index.shape[0])
         if self.on:  # the off arm's bookkeeping is not prediction's cost
             self.planner.add_spent(self.step_timer.spent(time.perf_counter() - start))
+
+    def _resume(self) -> None:
+        """The first layer told to the planner after decode steps it skipped: its mirror of the cache becomes the
+        cache's keys, the predictions made before the gap are dropped, and the stall per demand load is sampled
+        afresh (the counters moved while nobody looked)."""
+        self._gap = False
+        self.planner.resync([key for key, _ in self.cache.slots.resident()])
+        stats = self.cache.stats
+        self._stall_mark = (stats.stall_seconds, stats.misses, stats.late_prefetches, 0, 0)
 
     def _predict(self, layer, top_k_index, decode, horizon):
         """The predictor's probabilities `[D, E]` for distances 1..D, a float32 numpy array on the host (one
