@@ -161,6 +161,28 @@ def test_the_off_arm_leaves_the_planner_alone_and_resyncs_it_when_prefetching_re
         m2r2_moe.remove_offload(model)
 
 
+@pytest.mark.parametrize("predictor", ["gate", "m2r2"])
+def test_predictions_build_no_graph_when_grad_is_enabled(predictor):
+    """Inference with grad enabled and parameters that require grad: predictions must carry no graph (a `.numpy()` of
+    a tensor that requires grad raises, and the runtime would switch prefetching off), for the prompt's forward and
+    for decode steps. (The tap hands the predictor detached residuals; the prefetcher enters no_grad around the
+    predictor only when grad is enabled, not at every layer: entering it cost µs per layer.)"""
+    model, tok = m2r2_moe.load_builtin()
+    ids = tok("def add(a, b):\n    return", return_tensors="pt").input_ids
+    m2r2_moe.offload(model, device="cpu", cache_experts=24, predictor=predictor, link_gbps=0.5)
+    try:
+        model.requires_grad_(True)
+        with torch.enable_grad():
+            out = model(input_ids=ids, use_cache=True)  # the prompt: the predictor's torch path
+            assert out.logits.requires_grad
+            nxt = out.logits[:, -1:].argmax(-1)
+            model(input_ids=nxt, past_key_values=out.past_key_values)  # a decode step
+        stats = m2r2_moe.stats(model)
+        assert stats.predictor_failures == 0 and m2r2_moe.get_offloader(model).prefetcher is not None
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
 def test_a_preempted_step_is_clipped_and_a_lasting_rise_is_followed():
     """One step the OS held up for 200 ms must not count as 2000 layers of prediction (it would switch prefetching
     off for a window); a step cost that really rises is followed within tens of steps."""

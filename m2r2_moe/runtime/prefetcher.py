@@ -57,7 +57,6 @@ class Prefetcher:
         if self.tap is not None:
             self.tap.remove()
 
-    @torch.no_grad()
     def on_layer(self, layer: int, top_k_index: torch.Tensor, keys: list[int], served: list[int],
                  evicted: list[int] = ()) -> None:
         """Called by the hot path at layer `layer` once its experts (`keys`) are pinned; `served`: how each of
@@ -115,6 +114,9 @@ class Prefetcher:
         device→host read per layer: which copies to issue depends on them); several tokens: each expert's
         highest. At decode, the native path computes only the distances within `horizon` (farther ones are
         predicted again, closer, by later layers)."""
+        if torch.is_grad_enabled():  # predictions never need a graph; entering no_grad costs µs, so only when on
+            with torch.no_grad():
+                return self._predict(layer, top_k_index, decode, horizon)
         residual, normed = (self.tap.residual[layer], self.tap.normed[layer]) if self.tap else (None, None)
         if decode:  # one native call where the predictor has one (CPU, float32)
             probs = self.predictor.predict_host(layer, residual, top_k_index, normed=normed, count=horizon or None)
