@@ -173,10 +173,9 @@ def test_predictions_build_no_graph_when_grad_is_enabled(predictor):
     try:
         model.requires_grad_(True)
         with torch.enable_grad():
-            out = model(input_ids=ids, use_cache=True)  # the prompt: the predictor's torch path
+            out = model(input_ids=ids)  # the prompt: the predictor's torch path
             assert out.logits.requires_grad
-            nxt = out.logits[:, -1:].argmax(-1)
-            model(input_ids=nxt, past_key_values=out.past_key_values)  # a decode step
+            model(input_ids=out.logits[:, -1:].argmax(-1))  # one token per layer call: the decode path
         stats = m2r2_moe.stats(model)
         assert stats.predictor_failures == 0 and m2r2_moe.get_offloader(model).prefetcher is not None
     finally:
