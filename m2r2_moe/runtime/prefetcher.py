@@ -50,7 +50,7 @@ class Prefetcher:
         self.tap = LayerTap(layers, residual=True, routing=False) if predictor.needs_residual else None
         self.onoff = OnOff()  # seconds per decode step with prefetching on against off (runtime/onoff.py)
         self.step_timer = StepTimer()  # this step's cost for the planner's balance, outliers clipped
-        self.on = True
+        self.on = self.predicting = True  # this forward: prefetching on (the guard's arm); predicting somewhere
         self._gap = False  # decode steps were skipped (prefetching off) since the planner was last told
 
     def remove(self) -> None:
@@ -68,18 +68,26 @@ class Prefetcher:
             self.planner.step(WINDOW)
             vouched = self.planner.saved > VOUCH * self.planner.spent > 0
             self.on = self.onoff.step(start, decode, vouched)
+            self.predicting = self.on and self.planner.every != 0  # this forward predicts at some layer
             if self.tap is not None:  # a forward that predicts nowhere reads no residual
-                self.tap.residuals_wanted = self.on and self.planner.every != 0
-        if decode and not (self.on and self.planner.every != 0):
-            # nothing is predicted in this decode step: the planner is not told about it either (its bookkeeping
-            # is most of what an idle prefetcher costs a layer); it is resynchronised when prefetching resumes
+                self.tap.residuals_wanted = self.predicting
+        # a decode step that predicts nowhere does not tell the planner either (its bookkeeping is most of what an
+        # idle prefetcher costs a layer); the planner is resynchronised when prefetching resumes
+        skip = decode and not self.predicting
+        if skip:
             self._gap = True
-            self.predictor.observe(layer, top_k_index)
-            if layer == self.num_layers - 1:
-                self.predictor.advance(top_k_index.shape[0])
-            return
-        if self._gap:
-            self._resume()
+        else:
+            if self._gap:
+                self._resume()
+            self._plan(layer, top_k_index, decode, now, keys, served, evicted)
+        self.predictor.observe(layer, top_k_index)
+        if layer == self.num_layers - 1:
+            self.predictor.advance(top_k_index.shape[0])
+        if self.on and not skip:  # the off arm's bookkeeping is not prediction's cost
+            self.planner.add_spent(self.step_timer.spent(time.perf_counter() - start))
+
+    def _plan(self, layer, top_k_index, decode, now, keys, served, evicted) -> None:
+        """Settle this layer's outcomes in the planner and, where it predicts, act on its decision."""
         transfer = self._transfer_seconds()
         miss = self._miss_seconds() or transfer
         if self.on and self.planner.active(layer):
@@ -94,11 +102,6 @@ class Prefetcher:
             self.min_prob if self.on else OFF)
         if queue or expect or withdraw:
             self._act(queue, expect, withdraw, now, frozenset(keys))
-        self.predictor.observe(layer, top_k_index)
-        if layer == self.num_layers - 1:
-            self.predictor.advance(top_k_index.shape[0])
-        if self.on:  # the off arm's bookkeeping is not prediction's cost
-            self.planner.add_spent(self.step_timer.spent(time.perf_counter() - start))
 
     def _resume(self) -> None:
         """The first layer told to the planner after decode steps it skipped: its mirror of the cache becomes the
