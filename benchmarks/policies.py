@@ -37,10 +37,12 @@ HALF_LIVES = (1e-3, 8.0, HALF_LIFE, 128.0)  # 1e-3: recency alone
 
 
 def replay(requests: list[frozenset[int]], capacity: int, count_from: int, num_layers: int,
-           half_life: float) -> int:
+           half_life: float, policy=None) -> int:
     """Demand loads `NextUsePolicy` makes on `requests` (one per MoE layer call, in turn order) with `capacity`
-    slots, counted from request `count_from` (the decode steps)."""
-    policy, resident, loads = NextUsePolicy(num_layers, capacity, half_life), set(), 0
+    slots, counted from request `count_from` (the decode steps). `policy`: one to replay through instead (its
+    `victim`, `forget` and `used` are called as the expert cache calls them)."""
+    policy = policy or NextUsePolicy(num_layers, capacity, half_life)
+    resident, loads = set(), 0
     for turn, request in enumerate(requests):
         for key in sorted(request):
             if key not in resident:

@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, publish  # noqa: E402
 from m2r2_moe import _ext  # noqa: E402
-from m2r2_moe.runtime.policy import NextUsePolicy  # noqa: E402
+from m2r2_moe.runtime.policy import HALF_LIFE, NextUsePolicy  # noqa: E402
+from policies import replay  # noqa: E402
 
 GEOMETRIES = (  # name, MoE layers, experts per layer, top-k
     ("tiny-mixtral (built-in)", 8, 8, 2),
@@ -50,35 +51,42 @@ def traffic(layers: int, experts: int, top_k: int, tokens: int, seed: int = 0) -
     return out
 
 
+class Timed:
+    """A policy whose evicting victim searches and use updates are timed from turn `start` on."""
+
+    def __init__(self, policy, start: int):
+        self.policy, self.start = policy, start
+        self.search = self.use = 0.0
+        self.evictions = self.uses = 0
+
+    def victim(self, key, now, pinned, needed_at=None):
+        begin = time.perf_counter()
+        victim = self.policy.victim(key, now, pinned, needed_at)
+        took = time.perf_counter() - begin
+        if victim is not None and now >= self.start:
+            self.search, self.evictions = self.search + took, self.evictions + 1
+        return victim
+
+    def used(self, key, now) -> None:
+        begin = time.perf_counter()
+        self.policy.used(key, now)
+        if now >= self.start:
+            self.use, self.uses = self.use + time.perf_counter() - begin, self.uses + 1
+
+    def forget(self, key) -> None:
+        self.policy.forget(key)
+
+
 def measure(layers: int, experts: int, top_k: int, tokens: int, native: bool | None = None) -> dict:
-    """Replays the traffic as the expert cache would (a call's experts pinned, placed in key order); times the
-    victim searches that evict and the uses, over the tokens after the first quarter (the pool full)."""
-    policy = NextUsePolicy(layers, layers * experts // 2, native=native)
-    resident: set[int] = set()
-    search = use = 0.0
-    evictions = uses = 0
-    warm = tokens // 4 * layers
-    clock = time.perf_counter
-    for call, keys in enumerate(traffic(layers, experts, top_k, tokens)):
-        now, pinned, timed = call, frozenset(keys), call >= warm
-        for key in keys:
-            if key not in resident:
-                start = clock()
-                victim = policy.victim(key, now, pinned)
-                took = clock() - start
-                if victim is not None:
-                    policy.forget(victim)
-                    resident.discard(victim)
-                    if timed:
-                        search, evictions = search + took, evictions + 1
-                resident.add(key)
-            start = clock()
-            policy.used(key, now)
-            if timed:
-                use, uses = use + clock() - start, uses + 1
+    """Replays the traffic as the expert cache would (`policies.replay`: a call's experts pinned, placed in key
+    order); times the victim searches that evict and the uses, over the tokens after the first quarter (the pool
+    full)."""
+    slots = layers * experts // 2
+    timed = Timed(NextUsePolicy(layers, slots, native=native), tokens // 4 * layers)
+    replay([frozenset(keys) for keys in traffic(layers, experts, top_k, tokens)], slots, 0, layers, HALF_LIFE, timed)
     timed_tokens = tokens - tokens // 4
-    return {"search_us": search / max(evictions, 1) * 1e6, "use_us": use / max(uses, 1) * 1e6,
-            "evictions": evictions / timed_tokens, "token_ms": (search + use) / timed_tokens * 1e3}
+    return {"search_us": timed.search / max(timed.evictions, 1) * 1e6, "use_us": timed.use / max(timed.uses, 1) * 1e6,
+            "evictions": timed.evictions / timed_tokens, "token_ms": (timed.search + timed.use) / timed_tokens * 1e3}
 
 
 def main() -> int:
