@@ -97,6 +97,7 @@ class NextUsePolicy:
         ("visit", np.int64, -1),  # the forward of its last use
         ("layer", np.int64, 0),  # the layer of its uses
     )
+    _SEARCHED = ("when", "res", "want", "since", "score", "layer")  # the C++ search's arrays, in its order
 
     def _grow(self, key: int) -> None:
         size = max(key + 1, 2 * self._size, 64)
@@ -107,8 +108,7 @@ class NextUsePolicy:
             setattr(self, "_" + name + "_np", array)
             setattr(self, "_" + name, memoryview(array))
         self._size = size
-        self._addresses = tuple(getattr(self, "_" + name + "_np").ctypes.data for name, _, _ in self._FIELDS
-                                if name != "visit")  # the C++ search's arrays, in its order
+        self._addresses = tuple(getattr(self, "_" + name + "_np").ctypes.data for name in self._SEARCHED)
 
     def _enter(self, key: int) -> None:
         if key >= self._size:
