@@ -85,20 +85,28 @@ def test_reset_stats():
 
 
 def test_stall_grows_with_bytes_over_bandwidth():
-    """With cache = top_k every decode layer demand-loads; stall ≈ bytes / bandwidth (the link is serial)."""
+    """With cache = top_k every decode layer demand-loads; stall ≈ bytes / bandwidth (the link is serial).
+
+    A busy machine only adds to a measured stall, so each link speed keeps the least of three runs.
+    """
     model = tiny_mixtral()
     ids = torch.randint(3, 96, (1, 4), generator=torch.Generator().manual_seed(6))
     stalls = {}
     for gbps in (0.02, 0.005):  # slow links so that the link dominates noise: ~2 ms and ~8 ms per expert here
-        m2r2_moe.offload(model, device="cpu", cache_experts=2, link_gbps=gbps)
-        try:
-            with torch.no_grad():
-                model(ids)
-            s = m2r2_moe.stats(model)
-        finally:
-            m2r2_moe.remove_offload(model)
-        expected = s.bytes_to_device / (gbps * 1e9)
+        runs = []
+        for _ in range(3):
+            m2r2_moe.offload(model, device="cpu", cache_experts=2, link_gbps=gbps)
+            try:
+                with torch.no_grad():
+                    model(ids)
+                s = m2r2_moe.stats(model)
+            finally:
+                m2r2_moe.remove_offload(model)
+            runs.append((s.stall_seconds, s.bytes_to_device))
+        stall, moved = min(runs)
+        assert all(b == moved for _, b in runs)  # the same loads every run: only the timing differs
+        expected = moved / (gbps * 1e9)
         # at least the link time less what compute overlaps; a busy machine only adds (no tight upper bound)
-        assert 0.8 * expected <= s.stall_seconds <= 3 * expected + 0.5, (gbps, s.stall_seconds, expected)
-        stalls[gbps] = s.stall_seconds
+        assert 0.8 * expected <= stall <= 3 * expected + 0.5, (gbps, stall, expected)
+        stalls[gbps] = stall
     assert stalls[0.005] > 2.4 * stalls[0.02]  # 4x the transfer time; fixed per-copy overheads dilute it
