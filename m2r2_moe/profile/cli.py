@@ -74,6 +74,10 @@ def add_parser(sub) -> None:
     p.add_argument("--new-tokens", type=_at_least_two, default=32, help="tokens generated per prompt (>= 2)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1: steadier timings)")
     p.add_argument("--device", default="cpu", help="cpu (emulated link) or cuda (real link)")
+    p.add_argument("--clock", type=one_of(("host", "virtual")), default="host",
+                   help="host, or virtual (CPU): simulated time, each MoE layer's compute the reference's average, the "
+                        "link simulated, the runtime's host work at its real cost: steady on a loaded machine "
+                        "(runtime/virtual.py) (default: host)")
     p.add_argument("--json", default=None, help="write every run's figures here (default: not written)")
     p.add_argument("--trace", default=None,
                    help="Chrome/Perfetto trace of one run (m2r2, middle regime) (default: not written)")
@@ -140,6 +144,9 @@ def main(args: argparse.Namespace) -> int:
     if args.plots:
         require_matplotlib("--plots")
     emulated = check_device(args.device).type == "cpu"  # on CPU the link is emulated at each regime's speed
+    if args.clock == "virtual" and (not emulated or args.prefill):
+        raise UsageError("--clock virtual simulates the CPU engine's link in the decode profile: it needs "
+                         "--device cpu and no --prefill")
     torch.set_num_threads(args.threads)
     files = text_files(prompt_text(args.model, args.text), "builtin:heldout")  # a missing file fails before loading
     model, tokenizer = load_model(args.model, torch.float32)
@@ -156,6 +163,7 @@ def main(args: argparse.Namespace) -> int:
     expert_bytes = _expert_bytes(layers)
     if emulated:
         _check_link_ratios(ratios, expert_bytes, compute_layer)
+    virtual = compute_layer if args.clock == "virtual" else None
     if args.prefill:
         return _prefill_mode(args, model, tokenizer, files, caches[0], expert_bytes, compute_layer, emulated)
     plan = [(ratio, cache, policy, name) for ratio in ratios for cache in caches for policy in policies
@@ -166,15 +174,18 @@ def main(args: argparse.Namespace) -> int:
                  for n in ("none", "m2r2") if (ratios[len(ratios) // 2], c, pol, n) not in plan]
     # every expert cached, no link delay: the runtime's own cost, no stall
     floor_runs = [_fastest(lambda: offloaded_run(model, ref, args.new_tokens, "none", total, None, "lru",
-                                                 device=args.device), args.repeats, _time) for ref in refs]
+                                                 device=args.device, virtual=virtual), args.repeats, _time)
+                  for ref in refs]
     floor = statistics.mean(r["time_per_token_s"] for r in floor_runs)
-    runs, recorders = _run_regimes(args, model, refs, plan, compute_layer, expert_bytes, emulated)
+    runs, recorders = _run_regimes(args, model, refs, plan, compute_layer, expert_bytes, emulated, virtual)
     _share_of_gain(runs, floor)
     print(report.table(runs))
     print(report.LEGEND)
     print(f"\nmodel {args.model}: {len(layers)} MoE layers, {total} experts, {expert_bytes / 1e6:.2f} MB per expert; "
           f"compute {compute_layer * 1e3:.2f} ms per layer, {compute_layer * len(layers) * 1e3:.1f} ms per token "
           f"(un-offloaded); {len(refs)} prompt(s) x {args.new_tokens} new tokens")
+    if virtual:
+        print(f"times are simulated (--clock virtual): {virtual * 1e3:.2f} ms per MoE layer, link simulated, host work real")
     print(f"runtime floor (every expert cached, no stall): {floor * 1e3:.1f} ms per token; 'ceiling' = the share of "
           f"gain a run without any stall or prediction cost would reach")
     _outputs(args, runs, recorders, refs, ratios, caches, total)
@@ -182,7 +193,7 @@ def main(args: argparse.Namespace) -> int:
     return 0 if all(r["tokens_identical"] for r in checked) else 1
 
 
-def _run_regimes(args, model, refs, plan, compute_layer, expert_bytes, emulated) -> tuple[list[dict], dict]:
+def _run_regimes(args, model, refs, plan, compute_layer, expert_bytes, emulated, virtual=None) -> tuple[list[dict], dict]:
     """Every (ratio, cache, policy, predictor) of `plan` on every prompt, the predictors of a regime interleaved
     per prompt and repeat (a machine that slows down slows them alike); the fastest run of each kept. Returns
     the merged rows, in plan order, and one recorder per row."""
@@ -199,7 +210,7 @@ def _run_regimes(args, model, refs, plan, compute_layer, expert_bytes, emulated)
             for i, ref in enumerate(refs):
                 for name in names:
                     run = offloaded_run(model, ref, args.new_tokens, name, cache, gbps, policy, args.adapters, depth,
-                                        args.device, args.min_prob, args.expert_format)
+                                        args.device, args.min_prob, args.expert_format, virtual)
                     if (name, i) not in best or _time(run) < _time(best[name, i]):
                         best[name, i] = run
                     bar.update()

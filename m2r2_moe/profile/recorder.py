@@ -10,8 +10,9 @@ decoded token.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
+
+from ..runtime.clock import host_seconds
 
 _CLASSES = ("hits", "prefetch_hits", "late_prefetches", "misses")
 
@@ -61,7 +62,7 @@ class Recorder:
         self.layers: list[LayerEvent] = []
         self.copies: list[CopyEvent] = []
         self.step = -1
-        self.t0 = time.perf_counter()
+        self.t0 = host_seconds()
         self._current_layer = -1
         self._open = None  # (layer, tokens, start, counters before) of the layer call in progress
         offloader.events.subscribe(self)
@@ -80,10 +81,10 @@ class Recorder:
         if layer == 0:
             self.step += 1
         self._current_layer = layer
-        self._open = (layer, tokens, time.perf_counter(), self._counters())
+        self._open = (layer, tokens, host_seconds(), self._counters())
 
     def layer_finished(self, step: int, layer: int) -> None:
-        end = time.perf_counter()
+        end = host_seconds()
         opened, tokens, start, before = self._open
         delta = [a - b for a, b in zip(self._counters(), before)]
         self.layers.append(LayerEvent(self.step, layer, start - self.t0, end - self.t0, delta[4], *delta[:4],
@@ -91,7 +92,7 @@ class Recorder:
 
     def copy_submitted(self, step: int, layer: int, key: int, priority: int, transfer) -> None:
         self.copies.append(CopyEvent(self.step, self._current_layer, key, priority, transfer.nbytes,
-                                     time.perf_counter() - self.t0, transfer))
+                                     host_seconds() - self.t0, transfer))
 
     # -- summaries ---------------------------------------------------------------------------------
     def decode_layers(self) -> list[LayerEvent]:

@@ -7,6 +7,7 @@ policy) generates the same prompt and is checked token for token against the ref
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -14,8 +15,10 @@ import torch
 
 from .. import api
 from ..models import find_moe_layers
-from ..predict import OraclePredictor, make_predictor
 from ..models.tap import LayerTap
+from ..predict import OraclePredictor, make_predictor
+from ..runtime.clock import host_seconds
+from ..runtime.virtual import virtual_time
 from .belady import belady_loads, lru_loads
 from .recorder import Recorder
 
@@ -30,6 +33,7 @@ class Reference:
     requests: list[frozenset[int]]  # per (forward, layer): the key set it needed
     prefill_requests: int  # how many of `requests` belong to the prefill
     decode_seconds_per_token: float
+    prefill_seconds: float = 0.0  # the prompt's forward
 
 
 def reference_run(model, prompt: torch.Tensor, new_tokens: int, key_stride: int) -> Reference:
@@ -48,7 +52,8 @@ def reference_run(model, prompt: torch.Tensor, new_tokens: int, key_stride: int)
     trace = torch.cat([torch.stack(f, dim=1) for f in chosen_per_forward])  # [positions, L, K]
     requests = [frozenset(l * key_stride + e for e in torch.unique(f[l]).tolist())
                 for f in chosen_per_forward for l in range(len(layers))]
-    return Reference(prompt, tokens, trace, requests, len(layers), stamps.decode_seconds_per_token())
+    return Reference(prompt, tokens, trace, requests, len(layers), stamps.decode_seconds_per_token(),
+                     stamps.prefill_seconds())
 
 
 class _Stamps:
@@ -62,6 +67,10 @@ class _Stamps:
 
     def end(self) -> None:
         pass
+
+    def prefill_seconds(self) -> float:
+        """From the call (the prompt is put first) to the first generated token: the prompt's forward."""
+        return self.times[1] - self.times[0] if len(self.times) > 1 else 0.0
 
     def decode_seconds_per_token(self) -> float:
         """From the first generated token (the prompt's forward) to the last: the decode forwards alone."""
@@ -85,10 +94,13 @@ def lru_curve(ref: Reference, sizes: list[int]) -> dict[int, tuple[int, int]]:
 
 def offloaded_run(model, ref: Reference, new_tokens: int, predictor_name: str, cache_experts: int,
                   link_gbps: float | None, policy: str, adapters=None, depth: int = 4, device=None,
-                  min_prob: float | None = None, expert_format: str = "model") -> dict:
+                  min_prob: float | None = None, expert_format: str = "model",
+                  virtual: float | None = None) -> dict:
     """Offload, generate the reference prompt, compare, measure; the model is restored afterwards.
     `min_prob`: the prefetcher's `prefetch_min_prob` (None: the default); `expert_format`: "model" (lossless)
-    or a compressed format (its tokens may then differ from the reference's: `tokens_identical` says so)."""
+    or a compressed format (its tokens may then differ from the reference's: `tokens_identical` says so);
+    `virtual`: run on simulated time (runtime/virtual.py), a decode step's MoE layer costing `virtual` seconds of
+    compute and the prompt's forward the reference's time."""
     adapter, layers = find_moe_layers(model)
     top_k = adapter.top_k(model)
     if predictor_name in ("oracle", "oracle-wrap"):
@@ -102,17 +114,21 @@ def offloaded_run(model, ref: Reference, new_tokens: int, predictor_name: str, c
     api.offload(model, device=device, cache_experts=cache_experts, link_gbps=link_gbps, policy=policy,
                 predictor=predictor, lookahead=depth, expert_format=expert_format, **extra)
     offloader = api.get_offloader(model)
-    recorder = Recorder(offloader)
     try:
-        offloader.reset_sequence()
-        with torch.no_grad():
-            start = time.perf_counter()
-            out = model.generate(input_ids=ref.prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=0)
-            end = time.perf_counter()
-        stats = api.stats(model)
+        prefill = ref.prefill_seconds / len(layers) if virtual else None
+        with virtual_time(offloader, virtual, prefill) if virtual else contextlib.nullcontext():
+            recorder = Recorder(offloader)
+            try:
+                offloader.reset_sequence()
+                with torch.no_grad():
+                    start = host_seconds()
+                    out = model.generate(input_ids=ref.prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                         do_sample=False, pad_token_id=0)
+                    end = host_seconds()
+                stats = api.stats(model)
+            finally:
+                recorder.detach()
     finally:
-        recorder.detach()
         api.remove_offload(model)
     first_decode = next((e.start for e in recorder.layers if e.step == 1), end - start)
     decode_seconds = end - (recorder.t0 + first_decode)

@@ -11,6 +11,24 @@ from __future__ import annotations
 
 import time
 
+_source = time.perf_counter  # what `host_seconds` reads (runtime/virtual.py swaps in a simulated clock)
+
+
+def host_seconds() -> float:
+    """The seconds every timing in the runtime (and the profiler) reads: `time.perf_counter`, unless a
+    simulation drives the clock."""
+    return _source()
+
+
+def host_source():
+    return _source
+
+
+def set_host_source(source) -> None:
+    """Make `host_seconds` read `source()` (runtime/virtual.py; `time.perf_counter` restores the host's)."""
+    global _source
+    _source = source
+
 
 class LayerClock:
     """Ticked once per MoE layer call by the hot path."""
@@ -27,7 +45,7 @@ class LayerClock:
         if layer == 0:
             self.step += 1
         self.layer = layer
-        now = time.perf_counter()
+        now = _source()
         last_layer, last_time, last_stall, last_tokens = self._last
         if tokens != last_tokens:
             self.layer_seconds = 0.0  # unknown until this size's first sample: the prefetcher then uses its floor

@@ -57,7 +57,8 @@ class Offloader:
         # the kernel the model dispatches to (read once: config attribute access is slow in transformers 5)
         self.kernel_names = [getattr(getattr(layer.experts, "config", None), "_experts_implementation", None)
                              for layer in layers]
-        self.engine = make_copy_engine(self.device, plan.link_gbps, plan.link_latency_us)
+        self.link = (plan.link_gbps, plan.link_latency_us)  # the emulated link (CPU), for a new engine
+        self.engine = make_copy_engine(self.device, *self.link)
         self.clock = LayerClock(len(layers))
         self.events = RuntimeEvents()
         self.cache = ExpertCache(num_slots, self.key_stride, make_policy(plan.policy, len(layers), num_slots),

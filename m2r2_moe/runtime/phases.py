@@ -14,9 +14,9 @@ phase when they are read.
 
 from __future__ import annotations
 
-import time
 
 from ..stats import PhaseStats
+from .clock import host_seconds
 
 _COUNTERS = ("stall_seconds", "bytes_to_device", "misses", "prefetches")
 
@@ -37,14 +37,14 @@ class PhaseMeter:
         phase = "prefill" if tokens > 1 else "decode"
         stats = self.cache.stats
         getattr(stats, phase).tokens += tokens
-        now = time.perf_counter()
+        now = host_seconds()
         self._open = [phase, stats, [getattr(stats, c) for c in _COUNTERS], now, now]
         self._label(phase)
 
     def finished(self, layer: int) -> None:
         """The MoE layer call of `layer` ended."""
         if self._open is not None:
-            self._open[4] = time.perf_counter()
+            self._open[4] = host_seconds()
             if layer == self.last:
                 self._close()
 

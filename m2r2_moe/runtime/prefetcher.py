@@ -18,13 +18,13 @@ does not call the planner at all: it is resynchronised with the cache when prefe
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
 from ..models.tap import LayerTap
 from ..predict.base import Predictor, as_probabilities
 from .admission import StepTimer
+from .clock import host_seconds
 from .onoff import VOUCH, OnOff
 from .planner import make_planner
 
@@ -61,7 +61,7 @@ class Prefetcher:
                  evicted: list[int] = ()) -> None:
         """Called by the hot path at layer `layer` once its experts (`keys`) are pinned; `served`: how each of
         their uses was served; `evicted`: the keys their demand loads displaced."""
-        start, now = time.perf_counter(), self.clock.now(layer)
+        start, now = host_seconds(), self.clock.now(layer)
         decode = top_k_index.shape[0] == 1
         if layer == 0:
             self._measure_link()
@@ -84,7 +84,7 @@ class Prefetcher:
         if layer == self.num_layers - 1:
             self.predictor.advance(top_k_index.shape[0])
         if self.on and not skip:  # the off arm's bookkeeping is not prediction's cost
-            self.planner.add_spent(self.step_timer.spent(time.perf_counter() - start))
+            self.planner.add_spent(self.step_timer.spent(host_seconds() - start))
 
     def _plan(self, layer, top_k_index, decode, now, keys, served, evicted) -> None:
         """Settle this layer's outcomes in the planner and, where it predicts, act on its decision."""
@@ -172,7 +172,7 @@ class Prefetcher:
 
     def _measure_link(self) -> None:
         """Once per forward: the share of the last forward the link spent copying."""
-        now, busy = time.perf_counter(), self.engine.busy_seconds
+        now, busy = host_seconds(), self.engine.busy_seconds
         last_now, last_busy = self._busy_mark
         if last_now and now > last_now:
             sample = min((busy - last_busy) / (now - last_now), 1.0)
