@@ -113,6 +113,27 @@ def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.lon
     return table if device.type == "cpu" else table.to(device, non_blocking=True)
 
 
+class IndexTables:
+    """The `[1, K]` slot-index tables of batch-1 decode calls, each made once per distinct content: making one
+    is a torch op (tens of µs between a layer's kernels on a CPU, a host-to-device copy on CUDA), looking one up
+    is a dict read. Kernels only read their index argument; a table one changed in place anyway (its version
+    counter moved) is made afresh, so a cached table always holds what its key says."""
+
+    LIMIT = 4096  # distinct tables kept (all dropped when full: decode's working set is rebuilt in a few tokens)
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._tables: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def get(self, values: tuple[int, ...]) -> torch.Tensor:
+        table = self._tables.get(values)
+        if table is None or table._version:
+            if len(self._tables) >= self.LIMIT:
+                self._tables.clear()
+            table = self._tables[values] = to_device([values], self.device)
+        return table
+
+
 def make_offloaded_forward(runtime, layer: int):
     """The `forward` installed on the experts module of MoE layer `layer`."""
 

@@ -19,7 +19,7 @@ from . import waves
 from .clock import LayerClock
 from .events import RuntimeEvents
 from .expert_cache import ExpertCache
-from .experts import SlotView, allocate_pool, make_offloaded_forward, slot_range, to_device
+from .experts import IndexTables, SlotView, allocate_pool, make_offloaded_forward, slot_range, to_device
 from .phases import PhaseMeter
 from .policy import make_policy
 from .prefill import PrefillStream
@@ -54,6 +54,7 @@ class Offloader:
         self.pool = allocate_pool(num_slots, slot_numel, dtype, self.device)  # [S, numel]
         self.views = [SlotView(layer.experts, p.views(self.pool), num_slots) for layer, p in zip(layers, self.packings)]
         self.kernels = [type(layer.experts).forward for layer in layers]
+        self.index_tables = IndexTables(self.device)  # decode's [1, K] slot indices, made once each
         # the kernel the model dispatches to (read once: config attribute access is slow in transformers 5)
         self.kernel_names = [getattr(getattr(layer.experts, "config", None), "_experts_implementation", None)
                              for layer in layers]
@@ -156,9 +157,9 @@ class Offloader:
         if tokens == 1 and waves.direct_is_exact(name, 1, top_k):  # decode at batch 1: the K experts read once,
             # the slot indices built on the host
             # host sync on CUDA: the set of experts decides which copies to issue (paid once per layer)
-            chosen = top_k_index[0].tolist()
+            chosen = top_k_index.tolist()[0]
             out = self.run_wave(layer, sorted(set(chosen)), lambda view, slot_of: kernel(
-                view, hidden_states, to_device([[slot_of[e] for e in chosen]], self.device), top_k_weights),
+                view, hidden_states, self.index_tables.get(tuple([slot_of[e] for e in chosen])), top_k_weights),
                 routing=top_k_index)
         else:
             needed = self.prefill.route(layer, top_k_index)  # host sync on CUDA, as above
