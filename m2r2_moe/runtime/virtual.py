@@ -15,8 +15,10 @@ Everything the runtime and the profiler time (`runtime/clock.host_seconds`) read
 time, the prefetcher's cost and benefit, the link's busy share, time per token. What stays real: the memcpy
 into the slot (done when the copy gets the link, not charged), the model's numerics (outputs are the real
 ones, lossless as ever), and the host work's own jitter (a share of a layer, not its whole).
-Not modelled: a hook outside the MoE layer call (the m2r2 predictor's residual tap, a few µs per layer) and
-contention between the copy and compute for the host's cores (on a GPU the copy engine is separate hardware).
+Not modelled: a hook outside the MoE layer call (the m2r2 predictor's residual tap, a few µs per layer), the
+copy engine's own calls (the simulation's bookkeeping is not charged; the CPU engine's calls are native, about a
+µs each), and contention between the copy and compute for the host's cores (on a GPU the copy engine is separate
+hardware).
 """
 
 from __future__ import annotations
@@ -84,7 +86,12 @@ class VirtualTransfer:
 
     def ready(self) -> bool:
         if not self.done:
-            self._engine._advance(self._engine.clock.now())
+            engine = self._engine
+            now = engine.clock.now()
+            counted = engine.clock.pause()  # the simulation's own work is not the runtime's
+            engine._advance(now)
+            if counted:
+                engine.clock.host()
         return self.done
 
     def wait(self, timeout: float | None = None) -> float:
@@ -92,11 +99,14 @@ class VirtualTransfer:
         lands, so `timeout` (a guard against a stuck device) is not applied."""
         engine = self._engine
         now = engine.clock.now()
+        counted = engine.clock.pause()
         engine._advance(now)
         waited = 0.0
         if not self.done:
             waited = engine._landing(self) - now
             engine.clock.advance(waited)
+        if counted:
+            engine.clock.host()
         if self.error is not None:
             raise failed_error(self)
         return waited
@@ -131,30 +141,31 @@ class VirtualLinkEngine:
                after=None, expand=None) -> VirtualTransfer:
         if self._closed:
             raise RuntimeError("copy engine is closed")
-        now = self.clock.now()
-        self._advance(now)
-        transfer = VirtualTransfer(self, key, slot, src.numel() * src.element_size(), priority, now)
-        transfer.dst, transfer.src, transfer.expand = dst, src, expand
-        self._push(transfer, now)
-        self._advance(now)
+        with self._uncharged() as now:
+            self._advance(now)
+            transfer = VirtualTransfer(self, key, slot, src.numel() * src.element_size(), priority, now)
+            transfer.dst, transfer.src, transfer.expand = dst, src, expand
+            self._push(transfer, now)
+            self._advance(now)
         return transfer
 
     def cancel(self, transfer: VirtualTransfer) -> bool:
-        self._advance(self.clock.now())
-        if transfer.claimed or transfer.done:
-            return False
-        transfer.cancelled = transfer.done = True
-        transfer.dst = transfer.src = transfer.expand = None
-        return True
+        with self._uncharged() as now:
+            self._advance(now)
+            if transfer.claimed or transfer.done:
+                return False
+            transfer.cancelled = transfer.done = True
+            transfer.dst = transfer.src = transfer.expand = None
+            return True
 
     def promote(self, transfer: VirtualTransfer) -> None:
-        now = self.clock.now()
-        self._advance(now)
-        if not transfer.done and transfer.priority != DEMAND:
-            transfer.priority = DEMAND
-            if self._holding is not transfer:
-                self._push(transfer, now)
+        with self._uncharged() as now:
             self._advance(now)
+            if not transfer.done and transfer.priority != DEMAND:
+                transfer.priority = DEMAND
+                if self._holding is not transfer:
+                    self._push(transfer, now)
+                self._advance(now)
 
     def drain_stall_seconds(self) -> float:
         return 0.0  # waits are counted when they end, as on the CPU engines
@@ -175,6 +186,18 @@ class VirtualLinkEngine:
             self._closed = True
 
     # -- the simulated link ------------------------------------------------------------------------
+    @contextmanager
+    def _uncharged(self):
+        """The simulation's own bookkeeping, not counted as the runtime's host work (the CPU engine's calls are
+        native, about a µs each); yields the time it happens at."""
+        now = self.clock.now()
+        counted = self.clock.pause()
+        try:
+            yield now
+        finally:
+            if counted:
+                self.clock.host()
+
     def _push(self, transfer: VirtualTransfer, now: float) -> None:
         transfer.entry = next(self._seq)
         heapq.heappush(self._queue, (transfer.priority, transfer.entry, transfer))
@@ -202,7 +225,7 @@ class VirtualLinkEngine:
         start = max(self._free_at, transfer.submitted)
         if transfer.remaining is None:  # first time on the link: its bytes move now (real work, not charged)
             transfer.claimed, transfer.started_at = True, start
-            paused = self.clock.pause()
+            counted = self.clock.pause()
             try:
                 if self.fault is not None:
                     self.fault(transfer.key, transfer.slot, transfer.priority)
@@ -215,7 +238,7 @@ class VirtualLinkEngine:
             except BaseException as e:  # noqa: BLE001 — reported to the waiter
                 transfer.error, transfer.remaining = e, 0.0
             finally:
-                if paused:
+                if counted:
                     self.clock.host()
         self._holding, self._resumed, self._until = transfer, start, start + transfer.remaining
 
