@@ -349,12 +349,10 @@ def test_layer_time_estimate_restarts_when_the_forward_size_changes(monkeypatch)
     """A prefill's slow layers must not make the first decode steps' link ratio look small (that halves the
     admission floor): the estimate starts afresh when the number of tokens per forward changes. The clock is
     a fake one, so the figures are exact on any machine."""
-    from types import SimpleNamespace
-
     from m2r2_moe.runtime import clock as clock_module
 
     clock = [100.0]
-    monkeypatch.setattr(clock_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(clock_module, "_source", lambda: clock[0])
     model, off, pf = _prefetcher(0.001)
     try:
         off.clock.tick(0, 64, 0.0)
