@@ -242,7 +242,7 @@ Decision Planner::layer(const LayerInput& in) {
     for (int64_t d : backlog) ahead += d <= c.distance;
     double lead = in.compute > 0 ? c.distance * in.compute - in.transfer * ahead : std::numeric_limits<double>::infinity();
     double saving = in.miss * (in.transfer > 0 ? std::min(1.0, std::max(lead, 0.0) / in.transfer) : 1.0);
-    double value = c.q * saving - (1.0 - c.q) * in.busy * in.transfer - (free <= 0 ? regret_share * in.miss : 0.0);
+    double value = c.q * saving - (free <= 0 ? regret_share * in.miss : 0.0);
     if (value <= 0) continue;
     out.queue.emplace_back(c.target, c.expert, c.distance);
     backlog.push_back(c.distance);

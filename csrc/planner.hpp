@@ -40,7 +40,7 @@ struct LayerInput {
   int64_t rows = 0, cols = 0;
   bool wraps = false;
   int64_t horizon = 0;
-  double miss = 0, transfer = 0, compute = 0, busy = 0;
+  double miss = 0, transfer = 0, compute = 0;
   int64_t free = 0;
   std::vector<int64_t> backlog;
   double min_prob = 0;

@@ -18,7 +18,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kAbiVersion = 4;  // bumped when the Python-visible interface changes (see _ext.py)
+constexpr int kAbiVersion = 5;  // bumped when the Python-visible interface changes (see _ext.py)
 
 using Probs = py::array_t<float, py::array::c_style>;
 
@@ -205,7 +205,7 @@ PYBIND11_MODULE(_native_plan, m) {
       .def("layer",
            [](m2r2::Planner& p, int64_t layer, bool decode, int64_t now, std::vector<int64_t> keys,
               std::vector<int64_t> served, std::vector<int64_t> evicted, const py::object& probs, bool wraps,
-              int64_t horizon, double miss, double transfer, double compute, double busy, int64_t free,
+              int64_t horizon, double miss, double transfer, double compute, int64_t free,
               std::vector<int64_t> backlog, double min_prob) {
              m2r2::LayerInput in;
              in.layer = layer;
@@ -220,7 +220,6 @@ PYBIND11_MODULE(_native_plan, m) {
              in.miss = miss;
              in.transfer = transfer;
              in.compute = compute;
-             in.busy = busy;
              in.free = free;
              in.backlog = std::move(backlog);
              in.min_prob = min_prob;
@@ -229,8 +228,7 @@ PYBIND11_MODULE(_native_plan, m) {
            },
            py::arg("layer"), py::arg("decode"), py::arg("now"), py::arg("keys"), py::arg("served"), py::arg("evicted"),
            py::arg("probs"), py::arg("wraps"), py::arg("horizon"), py::arg("miss"), py::arg("transfer"),
-           py::arg("compute"),
-           py::arg("busy"), py::arg("free"), py::arg("backlog"), py::arg("min_prob"))
+           py::arg("compute"), py::arg("free"), py::arg("backlog"), py::arg("min_prob"))
       .def("issued", &m2r2::Planner::issued, py::arg("key"), py::arg("evicted"), py::arg("now"))
       .def("withdrawn", &m2r2::Planner::withdrawn, py::arg("key"))
       .def("resync", &m2r2::Planner::resync, py::arg("resident"))

@@ -43,7 +43,7 @@ def _call(rng: random.Random, layers: int, experts: int, stride: int, layer: int
     return dict(layer=layer, decode=decode, now=now, keys=keys, served=served, evicted=evicted, probs=probs,
                 wraps=rng.random() < 0.5, horizon=rng.choice((0, 1, 3, layers)), miss=rng.choice((1.0, 3e-4, 4e-3)),
                 transfer=rng.choice((1.0, 2e-4, 5e-3)), compute=rng.choice((0.0, 1e-4, 1e-3)),
-                busy=rng.random(), free=rng.randint(-1, 3), backlog=[rng.randint(1, 4) for _ in range(rng.randint(0, 3))],
+                free=rng.randint(-1, 3), backlog=[rng.randint(1, 4) for _ in range(rng.randint(0, 3))],
                 min_prob=rng.choice((0.0, 0.0, 0.3)))
 
 
@@ -99,7 +99,7 @@ def test_the_comparison_can_fail():
 def test_native_planner_refuses_bad_probabilities():
     planner = make_planner(4, 8, 8, 2, 8, native=True)
     args = dict(layer=0, decode=True, now=1, keys=[0], served=[MISS], evicted=[], wraps=False, horizon=0, miss=1.0,
-                transfer=1.0, compute=0.0, busy=0.0, free=1, backlog=[], min_prob=0.0)
+                transfer=1.0, compute=0.0, free=1, backlog=[], min_prob=0.0)
     with pytest.raises(ValueError, match="float32"):
         planner.layer(probs=torch.ones(2, 8, dtype=torch.float64).numpy(), **args)
     with pytest.raises(ValueError, match="contiguous"):

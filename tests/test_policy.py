@@ -16,7 +16,7 @@ import m2r2_moe
 from conftest import tiny_mixtral
 from m2r2_moe import _ext
 from m2r2_moe.runtime.admission import value
-from m2r2_moe.runtime.planner import MISS, PREFETCH_HIT, make_planner
+from m2r2_moe.runtime.planner import MISS, PREFETCH_HIT, PlannerCore, make_planner
 from m2r2_moe.runtime.policy import HALF_LIFE, NextUsePolicy
 
 L = 4  # layers
@@ -236,14 +236,14 @@ def _prefetcher(link_gbps):
     return model, off, off.prefetcher
 
 
-def test_value_weighs_the_hidden_stall_against_link_and_eviction():
-    """value(q, S, T, lead, busy, evicts, regret) = q S min(1, lead / T) - (1 - q) busy T - regret S [evicts]."""
-    assert value(1.0, 1.0, 1.0, 5.0, 1.0, True, 0.0) == 1.0  # certain, in time, nothing regretted
-    assert value(0.5, 1.0, 1.0, 0.25, 0.0, False, 0.0) == pytest.approx(0.125)  # lands late: hides a quarter
-    assert value(0.5, 1.0, 1.0, 5.0, 1.0, False, 0.0) == 0.0  # busy link: the wrong half costs what the right saves
-    assert value(0.9, 1.0, 1.0, 5.0, 0.0, True, 0.95) < 0 < value(0.9, 1.0, 1.0, 5.0, 0.0, False, 0.95)  # costly victim
-    assert value(1.0, 1.0, 1.0, -1.0, 0.0, False, 0.0) == 0.0  # too late to hide anything
-    assert value(1.0, 3.0, 1.0, 5.0, 0.0, False, 0.0) == 3.0  # a demand load stalls more than its link time
+def test_value_weighs_the_hidden_stall_against_the_eviction():
+    """value(q, S, T, lead, evicts, regret) = q S min(1, lead / T) - regret S [evicts]."""
+    assert value(1.0, 1.0, 1.0, 5.0, True, 0.0) == 1.0  # certain, in time, nothing regretted
+    assert value(0.5, 1.0, 1.0, 0.25, False, 0.0) == pytest.approx(0.125)  # lands late: hides a quarter
+    assert value(0.5, 1.0, 1.0, 5.0, True, 0.5) == 0.0  # the victim is worth what the copy is expected to save
+    assert value(0.9, 1.0, 1.0, 5.0, True, 0.95) < 0 < value(0.9, 1.0, 1.0, 5.0, False, 0.95)  # costly victim
+    assert value(1.0, 1.0, 1.0, -1.0, False, 0.0) == 0.0  # too late to hide anything
+    assert value(1.0, 3.0, 1.0, 5.0, False, 0.0) == 3.0  # a demand load stalls more than its link time
 
 
 @pytest.fixture(params=["python", "native"])
@@ -258,7 +258,7 @@ def _settle(planner, layer, now, used, probs=None, served=None, evicted=()):
     keys = [layer * 8 + e for e in used]
     return planner.layer(layer=layer, decode=True, now=now, keys=keys, served=served or [0] * len(keys),
                          evicted=list(evicted), probs=probs, wraps=False, horizon=0, miss=1.0, transfer=1.0, compute=0.0,
-                         busy=0.0, free=0, backlog=[], min_prob=0.0)
+                         free=0, backlog=[], min_prob=0.0)
 
 
 def test_calibration_learns_what_the_scores_mean(planner):
@@ -303,14 +303,19 @@ def test_benefit_backs_off_to_none_and_probes_again(planner):
 
 
 def test_the_planner_queues_by_expected_value(planner):
-    """Certain predictions into free slots are queued nearest first; a busy link and a costly eviction stop
-    unlikely ones; resident experts are expected, not copied."""
+    """Likely predictions are queued nearest first; an unlikely one goes into a free slot, but is not worth an
+    eviction; a copy that would land too late is not queued; resident experts are expected, not copied."""
     probs = torch.zeros(2, 8)
-    probs[0, 4], probs[1, 5], probs[1, 6] = 1.0, 0.9, 0.1
+    probs[0, 4], probs[1, 5], probs[1, 6] = 1.0, 0.9, 0.05
     args = dict(layer=0, decode=True, now=1, keys=[0, 1], served=[0, 0], evicted=[], probs=probs.numpy(), wraps=False,
-                horizon=0, miss=1.0, transfer=1.0, compute=2.0, busy=1.0, backlog=[], min_prob=0.0)
-    queue, expect, withdraw = planner.layer(free=4, **args)
-    assert queue == [(1, 4, 1), (2, 5, 2)] and not expect and not withdraw  # 6 (q 0.1, busy link): not worth it
+                horizon=0, miss=1.0, transfer=1.0, compute=2.0, backlog=[], min_prob=0.0)
+    native = not isinstance(planner, PlannerCore)
+    queue, _, _ = make_planner(4, 8, 8, 2, 8, native=native).layer(free=4, **args)
+    assert queue == [(1, 4, 1), (2, 5, 2), (2, 6, 2)]  # free slots: even q 0.05 saves something, evicts nothing
+    queue, _, _ = make_planner(4, 8, 8, 2, 8, native=native).layer(**{**args, "compute": 1.0}, free=4)
+    assert queue == [(1, 4, 1), (2, 5, 2)]  # 6 would start after two copies, 2 layers ahead: it hides nothing
+    queue, expect, withdraw = planner.layer(free=0, **args)
+    assert queue == [(1, 4, 1), (2, 5, 2)] and not expect and not withdraw  # 6 (q 0.05 < regret 0.1): not worth a victim
     planner.issued(1 * 8 + 4, -1, 1)
     _settle(planner, 1, 2, [4])  # expert 4 of layer 1 is now resident
     queue, expect, _ = planner.layer(**{**args, "now": 3, "probs": probs[:1].numpy()}, free=0)

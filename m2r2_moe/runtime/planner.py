@@ -106,8 +106,8 @@ class PlannerCore:
 
     # -- the per-layer decision ----------------------------------------------------------------------
     def layer(self, layer: int, decode: bool, now: int, keys: list[int], served: list[int], evicted: list[int],
-              probs, wraps: bool, horizon: int, miss: float, transfer: float, compute: float, busy: float,
-              free: int, backlog: list[int], min_prob: float):
+              probs, wraps: bool, horizon: int, miss: float, transfer: float, compute: float, free: int,
+              backlog: list[int], min_prob: float):
         """Returns (copies to queue [(target, expert, distance)], resident experts needed soon [(target,
         expert, distance)], copies to withdraw [(target, expert)]). `probs`: the predictor's probabilities
         `[D, E]` for distances 1..D (a float32 numpy array; None: this layer does not predict); `miss`: the stall
@@ -130,7 +130,7 @@ class PlannerCore:
                 continue
             ahead = sum(1 for d in backlog if d <= distance)
             lead = distance * compute - transfer * ahead if compute > 0 else math.inf
-            if value(q, miss, transfer, lead, busy, free <= 0, regret) <= 0:
+            if value(q, miss, transfer, lead, free <= 0, regret) <= 0:
                 continue
             queue.append((target, expert, distance))
             backlog.append(distance)

@@ -42,8 +42,6 @@ class Prefetcher:
         self.min_prob = min_prob  # a user's floor on the calibrated probability (0: the value test decides)
         num_experts = max(int(layer.experts.num_experts) for layer in layers)
         self.planner = make_planner(len(layers), num_experts, cache.key_stride, width or top_k, max_queued or 4 * top_k)
-        self.link_busy = 0.0  # running estimate of the link's busy share
-        self._busy_mark = (0.0, 0.0)  # (perf_counter, engine busy seconds) at the last layer-0 call
         self.miss_seconds = 0.0  # running estimate of the stall one demand load costs (0 until measured)
         self._stall_mark = (0.0, 0, 0, 0, 0)  # stall, misses, late at the last call; its new misses and late ones
         # r_l and norm_l(r_l) as the model computed them, for predictors that read the residual
@@ -64,7 +62,6 @@ class Prefetcher:
         start, now = host_seconds(), self.clock.now(layer)
         decode = top_k_index.shape[0] == 1
         if layer == 0:
-            self._measure_link()
             self.planner.step(WINDOW)
             vouched = self.planner.saved > VOUCH * self.planner.spent > 0
             self.on = self.onoff.step(start, decode, vouched)
@@ -98,7 +95,7 @@ class Prefetcher:
             horizon, probs, free, backlog = 0, None, 0, []
         queue, expect, withdraw = self.planner.layer(  # positional: the C++ twin's fastest call
             layer, decode, now, keys, served, list(evicted), probs, self.predictor.wraps, horizon,
-            miss, transfer, self.clock.layer_seconds, self.link_busy, free, backlog,
+            miss, transfer, self.clock.layer_seconds, free, backlog,
             self.min_prob if self.on else OFF)
         if queue or expect or withdraw:
             self._act(queue, expect, withdraw, now, frozenset(keys))
@@ -170,11 +167,3 @@ class Prefetcher:
         self._stall_mark = (stall, misses, late, misses - last_misses, late - last_late)
         return self.miss_seconds
 
-    def _measure_link(self) -> None:
-        """Once per forward: the share of the last forward the link spent copying."""
-        now, busy = host_seconds(), self.engine.busy_seconds
-        last_now, last_busy = self._busy_mark
-        if last_now and now > last_now:
-            sample = min((busy - last_busy) / (now - last_now), 1.0)
-            self.link_busy = 0.7 * self.link_busy + 0.3 * sample
-        self._busy_mark = (now, busy)
