@@ -1,5 +1,6 @@
 """Predictors: well-formed outputs, gate by hand, adapters files, identity sanity, lossless prefetching."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -246,3 +247,24 @@ def test_gate_native_batch1_path_matches_the_tensor_path(trained):
         assert host is not None and host.shape == tuple(reference[:, 0].shape)
         assert torch.allclose(torch.from_numpy(host), reference[:, 0], atol=2e-6, rtol=1e-4)
     assert gate.predict_host(0, residual.expand(2, 64)) is None  # several tokens: the tensor path
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_the_oracles_host_rows_are_its_predictions(wrap):
+    """The oracle's batch-1 host path (one numpy gather) gives `predict_stacked`'s rows, nearest `count` first,
+    across the token boundary and past the trace's end alike."""
+    layers, experts, top_k, depth = 4, 8, 2, 3
+    trace = torch.randint(0, experts, (5, layers, top_k), generator=torch.Generator().manual_seed(0))
+    oracle = OraclePredictor(layers, experts, top_k, depth, trace, wrap=wrap)
+    for position in range(6):
+        oracle.position = position
+        for layer in range(layers):
+            depths, scores = oracle.predict_stacked(layer, None)
+            for count in (None, 1, 2, 9):
+                rows = oracle.predict_host(layer, None, count=count)
+                if not depths:
+                    assert rows is None  # nothing ahead: the prefetcher predicts nothing here
+                    continue
+                want = scores[: count or len(depths), 0].numpy()
+                assert rows.dtype == np.float32 and np.array_equal(rows, want), (position, layer, count)
+    assert oracle.predict_host(0, torch.zeros(2, 4)) is None  # several tokens: the torch path

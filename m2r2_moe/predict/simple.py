@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .base import Predictor
@@ -72,6 +73,7 @@ class OraclePredictor(Predictor):
         """Keep the replayed choices on `device`: predictions are slices of them, made there."""
         self.device = torch.device(device)
         self.experts, self.one_hot = self.experts.to(self.device), self.one_hot.to(self.device)
+        self._host_rows = self.one_hot.numpy() if self.device.type == "cpu" else None
         return self
 
     def reset(self) -> None:
@@ -85,6 +87,7 @@ class OraclePredictor(Predictor):
         self.one_hot = torch.zeros(*experts.shape[:2], self.num_experts, device=self.device).scatter_(
             -1, experts, 1.0)  # [N, L, E]
         self.position = 0
+        self._host_rows = self.one_hot.numpy() if self.device.type == "cpu" else None  # the same memory
 
     def advance(self, tokens: int) -> None:
         """Called after each forward: the next forward starts `tokens` positions later."""
@@ -99,6 +102,26 @@ class OraclePredictor(Predictor):
             if target >= self.num_layers:  # the next forward's layer: its positions start `tokens` later
                 target, start = target - self.num_layers, start + tokens
             out[d] = self._rows(start, tokens)[:, target]
+        return out
+
+    def predict_host(self, layer, residual, chosen=None, normed=None, count=None):
+        """Decode at batch 1 on the CPU: `predict`'s rows `[D, E]` for the nearest `count` depths (all by
+        default), read from the trace with one numpy gather: a bound on prediction should not pay a dozen torch
+        ops per layer for slicing a table."""
+        if self._host_rows is None or (residual is not None and residual.shape[0] != 1):
+            return None
+        depths = self.depths(layer)
+        n = len(depths) if not count else min(count, len(depths))
+        if n == 0:
+            return None  # nothing ahead to predict (as `predict_stacked`'s empty depths)
+        targets = np.arange(layer + 1, layer + 1 + n)
+        positions = np.full(n, self.position)
+        wrapped = targets >= self.num_layers  # the next forward's layers: one position later
+        targets[wrapped] -= self.num_layers
+        positions[wrapped] += 1
+        out = np.zeros((n, self.num_experts), dtype=np.float32)
+        inside = positions < len(self._host_rows)  # past the trace's end: zeros, as `_rows`
+        out[inside] = self._host_rows[positions[inside], targets[inside]]
         return out
 
     def _rows(self, start: int, tokens: int) -> torch.Tensor:
