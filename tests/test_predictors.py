@@ -7,7 +7,7 @@ import torch
 import m2r2_moe
 from m2r2_moe.profile import Recorder
 from conftest import tiny_mixtral
-from m2r2_moe.models import find_moe_layers, get_adapter
+from m2r2_moe.models import find_moe_layers
 from m2r2_moe.predict import (AcceleratorAdapters, AdapterFileError, AdapterMismatchError, OraclePredictor,
                               make_predictor, model_fingerprint, select)
 from m2r2_moe.predict.collect import chunk_tokens, collect
