@@ -32,6 +32,7 @@ from contextlib import contextmanager
 import torch
 
 from . import clock as clock_module
+from .cpu_engine import HostClockEngine
 from .engines import make_copy_engine
 from .transfer import DEMAND, failed_error
 
@@ -86,33 +87,24 @@ class VirtualTransfer:
 
     def ready(self) -> bool:
         if not self.done:
-            engine = self._engine
-            now = engine.clock.now()
-            counted = engine.clock.pause()  # the simulation's own work is not the runtime's
-            engine._advance(now)
-            if counted:
-                engine.clock.host()
+            with self._engine._uncharged() as now:
+                self._engine._advance(now)
         return self.done
 
     def wait(self, timeout: float | None = None) -> float:
         """Advance the virtual clock to the copy's landing; the virtual seconds waited. A simulated copy always
         lands, so `timeout` (a guard against a stuck device) is not applied."""
         engine = self._engine
-        now = engine.clock.now()
-        counted = engine.clock.pause()
-        engine._advance(now)
-        waited = 0.0
-        if not self.done:
-            waited = engine._landing(self) - now
+        with engine._uncharged() as now:
+            engine._advance(now)
+            waited = engine._landing(self) - now if not self.done else 0.0
             engine.clock.advance(waited)
-        if counted:
-            engine.clock.host()
         if self.error is not None:
             raise failed_error(self)
         return waited
 
 
-class VirtualLinkEngine:
+class VirtualLinkEngine(HostClockEngine):
     """A serial link of `link_gbps` (+ `link_latency_us` per copy) simulated on `clock` (`CopyEngine`
     protocol). The queue is ordered by priority (demand loads first), then by submission; a demand load or a
     promoted prefetch takes the link from a prefetch, which goes back to the queue with its remaining time.
@@ -167,29 +159,19 @@ class VirtualLinkEngine:
                     self._push(transfer, now)
                 self._advance(now)
 
-    def drain_stall_seconds(self) -> float:
-        return 0.0  # waits are counted when they end, as on the CPU engines
-
-    def discard_stalls(self) -> None:
-        pass
-
-    def time_copies(self, on: bool) -> None:
-        pass
-
-    def compute_done(self):
-        return None
-
     def close(self) -> None:
         """Land what is queued (on the virtual clock, without advancing it) and refuse new copies."""
         if not self._closed:
-            self._advance(math.inf)
+            with self._uncharged():
+                self._advance(math.inf)
             self._closed = True
 
     # -- the simulated link ------------------------------------------------------------------------
     @contextmanager
     def _uncharged(self):
         """The simulation's own bookkeeping, not counted as the runtime's host work (the CPU engine's calls are
-        native, about a µs each); yields the time it happens at."""
+        native, about a µs each), the memcpy into the slot included (the worker thread's, on the CPU engine);
+        yields the time it happens at. Every entry into the link's state goes through it."""
         now = self.clock.now()
         counted = self.clock.pause()
         try:
@@ -223,9 +205,8 @@ class VirtualLinkEngine:
     def _start(self, transfer: VirtualTransfer) -> None:
         """`transfer` gets the link at max(when it was free, when the copy was queued)."""
         start = max(self._free_at, transfer.submitted)
-        if transfer.remaining is None:  # first time on the link: its bytes move now (real work, not charged)
+        if transfer.remaining is None:  # first time on the link: its bytes move now (under `_uncharged`)
             transfer.claimed, transfer.started_at = True, start
-            counted = self.clock.pause()
             try:
                 if self.fault is not None:
                     self.fault(transfer.key, transfer.slot, transfer.priority)
@@ -237,9 +218,6 @@ class VirtualLinkEngine:
                 transfer.remaining = self.link_seconds(transfer.nbytes) + seconds
             except BaseException as e:  # noqa: BLE001 — reported to the waiter
                 transfer.error, transfer.remaining = e, 0.0
-            finally:
-                if counted:
-                    self.clock.host()
         self._holding, self._resumed, self._until = transfer, start, start + transfer.remaining
 
     def _finish(self) -> None:
