@@ -73,7 +73,6 @@ class OraclePredictor(Predictor):
         """Keep the replayed choices on `device`: predictions are slices of them, made there."""
         self.device = torch.device(device)
         self.experts, self.one_hot = self.experts.to(self.device), self.one_hot.to(self.device)
-        self._host_rows = self.one_hot.numpy() if self.device.type == "cpu" else None
         return self
 
     def reset(self) -> None:
@@ -87,7 +86,6 @@ class OraclePredictor(Predictor):
         self.one_hot = torch.zeros(*experts.shape[:2], self.num_experts, device=self.device).scatter_(
             -1, experts, 1.0)  # [N, L, E]
         self.position = 0
-        self._host_rows = self.one_hot.numpy() if self.device.type == "cpu" else None  # the same memory
 
     def advance(self, tokens: int) -> None:
         """Called after each forward: the next forward starts `tokens` positions later."""
@@ -108,8 +106,9 @@ class OraclePredictor(Predictor):
         """Decode at batch 1 on the CPU: `predict`'s rows `[D, E]` for the nearest `count` depths (all by
         default), read from the trace with one numpy gather: a bound on prediction should not pay a dozen torch
         ops per layer for slicing a table."""
-        if self._host_rows is None or (residual is not None and residual.shape[0] != 1):
+        if self.device.type != "cpu" or (residual is not None and residual.shape[0] != 1):
             return None
+        rows = self.one_hot.numpy()  # [N, L, E], the same memory
         depths = self.depths(layer)
         n = len(depths) if not count else min(count, len(depths))
         if n == 0:
@@ -120,8 +119,8 @@ class OraclePredictor(Predictor):
         targets[wrapped] -= self.num_layers
         positions[wrapped] += 1
         out = np.zeros((n, self.num_experts), dtype=np.float32)
-        inside = positions < len(self._host_rows)  # past the trace's end: zeros, as `_rows`
-        out[inside] = self._host_rows[positions[inside], targets[inside]]
+        inside = positions < len(rows)  # past the trace's end: zeros, as `_rows`
+        out[inside] = rows[positions[inside], targets[inside]]
         return out
 
     def _rows(self, start: int, tokens: int) -> torch.Tensor:
