@@ -14,7 +14,6 @@ phase when they are read.
 
 from __future__ import annotations
 
-
 from ..stats import PhaseStats
 from .clock import host_seconds
 
