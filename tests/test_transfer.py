@@ -132,16 +132,18 @@ def test_a_later_copy_into_the_same_slot_wins_over_a_preempted_one(Engine):
     """A demand load into a slot whose evicted prefetch is still on the link (it cannot be withdrawn any
     more) pre-empts it; the slot ends up with the demand load's bytes, never the older copy's."""
     engine = Engine(link_gbps=0.001)
+    size = 25_000  # 100 kB: 100 ms on the link, so that a busy machine's pause before the demand load is queued
+    # does not let the prefetch finish first
     try:
-        slot = torch.zeros(2500)
-        old = engine.submit(0, 7, slot, torch.ones(2500), PREFETCH)
+        slot = torch.zeros(size)
+        old = engine.submit(0, 7, slot, torch.ones(size), PREFETCH)
         _until_on_link(old)
         assert not engine.cancel(old)  # started: it cannot be withdrawn
-        new = engine.submit(1, 7, slot, torch.full((2500,), 2.0), DEMAND)
+        new = engine.submit(1, 7, slot, torch.full((size,), 2.0), DEMAND)
         new.wait()
-        assert torch.equal(slot, torch.full((2500,), 2.0)) and not old.ready()
+        assert torch.equal(slot, torch.full((size,), 2.0)) and not old.ready()
         old.wait()
-        assert torch.equal(slot, torch.full((2500,), 2.0))
+        assert torch.equal(slot, torch.full((size,), 2.0))
     finally:
         engine.close()
 
