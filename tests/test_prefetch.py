@@ -182,6 +182,28 @@ def test_a_newer_prediction_cancels_what_it_contradicts():
         m2r2_moe.remove_offload(model)
 
 
+def test_the_backlog_is_the_prefetches_still_on_the_link():
+    # queued_prefetches: the distance of each prefetch copy not landed, whatever became of the others (landed,
+    # withdrawn, asked for again)
+    model, off = _offloaded({}, cache=8)
+    try:
+        cache, now = off.cache, off.clock.now()
+        for expert, distance in ((4, 1), (5, 2), (6, 3), (7, 2)):
+            assert cache.prefetch(2, expert, distance, now, frozenset()) != NOT_QUEUED
+        copies = {t.key - 2 * off.key_stride: t for t in off.engine.transfers if t.priority > 0}
+        assert sorted(cache.queued_prefetches()) == [1, 2, 2, 3]
+        copies[4].done = True  # landed
+        assert sorted(cache.queued_prefetches()) == [2, 2, 3]
+        assert cache.withdraw(2, 5)
+        assert sorted(cache.queued_prefetches()) == [2, 3]
+        assert cache.prefetch(2, 5, 1, now, frozenset()) != NOT_QUEUED  # the withdrawn one asked for again
+        assert sorted(cache.queued_prefetches()) == [1, 2, 3]
+        copies[4].done = False  # a landed copy is not looked at again
+        assert sorted(cache.queued_prefetches()) == [1, 2, 3]
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
 def test_no_expert_copied_twice_while_in_flight():
     model, off = _offloaded({(0, 0): [4, 5], (0, 1): [4, 5]}, cache=8)
     try:

@@ -142,19 +142,19 @@ def test_a_streamed_expert_displaces_only_experts_needed_after_it_and_not_used_a
         # layer 2's experts are needed at turn 6, the layer-3 ones at turn 7, the layer-1 one at turn 5: a
         # farther layer takes only the stale one's slot (displacing one this forward still uses would cost its
         # copy again); `lru` displaces only what the forward is done with (none here)
-        farther = cache.stream([(2, 4, 2), (2, 5, 2)], 4, frozenset(pinned), 0, limit=8)
+        farther = cache.stream([(2, 4, 2), (2, 5, 2)], 4, frozenset(pinned), 0, 8, offloader.prefill.victim)
         assert farther == (1 if policy == "predictive" else 0)
         assert (cache.slots.lookup(stale) < 0) == (policy == "predictive")
         assert all(cache.slots.lookup(k) >= 0 for k in later + sooner)
         # the next layer's expert (turn 5) may displace one needed after it (Belady: a layer-3 expert), never
         # the layer-1 expert needed at the same turn
-        nearest = cache.stream([(1, 5, 1)], 4, frozenset(pinned), 0, limit=8)
+        nearest = cache.stream([(1, 5, 1)], 4, frozenset(pinned), 0, 8, offloader.prefill.victim)
         assert nearest == (1 if policy == "predictive" else 0)
         assert cache.slots.lookup(sooner[0]) >= 0
         assert sum(cache.slots.lookup(k) < 0 for k in later) == (1 if policy == "predictive" else 0)
         cache.release(pinned, slots, None)
         # at layer 1 the forward is done with layer 0: a slot gives way for the next layer (both policies)
-        assert cache.stream([(2, 3, 1)], 5, frozenset(), 1, limit=8) == 1
+        assert cache.stream([(2, 3, 1)], 5, frozenset(), 1, 8, offloader.prefill.victim) == 1
     finally:
         m2r2_moe.remove_offload(model)
 

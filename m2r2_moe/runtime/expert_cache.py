@@ -43,6 +43,7 @@ class ExpertCache:
         self.events, self.clock = events, clock
         self.stats = OffloadStats()
         self._prefetched: dict[int, Transfer] = {}  # key -> copy of a prefetched expert not used yet
+        self._unlanded: dict[int, Transfer] = {}  # of those, the copies not seen landed yet (`queued_prefetches`)
         self._streamed: set[int] = set()  # prefetched keys a forward's routing asked for (`stream`): kept
         self._slot_free: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last compute reading the slot
         self._plain: dict[int, tuple | None] = {}  # layer -> the layout `_copy` submits by address (`_plain_layout`)
@@ -130,21 +131,18 @@ class ExpertCache:
         self._start_prefetch(layer, expert, key, slot, distance, now)
         return evicted
 
-    def stream(self, wanted: list[tuple[int, int, int]], now: int, pinned: frozenset, layer: int,
-               limit: int) -> int:
+    def stream(self, wanted: list[tuple[int, int, int]], now: int, pinned: frozenset, layer: int, limit: int,
+               victim_of) -> int:
         """Bring `wanted` [(layer, expert, distance)] in, in that order (nearest need first), while the wave
         `pinned` of `layer` computes (runtime/prefill.py: a forward of many tokens); at most `limit` copies,
         stopping at the first that finds no room. `wanted` may reach into the next forward (an expert of a layer
-        up to `layer`, needed at its turn there). A copy takes a free slot or displaces an expert needed after
-        it (`predictive`: the policy's victim, a stale one first, else the one needed farthest ahead, which is
-        one this forward is done with before one a later layer needs, which then costs its copy again; never
-        one needed sooner: Belady's rule); `lru`: the least recently used of the experts the forward is done
-        with (of `layer` or before; for the next forward's, of a layer after the copied one's). A prediction
-        does not withdraw a streamed copy. Returns the copies queued."""
+        up to `layer`, needed at its turn there). A copy takes a free slot, else displaces
+        `victim_of(key, now, distance, near, pinned, done)` (-1: none; `near`: the keys of the next layer and the
+        wave, `done`: those of `layer` or before not pinned, least recently used first). A prediction does not
+        withdraw a streamed copy. Returns the copies queued."""
         resident = self.slots.resident()  # (key, slot), least recently used first
         free = self.num_slots - len(resident)
         near = set(pinned).union(k for k, _ in resident if k // self.key_stride == layer + 1)
-        # lru's victims: experts of `layer` or before, least recently used first (the forward is done with them)
         done = [k for k, _ in resident if k // self.key_stride <= layer and k not in pinned]
         queued = 0
         for expert_layer, expert, distance in wanted:
@@ -157,7 +155,7 @@ class ExpertCache:
             if free > 0:
                 free -= 1
             else:
-                victim = self._stream_victim(key, now, distance, near, pinned, done)
+                victim = victim_of(key, now, distance, near, pinned, done)
                 if victim < 0 or not self.slots.evict(victim):
                     break
                 self._evicted(victim)
@@ -170,24 +168,11 @@ class ExpertCache:
             queued += 1
         return queued
 
-    def _stream_victim(self, key: int, now: int, distance: int, near: set, pinned: frozenset, done: list) -> int:
-        """The expert `stream` displaces for `key`, needed `distance` turns from `now`; -1 for none (see `stream`)."""
-        layers = self.clock.num_layers
-        turn = now % layers  # the layer computing
-        if distance == 1:  # the next layer's expert displaces any needed after it
-            victim = self.policy.victim(key, now, near, needed_at=now + 1)
-        else:  # a farther one only what this forward no longer needs: displacing one a later layer of this
-            # forward uses would cost its copy again (needed after this forward's last turn, and after `key`)
-            victim = self.policy.victim(key, now, pinned, needed_at=max(now + distance, now - turn + layers - 1))
-        if victim is None:  # lru: a done expert (of layer j, needed next at the next forward's turn j, L + j - turn
-            # turns from now) needed after `key`; the slot table's own order would not skip the kept keys
-            victim = next((k for k in done if layers + k // self.key_stride - turn > distance
-                           and self.slots.lookup(k) >= 0 and not self.slots.pins(k)), -1)
-        return victim
-
-    def expect(self, layer: int, expert: int, distance: int, now: int) -> None:
-        """A prediction wants a resident expert in `distance` layer turns (`predictive` keeps it)."""
-        self.policy.expect(layer * self.key_stride + expert, now + distance, now)
+    def expect(self, wanted: list[tuple[int, int, int]], now: int) -> None:
+        """Predictions want these resident experts [(layer, expert, distance in layer turns)]: `predictive`
+        keeps them over experts needed later."""
+        for layer, expert, distance in wanted:
+            self.policy.expect(layer * self.key_stride + expert, now + distance, now)
 
     def withdraw(self, layer: int, expert: int) -> bool:
         """Cancel a prefetch a newer prediction contradicts, if its copy has not started; frees the slot."""
@@ -204,8 +189,15 @@ class ExpertCache:
         return True
 
     def queued_prefetches(self) -> list[int]:
-        """Distances (priorities) of the prefetch copies not finished yet: the link's backlog of predicted bytes."""
-        return [t.priority for t in self._prefetched.values() if not t.ready()]
+        """Distances (priorities) of the prefetch copies not finished yet: the link's backlog of predicted bytes
+        (only the copies not seen landed are looked at; one used, evicted or withdrawn since is dropped)."""
+        prefetched, out = self._prefetched, []
+        for key, transfer in list(self._unlanded.items()):
+            if prefetched.get(key) is not transfer or transfer.ready():
+                del self._unlanded[key]
+            else:
+                out.append(transfer.priority)
+        return out
 
     def free_slots(self) -> int:
         """Slots holding no expert (a prefetch into one evicts nothing)."""
@@ -244,7 +236,7 @@ class ExpertCache:
 
     def _start_prefetch(self, layer: int, expert: int, key: int, slot: int, distance: int, now: int) -> None:
         self.policy.predicted(key, now + distance, now)
-        self._prefetched[key] = self._copy(layer, expert, key, slot, distance)
+        self._prefetched[key] = self._unlanded[key] = self._copy(layer, expert, key, slot, distance)
         self.stats.prefetches += 1
 
     def _copy(self, layer: int, expert: int, key: int, slot: int, priority: int) -> Transfer:

@@ -11,7 +11,8 @@ compute + transfer. `PrefillStream` overlaps the two:
   earlier waves' experts are done with by then), the experts the following layers will use with probability
   >= `min_use` — 1 - (1 - rate)^T over T tokens — nearest layer first, most likely first, go to
   `ExpertCache.stream`, which copies the absent ones in that order: the next layer's into slots whose expert
-  is needed after them, a farther layer's only into slots whose expert this forward no longer needs. Any layer
+  is needed after them, a farther layer's only into slots whose expert this forward no longer needs (`victim`
+  chooses). Any layer
   ahead, not only the next, so the link works while a layer whose experts are all resident computes; and past
   the last layer into the next forward's first layers (taken to be alike: a prompt's next chunk), so the
   next forward finds its first layers resident instead of waiting for them before it can compute.
@@ -81,7 +82,26 @@ class PrefillStream:
         if limit > 0:
             wanted = self.plan(layer, self._tokens, limit)  # empty when every likely expert is resident
             if wanted:
-                self.cache.stream(wanted, self.clock.now(layer), frozenset(keys), layer, limit)
+                self.cache.stream(wanted, self.clock.now(layer), frozenset(keys), layer, limit, self.victim)
+
+    def victim(self, key: int, now: int, distance: int, near: set, pinned: frozenset, done: list) -> int:
+        """The expert a streamed copy of `key`, needed `distance` turns from `now`, displaces; -1 for none. Only one
+        needed after it (Belady's rule: never one needed sooner). `predictive`: the policy's victim (a stale one
+        first, else the one needed farthest ahead: one this forward is done with before one a later layer needs,
+        which would then cost its copy again); `lru`: the least recently used of the experts the forward is done
+        with (`done`; for the next forward's, of a layer after the copied one's)."""
+        cache, layers = self.cache, self.clock.num_layers
+        turn = now % layers  # the layer computing
+        if distance == 1:  # the next layer's expert displaces any needed after it
+            victim = cache.policy.victim(key, now, near, needed_at=now + 1)
+        else:  # a farther one only what this forward no longer needs: displacing one a later layer of this
+            # forward uses would cost its copy again (needed after this forward's last turn, and after `key`)
+            victim = cache.policy.victim(key, now, pinned, needed_at=max(now + distance, now - turn + layers - 1))
+        if victim is None:  # lru: a done expert (of layer j, needed next at the next forward's turn j, L + j - turn
+            # turns from now) needed after `key`; the slot table's own order would not skip the kept keys
+            victim = next((k for k in done if layers + k // cache.key_stride - turn > distance
+                           and cache.slots.lookup(k) >= 0 and not cache.slots.pins(k)), -1)
+        return victim
 
     def copy_budget(self, layer: int, tokens: int) -> int:
         """How many copies to add to the link's queue now: what it can move while this layer computes, with
