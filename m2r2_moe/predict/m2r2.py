@@ -106,7 +106,7 @@ class M2R2Predictor(GatePredictor):
 
     def predict_host(self, layer, residual, chosen=None, normed=None, count=None):
         host = self._host[layer]
-        if host is None or residual.shape[0] != 1 or residual.device.type != "cpu":
+        if host is None or residual.shape[0] != 1 or not residual.is_cpu:
             return None
         x = normed if normed is not None else self._normed(layer, residual, None)
         if x.dtype != torch.float32 or not x.is_contiguous():

@@ -169,8 +169,12 @@ class NextUsePolicy:
 
     def expect(self, key: int, when: int, now: int) -> None:
         """A prediction wants resident `key` at turn `when`: kept over experts needed later."""
-        if key < self._size and self._res[key]:
-            self.predicted(key, when, now)
+        if key < self._size and self._res[key]:  # as `predicted` for a resident key, inlined: called per candidate
+            known = self._when[key]
+            if known <= now or known > when:
+                self._when[key] = when
+            if when > now:
+                self._want[key] = True
 
     def forget(self, key: int) -> None:
         if key < self._size and self._res[key]:

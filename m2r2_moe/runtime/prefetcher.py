@@ -49,6 +49,8 @@ class Prefetcher:
         self.onoff = OnOff()  # seconds per decode step with prefetching on against off (runtime/onoff.py)
         self.step_timer = StepTimer()  # this step's cost for the planner's balance, outliers clipped
         self.on = self.predicting = True  # this forward: prefetching on (the guard's arm); predicting somewhere
+        self._every = self.planner.every  # this forward: predict at the layers this divides (0: none)
+        self._link = (0.0, 0.0, 0)  # (layer compute, transfer, horizon) as last read: see `_link_now`
         self._gap = False  # decode steps were skipped (prefetching off) since the planner was last told
 
     def remove(self) -> None:
@@ -59,13 +61,14 @@ class Prefetcher:
                  evicted: list[int] = ()) -> None:
         """Called by the hot path at layer `layer` once its experts (`keys`) are pinned; `served`: how each of
         their uses was served; `evicted`: the keys their demand loads displaced."""
-        start, now = host_seconds(), self.clock.now(layer)
+        start = host_seconds()
         decode = top_k_index.shape[0] == 1
-        if layer == 0:
+        if layer == 0:  # what is decided once per forward
             self.planner.step(WINDOW)
             vouched = self.planner.saved > VOUCH * self.planner.spent > 0
             self.on = self.onoff.step(start, decode, vouched)
-            self.predicting = self.on and self.planner.every != 0  # this forward predicts at some layer
+            self._every = self.planner.every
+            self.predicting = self.on and self._every != 0  # this forward predicts at some layer
             if self.tap is not None:  # a forward that predicts nowhere reads no residual
                 self.tap.residuals_wanted = self.predicting
         # a decode step that predicts nowhere does not tell the planner either (its bookkeeping is most of what an
@@ -76,7 +79,7 @@ class Prefetcher:
         else:
             if self._gap:
                 self._resume()
-            self._plan(layer, top_k_index, decode, now, keys, served, evicted)
+            self._plan(layer, top_k_index, decode, self.clock.now(layer), keys, served, evicted)
         self.predictor.observe(layer, top_k_index)
         if layer == self.num_layers - 1:
             self.predictor.advance(top_k_index.shape[0])
@@ -85,17 +88,17 @@ class Prefetcher:
 
     def _plan(self, layer, top_k_index, decode, now, keys, served, evicted) -> None:
         """Settle this layer's outcomes in the planner and, where it predicts, act on its decision."""
-        transfer = self._transfer_seconds()
+        compute, transfer, horizon = self._link_now(layer)
         miss = self._miss_seconds() or transfer
-        if self.on and self.planner.active(layer):
-            horizon = self._horizon(transfer)
+        every = self._every
+        if self.on and every and layer % every == 0:  # the planner's `active(layer)`, as of this forward's start
             probs = self._predict(layer, top_k_index, decode, horizon)
             free, backlog = self.cache.free_slots(), self.cache.queued_prefetches()
         else:  # settling only: the cache's state matters to admission, which does not run
             horizon, probs, free, backlog = 0, None, 0, []
         queue, expect, withdraw = self.planner.layer(  # positional: the C++ twin's fastest call
             layer, decode, now, keys, served, list(evicted), probs, self.predictor.wraps, horizon,
-            miss, transfer, self.clock.layer_seconds, free, backlog,
+            miss, transfer, compute, free, backlog,
             self.min_prob if self.on else OFF)
         if queue or expect or withdraw:
             self._act(queue, expect, withdraw, now, frozenset(keys))
@@ -134,11 +137,21 @@ class Prefetcher:
         for target, expert in withdraw:
             if self.cache.withdraw(target, expert):
                 self.planner.withdrawn(target * stride + expert)
-        for target, expert, distance in expect:
-            self.cache.expect(target, expert, distance, now)
+        if expect:
+            self.cache.expect(expect, now)
         for target, expert, distance in queue:
             evicted = self.cache.prefetch(target, expert, distance, now, pinned)
             self.planner.issued(target * stride + expert, evicted, now)
+
+    def _link_now(self, layer: int) -> tuple[float, float, int]:
+        """(one layer's compute, one expert's transfer, the horizon in layers), read once per forward (at its
+        first layer, and at each layer while compute is not measured yet): they move slowly, and each read costs
+        a layer µs."""
+        link = self._link
+        if layer == 0 or not link[0]:
+            transfer = self._transfer_seconds()
+            link = self._link = (self.clock.layer_seconds, transfer, self._horizon(transfer))
+        return link
 
     def _horizon(self, transfer: float) -> int:
         """Layers ahead a copy needs to land in time: one transfer over one layer's compute, plus one."""
