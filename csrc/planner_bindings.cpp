@@ -18,7 +18,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kAbiVersion = 5;  // bumped when the Python-visible interface changes (see _ext.py)
+constexpr int kAbiVersion = 6;  // bumped when the Python-visible interface changes (see _ext.py)
 
 using Probs = py::array_t<float, py::array::c_style>;
 
@@ -98,9 +98,22 @@ Array mlp_softmax(const Array& x, const Array& w1, const Array& b1, const Array&
 
 // The same with x read at `address`: w1's H contiguous float32 values (a torch CPU tensor's data_ptr(), alive for
 // the call). Converting the tensor to a numpy array costs more than these heads' arithmetic at batch 1.
-Array mlp_softmax_at(uintptr_t address, const Array& w1, const Array& b1, const Array& w2, const Array& b2) {
+// w1 and w2 float32, or both bfloat16 given as their bits (uint16 arrays): half the bytes to read cold.
+Array mlp_softmax_at(uintptr_t address, const py::array& w1, const Array& b1, const py::array& w2, const Array& b2) {
+  using Bits = py::array_t<uint16_t, py::array::c_style>;
   if (address == 0 || w1.ndim() != 2) throw std::invalid_argument("heads: a null x, or w1 not [H, n*M]");
-  return mlp_softmax_of(reinterpret_cast<const float*>(address), w1.shape(0), w1, b1, w2, b2);
+  const float* x = reinterpret_cast<const float*>(address);
+  bool bits1 = Bits::check_(w1), bits2 = Bits::check_(w2);
+  if (!bits1 && !bits2) return mlp_softmax_of(x, w1.shape(0), w1.cast<Array>(), b1, w2.cast<Array>(), b2);
+  if (!bits1 || !bits2) throw std::invalid_argument("heads: w1 and w2 are both bfloat16 bits (uint16) or neither");
+  auto a1 = py::reinterpret_borrow<Bits>(w1), a2 = py::reinterpret_borrow<Bits>(w2);
+  if (a2.ndim() != 3) throw std::invalid_argument("heads: w2 must be [n, M, E]");
+  int64_t hidden = a1.shape(0), n = a2.shape(0), width = a2.shape(1), experts = a2.shape(2);
+  if (a1.size() != hidden * n * width) throw std::invalid_argument("heads: w1 has the wrong size");
+  Array out({n, experts});
+  m2r2::mlp_softmax_bf16(x, hidden, a1.data(), data_of(b1, n * width, "b1"), n, width, a2.data(),
+                         data_of(b2, n * experts, "b2"), experts, out.mutable_data());
+  return out;
 }
 
 // The CPU copy engine for Python (runtime/cpu_native.py wraps it). The engine is shared with its copies'
@@ -151,7 +164,8 @@ PYBIND11_MODULE(_native_plan, m) {
   m.def("mlp_softmax", &mlp_softmax, py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
         "M2R2 heads at batch 1: softmax per distance of relu(x @ w1 + b1) @ w2[d] + b2[d] -> [n, E]");
   m.def("mlp_softmax_at", &mlp_softmax_at, py::arg("address"), py::arg("w1"), py::arg("b1"), py::arg("w2"),
-        py::arg("b2"), "mlp_softmax with x [H] read at `address` (H = w1.shape[0] contiguous float32)");
+        py::arg("b2"), "mlp_softmax with x [H] read at `address` (H = w1.shape[0] contiguous float32); w1 and w2 float32 or both "
+        "bfloat16 bits (uint16)");
   m.def("policy_victim",
         [](uintptr_t when, uintptr_t res, uintptr_t want, uintptr_t since, uintptr_t score, uintptr_t layer,
            int64_t size, std::vector<int64_t> pinned, int64_t now, int64_t layers, double done, double to_come,

@@ -66,13 +66,24 @@ def test_fused_heads_match_the_per_pair_reference(model_and_layers, wraps):
 @pytest.mark.parametrize("wraps", [True, False])
 def test_heads_native_batch1_path_matches_the_tensor_path(model_and_layers, wraps):
     """Decode at batch 1 on the CPU: the heads' one native call gives predict_stacked's probabilities, from the
-    normed residual when the caller has it and from the residual otherwise."""
+    normed residual when the caller has it and from the residual otherwise. The native call reads w1 and w2 in
+    bfloat16 (`HOST_HEADS_BF16`): on weights that bfloat16 holds exactly the two agree within float32 rounding,
+    and on any weights within the rounding of the weights."""
     from m2r2_moe import _ext
+    from m2r2_moe.predict.m2r2 import HOST_HEADS_BF16
 
     if not _ext.HAS_PLANNER:
         pytest.skip(f"C++ heads: {_ext.PLANNER_ERROR}")
+    assert HOST_HEADS_BF16
     model, adapter, layers = model_and_layers
-    p = mlp_predictor(model, adapter, layers, wraps)
+    adapters = AcceleratorAdapters(len(layers), 64, DEPTH, 4, mlp=random_heads(len(layers), wraps=wraps))
+    unrounded = make_predictor("m2r2", model, adapter, layers, DEPTH, adapters=adapters)
+    exact = random_heads(len(layers), wraps=wraps)
+    with torch.no_grad():
+        for w in (exact.w1, exact.w2):
+            w.copy_(w.to(torch.bfloat16).float())
+    adapters = AcceleratorAdapters(len(layers), 64, DEPTH, 4, mlp=exact)
+    p = make_predictor("m2r2", model, adapter, layers, DEPTH, adapters=adapters)
     residual = torch.randn(1, 64, generator=torch.Generator().manual_seed(4))
     for layer in range(len(layers)):
         depths, reference = p.predict_stacked(layer, residual)
@@ -83,6 +94,9 @@ def test_heads_native_batch1_path_matches_the_tensor_path(model_and_layers, wrap
                 continue
             assert host is not None and host.shape == tuple(reference[:, 0].shape)
             assert torch.allclose(torch.from_numpy(host), reference[:, 0], atol=2e-6, rtol=1e-4)
+        if depths:  # unrounded float32 weights: the native probabilities within the weights' rounding
+            assert torch.allclose(torch.from_numpy(unrounded.predict_host(layer, residual)),
+                                  unrounded.predict_stacked(layer, residual)[1][:, 0], atol=0.02)
     assert p.predict_host(0, residual.expand(2, 64)) is None  # several tokens: the tensor path
     full = p.predict_host(0, residual)
     for count in range(1, len(full) + 2):  # only the nearest depths: the same rows, computed alone

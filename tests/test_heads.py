@@ -1,5 +1,6 @@
 """The native prediction heads at batch 1 (csrc/heads.cpp) compute what the torch paths compute, within float32
-rounding (they steer prefetching, never outputs), and refuse inputs of the wrong shape."""
+rounding (they steer prefetching, never outputs) — the bfloat16 variant on the weights rounded to bfloat16 — and
+refuse inputs of the wrong shape."""
 
 from __future__ import annotations
 
@@ -32,6 +33,28 @@ def test_mlp_softmax_matches_torch(hidden, n, width, experts):
     reference = torch.softmax(torch.einsum("nm,nme->ne", hidden_units, w2) + b2, -1)
     out = torch.from_numpy(_ext.planner.mlp_softmax(x.numpy(), w1.numpy(), b1.numpy(), w2.numpy(), b2.numpy()))
     assert torch.allclose(out, reference, atol=2e-6, rtol=1e-4)
+
+
+def _bits(t: torch.Tensor):
+    return t.to(torch.bfloat16).view(torch.int16).numpy().view("uint16")
+
+
+@pytest.mark.parametrize("hidden, n, width, experts", [(128, 4, 64, 8), (64, 2, 256, 32), (32, 1, 8, 4)])
+def test_mlp_softmax_in_bfloat16_matches_torch_on_the_rounded_weights(hidden, n, width, experts):
+    """The prefetcher's heads read w1 and w2 as bfloat16 bits: what float32 computes on the weights rounded to
+    bfloat16, and near what it computes on the weights themselves."""
+    g = torch.Generator().manual_seed(width + 1)
+    x = torch.randn(1, hidden, generator=g)
+    w1, b1 = torch.randn(hidden, n * width, generator=g) * 0.2, torch.randn(n * width, generator=g) * 0.2
+    w2, b2 = torch.randn(n, width, experts, generator=g) * 0.2, torch.randn(n, experts, generator=g) * 0.2
+    out = torch.from_numpy(_ext.planner.mlp_softmax_at(x.data_ptr(), _bits(w1), b1.numpy(), _bits(w2), b2.numpy()))
+    r1, r2 = w1.to(torch.bfloat16).float(), w2.to(torch.bfloat16).float()
+    rounded = torch.softmax(torch.einsum("nm,nme->ne", torch.relu(x[0] @ r1 + b1).view(n, width), r2) + b2, -1)
+    assert torch.allclose(out, rounded, atol=2e-6, rtol=1e-4)
+    exact = torch.softmax(torch.einsum("nm,nme->ne", torch.relu(x[0] @ w1 + b1).view(n, width), w2) + b2, -1)
+    assert torch.allclose(out, exact, atol=0.02) and not torch.equal(out, exact)
+    with pytest.raises(ValueError, match="both"):  # one in bfloat16, the other not
+        _ext.planner.mlp_softmax_at(x.data_ptr(), _bits(w1), b1.numpy(), w2.numpy(), b2.numpy())
 
 
 def test_heads_refuse_mismatched_shapes():

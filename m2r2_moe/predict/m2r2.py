@@ -24,6 +24,15 @@ __all__ = ["FORMAT", "VERSION", "AcceleratorAdapters", "AdapterFileError", "Adap
            "model_fingerprint"]
 
 
+HOST_HEADS_BF16 = True  # the native batch-1 heads read w1 and w2 in bfloat16: half the bytes, cold at every token
+
+
+def _host(t: torch.Tensor, bf16: bool = False):
+    """A contiguous numpy copy of `t` for the native heads: float32, or bfloat16 as its bits (uint16)."""
+    t = t.detach()
+    return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view("uint16") if bf16 else t.contiguous().numpy()
+
+
 def _float(t: torch.Tensor) -> torch.Tensor:
     """`t` as float32 (no op dispatched when it already is: this runs per layer per token)."""
     return t if t.dtype == torch.float32 else t.float()
@@ -85,8 +94,11 @@ class M2R2Predictor(GatePredictor):
         """mlp kind: per source layer, for each count c = 1..n of nearest depths, the heads of those depths as
         contiguous numpy arrays for the native batch-1 path (w1 `[H, c*M]`, b1, w2 `[c, M, E]`, b2), or None where
         it does not apply (not on the CPU in float32, or no native heads in this build). The prefix copies let
-        the prefetcher compute only the depths its horizon needs. The linear kind has none: its targets are
-        routed from the accelerated residual."""
+        the prefetcher compute only the depths its horizon needs. With `HOST_HEADS_BF16` w1 and w2 are kept in
+        bfloat16 (their bits, uint16): the weights are read from memory at every token, cold, and half the bytes
+        take about half the time; the probabilities move by the rounding of the weights (predictions steer
+        prefetching only; the calibration is learned on what the heads give). The linear kind has none: its
+        targets are routed from the accelerated residual."""
         from .. import _ext  # the only door to native code
 
         heads = self.adapters.mlp
@@ -99,9 +111,9 @@ class M2R2Predictor(GatePredictor):
             if not n:
                 out.append(None)
                 continue
-            out.append([tuple(t.detach().contiguous().numpy() for t in (
-                heads.w1[layer, :, : c * m], heads.b1[layer, : c * m], heads.w2[layer, :c], heads.b2[layer, :c]))
-                for c in range(1, n + 1)])
+            out.append([(_host(heads.w1[layer, :, : c * m], HOST_HEADS_BF16), _host(heads.b1[layer, : c * m]),
+                         _host(heads.w2[layer, :c], HOST_HEADS_BF16), _host(heads.b2[layer, :c]))
+                        for c in range(1, n + 1)])
         return out
 
     def predict_host(self, layer, residual, chosen=None, normed=None, count=None):
