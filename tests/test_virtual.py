@@ -138,6 +138,42 @@ def test_an_offloaded_model_on_virtual_time_is_lossless_and_waits_the_simulated_
         m2r2_moe.remove_offload(model)
 
 
+def test_a_free_prefetcher_is_not_charged_and_sees_no_time_of_its_own():
+    """`free_prefetcher`: the prefetcher's per-layer work costs the virtual clock nothing, and its own timings (the
+    planner's balance) see none of it; without it, that work is charged like any host work."""
+    model = tiny_mixtral()
+    ids = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(2))
+    ref = _generate(model, ids)
+    m2r2_moe.offload(model, device="cpu", cache_experts=2, link_gbps=0.01, predictor="gate")
+    try:
+        offloader = m2r2_moe.get_offloader(model)
+        prefetcher = offloader.prefetcher
+        real = prefetcher.on_layer
+        seen = []
+
+        def slow_on_layer(*args, **kwargs):  # 5 ms of host work per MoE layer call, timed as the prefetcher times
+            start = clock_module.host_seconds()
+            end = time.perf_counter() + 0.005
+            while time.perf_counter() < end:
+                pass
+            seen.append(clock_module.host_seconds() - start)
+            return real(*args, **kwargs)
+
+        prefetcher.on_layer = slow_on_layer
+        for free in (False, True):
+            seen.clear()
+            with virtual_time(offloader, 0.02, free_prefetcher=free):
+                assert torch.equal(_generate(model, ids), ref)
+            assert prefetcher.on_layer is slow_on_layer  # restored
+            assert len(seen) >= 8 and (max(seen) == 0.0 if free else min(seen) >= 0.005)
+        del prefetcher.on_layer
+        with virtual_time(offloader, 0.02, free_prefetcher=True):
+            assert "on_layer" in vars(prefetcher)
+        assert "on_layer" not in vars(prefetcher)  # the class's method again
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
 def test_virtual_time_refuses_what_it_cannot_simulate_and_does_not_nest():
     model = tiny_mixtral()
     m2r2_moe.offload(model, device="cpu", cache_experts=4)

@@ -95,12 +95,13 @@ def lru_curve(ref: Reference, sizes: list[int]) -> dict[int, tuple[int, int]]:
 def offloaded_run(model, ref: Reference, new_tokens: int, predictor_name: str, cache_experts: int,
                   link_gbps: float | None, policy: str, adapters=None, depth: int = 4, device=None,
                   min_prob: float | None = None, expert_format: str = "model",
-                  virtual: float | None = None) -> dict:
+                  virtual: float | None = None, free_prefetcher: bool = False) -> dict:
     """Offload, generate the reference prompt, compare, measure; the model is restored afterwards.
     `min_prob`: the prefetcher's `prefetch_min_prob` (None: the default); `expert_format`: "model" (lossless)
     or a compressed format (its tokens may then differ from the reference's: `tokens_identical` says so);
     `virtual`: run on simulated time (runtime/virtual.py), a decode step's MoE layer costing `virtual` seconds of
-    compute and the prompt's forward the reference's time."""
+    compute and the prompt's forward the reference's time; `free_prefetcher` (with `virtual`): the prefetcher's
+    per-layer work is not charged (`virtual_time`)."""
     adapter, layers = find_moe_layers(model)
     top_k = adapter.top_k(model)
     if predictor_name in ("oracle", "oracle-wrap"):
@@ -116,7 +117,7 @@ def offloaded_run(model, ref: Reference, new_tokens: int, predictor_name: str, c
     offloader = api.get_offloader(model)
     try:
         prefill = ref.prefill_seconds / len(layers) if virtual else None
-        with virtual_time(offloader, virtual, prefill) if virtual else contextlib.nullcontext():
+        with virtual_time(offloader, virtual, prefill, free_prefetcher) if virtual else contextlib.nullcontext():
             recorder = Recorder(offloader)
             try:
                 offloader.reset_sequence()

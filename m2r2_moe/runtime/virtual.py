@@ -256,12 +256,15 @@ class VirtualLinkEngine(HostClockEngine):
 
 
 @contextmanager
-def virtual_time(offloader, layer_seconds: float, prefill_layer_seconds: float | None = None):
+def virtual_time(offloader, layer_seconds: float, prefill_layer_seconds: float | None = None,
+                 free_prefetcher: bool = False):
     """Run `offloader` (an `Offloader`, runtime/offloader.py) on a virtual clock until the block ends (see the
     module docstring). `layer_seconds`: one MoE layer's compute in a decode step (attention and the rest of
     the layer included); `prefill_layer_seconds`: in a forward of many tokens (default: `layer_seconds`). Its
     copy engine is replaced by a `VirtualLinkEngine` of the same link speed; at the end a fresh engine of the
-    kind it had takes over. Yields the clock."""
+    kind it had takes over. `free_prefetcher`: the prefetcher's per-layer work (prediction, planning, issuing)
+    is not charged, and its own timings see none of it: the bound a cheaper prefetch path could approach with the
+    same decisions. Yields the clock."""
     if layer_seconds <= 0 or not math.isfinite(layer_seconds):
         raise ValueError(f"layer_seconds must be a positive time, got {layer_seconds!r}")
     if offloader.device.type != "cpu":
@@ -293,9 +296,13 @@ def virtual_time(offloader, layer_seconds: float, prefill_layer_seconds: float |
                     clock.host()
         return run
 
+    prefetcher = offloader.prefetcher if free_prefetcher else None
+    own_on_layer = vars(prefetcher).get("on_layer") if prefetcher is not None else None  # one set on the instance
     offloader.replace_engine(engine)
     offloader.run_experts = run_experts
     offloader.kernels = [uncounted(k) for k in real_kernels]
+    if prefetcher is not None:
+        prefetcher.on_layer = uncounted(prefetcher.on_layer)
     clock_module.set_host_source(clock.now)
     try:
         yield clock
@@ -303,4 +310,8 @@ def virtual_time(offloader, layer_seconds: float, prefill_layer_seconds: float |
         clock_module.set_host_source(time.perf_counter)
         offloader.kernels = real_kernels
         del offloader.run_experts
+        if prefetcher is not None and own_on_layer is not None:
+            prefetcher.on_layer = own_on_layer
+        elif prefetcher is not None:
+            del prefetcher.on_layer
         offloader.replace_engine(make_copy_engine(offloader.device, link_gbps, link_latency_us))
