@@ -57,7 +57,7 @@ def run(args) -> tuple[str, str]:
     compute = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
     best: dict[tuple[float, str, bool, int], float] = {}  # (ratio, arm, prompt) -> fastest seconds per token
     identical = True
-    for _ in range(args.rounds):  # rounds outermost: each arm sees the machine at the same moments as the others
+    for rnd in range(args.rounds):  # rounds outermost: each arm sees the machine at the same moments as the others
         for ratio in args.link_ratios:
             gbps = _expert_bytes(layers) / (ratio * compute) / 1e9
             for i, ref in enumerate(refs):
@@ -67,7 +67,7 @@ def run(args) -> tuple[str, str]:
                     identical &= out["tokens_identical"]
                     key = (ratio, name, free, i)
                     best[key] = min(best.get(key, float("inf")), out["time_per_token_s"])
-            print(f"link ratio {ratio:g} done", file=sys.stderr, flush=True)
+            print(f"round {rnd + 1}/{args.rounds}: link ratio {ratio:g} done", file=sys.stderr, flush=True)
     rows = []
     for ratio in args.link_ratios:
         ms = {(n, f): statistics.mean(best[(ratio, n, f, i)] for i in range(len(refs))) * 1e3 for n, f in ARMS}

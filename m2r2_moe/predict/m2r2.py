@@ -30,7 +30,9 @@ HOST_HEADS_BF16 = True  # the native batch-1 heads read w1 and w2 in bfloat16: h
 def _host(t: torch.Tensor, bf16: bool = False):
     """A contiguous numpy copy of `t` for the native heads: float32, or bfloat16 as its bits (uint16)."""
     t = t.detach()
-    return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view("uint16") if bf16 else t.contiguous().numpy()
+    if bf16:
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view("uint16")
+    return t.contiguous().numpy()
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,9 @@ compute + transfer. `PrefillStream` overlaps the two:
   >= `min_use` — 1 - (1 - rate)^T over T tokens — nearest layer first, most likely first, go to
   `ExpertCache.stream`, which copies the absent ones in that order: the next layer's into slots whose expert
   is needed after them, a farther layer's only into slots whose expert this forward no longer needs (`victim`
-  chooses). Any layer
-  ahead, not only the next, so the link works while a layer whose experts are all resident computes; and past
-  the last layer into the next forward's first layers (taken to be alike: a prompt's next chunk), so the
-  next forward finds its first layers resident instead of waiting for them before it can compute.
+  chooses). Any layer ahead, not only the next, so the link works while a layer whose experts are all resident
+  computes; and past the last layer into the next forward's first layers (taken to be alike: a prompt's next
+  chunk), so the next forward finds its first layers resident instead of waiting for them before it can compute.
 - `copy_budget`: on a link of known speed, only what the link moves while this layer computes (`MARGIN`
   layer times) is queued; the rest of the next layer is demand-loaded right behind it, so the link stays
   busy, and no more slots than that are taken early from the experts the next forward (a prompt's next
