@@ -158,20 +158,19 @@ class NextUsePolicy:
     def predicted(self, key: int, when: int, now: int) -> None:
         """At turn `now` a prediction wants `key` at turn `when`; a sooner need already recorded stands."""
         if key < self._size and self._res[key]:
-            known = self._when[key]
-            if known <= now or known > when:  # stale or later: the prediction wins
-                self._when[key] = when
-        else:
-            self._enter(key)
-            self._when[key] = when
+            self.expect(key, when, now)
+            return
+        self._enter(key)
+        self._when[key] = when
         if when > now:
             self._want[key] = True
 
     def expect(self, key: int, when: int, now: int) -> None:
-        """A prediction wants resident `key` at turn `when`: kept over experts needed later."""
-        if key < self._size and self._res[key]:  # as `predicted` for a resident key, inlined: called per candidate
+        """A prediction wants resident `key` at turn `when`: kept over experts needed later (a sooner need already
+        recorded stands). Called for every resident candidate of every prediction, so it does the work itself."""
+        if key < self._size and self._res[key]:
             known = self._when[key]
-            if known <= now or known > when:
+            if known <= now or known > when:  # stale or later: the prediction wins
                 self._when[key] = when
             if when > now:
                 self._want[key] = True
