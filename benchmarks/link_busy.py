@@ -23,7 +23,8 @@ from _report import markdown_table, publish  # noqa: E402
 from m2r2_moe.cli_common import text_files  # noqa: E402
 from m2r2_moe.loading import load_model  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
-from m2r2_moe.profile.cli import _expert_bytes, prompt_text, references  # noqa: E402
+from m2r2_moe.models.base import expert_param_bytes  # noqa: E402
+from m2r2_moe.profile.cli import prompt_text, references  # noqa: E402
 from m2r2_moe.profile.runs import offloaded_run  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def main() -> int:
     files = text_files(prompt_text(args.model, None), "builtin:heldout")
     refs = references(model, tokenizer, layers, args.prompts, 64, args.new_tokens, 1, files)
     compute = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
-    gbps = _expert_bytes(layers) / (args.link_ratio * compute) / 1e9
+    gbps = expert_param_bytes(layers[0]) / (args.link_ratio * compute) / 1e9
     rows = []
     for i, ref in enumerate(refs):
         for name in args.predictors.split(","):

@@ -31,7 +31,8 @@ from m2r2_moe.loading import load_model  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
 from m2r2_moe.predict import make_predictor  # noqa: E402
 from m2r2_moe.models.tap import LayerTap  # noqa: E402
-from m2r2_moe.profile.cli import _expert_bytes, references  # noqa: E402
+from m2r2_moe.models.base import expert_param_bytes  # noqa: E402
+from m2r2_moe.profile.cli import references  # noqa: E402
 from m2r2_moe.profile.runs import limit_per_token, offloaded_run  # noqa: E402
 
 
@@ -53,14 +54,14 @@ def regime(model, refs, layers, names, predictors, ratio, width, new_tokens) -> 
     """One row per predictor: demand loads, removable share of the stall, bound on the share of gain."""
     num_layers, stride = len(layers), max(int(x.experts.num_experts) for x in layers)
     layer_s = statistics.mean(r.decode_seconds_per_token for r in refs) / num_layers
-    gbps = _expert_bytes(layers) / (ratio * layer_s) / 1e9
+    gbps = expert_param_bytes(layers[0]) / (ratio * layer_s) / 1e9
     cache = sum(int(x.experts.num_experts) for x in layers) // 2
     depth = predictors[names[0]].depth
     runs, limits, fractions = [], [], {n: [] for n in names}
     for ref in refs:
         run = offloaded_run(model, ref, new_tokens, "none", cache, gbps, "predictive")
         runs.append(run)
-        limits.append(limit_per_token(ref, cache, _expert_bytes(layers), gbps * 1e9, new_tokens)[0])
+        limits.append(limit_per_token(ref, cache, expert_param_bytes(layers[0]), gbps * 1e9, new_tokens)[0])
         loads = [(c.step, c.key // stride, c.key % stride) for c in run["recorder"].copies
                  if c.step >= 1 and c.priority == 0]
         with LayerTap(layers) as tap, torch.no_grad():  # the same sequence, teacher forced

@@ -36,7 +36,8 @@ from _report import markdown_table, publish  # noqa: E402
 from m2r2_moe.cli_common import text_files  # noqa: E402
 from m2r2_moe.loading import load_model  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
-from m2r2_moe.profile.cli import _expert_bytes, prompt_text, references  # noqa: E402
+from m2r2_moe.models.base import expert_param_bytes  # noqa: E402
+from m2r2_moe.profile.cli import prompt_text, references  # noqa: E402
 from m2r2_moe.profile.runs import offloaded_run  # noqa: E402
 
 ARMS = (("none", False), ("m2r2", False), ("m2r2", True), ("oracle-wrap", False), ("oracle-wrap", True))
@@ -59,7 +60,7 @@ def run(args) -> tuple[str, str]:
     identical = True
     for rnd in range(args.rounds):  # rounds outermost: each arm sees the machine at the same moments as the others
         for ratio in args.link_ratios:
-            gbps = _expert_bytes(layers) / (ratio * compute) / 1e9
+            gbps = expert_param_bytes(layers[0]) / (ratio * compute) / 1e9
             for i, ref in enumerate(refs):
                 for name, free in ARMS:
                     out = offloaded_run(model, ref, args.new_tokens, name, total // 2, gbps, "predictive",

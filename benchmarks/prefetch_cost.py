@@ -32,8 +32,9 @@ from _report import markdown_table, publish  # noqa: E402
 from m2r2_moe.config import OffloadConfig  # noqa: E402
 from m2r2_moe.loading import load_model  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
+from m2r2_moe.models.base import expert_param_bytes  # noqa: E402
 from m2r2_moe.predict import OraclePredictor, make_predictor  # noqa: E402
-from m2r2_moe.profile.cli import _expert_bytes, references  # noqa: E402
+from m2r2_moe.profile.cli import references  # noqa: E402
 
 PARTS = ("run_experts", "kernel", "wait", "on_layer", "predict", "plan", "issue")
 
@@ -150,7 +151,7 @@ def main() -> None:
     results = collections.defaultdict(list)
     for ref in refs:  # prompts outermost: every configuration sees the machine's drift alike
         for ratio in ratios:
-            gbps = _expert_bytes(layers) / (ratio * layer_s) / 1e9
+            gbps = expert_param_bytes(layers[0]) / (ratio * layer_s) / 1e9
             depth = OffloadConfig.lookahead  # the runtime's default; the prefetcher trims it to the link's horizon
             for name in names:
                 results[ratio, name].append(measure(model, ref, name, gbps, depth, total_experts // 2, args.tokens))

@@ -28,6 +28,7 @@ from ..config import MIN_LINK_GBPS, POLICIES, OffloadConfig, OffloadConfigError,
 from ..corpus import resolve_text, token_stream
 from ..loading import load_model
 from ..models import find_moe_layers
+from ..models.base import expert_param_bytes
 from . import report
 from .prefill import prefill_prompts, prefill_rows, prefill_table
 from .runs import lru_curve, limit_per_token, offloaded_run, reference_run
@@ -160,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
     ratios, policies, predictors = args.link_ratios, args.policies, args.predictors
     refs = references(model, tokenizer, layers, args.prompts, args.prompt_tokens, args.new_tokens, args.repeats, files)
     compute_layer = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
-    expert_bytes = _expert_bytes(layers)
+    expert_bytes = expert_param_bytes(layers[0])
     if emulated:
         _check_link_ratios(ratios, expert_bytes, compute_layer)
     virtual = compute_layer if args.clock == "virtual" else None
@@ -254,12 +255,6 @@ def _check_link_ratios(ratios: list[float], expert_bytes: int, compute_layer: fl
 
 def _time(run: dict) -> float:
     return run["time_per_token_s"]
-
-
-def _expert_bytes(layers) -> int:
-    layer = layers[0]
-    return sum(getattr(layer.experts, n)[0].numel() * getattr(layer.experts, n).element_size()
-               for n in layer.param_names)
 
 
 def _merge(name, ratio, cache, policy, per_prompt, limits, gbps, decode_tokens) -> dict:
