@@ -72,6 +72,6 @@ def admit_every_prediction(monkeypatch):
 
     monkeypatch.setattr(prefetcher, "make_planner", lambda *args: planner.PlannerCore(*args))  # the twin, patched:
     monkeypatch.setattr(planner, "value", lambda *args: 1.0)
-    monkeypatch.setattr(planner.PlannerCore, "active", lambda self, layer: True)
-    monkeypatch.setattr(planner.PlannerCore, "step", lambda self, window: None)  # never backs off to none either
+    # `every` stays 1: predicting at every layer, never backing off (the prefetcher reads it at each forward)
+    monkeypatch.setattr(planner.PlannerCore, "step", lambda self, window: None)
     monkeypatch.setattr(prefetcher.OnOff, "step", lambda self, now, decode, vouched=False: True)  # never the off arm
