@@ -11,7 +11,7 @@ eviction, one torch thread:
 - `m2r2, free path`: the same, its prefetcher's per-layer work not charged (`virtual_time(free_prefetcher=True)`):
   the same kind of decisions with no cost, the cap of this predictor in this pipeline;
 - `oracle-wrap` and its free path: the reference run's own routing, this token's and the next's: the cap of the
-  pipeline itself (perfect predictions, the lookahead of `--lookahead` layers).
+  pipeline itself (perfect predictions, looking as far ahead as m2r2: the depth of its adapters, or `--lookahead`).
 
 The arms are interleaved per prompt, each the fastest of `--rounds`; ms per token is the mean over the prompts and
 each arm is given as x `none` of the same run. `share of cap` = (1 - m2r2) / (1 - m2r2 free path): the part of
@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, publish  # noqa: E402
-from m2r2_moe.cli_common import text_files  # noqa: E402
+from m2r2_moe.cli_common import auto_lookahead, text_files  # noqa: E402
 from m2r2_moe.loading import load_model  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
 from m2r2_moe.models.base import expert_param_bytes  # noqa: E402
@@ -56,6 +56,7 @@ def run(args) -> tuple[str, str]:
     files = text_files(prompt_text(args.model, args.text), "builtin:heldout")
     refs = references(model, tokenizer, layers, args.prompts, PROMPT_TOKENS, args.new_tokens, 1, files)
     compute = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
+    depth = args.lookahead or auto_lookahead(model, layers, args.adapters)
     best: dict[tuple[float, str, bool, int], float] = {}  # (ratio, arm, prompt) -> fastest seconds per token
     identical = True
     for rnd in range(args.rounds):  # rounds outermost: each arm sees the machine at the same moments as the others
@@ -64,7 +65,7 @@ def run(args) -> tuple[str, str]:
             for i, ref in enumerate(refs):
                 for name, free in ARMS:
                     out = offloaded_run(model, ref, args.new_tokens, name, total // 2, gbps, "predictive",
-                                        args.adapters, args.lookahead, virtual=compute, free_prefetcher=free)
+                                        args.adapters, depth, virtual=compute, free_prefetcher=free)
                     identical &= out["tokens_identical"]
                     key = (ratio, name, free, i)
                     best[key] = min(best.get(key, float("inf")), out["time_per_token_s"])
@@ -79,7 +80,7 @@ def run(args) -> tuple[str, str]:
         rows.append([f"{ratio:g}", f"{base:.1f}"] + [f"{x[arm]:.3f}" for arm in ARMS[1:]] + [share])
     headers = ["link ratio", "none ms/token"] + [f"{label(n, f)} x none" for n, f in ARMS[1:]] + ["share of cap"]
     extra = (f"\nmodel {args.model}{f' (adapters {args.adapters})' if args.adapters else ''}: {len(layers)} MoE "
-             f"layers, {total} experts, {total // 2} slots; {args.prompts} prompt(s) x {args.new_tokens} new tokens, "
+             f"layers, {total} experts, {total // 2} slots, lookahead {depth}; {args.prompts} prompt(s) x {args.new_tokens} new tokens, "
              f"fastest of {args.rounds} per prompt; simulated time at {compute * 1e3:.2f} ms of compute per MoE "
              f"layer. Tokens identical to the un-offloaded model's in every run: {'yes' if identical else 'NO'}.")
     return markdown_table(headers, rows), extra
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--lookahead", type=int, default=4)
+    p.add_argument("--lookahead", type=int, default=None,
+                   help="layers ahead, the same for m2r2 and the oracle (default: the m2r2 adapters' depth)")
     p.add_argument("--no-record", dest="record", action="store_false", help="print only, do not append")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1 or any(r <= 0 for r in args.link_ratios):

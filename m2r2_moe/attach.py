@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import budget
-from .config import OffloadConfig, OffloadConfigError
+from .config import DEFAULT_LOOKAHEAD, OffloadConfig, OffloadConfigError
 from .errors import AlreadyOffloadedError, NotOffloadedError, UnsupportedModelError
 from .guard import UseGuard
 from .model_hooks import ModelHooks
@@ -174,7 +174,9 @@ def _build_predictor(cfg: OffloadConfig, model, adapter, layers):
     if cfg.predictor == "none":
         return None
     # on CPU, where the model is now: `_offload` moves it (`Predictor.to`) once the model has moved
-    return make_predictor(cfg.predictor, model, adapter, layers, cfg.lookahead, adapters=cfg.adapters,
+    # lookahead None: m2r2 looks as deep as its adapters were trained (M2R2Predictor caps the depth at theirs)
+    depth = cfg.lookahead if cfg.lookahead is not None else (len(layers) if cfg.predictor == "m2r2" else DEFAULT_LOOKAHEAD)
+    return make_predictor(cfg.predictor, model, adapter, layers, depth, adapters=cfg.adapters,
                           device=torch.device("cpu"))
 
 

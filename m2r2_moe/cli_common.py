@@ -163,6 +163,16 @@ def shipped_adapters(model, layers) -> Path | None:
         return None
 
 
+def auto_lookahead(model, layers, adapters: str | None = None) -> int:
+    """`--lookahead auto`: the depth the m2r2 adapters (`adapters`, else the shipped ones) were trained for, so
+    that every predictor compared looks as far as m2r2 does; `DEFAULT_LOOKAHEAD` when there are none."""
+    from .config import DEFAULT_LOOKAHEAD
+    from .predict import AcceleratorAdapters
+
+    path = adapters if adapters is not None else shipped_adapters(model, layers)
+    return DEFAULT_LOOKAHEAD if path is None else min(AcceleratorAdapters.load(path).depth, len(layers) - 1)
+
+
 def check_adapters(model, layers, model_spec_text: str, adapters: str | None, flag: str) -> None:
     """Before any work: m2r2 has adapters for this model (`--adapters`, checked against the model, or the
     shipped ones); `flag` is the option that asked for m2r2."""

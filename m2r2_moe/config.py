@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 PREDICTORS = ("none", "history", "gate", "m2r2")  # "oracle" needs a trace: pass an OraclePredictor object
 POLICIES = ("lru", "predictive")
+DEFAULT_LOOKAHEAD = 4  # layers ahead for predictors without a trained depth (history, gate), and `lookahead="auto"`'s fallback
 MIN_LINK_GBPS = 1e-3  # an emulated link slower than 1 MB/s would stall for minutes per expert
 MAX_LINK_LATENCY_US = 1e6
 
@@ -43,7 +44,11 @@ class OffloadConfig:
         predictor: what drives prefetching: `"none"` (on-demand loading only), `"history"`, `"gate"`
             (next layers' routers on the current residual), `"m2r2"` (accelerated residual adapters), or a
             `m2r2_moe.predict.Predictor` object (e.g. an `OraclePredictor` replaying a recorded trace).
-        lookahead: how many layers ahead a predictor looks (D).
+        lookahead: how many layers ahead a predictor looks (D). `None` (the default): as far as the predictor
+            can: the depth its m2r2 adapters were trained for, the object's own depth for a `Predictor`, and
+            `DEFAULT_LOOKAHEAD` (4) for `"history"` and `"gate"`, whose cost grows with it. The prefetcher
+            predicts only the distances the link's horizon needs, so a deeper predictor costs nothing while the
+            link is fast.
         prefetch_min_prob: a floor, in (0, 1], on the probability of use (as calibrated online from the
             predictions' outcomes) below which no expert is prefetched. `None` (the default): no floor: a copy is
             queued when its expected value is positive — the stall it can hide times its calibrated probability,
@@ -82,7 +87,7 @@ class OffloadConfig:
     cache_experts: int | None = None
     policy: str = "predictive"
     predictor: object = "none"
-    lookahead: int = 4
+    lookahead: int | None = None
     prefetch_min_prob: float | None = None
     adapters: str | os.PathLike | None = None
     pin_memory: bool | None = None
@@ -113,8 +118,9 @@ class OffloadConfig:
         _check_predictor(self.predictor)
         if self.adapters is not None and not isinstance(self.adapters, (str, os.PathLike)):
             raise OffloadConfigError(f"adapters must be a path to an adapters file, got {type(self.adapters).__name__}")
-        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 1:
-            raise OffloadConfigError(f"lookahead must be an integer >= 1, got {self.lookahead!r}")
+        if self.lookahead is not None and (isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int)
+                                           or self.lookahead < 1):
+            raise OffloadConfigError(f"lookahead must be an integer >= 1 or None, got {self.lookahead!r}")
         if self.prefetch_min_prob is not None and not (_is_number(self.prefetch_min_prob)
                                                        and 0 < self.prefetch_min_prob <= 1):
             raise OffloadConfigError(f"prefetch_min_prob must be a probability in (0, 1], got {self.prefetch_min_prob!r}")
@@ -178,7 +184,9 @@ class OffloadConfig:
         """This config for a model whose tokens use `top_k` of its `total_experts` routed experts, with a
         predictor that looks `predictor_lookahead` layers ahead at most (None: no limit)."""
         lookahead = self.lookahead
-        if predictor_lookahead is not None and predictor_lookahead < lookahead:
+        if lookahead is None:  # as far as the predictor looks
+            lookahead = predictor_lookahead if predictor_lookahead is not None else DEFAULT_LOOKAHEAD
+        elif predictor_lookahead is not None and predictor_lookahead < lookahead:
             if self.predictor == "m2r2":  # its adapters were trained for a depth: say so, it is the user's choice
                 logger.warning("lookahead=%d: the m2r2 adapters were trained to predict %d layers ahead; using %d "
                                "(train adapters with --lookahead %d to look farther)", lookahead,

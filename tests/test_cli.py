@@ -288,3 +288,22 @@ def test_trained_adapters_drive_the_demo(capsys, tmp_path):
     code, stdout, err = run(capsys, "demo", "--adapters", str(out), "--max-new-tokens", "2", "--device", "cpu")
     assert code == 0, err
     assert "predictor m2r2" in stdout and "offloaded tokens == original tokens" in stdout
+
+
+def test_adapters_are_trained_as_deep_as_the_model_allows_by_default(capsys, tmp_path):
+    from m2r2_moe.predict import AcceleratorAdapters
+    from m2r2_moe.predict.cli import AUTO_TRAIN_LOOKAHEAD
+
+    text = tmp_path / "calibration.py"
+    text.write_text("def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n" * 4)
+    out = tmp_path / "adapters.safetensors"
+    code, stdout, err = run(capsys, "train-adapters", "--text", str(text), "--out", str(out), "--rank", "2",
+                            "--width", "4", "--epochs", "1", "--seq-len", "8", "--max-tokens", "32")
+    depth = min(AUTO_TRAIN_LOOKAHEAD, 8 - 1)  # the built-in model has 8 MoE layers
+    assert code == 0 and f"(depth {depth}, rank 2)" in stdout, err
+    assert AcceleratorAdapters.load(out).depth == depth
+    code, stdout, err = run(capsys, "eval-predictor", "--predictors", "m2r2", "--adapters", str(out),
+                            "--max-tokens", "64", "--seq-len", "32")
+    assert code == 0, err
+    header = stdout.splitlines()[0]  # eval --lookahead auto: the adapters' depth
+    assert f"d={depth}:" in header and f"d={depth + 1}:" not in header, stdout

@@ -76,6 +76,14 @@ def test_adapters_round_trip_and_errors(trained, tmp_path):
     loaded = AcceleratorAdapters.load(path, fingerprint=fingerprint)
     assert all(torch.equal(getattr(loaded, n), getattr(adapters, n)) for n in ("U", "V", "b"))
     assert loaded.meta["info"]["report"] == pytest.approx(report["mean_final"])
+    half = tmp_path / "half.safetensors"
+    adapters.save(half, fingerprint, dtype=torch.bfloat16)  # the tensors rounded once, read back as float32
+    back = AcceleratorAdapters.load(half, fingerprint=fingerprint)
+    pairs = [(getattr(back, n), getattr(adapters, n)) for n in ("U", "V", "b")]
+    if adapters.mlp is not None:
+        pairs += [(getattr(back.mlp, n), getattr(adapters.mlp, n)) for n in ("w1", "w2")]
+    assert all(b.dtype == torch.float32 and torch.equal(b, a.detach().bfloat16().float()) for b, a in pairs)
+    assert half.stat().st_size < 0.6 * path.stat().st_size
     other = tiny_mixtral(layers=4, seed=1)
     with pytest.raises(AdapterMismatchError, match="trained for another model"):
         m2r2_moe.offload(other, device="cpu", predictor="m2r2", adapters=str(path))
@@ -88,6 +96,32 @@ def test_adapters_round_trip_and_errors(trained, tmp_path):
         AcceleratorAdapters.load(tmp_path / "missing.safetensors")
     with pytest.raises(AdapterFileError, match="adapters=PATH"):
         make_predictor("m2r2", model, adapter, layers, DEPTH)  # not the built-in model: no default adapters
+
+
+def test_the_default_lookahead_follows_the_adapters(trained, tmp_path, caplog):
+    """`lookahead=None` (the default): m2r2 looks as deep as its adapters were trained, history and gate 4; a number
+    is kept, capped (with a warning) at the adapters' depth."""
+    from m2r2_moe.config import DEFAULT_LOOKAHEAD, OffloadConfig
+
+    model, adapter, layers, adapters, report = trained
+    path = tmp_path / "a.safetensors"
+    adapters.save(path, model_fingerprint(model, layers), {})
+    assert OffloadConfig().lookahead is None
+    cases = [(dict(predictor="m2r2", adapters=str(path)), DEPTH), (dict(predictor="m2r2", adapters=str(path),
+             lookahead=1), 1), (dict(predictor="history"), DEFAULT_LOOKAHEAD), (dict(predictor="gate", lookahead=3), 3)]
+    for kwargs, depth in cases:
+        m2r2_moe.offload(model, device="cpu", **kwargs)
+        try:
+            off = m2r2_moe.get_offloader(model)
+            assert off.prefetcher.predictor.depth == off.plan.lookahead == depth, kwargs
+        finally:
+            m2r2_moe.remove_offload(model)
+    with caplog.at_level("WARNING", logger="m2r2_moe.config"):
+        m2r2_moe.offload(model, device="cpu", predictor="m2r2", adapters=str(path), lookahead=DEPTH + 1)
+    try:
+        assert m2r2_moe.get_offloader(model).plan.lookahead == DEPTH and "trained to predict 2 layers" in caplog.text
+    finally:
+        m2r2_moe.remove_offload(model)
 
 
 def test_closed_form_improves_on_gate_in_training(trained):

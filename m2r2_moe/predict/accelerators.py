@@ -109,16 +109,18 @@ class AcceleratorAdapters(nn.Module):
         per_rate = 2 * (self.hidden + self.route_features) * self.rank + 2 * self.rank * self.hidden
         return sum(per_rate for d in range(1, self.depth + 1) if layer + d < self.num_layers)
 
-    def save(self, path: str | Path, fingerprint: str, extra: dict | None = None) -> None:
-        """Write the adapters (both kinds, `kind` in the header) for the model of `fingerprint`."""
+    def save(self, path: str | Path, fingerprint: str, extra: dict | None = None,
+             dtype: torch.dtype = torch.float32) -> None:
+        """Write the adapters (both kinds, `kind` in the header) for the model of `fingerprint`, their tensors in
+        `dtype` (bfloat16 halves the file; loading reads either back as float32)."""
         meta = {"format": FORMAT, "version": str(VERSION), "fingerprint": fingerprint, "num_layers": str(self.num_layers),
                 "hidden": str(self.hidden), "depth": str(self.depth), "rank": str(self.rank),
                 "route_features": str(self.route_features), "kind": self.kind, "info": json.dumps(extra or {})}
-        tensors = {"U": self.U.detach().contiguous(), "V": self.V.detach().contiguous(), "b": self.b.detach().contiguous()}
+        tensors = {n: getattr(self, n).detach().to(dtype).contiguous() for n in ("U", "V", "b")}
         if self.mlp is not None:
             meta |= {"mlp_width": str(self.mlp.width), "num_experts": str(self.mlp.num_experts),
                      "wraps": str(int(self.mlp.wraps)), "activation": "relu"}
-            tensors |= {f"mlp.{n}": getattr(self.mlp, n).detach().contiguous() for n in _MLP_TENSORS}
+            tensors |= {f"mlp.{n}": getattr(self.mlp, n).detach().to(dtype).contiguous() for n in _MLP_TENSORS}
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_common import (UsageError, add_model_argument, check_adapters, existing_file, listed, need_tokenizer,
+from ..cli_common import (UsageError, add_model_argument, auto_lookahead, check_adapters, existing_file, listed, need_tokenizer,
                           nonnegative_float, nonnegative_int, one_of, positive_int, probability, require_matplotlib,
                           text_files)
 from ..corpus import token_stream
@@ -28,11 +28,24 @@ __all__ = ["add_train_parser", "add_eval_parser", "train_command", "eval_command
 logger = logging.getLogger(__name__)
 
 
-def _load_model(args: argparse.Namespace):
-    """(model, tokenizer, adapter, layers) of `--model`, refused when it has no tokenizer or `--lookahead` exceeds it."""
+# `train-adapters --lookahead auto`: every distance within the model, up to this many. The prefetcher asks the
+# adapters for one transfer over one layer's compute, plus one, distances: 8 covers a link that takes 7 layers'
+# compute per expert; training time and the file grow with the depth, so a deeper one is asked for by number.
+AUTO_TRAIN_LOOKAHEAD = 8
+
+
+def _depth(text: str) -> str | int:
+    return "auto" if text == "auto" else positive_int(text)
+
+
+def _load_model(args: argparse.Namespace, auto_depth):
+    """(model, tokenizer, adapter, layers) of `--model`, refused when it has no tokenizer or `--lookahead` exceeds it;
+    `--lookahead auto` becomes `auto_depth(model, layers)`."""
     model, tokenizer = load_model(args.model, args.dtype)
     need_tokenizer(tokenizer, args.model)
     adapter, layers = find_moe_layers(model)
+    if args.lookahead == "auto":
+        args.lookahead = auto_depth(model, layers)
     if args.lookahead >= len(layers):
         raise UsageError(f"--lookahead {args.lookahead}: this model has {len(layers)} MoE layers, so the lookahead is "
                          f"1..{len(layers) - 1}")
@@ -70,8 +83,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--text", nargs="+", default=None,
                    help="calibration files/folders (default: a built-in model's own corpus, e.g. builtin:tiny-mixtral:train; "
                         "builtin:train for other models)")
-    p.add_argument("--lookahead", "--depth", dest="lookahead", type=positive_int, default=4,
-                   help="layers ahead the adapters predict: distances d = 1..lookahead")
+    p.add_argument("--lookahead", "--depth", dest="lookahead", type=_depth, default="auto",
+                   help="layers ahead the adapters predict: distances d = 1..lookahead; 'auto' = every distance "
+                        f"within the model, at most {AUTO_TRAIN_LOOKAHEAD} (the runtime looks as far as its "
+                        "adapters do)")
     p.add_argument("--rank", type=positive_int, default=32, help="rank of each low-rank adapter")
     p.add_argument("--out", required=True, help="adapters .safetensors file to write")
     p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per calibration sequence")
@@ -94,7 +109,11 @@ def add_train_parser(sub) -> None:
                    help="adapters also see the source layer's expert choice (multi-hot)")
     p.add_argument("--kl-samples", type=positive_int, default=16384, help="tokens kept for the routing fine-tune")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the model's weights' dtype while training")
+    p.add_argument("--file-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the tensors written to --out (bfloat16: half the file; on the CPU the runtime's "
+                        "native heads compute in bfloat16 either way)")
     p.set_defaults(func=train_command)
 
 
@@ -106,7 +125,8 @@ def train_command(args: argparse.Namespace) -> int:
     _check_lengths(args)
     files = text_files(args.text, _default_text(args.model, "train"))
     torch.manual_seed(args.seed)
-    model, tokenizer, adapter, layers = _load_model(args)
+    model, tokenizer, adapter, layers = _load_model(
+        args, lambda model, layers: min(len(layers) - 1, AUTO_TRAIN_LOOKAHEAD))
     ids = _tokens(tokenizer, files, args)
     adapters, report = train_adapters(
         model, adapter, layers, chunk_tokens(ids, args.seq_len, args.batch), depth=args.lookahead, rank=args.rank,
@@ -115,14 +135,14 @@ def train_command(args: argparse.Namespace) -> int:
         epochs=args.epochs, validation=args.validation,
     )
     settings = {k: getattr(args, k) for k in ("max_tokens", "seq_len", "validation", "rank", "ridge", "kl_steps",
-                                              "kl_samples", "width", "epochs", "within_token", "seed")}
+                                              "kl_samples", "width", "epochs", "within_token", "seed", "file_dtype")}
     info = {"model": args.model, "files": len(files), "seconds": round(report["seconds"], 1),
             "stage_seconds": report["stage_seconds"], **settings,
             **{k: report[k] for k in ("tokens", "validation_tokens", "kind", "validation", "mean_final", "by_depth",
                                       "route_features")},
             "mlp": report.get("mlp")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    adapters.save(args.out, model_fingerprint(model, layers), info)
+    adapters.save(args.out, model_fingerprint(model, layers), info, dtype=getattr(torch, args.file_dtype))
     heads = ""
     if adapters.mlp is not None:
         pairs = adapters.mlp.pairs()
@@ -146,8 +166,9 @@ def add_eval_parser(sub) -> None:
     add_model_argument(p)
     p.add_argument("--predictors", type=listed(one_of(PREDICTORS)), default="history,gate,m2r2,oracle",
                    help=f"comma-separated, from: {', '.join(PREDICTORS)}")
-    p.add_argument("--lookahead", "--depth", dest="lookahead", type=positive_int, default=4,
-                   help="layers ahead to evaluate: distances d = 1..lookahead")
+    p.add_argument("--lookahead", "--depth", dest="lookahead", type=_depth, default="auto",
+                   help="layers ahead to evaluate: distances d = 1..lookahead; 'auto' = the depth of the m2r2 "
+                        "adapters (`--adapters`, else the shipped ones), else 4")
     p.add_argument("--adapters", type=existing_file, default=None,
                    help="m2r2 adapters file (default: the shipped ones of a built-in model)")
     p.add_argument("--kind", default=None, choices=["linear", "mlp"],
@@ -177,7 +198,8 @@ def eval_command(args: argparse.Namespace) -> int:
                          + ", ".join(n for n in PREDICTORS if n != "none"))
     _check_lengths(args)
     files = text_files(args.text, _default_text(args.model, "heldout"))
-    model, tokenizer, adapter, layers = _load_model(args)
+    model, tokenizer, adapter, layers = _load_model(
+        args, lambda model, layers: auto_lookahead(model, layers, args.adapters))
     if "m2r2" in names:
         check_adapters(model, layers, args.model, args.adapters, "--predictors")
     top_k = adapter.top_k(model)

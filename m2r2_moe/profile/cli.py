@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..cli_common import (UsageError, add_model_argument, checked_by, check_adapters, check_cache_experts, check_device,
-                          existing_file, listed, one_of, positive_float, positive_int, probability, require_matplotlib,
-                          text_files)
-from ..config import MIN_LINK_GBPS, POLICIES, OffloadConfig, OffloadConfigError, parse_expert_format
+from ..cli_common import (UsageError, add_model_argument, auto_lookahead, checked_by, check_adapters,
+                          check_cache_experts, check_device, existing_file, listed, one_of, positive_float, positive_int,
+                          probability, require_matplotlib, text_files)
+from ..config import MIN_LINK_GBPS, POLICIES, OffloadConfigError, parse_expert_format
 from ..corpus import resolve_text, token_stream
 from ..loading import load_model
 from ..models import find_moe_layers
@@ -56,8 +56,9 @@ def add_parser(sub) -> None:
     p.add_argument("--policies", type=listed(one_of(POLICIES)), default="predictive",
                    help=f"comma-separated: {', '.join(POLICIES)}")
     p.add_argument("--lookahead", "--depth", dest="lookahead", type=_depth, default="auto",
-                   help="prefetch lookahead in layers (>= 1); 'auto' = the runtime's default (OffloadConfig."
-                        "lookahead), of which the prefetcher predicts as far as the link's horizon needs")
+                   help="prefetch lookahead in layers (>= 1), the same for every predictor; 'auto' = the depth "
+                        "the m2r2 adapters were trained for (the runtime's default), else 4; the prefetcher "
+                        "predicts only as far as the link's horizon needs")
     p.add_argument("--min-prob", type=probability, default=None,
                    help="prefetch_min_prob: smallest predicted probability worth a prefetch, in (0, 1] "
                         "(default: the runtime's)")
@@ -202,7 +203,8 @@ def _run_regimes(args, model, refs, plan, compute_layer, expert_bytes, emulated,
     regimes: dict[tuple, list[str]] = {}  # (ratio, cache, policy) -> the predictors compared in it, in plan order
     for ratio, cache, policy, name in plan:
         regimes.setdefault((ratio, cache, policy), []).append(name)
-    depth = OffloadConfig.lookahead if args.lookahead == "auto" else int(args.lookahead)
+    _, layers = find_moe_layers(model)
+    depth = auto_lookahead(model, layers, args.adapters) if args.lookahead == "auto" else int(args.lookahead)
     bar = tqdm(total=len(plan) * args.repeats * len(refs), desc="profile runs")
     for (ratio, cache, policy), names in regimes.items():
         gbps = expert_bytes / (ratio * compute_layer) / 1e9 if emulated else None  # one transfer = ratio layers
