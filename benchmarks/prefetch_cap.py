@@ -11,7 +11,7 @@ eviction, one torch thread:
 - `m2r2, free path`: the same, its prefetcher's per-layer work not charged (`virtual_time(free_prefetcher=True)`):
   the same kind of decisions with no cost, the cap of this predictor in this pipeline;
 - `oracle-wrap` and its free path: the reference run's own routing, this token's and the next's: the cap of the
-  pipeline itself (perfect predictions, looking as far ahead as m2r2: the depth of its adapters, or `--lookahead`).
+  pipeline itself (perfect predictions, looking as far ahead as m2r2: the runtime's default, or `--lookahead`).
 
 The arms are interleaved per prompt, each the fastest of `--rounds`; ms per token is the mean over the prompts and
 each arm is given as x `none` of the same run. `share of cap` = (1 - m2r2) / (1 - m2r2 free path): the part of
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--lookahead", type=int, default=None,
-                   help="layers ahead, the same for m2r2 and the oracle (default: the m2r2 adapters' depth)")
+                   help="layers ahead, the same for m2r2 and the oracle (default: the runtime's for these adapters)")
     p.add_argument("--no-record", dest="record", action="store_false", help="print only, do not append")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1 or any(r <= 0 for r in args.link_ratios):

@@ -174,8 +174,7 @@ def _build_predictor(cfg: OffloadConfig, model, adapter, layers):
     if cfg.predictor == "none":
         return None
     # on CPU, where the model is now: `_offload` moves it (`Predictor.to`) once the model has moved
-    # lookahead None: m2r2 looks as deep as its adapters were trained (M2R2Predictor caps the depth at theirs)
-    depth = cfg.lookahead if cfg.lookahead is not None else (len(layers) if cfg.predictor == "m2r2" else DEFAULT_LOOKAHEAD)
+    depth = cfg.lookahead if cfg.lookahead is not None else DEFAULT_LOOKAHEAD  # m2r2: capped at its adapters' depth
     return make_predictor(cfg.predictor, model, adapter, layers, depth, adapters=cfg.adapters,
                           device=torch.device("cpu"))
 

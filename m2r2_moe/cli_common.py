@@ -163,14 +163,19 @@ def shipped_adapters(model, layers) -> Path | None:
         return None
 
 
-def auto_lookahead(model, layers, adapters: str | None = None) -> int:
-    """`--lookahead auto`: the depth the m2r2 adapters (`adapters`, else the shipped ones) were trained for, so
-    that every predictor compared looks as far as m2r2 does; `DEFAULT_LOOKAHEAD` when there are none."""
+def auto_lookahead(model, layers, adapters: str | None = None, runtime: bool = True) -> int:
+    """`--lookahead auto`, from the m2r2 adapters (`adapters`, else the shipped ones): with `runtime`, what the
+    runtime's default looks ahead for them (`DEFAULT_LOOKAHEAD`, or their depth when less), so that every
+    predictor compared looks as far as m2r2 does; else every distance they were trained for. `DEFAULT_LOOKAHEAD`
+    without adapters."""
     from .config import DEFAULT_LOOKAHEAD
     from .predict import AcceleratorAdapters
 
     path = adapters if adapters is not None else shipped_adapters(model, layers)
-    return DEFAULT_LOOKAHEAD if path is None else min(AcceleratorAdapters.load(path).depth, len(layers) - 1)
+    if path is None:
+        return DEFAULT_LOOKAHEAD
+    depth = min(AcceleratorAdapters.load(path).depth, len(layers) - 1)
+    return min(depth, DEFAULT_LOOKAHEAD) if runtime else depth
 
 
 def check_adapters(model, layers, model_spec_text: str, adapters: str | None, flag: str) -> None:

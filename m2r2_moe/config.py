@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 PREDICTORS = ("none", "history", "gate", "m2r2")  # "oracle" needs a trace: pass an OraclePredictor object
 POLICIES = ("lru", "predictive")
-DEFAULT_LOOKAHEAD = 4  # layers ahead for predictors without a trained depth (history, gate), and `lookahead="auto"`'s fallback
+DEFAULT_LOOKAHEAD = 4  # layers a predictor looks ahead unless told (see OffloadConfig.lookahead)
 MIN_LINK_GBPS = 1e-3  # an emulated link slower than 1 MB/s would stall for minutes per expert
 MAX_LINK_LATENCY_US = 1e6
 
@@ -44,11 +44,11 @@ class OffloadConfig:
         predictor: what drives prefetching: `"none"` (on-demand loading only), `"history"`, `"gate"`
             (next layers' routers on the current residual), `"m2r2"` (accelerated residual adapters), or a
             `m2r2_moe.predict.Predictor` object (e.g. an `OraclePredictor` replaying a recorded trace).
-        lookahead: how many layers ahead a predictor looks (D). `None` (the default): as far as the predictor
-            can: the depth its m2r2 adapters were trained for, the object's own depth for a `Predictor`, and
-            `DEFAULT_LOOKAHEAD` (4) for `"history"` and `"gate"`, whose cost grows with it. The prefetcher
-            predicts only the distances the link's horizon needs, so a deeper predictor costs nothing while the
-            link is fast.
+        lookahead: how many layers ahead a predictor looks (D). `None` (the default): `DEFAULT_LOOKAHEAD` (4), or
+            as far as the predictor reaches when that is less (m2r2 adapters trained shallower), without a
+            warning; a `Predictor` object's own depth. Adapters trained deeper (`train-adapters --lookahead
+            auto`) look farther only when asked (`lookahead=N`): at a link of 8 layer times per expert, depth 7
+            made one model 3 % faster and depth 8 two others 1-3 % slower (BENCHMARKS.md).
         prefetch_min_prob: a floor, in (0, 1], on the probability of use (as calibrated online from the
             predictions' outcomes) below which no expert is prefetched. `None` (the default): no floor: a copy is
             queued when its expected value is positive — the stall it can hide times its calibrated probability,
@@ -184,8 +184,9 @@ class OffloadConfig:
         """This config for a model whose tokens use `top_k` of its `total_experts` routed experts, with a
         predictor that looks `predictor_lookahead` layers ahead at most (None: no limit)."""
         lookahead = self.lookahead
-        if lookahead is None:  # as far as the predictor looks
-            lookahead = predictor_lookahead if predictor_lookahead is not None else DEFAULT_LOOKAHEAD
+        if lookahead is None:  # the default: a predictor object's own depth; else 4, as far as the predictor reaches
+            own = not isinstance(self.predictor, str) and predictor_lookahead is not None
+            lookahead = predictor_lookahead if own else min(DEFAULT_LOOKAHEAD, predictor_lookahead or DEFAULT_LOOKAHEAD)
         elif predictor_lookahead is not None and predictor_lookahead < lookahead:
             if self.predictor == "m2r2":  # its adapters were trained for a depth: say so, it is the user's choice
                 logger.warning("lookahead=%d: the m2r2 adapters were trained to predict %d layers ahead; using %d "

@@ -290,7 +290,7 @@ def test_trained_adapters_drive_the_demo(capsys, tmp_path):
     assert "predictor m2r2" in stdout and "offloaded tokens == original tokens" in stdout
 
 
-def test_adapters_are_trained_as_deep_as_the_model_allows_by_default(capsys, tmp_path):
+def test_lookahead_auto_trains_every_distance_the_model_has(capsys, tmp_path):
     from m2r2_moe.predict import AcceleratorAdapters
     from m2r2_moe.predict.cli import AUTO_TRAIN_LOOKAHEAD
 
@@ -298,7 +298,7 @@ def test_adapters_are_trained_as_deep_as_the_model_allows_by_default(capsys, tmp
     text.write_text("def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n" * 4)
     out = tmp_path / "adapters.safetensors"
     code, stdout, err = run(capsys, "train-adapters", "--text", str(text), "--out", str(out), "--rank", "2",
-                            "--width", "4", "--epochs", "1", "--seq-len", "8", "--max-tokens", "32")
+                            "--lookahead", "auto", "--width", "4", "--epochs", "1", "--seq-len", "8", "--max-tokens", "32")
     depth = min(AUTO_TRAIN_LOOKAHEAD, 8 - 1)  # the built-in model has 8 MoE layers
     assert code == 0 and f"(depth {depth}, rank 2)" in stdout, err
     assert AcceleratorAdapters.load(out).depth == depth

@@ -98,30 +98,35 @@ def test_adapters_round_trip_and_errors(trained, tmp_path):
         make_predictor("m2r2", model, adapter, layers, DEPTH)  # not the built-in model: no default adapters
 
 
-def test_the_default_lookahead_follows_the_adapters(trained, tmp_path, caplog):
-    """`lookahead=None` (the default): m2r2 looks as deep as its adapters were trained, history and gate 4; a number
-    is kept, capped (with a warning) at the adapters' depth."""
+def test_the_default_lookahead_is_4_or_the_adapters_depth(trained, tmp_path, caplog):
+    """`lookahead=None` (the default): 4, or m2r2's adapters' depth when less (no warning: nobody asked for 4); a
+    number is kept, capped (with a warning) at the adapters' depth; deeper adapters look farther only when asked."""
     from m2r2_moe.config import DEFAULT_LOOKAHEAD, OffloadConfig
+
+    def looks(model, **kwargs) -> int:
+        m2r2_moe.offload(model, device="cpu", **kwargs)
+        try:
+            off = m2r2_moe.get_offloader(model)
+            assert off.prefetcher.predictor.depth == off.plan.lookahead, kwargs
+            return off.plan.lookahead
+        finally:
+            m2r2_moe.remove_offload(model)
 
     model, adapter, layers, adapters, report = trained
     path = tmp_path / "a.safetensors"
     adapters.save(path, model_fingerprint(model, layers), {})
-    assert OffloadConfig().lookahead is None
-    cases = [(dict(predictor="m2r2", adapters=str(path)), DEPTH), (dict(predictor="m2r2", adapters=str(path),
-             lookahead=1), 1), (dict(predictor="history"), DEFAULT_LOOKAHEAD), (dict(predictor="gate", lookahead=3), 3)]
-    for kwargs, depth in cases:
-        m2r2_moe.offload(model, device="cpu", **kwargs)
-        try:
-            off = m2r2_moe.get_offloader(model)
-            assert off.prefetcher.predictor.depth == off.plan.lookahead == depth, kwargs
-        finally:
-            m2r2_moe.remove_offload(model)
+    assert OffloadConfig().lookahead is None and DEFAULT_LOOKAHEAD == 4
     with caplog.at_level("WARNING", logger="m2r2_moe.config"):
-        m2r2_moe.offload(model, device="cpu", predictor="m2r2", adapters=str(path), lookahead=DEPTH + 1)
-    try:
-        assert m2r2_moe.get_offloader(model).plan.lookahead == DEPTH and "trained to predict 2 layers" in caplog.text
-    finally:
-        m2r2_moe.remove_offload(model)
+        assert looks(model, predictor="m2r2", adapters=str(path)) == DEPTH
+        assert "trained to predict" not in caplog.text
+        assert looks(model, predictor="m2r2", adapters=str(path), lookahead=1) == 1
+        assert looks(model, predictor="history") == DEFAULT_LOOKAHEAD
+        assert looks(model, predictor="gate", lookahead=3) == 3
+        assert looks(model, predictor=OraclePredictor(4, 8, 2, 3, torch.zeros(1, 4, 2, dtype=torch.long))) == 3
+        assert looks(model, predictor="m2r2", adapters=str(path), lookahead=DEPTH + 1) == DEPTH
+        assert "trained to predict 2 layers" in caplog.text
+    deep, _ = m2r2_moe.load_builtin()  # its shipped adapters predict 7 layers ahead
+    assert looks(deep, predictor="m2r2") == DEFAULT_LOOKAHEAD and looks(deep, predictor="m2r2", lookahead=7) == 7
 
 
 def test_closed_form_improves_on_gate_in_training(trained):

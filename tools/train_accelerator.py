@@ -3,12 +3,13 @@
 
 The shipped adapters of the built-in models are made with
 
-    python tools/train_accelerator.py --model builtin:tiny-mixtral --rank 16 --file-dtype bfloat16 \
-        --out m2r2_moe/builtin/tiny-mixtral/adapters.safetensors
-    python tools/train_accelerator.py --model builtin:tiny-qwen3-moe --rank 16 --file-dtype bfloat16 \
-        --out m2r2_moe/builtin/tiny-qwen3-moe/adapters.safetensors
+    python tools/train_accelerator.py --model builtin:tiny-mixtral --lookahead auto --rank 16 \
+        --file-dtype bfloat16 --out m2r2_moe/builtin/tiny-mixtral/adapters.safetensors
+    python tools/train_accelerator.py --model builtin:tiny-qwen3-moe --lookahead auto --rank 16 \
+        --file-dtype bfloat16 --out m2r2_moe/builtin/tiny-qwen3-moe/adapters.safetensors
 
-(the default `--lookahead auto`: every distance within the model, at most 8: 7 and 8 layers ahead).
+(`--lookahead auto`: every distance within the model, at most 8: 7 and 8 layers ahead; the runtime uses the
+nearest 4 unless told `lookahead=N`).
 """
 
 import sys

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..cli_common import (UsageError, add_model_argument, auto_lookahead, check_adapters, existing_file, listed, need_tokenizer,
-                          nonnegative_float, nonnegative_int, one_of, positive_int, probability, require_matplotlib,
-                          text_files)
+from ..cli_common import (UsageError, add_model_argument, auto_lookahead, check_adapters, existing_file, listed,
+                          need_tokenizer, nonnegative_float, nonnegative_int, one_of, positive_int, probability,
+                          require_matplotlib, text_files)
+from ..config import DEFAULT_LOOKAHEAD
 from ..corpus import token_stream
 from ..builtin import resolve_name
 from ..loading import is_builtin, load_model
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 # `train-adapters --lookahead auto`: every distance within the model, up to this many. The prefetcher asks the
 # adapters for one transfer over one layer's compute, plus one, distances: 8 covers a link that takes 7 layers'
 # compute per expert; training time and the file grow with the depth, so a deeper one is asked for by number.
+# The runtime looks DEFAULT_LOOKAHEAD layers ahead unless told more (config.py says what deeper measured).
 AUTO_TRAIN_LOOKAHEAD = 8
 
 
@@ -83,10 +85,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--text", nargs="+", default=None,
                    help="calibration files/folders (default: a built-in model's own corpus, e.g. builtin:tiny-mixtral:train; "
                         "builtin:train for other models)")
-    p.add_argument("--lookahead", "--depth", dest="lookahead", type=_depth, default="auto",
-                   help="layers ahead the adapters predict: distances d = 1..lookahead; 'auto' = every distance "
-                        f"within the model, at most {AUTO_TRAIN_LOOKAHEAD} (the runtime looks as far as its "
-                        "adapters do)")
+    p.add_argument("--lookahead", "--depth", dest="lookahead", type=_depth, default=DEFAULT_LOOKAHEAD,
+                   help=f"layers ahead the adapters predict: distances d = 1..lookahead (default "
+                        f"{DEFAULT_LOOKAHEAD}, the runtime's); 'auto' = every distance within the model, at most "
+                        f"{AUTO_TRAIN_LOOKAHEAD}, for a runtime told to look that far (OffloadConfig.lookahead)")
     p.add_argument("--rank", type=positive_int, default=32, help="rank of each low-rank adapter")
     p.add_argument("--out", required=True, help="adapters .safetensors file to write")
     p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per calibration sequence")
@@ -199,7 +201,7 @@ def eval_command(args: argparse.Namespace) -> int:
     _check_lengths(args)
     files = text_files(args.text, _default_text(args.model, "heldout"))
     model, tokenizer, adapter, layers = _load_model(
-        args, lambda model, layers: auto_lookahead(model, layers, args.adapters))
+        args, lambda model, layers: auto_lookahead(model, layers, args.adapters, runtime=False))
     if "m2r2" in names:
         check_adapters(model, layers, args.model, args.adapters, "--predictors")
     top_k = adapter.top_k(model)

@@ -56,9 +56,9 @@ def add_parser(sub) -> None:
     p.add_argument("--policies", type=listed(one_of(POLICIES)), default="predictive",
                    help=f"comma-separated: {', '.join(POLICIES)}")
     p.add_argument("--lookahead", "--depth", dest="lookahead", type=_depth, default="auto",
-                   help="prefetch lookahead in layers (>= 1), the same for every predictor; 'auto' = the depth "
-                        "the m2r2 adapters were trained for (the runtime's default), else 4; the prefetcher "
-                        "predicts only as far as the link's horizon needs")
+                   help="prefetch lookahead in layers (>= 1), the same for every predictor; 'auto' = the runtime's "
+                        "default: 4, or the m2r2 adapters' depth when less; the prefetcher predicts only as far as "
+                        "the link's horizon needs")
     p.add_argument("--min-prob", type=probability, default=None,
                    help="prefetch_min_prob: smallest predicted probability worth a prefetch, in (0, 1] "
                         "(default: the runtime's)")
