@@ -1,0 +1,116 @@
+"""How far ahead m2r2 should look: the same adapters (or two files) at two or more lookaheads, side by side, on
+simulated time.
+
+On simulated time (runtime/virtual.py), for each link ratio (one expert's transfer time over one layer's compute),
+half of the experts in the slots, `predictive` eviction, one torch thread, each arm is m2r2 with an adapters file
+and a lookahead (`FILE@D`, or `@D` for the model's shipped adapters); `FILE@D!free` runs it with the prefetch path
+not charged (`virtual_time(free_prefetcher=True)`), which splits a difference between what the predictions do
+and what computing them costs. `none` (on-demand loading) runs beside them; every arm is given as x `none`.
+The arms are interleaved per prompt, each the fastest of `--rounds`; the table also sums, over the prompts, the
+prefetches that landed in time, those still in flight when needed (late), the demand loads and the megabytes
+prefetched and evicted unused. Tokens are compared with the un-offloaded model's in every run.
+
+    python benchmarks/lookahead_ab.py --arms @4,@7 [--model builtin] [--text FILES] [--link-ratios 0.5,2,8]
+                                      [--prompts 3] [--new-tokens 128] [--rounds 2] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import markdown_table, publish  # noqa: E402
+from m2r2_moe.cli_common import text_files  # noqa: E402
+from m2r2_moe.loading import load_model  # noqa: E402
+from m2r2_moe.models import find_moe_layers  # noqa: E402
+from m2r2_moe.models.base import expert_param_bytes  # noqa: E402
+from m2r2_moe.profile.cli import prompt_text, references  # noqa: E402
+from m2r2_moe.profile.runs import offloaded_run  # noqa: E402
+
+PROMPT_TOKENS = 64
+COUNTS = ("prefetch_hits", "late_prefetches", "misses")
+
+
+def parse_arm(text: str) -> tuple[str | None, int, bool]:
+    """`[FILE]@D[!free]` -> (adapters file or None for the shipped ones, lookahead, free path)."""
+    body, bang, flag = text.partition("!")
+    path, at, depth = body.rpartition("@")
+    if not at or not depth.isdigit() or int(depth) < 1 or (bang and flag != "free"):
+        raise argparse.ArgumentTypeError(f"an arm is [FILE]@D[!free] with D >= 1, got {text!r}")
+    return path or None, int(depth), bool(bang)
+
+
+def run(args) -> tuple[str, str]:
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(args.model, torch.float32)
+    _, layers = find_moe_layers(model)
+    total = sum(int(layer.experts.num_experts) for layer in layers)
+    files = text_files(prompt_text(args.model, args.text), "builtin:heldout")
+    refs = references(model, tokenizer, layers, args.prompts, PROMPT_TOKENS, args.new_tokens, 1, files)
+    compute = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
+    arms = [("none", None, 0, False)] + [(label, *parse_arm(label)) for label in args.arms]
+    best: dict[tuple[float, str, int], dict] = {}  # (ratio, arm, prompt) -> its fastest run
+    identical = True
+    for rnd in range(args.rounds):  # rounds outermost: each arm sees the machine at the same moments as the others
+        for ratio in args.link_ratios:
+            gbps = expert_param_bytes(layers[0]) / (ratio * compute) / 1e9
+            for i, ref in enumerate(refs):
+                for label, adapters, depth, free in arms:
+                    out = offloaded_run(model, ref, args.new_tokens, "m2r2" if depth else "none", total // 2, gbps,
+                                        "predictive", adapters, depth or 4, virtual=compute, free_prefetcher=free)
+                    identical &= out["tokens_identical"]
+                    key = (ratio, label, i)
+                    if key not in best or out["time_per_token_s"] < best[key]["time_per_token_s"]:
+                        best[key] = out
+            print(f"round {rnd + 1}/{args.rounds}: link ratio {ratio:g} done", file=sys.stderr, flush=True)
+    rows = []
+    for ratio in args.link_ratios:
+        ms = {label: statistics.mean(best[ratio, label, i]["time_per_token_s"] for i in range(len(refs))) * 1e3
+              for label, *_ in arms}
+        for label, *_ in arms:
+            runs = [best[ratio, label, i] for i in range(len(refs))]
+            rows.append([f"{ratio:g}", label, f"{ms[label]:.2f}", f"{ms[label] / ms['none']:.3f}"]
+                        + [str(sum(r[k] for r in runs)) for k in COUNTS]
+                        + [f"{sum(r['wasted_bytes'] for r in runs) / 1e6:.1f}"])
+    headers = ["link ratio", "arm", "ms/token", "x none", "pf hits", "late", "misses", "MB wasted"]
+    extra = (f"\nmodel {args.model}: {len(layers)} MoE layers, {total} experts, {total // 2} slots; arm = adapters file "
+             f"(blank: the shipped ones) @ lookahead, `!free`: prefetch path not charged; {args.prompts} prompt(s) x "
+             f"{args.new_tokens} new tokens, fastest of {args.rounds} per prompt (counts summed over the prompts); "
+             f"simulated time at {compute * 1e3:.2f} ms of compute per MoE layer. Tokens identical to the "
+             f"un-offloaded model's in every run: {'yes' if identical else 'NO'}.")
+    return markdown_table(headers, rows), extra
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arms", required=True, type=lambda s: s.split(","),
+                   help="comma-separated [FILE]@D[!free], e.g. @4,@7 or a.safetensors@4,b.safetensors@8")
+    p.add_argument("--model", default="builtin")
+    p.add_argument("--text", default=None, help="text files to cut the prompts from (default: the model's own)")
+    p.add_argument("--link-ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 2.0, 8.0])
+    p.add_argument("--prompts", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--no-record", dest="record", action="store_false", help="print only, do not append")
+    args = p.parse_args(argv)
+    try:
+        for arm in args.arms:
+            parse_arm(arm)
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    if len(set(args.arms)) != len(args.arms) or "none" in args.arms:
+        p.error("--arms: each arm once; `none` always runs")
+    if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1 or any(r <= 0 for r in args.link_ratios):
+        p.error("--prompts and --rounds must be >= 1, --new-tokens >= 2, link ratios > 0")
+    table, extra = run(args)
+    publish("m2r2 at two lookaheads (simulated time)", table, extra, args.record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
