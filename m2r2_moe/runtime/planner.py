@@ -79,6 +79,9 @@ class PlannerCore:
     def add_spent(self, seconds: float) -> None:
         self.spent += seconds
 
+    def add_saved(self, seconds: float) -> None:
+        self.saved += seconds
+
     # -- what is kept across runs (a warm start's profile, m2r2_moe/warm.py) ---------------------------
     def export_state(self) -> dict:
         """What was learned online that outlives a run: the calibration counts `[2, L + 1, BINS, 2]` (source,
@@ -175,8 +178,7 @@ class PlannerCore:
                     self.spent += miss
             elif how == PREFETCH_HIT:
                 self.saved += miss
-            elif how == LATE:
-                self.saved += miss / 2  # part of its copy was hidden
+            # LATE: part of a miss was hidden; the prefetcher credits what it measured (`add_saved`)
         for key in evicted:
             self._evict(key)
         pending, self._pending[layer] = self._pending[layer], []
