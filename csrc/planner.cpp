@@ -121,7 +121,9 @@ void Planner::settle(const LayerInput& in) {
       }
     } else if (how == kPrefetchHit) {
       saved_ += in.miss;
-    }  // a late prefetch hid part of a miss: the caller credits what it measured (add_saved)
+    } else if (how == kLate) {
+      saved_ += in.miss / 2;
+    }
   }
   for (int64_t key : in.evicted) evict(key);
   std::vector<Pending> pending;

@@ -60,7 +60,6 @@ class Planner {
   bool active(int64_t layer) const { return every_ != 0 && layer % every_ == 0; }
   void step(int64_t window);
   void add_spent(double seconds) { spent_ += seconds; }
-  void add_saved(double seconds) { saved_ += seconds; }
 
   double saved() const { return saved_; }
   double spent() const { return spent_; }

@@ -18,7 +18,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kAbiVersion = 7;  // bumped when the Python-visible interface changes (see _ext.py)
+constexpr int kAbiVersion = 6;  // bumped when the Python-visible interface changes (see _ext.py)
 
 using Probs = py::array_t<float, py::array::c_style>;
 
@@ -251,7 +251,6 @@ PYBIND11_MODULE(_native_plan, m) {
       .def("active", &m2r2::Planner::active, py::arg("layer"))
       .def("step", &m2r2::Planner::step, py::arg("window"))
       .def("add_spent", &m2r2::Planner::add_spent, py::arg("seconds"))
-      .def("add_saved", &m2r2::Planner::add_saved, py::arg("seconds"))
       .def_property_readonly("saved", &m2r2::Planner::saved)
       .def_property_readonly("spent", &m2r2::Planner::spent)
       .def_property_readonly("every", &m2r2::Planner::every)

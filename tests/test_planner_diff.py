@@ -75,27 +75,13 @@ def test_native_planner_decides_as_the_python_twin(seed):
         for target, expert in out_py[2]:
             if rng.random() < 0.5:
                 py.withdrawn(target * stride + expert), cc.withdrawn(target * stride + expert)
-        spent, saved = rng.random() * 1e-3, rng.random() * 1e-3 if rng.random() < 0.3 else 0.0
+        spent = rng.random() * 1e-3
         py.add_spent(spent), cc.add_spent(spent)
-        py.add_saved(saved), cc.add_saved(saved)  # the prefetcher's credit for late prefetches
         if rng.random() < 0.04:  # prefetching was off for a while: the mirror from the cache, pending dropped
             resident = rng.sample(range(layers * stride), rng.randint(0, min(layers * stride, 3 * layers)))
             py.resync(resident), cc.resync(resident)
         assert _state(py, layers, experts) == _state(cc, layers, experts), (seed, call)
         assert set(py._wanted) <= set(range(layers)) and len(py._evicted_at) <= 4096 + layers * stride  # bounded
-
-
-def test_a_late_prefetch_is_credited_by_the_caller_not_the_planner():
-    """The planner credits a prefetch hit with a whole demand load and a late one with nothing: the prefetcher
-    adds what the late one measurably hid (`add_saved`)."""
-    py, cc, stride = _both(4, 8, 2, 8)
-    for planner in (py, cc):
-        args = dict(layer=1, decode=True, now=1, keys=[stride + 2, stride + 5], served=[2, 1], evicted=[], probs=None,
-                    wraps=False, horizon=0, miss=0.25, transfer=0.25, compute=0.1, free=0, backlog=[], min_prob=0.0)
-        planner.layer(**args)
-        assert planner.saved == pytest.approx(0.25)  # the hit's demand load, nothing for the late one
-        planner.add_saved(0.1)
-        assert planner.saved == pytest.approx(0.35)
 
 
 def test_the_comparison_can_fail():

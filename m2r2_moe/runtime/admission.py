@@ -20,8 +20,7 @@ what the predictor says and is corrected by what the running model does.
   at ratio 8 one model 1.3 % faster, one equal, one 1.8 % slower. What remains at high ratios: a wrong
   prefetch on the link still holds up a later one, as prefetches do not pre-empt each other.)
 - Benefit: the stall prefetching saved (demand loads it made unnecessary, and the part of late ones it
-  hid: measured where waits are timed on the host, as the demand loads a layer's late copies replaced less what
-  the layer waited beyond its own demand loads; half a demand load each on a GPU), against what it cost: the time spent predicting and planning (each layer's step as timed, clipped at a
+  hid), against what it cost: the time spent predicting and planning (each layer's step as timed, clipped at a
   few times its running typical value by `StepTimer`: a step the OS preempted, or a page fault in it, is not
   prediction's cost), and the demand loads of experts it had evicted. When the balance of the last tokens is negative
   prefetching backs off (it predicts on fewer layers), down to none, and probes again now and then: prefetching

@@ -79,9 +79,6 @@ class PlannerCore:
     def add_spent(self, seconds: float) -> None:
         self.spent += seconds
 
-    def add_saved(self, seconds: float) -> None:
-        self.saved += seconds
-
     # -- what is kept across runs (a warm start's profile, m2r2_moe/warm.py) ---------------------------
     def export_state(self) -> dict:
         """What was learned online that outlives a run: the calibration counts `[2, L + 1, BINS, 2]` (source,
@@ -178,7 +175,8 @@ class PlannerCore:
                     self.spent += miss
             elif how == PREFETCH_HIT:
                 self.saved += miss
-            # LATE: part of a miss was hidden; the prefetcher credits what it measured (`add_saved`)
+            elif how == LATE:
+                self.saved += miss / 2  # part of its copy was hidden
         for key in evicted:
             self._evict(key)
         pending, self._pending[layer] = self._pending[layer], []

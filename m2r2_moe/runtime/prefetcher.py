@@ -25,7 +25,6 @@ from ..models.tap import LayerTap
 from ..predict.base import Predictor, as_probabilities
 from .admission import StepTimer
 from .clock import host_seconds
-from .cpu_engine import HostClockEngine
 from .onoff import VOUCH, OnOff
 from .planner import make_planner
 
@@ -171,26 +170,13 @@ class Prefetcher:
     def _miss_seconds(self) -> float:
         """The stall one demand load costs, as measured: a layer's demand loads are counted when it acquires
         (before this call) and waited for after it, so the stall since the last call belongs to the loads that
-        call saw (a call with late prefetches, whose waits are partial, is not a sample). The late prefetches of
-        that call are credited to the planner's balance here with the stall they hid (`_late_saving`)."""
+        call saw (a call with late prefetches, whose waits are partial, is not a sample)."""
         stats = self.cache.stats
         stall, misses, late = stats.stall_seconds, stats.misses, stats.late_prefetches
         last_stall, last_misses, last_late, new_misses, new_late = self._stall_mark
         if new_misses > 0 and new_late == 0 and stall >= last_stall:
             sample = (stall - last_stall) / new_misses
             self.miss_seconds = sample if not self.miss_seconds else 0.9 * self.miss_seconds + 0.1 * sample
-        elif new_late > 0 and self.miss_seconds:
-            self.planner.add_saved(self._late_saving(stall - last_stall, new_misses, new_late))
         self._stall_mark = (stall, misses, late, misses - last_misses, late - last_late)
         return self.miss_seconds
-
-    def _late_saving(self, stall: float, misses: int, late: int) -> float:
-        """The stall `late` prefetches hid in a layer whose waits took `stall` with `misses` demand loads: what
-        the demand loads they replaced would have cost, less what the layer waited beyond its own demand loads.
-        Measured where waits are timed on the host as they end (CPU engines, simulated time); on a GPU, whose
-        stalls are drained from device events later, half a demand load each."""
-        full = late * self.miss_seconds
-        if not isinstance(self.engine, HostClockEngine):  # (the engine may be replaced: asked each time)
-            return full / 2
-        return min(max(full - (stall - misses * self.miss_seconds), 0.0), full)
 
