@@ -78,9 +78,10 @@ def run(args) -> tuple[str, str]:
                         + [str(sum(r[k] for r in runs)) for k in COUNTS]
                         + [f"{sum(r['wasted_bytes'] for r in runs) / 1e6:.1f}"])
     headers = ["link ratio", "arm", "ms/token", "x none", "pf hits", "late", "misses", "MB wasted"]
-    extra = (f"\nmodel {args.model}: {len(layers)} MoE layers, {total} experts, {total // 2} slots; arm = adapters file "
-             f"(blank: the shipped ones) @ lookahead, `!free`: prefetch path not charged; {args.prompts} prompt(s) x "
-             f"{args.new_tokens} new tokens, fastest of {args.rounds} per prompt (counts summed over the prompts); "
+    extra = (f"\nmodel {args.model}: {len(layers)} MoE layers, {total} experts, {total // 2} slots; arm = adapters "
+             f"file (blank: the shipped ones) @ lookahead, `!free`: prefetch path not charged; {args.prompts} "
+             f"prompt(s) x {args.new_tokens} new tokens, fastest of {args.rounds} per prompt (counts summed over the "
+             f"prompts); "
              f"simulated time at {compute * 1e3:.2f} ms of compute per MoE layer. Tokens identical to the "
              f"un-offloaded model's in every run: {'yes' if identical else 'NO'}.")
     return markdown_table(headers, rows), extra

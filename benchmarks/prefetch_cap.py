@@ -80,7 +80,8 @@ def run(args) -> tuple[str, str]:
         rows.append([f"{ratio:g}", f"{base:.1f}"] + [f"{x[arm]:.3f}" for arm in ARMS[1:]] + [share])
     headers = ["link ratio", "none ms/token"] + [f"{label(n, f)} x none" for n, f in ARMS[1:]] + ["share of cap"]
     extra = (f"\nmodel {args.model}{f' (adapters {args.adapters})' if args.adapters else ''}: {len(layers)} MoE "
-             f"layers, {total} experts, {total // 2} slots, lookahead {depth}; {args.prompts} prompt(s) x {args.new_tokens} new tokens, "
+             f"layers, {total} experts, {total // 2} slots, lookahead {depth}; {args.prompts} prompt(s) x "
+             f"{args.new_tokens} new tokens, "
              f"fastest of {args.rounds} per prompt; simulated time at {compute * 1e3:.2f} ms of compute per MoE "
              f"layer. Tokens identical to the un-offloaded model's in every run: {'yes' if identical else 'NO'}.")
     return markdown_table(headers, rows), extra

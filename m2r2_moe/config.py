@@ -48,7 +48,8 @@ class OffloadConfig:
             as far as the predictor reaches when that is less (m2r2 adapters trained shallower), without a
             warning; a `Predictor` object's own depth. Adapters trained deeper (`train-adapters --lookahead
             auto`) look farther only when asked (`lookahead=N`): at a link of 8 layer times per expert, depth 7
-            made one model 3 % faster and depth 8 two others 1-3 % slower (BENCHMARKS.md).
+            made one model 2.6 % faster, depth 8 left a second within noise and made a third 2.5 % slower
+            (`benchmarks/lookahead_ab.py`, BENCHMARKS.md).
         prefetch_min_prob: a floor, in (0, 1], on the probability of use (as calibrated online from the
             predictions' outcomes) below which no expert is prefetched. `None` (the default): no floor: a copy is
             queued when its expected value is positive — the stall it can hide times its calibrated probability,

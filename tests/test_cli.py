@@ -298,7 +298,8 @@ def test_lookahead_auto_trains_every_distance_the_model_has(capsys, tmp_path):
     text.write_text("def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n" * 4)
     out = tmp_path / "adapters.safetensors"
     code, stdout, err = run(capsys, "train-adapters", "--text", str(text), "--out", str(out), "--rank", "2",
-                            "--lookahead", "auto", "--width", "4", "--epochs", "1", "--seq-len", "8", "--max-tokens", "32")
+                            "--lookahead", "auto", "--width", "4", "--epochs", "1", "--seq-len", "8",
+                            "--max-tokens", "32")
     depth = min(AUTO_TRAIN_LOOKAHEAD, 8 - 1)  # the built-in model has 8 MoE layers
     assert code == 0 and f"(depth {depth}, rank 2)" in stdout, err
     assert AcceleratorAdapters.load(out).depth == depth
