@@ -21,18 +21,12 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, publish  # noqa: E402
-from m2r2_moe.cli_common import text_files  # noqa: E402
-from m2r2_moe.loading import load_model  # noqa: E402
-from m2r2_moe.models import find_moe_layers  # noqa: E402
+from _simulated import add_options, check_options, footer, setup  # noqa: E402
 from m2r2_moe.models.base import expert_param_bytes  # noqa: E402
-from m2r2_moe.profile.cli import prompt_text, references  # noqa: E402
 from m2r2_moe.profile.runs import offloaded_run  # noqa: E402
 
-PROMPT_TOKENS = 64
 COUNTS = ("prefetch_hits", "late_prefetches", "misses")
 
 
@@ -46,13 +40,8 @@ def parse_arm(text: str) -> tuple[str | None, int, bool]:
 
 
 def run(args) -> tuple[str, str]:
-    torch.set_num_threads(1)
-    model, tokenizer = load_model(args.model, torch.float32)
-    _, layers = find_moe_layers(model)
-    total = sum(int(layer.experts.num_experts) for layer in layers)
-    files = text_files(prompt_text(args.model, args.text), "builtin:heldout")
-    refs = references(model, tokenizer, layers, args.prompts, PROMPT_TOKENS, args.new_tokens, 1, files)
-    compute = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
+    env = setup(args)
+    model, layers, total, refs, compute = env.model, env.layers, env.total, env.refs, env.compute
     arms = [("none", None, 0, False)] + [(label, *parse_arm(label)) for label in args.arms]
     best: dict[tuple[float, str, int], dict] = {}  # (ratio, arm, prompt) -> its fastest run
     identical = True
@@ -79,11 +68,8 @@ def run(args) -> tuple[str, str]:
                         + [f"{sum(r['wasted_bytes'] for r in runs) / 1e6:.1f}"])
     headers = ["link ratio", "arm", "ms/token", "x none", "pf hits", "late", "misses", "MB wasted"]
     extra = (f"\nmodel {args.model}: {len(layers)} MoE layers, {total} experts, {total // 2} slots; arm = adapters "
-             f"file (blank: the shipped ones) @ lookahead, `!free`: prefetch path not charged; {args.prompts} "
-             f"prompt(s) x {args.new_tokens} new tokens, fastest of {args.rounds} per prompt (counts summed over the "
-             f"prompts); "
-             f"simulated time at {compute * 1e3:.2f} ms of compute per MoE layer. Tokens identical to the "
-             f"un-offloaded model's in every run: {'yes' if identical else 'NO'}.")
+             f"file (blank: the shipped ones) @ lookahead, `!free`: prefetch path not charged; "
+             + footer(args, compute, identical, " (counts summed over the prompts)"))
     return markdown_table(headers, rows), extra
 
 
@@ -91,13 +77,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arms", required=True, type=lambda s: s.split(","),
                    help="comma-separated [FILE]@D[!free], e.g. @4,@7 or a.safetensors@4,b.safetensors@8")
-    p.add_argument("--model", default="builtin")
-    p.add_argument("--text", default=None, help="text files to cut the prompts from (default: the model's own)")
-    p.add_argument("--link-ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 2.0, 8.0])
-    p.add_argument("--prompts", type=int, default=3)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--no-record", dest="record", action="store_false", help="print only, do not append")
+    add_options(p)
     args = p.parse_args(argv)
     try:
         for arm in args.arms:
@@ -106,10 +86,9 @@ def main(argv=None) -> int:
         p.error(str(e))
     if len(set(args.arms)) != len(args.arms) or "none" in args.arms:
         p.error("--arms: each arm once; `none` always runs")
-    if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1 or any(r <= 0 for r in args.link_ratios):
-        p.error("--prompts and --rounds must be >= 1, --new-tokens >= 2, link ratios > 0")
+    check_options(p, args)
     table, extra = run(args)
-    publish("m2r2 at two lookaheads (simulated time)", table, extra, args.record)
+    publish("m2r2 at several lookaheads (simulated time)", table, extra, args.record)
     return 0
 
 

@@ -29,19 +29,14 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, publish  # noqa: E402
-from m2r2_moe.cli_common import auto_lookahead, text_files  # noqa: E402
-from m2r2_moe.loading import load_model  # noqa: E402
-from m2r2_moe.models import find_moe_layers  # noqa: E402
+from _simulated import add_options, check_options, footer, setup  # noqa: E402
+from m2r2_moe.cli_common import auto_lookahead  # noqa: E402
 from m2r2_moe.models.base import expert_param_bytes  # noqa: E402
-from m2r2_moe.profile.cli import prompt_text, references  # noqa: E402
 from m2r2_moe.profile.runs import offloaded_run  # noqa: E402
 
 ARMS = (("none", False), ("m2r2", False), ("m2r2", True), ("oracle-wrap", False), ("oracle-wrap", True))
-PROMPT_TOKENS = 64
 
 
 def label(name: str, free: bool) -> str:
@@ -49,13 +44,8 @@ def label(name: str, free: bool) -> str:
 
 
 def run(args) -> tuple[str, str]:
-    torch.set_num_threads(1)
-    model, tokenizer = load_model(args.model, torch.float32)
-    _, layers = find_moe_layers(model)
-    total = sum(int(layer.experts.num_experts) for layer in layers)
-    files = text_files(prompt_text(args.model, args.text), "builtin:heldout")
-    refs = references(model, tokenizer, layers, args.prompts, PROMPT_TOKENS, args.new_tokens, 1, files)
-    compute = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
+    env = setup(args)
+    model, layers, total, refs, compute = env.model, env.layers, env.total, env.refs, env.compute
     depth = args.lookahead or auto_lookahead(model, layers, args.adapters)
     best: dict[tuple[float, str, bool, int], float] = {}  # (ratio, arm, prompt) -> fastest seconds per token
     identical = True
@@ -80,28 +70,18 @@ def run(args) -> tuple[str, str]:
         rows.append([f"{ratio:g}", f"{base:.1f}"] + [f"{x[arm]:.3f}" for arm in ARMS[1:]] + [share])
     headers = ["link ratio", "none ms/token"] + [f"{label(n, f)} x none" for n, f in ARMS[1:]] + ["share of cap"]
     extra = (f"\nmodel {args.model}{f' (adapters {args.adapters})' if args.adapters else ''}: {len(layers)} MoE "
-             f"layers, {total} experts, {total // 2} slots, lookahead {depth}; {args.prompts} prompt(s) x "
-             f"{args.new_tokens} new tokens, "
-             f"fastest of {args.rounds} per prompt; simulated time at {compute * 1e3:.2f} ms of compute per MoE "
-             f"layer. Tokens identical to the un-offloaded model's in every run: {'yes' if identical else 'NO'}.")
+             f"layers, {total} experts, {total // 2} slots, lookahead {depth}; " + footer(args, compute, identical))
     return markdown_table(headers, rows), extra
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="builtin")
+    add_options(p)
     p.add_argument("--adapters", default=None, help="adapters for a model not shipped with the package")
-    p.add_argument("--text", default=None, help="text files to cut the prompts from (default: the model's own)")
-    p.add_argument("--link-ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 2.0, 8.0])
-    p.add_argument("--prompts", type=int, default=3)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--lookahead", type=int, default=None,
                    help="layers ahead, the same for m2r2 and the oracle (default: the runtime's for these adapters)")
-    p.add_argument("--no-record", dest="record", action="store_false", help="print only, do not append")
     args = p.parse_args(argv)
-    if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1 or any(r <= 0 for r in args.link_ratios):
-        p.error("--prompts and --rounds must be >= 1, --new-tokens >= 2, link ratios > 0")
+    check_options(p, args)
     table, extra = run(args)
     publish("Prefetching against its cap (simulated time)", table, extra, args.record)
     return 0
