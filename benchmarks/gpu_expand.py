@@ -68,7 +68,7 @@ def main() -> int:
                                      else codec.expand_into(layout, staging, slot)), stream, args.repeats)
         results[spec] = {"row_bytes": layout.nbytes, "copy_and_expand_s": copy_and_expand, "expand_s": expand_only,
                          "kernel": "fused cupy" if fused else f"torch ops ({cuda_kernel._cupy_failed})"}
-    print(f"| format | bytes | copy (+ expansion) ms | expansion ms | vs bf16 copy | kernel |\n|---|---|---|---|---|---|")
+    print("| format | bytes | copy (+ expansion) ms | expansion ms | vs bf16 copy | kernel |\n|---|---|---|---|---|---|")
     print(f"| bf16 | {packing.nbytes / 1e6:.0f} MB | {results['plain_copy_s'] * 1e3:.2f} | - | 1.00 | copy_ |")
     for spec in args.formats.split(","):
         r = results[spec]
