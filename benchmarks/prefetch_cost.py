@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import m2r2_moe  # noqa: E402
 from _report import markdown_table, publish  # noqa: E402
-from m2r2_moe.config import OffloadConfig  # noqa: E402
+from m2r2_moe.config import DEFAULT_LOOKAHEAD  # noqa: E402
 from m2r2_moe.loading import load_model  # noqa: E402
 from m2r2_moe.models import find_moe_layers  # noqa: E402
 from m2r2_moe.models.base import expert_param_bytes  # noqa: E402
@@ -152,14 +152,14 @@ def main() -> None:
     for ref in refs:  # prompts outermost: every configuration sees the machine's drift alike
         for ratio in ratios:
             gbps = expert_param_bytes(layers[0]) / (ratio * layer_s) / 1e9
-            depth = OffloadConfig.lookahead  # the runtime's default; the prefetcher trims it to the link's horizon
+            depth = DEFAULT_LOOKAHEAD  # the runtime's default; the prefetcher trims it to the link's horizon
             for name in names:
                 results[ratio, name].append(measure(model, ref, name, gbps, depth, total_experts // 2, args.tokens))
     table = markdown_table(["link ratio", "predictor", "ms/token", "decode misses", *(f"{p} µs" for p in PARTS),
                             "saved µs", "net µs"], _rows(results, ratios, names))
     extra = (f"\nPer MoE layer call (decode), mean of {args.prompts} prompt(s) x {args.tokens} tokens; built-in model, "
              f"cache {total_experts // 2} of {total_experts} experts, `predictive` policy, lookahead "
-             f"{OffloadConfig.lookahead} (the default); "
+             f"{DEFAULT_LOOKAHEAD} (the default); "
              f"un-offloaded compute {layer_s * 1e6:.0f} µs per layer. `prefetch path` = on_layer.\n")
     publish("Prefetch cost per layer (benchmarks/prefetch_cost.py)", table, extra, record=not args.no_record)
 
