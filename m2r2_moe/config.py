@@ -185,9 +185,9 @@ class OffloadConfig:
         """This config for a model whose tokens use `top_k` of its `total_experts` routed experts, with a
         predictor that looks `predictor_lookahead` layers ahead at most (None: no limit)."""
         lookahead = self.lookahead
-        if lookahead is None:  # the default: a predictor object's own depth; else 4, as far as the predictor reaches
-            own = not isinstance(self.predictor, str) and predictor_lookahead is not None
-            lookahead = predictor_lookahead if own else min(DEFAULT_LOOKAHEAD, predictor_lookahead or DEFAULT_LOOKAHEAD)
+        if lookahead is None:  # the default: as far as the predictor looks (a named one is built DEFAULT_LOOKAHEAD
+            # deep, or shallower when its adapters are: attach.py)
+            lookahead = predictor_lookahead if predictor_lookahead is not None else DEFAULT_LOOKAHEAD
         elif predictor_lookahead is not None and predictor_lookahead < lookahead:
             if self.predictor == "m2r2":  # its adapters were trained for a depth: say so, it is the user's choice
                 logger.warning("lookahead=%d: the m2r2 adapters were trained to predict %d layers ahead; using %d "
