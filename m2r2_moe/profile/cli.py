@@ -179,7 +179,8 @@ def main(args: argparse.Namespace) -> int:
                                                  device=args.device, virtual=virtual), args.repeats, _time)
                   for ref in refs]
     floor = statistics.mean(r["time_per_token_s"] for r in floor_runs)
-    runs, recorders = _run_regimes(args, model, refs, plan, compute_layer, expert_bytes, emulated, virtual)
+    depth = auto_lookahead(model, layers, args.adapters) if args.lookahead == "auto" else int(args.lookahead)
+    runs, recorders = _run_regimes(args, model, refs, plan, depth, compute_layer, expert_bytes, emulated, virtual)
     _share_of_gain(runs, floor)
     print(report.table(runs))
     print(report.LEGEND)
@@ -195,16 +196,15 @@ def main(args: argparse.Namespace) -> int:
     return 0 if all(r["tokens_identical"] for r in checked) else 1
 
 
-def _run_regimes(args, model, refs, plan, compute_layer, expert_bytes, emulated, virtual=None) -> tuple[list[dict], dict]:
+def _run_regimes(args, model, refs, plan, depth, compute_layer, expert_bytes, emulated,
+                 virtual=None) -> tuple[list[dict], dict]:
     """Every (ratio, cache, policy, predictor) of `plan` on every prompt, the predictors of a regime interleaved
     per prompt and repeat (a machine that slows down slows them alike); the fastest run of each kept. Returns
-    the merged rows, in plan order, and one recorder per row."""
+    the merged rows, in plan order, and one recorder per row. `depth`: every predictor's lookahead."""
     runs, recorders = [], {}
     regimes: dict[tuple, list[str]] = {}  # (ratio, cache, policy) -> the predictors compared in it, in plan order
     for ratio, cache, policy, name in plan:
         regimes.setdefault((ratio, cache, policy), []).append(name)
-    _, layers = find_moe_layers(model)
-    depth = auto_lookahead(model, layers, args.adapters) if args.lookahead == "auto" else int(args.lookahead)
     bar = tqdm(total=len(plan) * args.repeats * len(refs), desc="profile runs")
     for (ratio, cache, policy), names in regimes.items():
         gbps = expert_bytes / (ratio * compute_layer) / 1e9 if emulated else None  # one transfer = ratio layers
