@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from _report import publish
 from m2r2_moe.cli_common import text_files
 from m2r2_moe.loading import load_model
 from m2r2_moe.models import find_moe_layers
@@ -30,6 +31,16 @@ def add_options(p: argparse.ArgumentParser) -> None:
 def check_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1 or any(r <= 0 for r in args.link_ratios):
         p.error("--prompts and --rounds must be >= 1, --new-tokens >= 2, link ratios > 0")
+
+
+def main(p: argparse.ArgumentParser, argv, run, title: str) -> int:
+    """Parse `argv` with `p` (its own checks refuse bad values with `p.error`), run `run(args)` -> (table, legend)
+    and print it, appended to BENCHMARKS.md under `title` unless `--no-record`."""
+    args = p.parse_args(argv)
+    check_options(p, args)
+    table, extra = run(args)
+    publish(title, table, extra, args.record)
+    return 0
 
 
 @dataclass

@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import markdown_table, publish  # noqa: E402
-from _simulated import add_options, check_options, footer, setup  # noqa: E402
+import _simulated as simulated  # noqa: E402
+from _report import markdown_table  # noqa: E402
+from _simulated import add_options, footer, setup  # noqa: E402
 from m2r2_moe.models.base import expert_param_bytes  # noqa: E402
 from m2r2_moe.profile.runs import offloaded_run  # noqa: E402
 
@@ -37,6 +38,16 @@ def parse_arm(text: str) -> tuple[str | None, int, bool]:
     if not at or not depth.isdigit() or int(depth) < 1 or (bang and flag != "free"):
         raise argparse.ArgumentTypeError(f"an arm is [FILE]@D[!free] with D >= 1, got {text!r}")
     return path or None, int(depth), bool(bang)
+
+
+def arm_list(text: str) -> list[str]:
+    """`--arms`: each arm once and well formed (`parse_arm`; `none` is none of them: it always runs)."""
+    out = text.split(",")
+    for arm in out:
+        parse_arm(arm)
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError("each arm once")
+    return out
 
 
 def run(args) -> tuple[str, str]:
@@ -75,21 +86,10 @@ def run(args) -> tuple[str, str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arms", required=True, type=lambda s: s.split(","),
+    p.add_argument("--arms", required=True, type=arm_list,
                    help="comma-separated [FILE]@D[!free], e.g. @4,@7 or a.safetensors@4,b.safetensors@8")
     add_options(p)
-    args = p.parse_args(argv)
-    try:
-        for arm in args.arms:
-            parse_arm(arm)
-    except argparse.ArgumentTypeError as e:
-        p.error(str(e))
-    if len(set(args.arms)) != len(args.arms) or "none" in args.arms:
-        p.error("--arms: each arm once; `none` always runs")
-    check_options(p, args)
-    table, extra = run(args)
-    publish("m2r2 at several lookaheads (simulated time)", table, extra, args.record)
-    return 0
+    return simulated.main(p, argv, run, "m2r2 at several lookaheads (simulated time)")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import markdown_table, publish  # noqa: E402
-from _simulated import add_options, check_options, footer, setup  # noqa: E402
+import _simulated as simulated  # noqa: E402
+from _report import markdown_table  # noqa: E402
+from _simulated import add_options, footer, setup  # noqa: E402
 from m2r2_moe.cli_common import auto_lookahead  # noqa: E402
 from m2r2_moe.models.base import expert_param_bytes  # noqa: E402
 from m2r2_moe.profile.runs import offloaded_run  # noqa: E402
@@ -80,11 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--adapters", default=None, help="adapters for a model not shipped with the package")
     p.add_argument("--lookahead", type=int, default=None,
                    help="layers ahead, the same for m2r2 and the oracle (default: the runtime's for these adapters)")
-    args = p.parse_args(argv)
-    check_options(p, args)
-    table, extra = run(args)
-    publish("Prefetching against its cap (simulated time)", table, extra, args.record)
-    return 0
+    return simulated.main(p, argv, run, "Prefetching against its cap (simulated time)")
 
 
 if __name__ == "__main__":
