@@ -323,11 +323,11 @@ def test_the_planner_queues_by_expected_value(planner):
 
 
 def test_the_horizon_follows_the_link():
-    """Layers ahead a copy needs: one transfer over one layer's compute, plus one, at most all layers."""
+    """Layers ahead a copy needs: one transfer over one layer's compute, at least one, at most all layers."""
     model, off, pf = _prefetcher(0.001)
     try:
         transfer = off.engine.link_seconds(off.expert_bytes[0])
-        for ratio, horizon in ((0.5, 2), (2, 3), (8, 4)):
+        for ratio, horizon in ((0.5, 1), (1.5, 2), (2, 2), (3, 3), (8, 4)):
             off.clock.layer_seconds = transfer / ratio
             assert pf._horizon(transfer) == horizon
         off.clock.layer_seconds = 0.0

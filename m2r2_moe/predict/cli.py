@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 # `train-adapters --lookahead auto`: every distance within the model, up to this many. The prefetcher asks the
-# adapters for one transfer over one layer's compute, plus one, distances: 8 covers a link that takes 7 layers'
-# compute per expert; training time and the file grow with the depth, so a deeper one is asked for by number.
+# adapters for one transfer over one layer's compute in distances: 8 covers a link that takes 8 layers' compute
+# per expert; training time and the file grow with the depth, so a deeper one is asked for by number.
 # The runtime looks DEFAULT_LOOKAHEAD layers ahead unless told more (config.py says what deeper measured).
 AUTO_TRAIN_LOOKAHEAD = 8
 
