@@ -306,4 +306,5 @@ def test_the_oracles_host_rows_are_its_predictions(wrap):
                     continue
                 want = scores[: count or len(depths), 0].numpy()
                 assert rows.dtype == np.float32 and np.array_equal(rows, want), (position, layer, count)
+                assert not rows.flags.writeable  # a view of the oracle's table: a caller cannot change it
     assert oracle.predict_host(0, torch.zeros(2, 4)) is None  # several tokens: the torch path

@@ -97,6 +97,7 @@ class OraclePredictor(Predictor):
             ahead = np.zeros((count + 1, 2 * self.num_layers, self.num_experts), dtype=np.float32)
             ahead[:count, : self.num_layers] = rows
             ahead[: count - 1, self.num_layers :] = rows[1:]
+            ahead.flags.writeable = False  # `predict_host` hands out views of it
             self._ahead = ahead
         return self._ahead
 
