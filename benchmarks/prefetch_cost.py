@@ -5,8 +5,8 @@ For each link regime and predictor the built-in model decodes the same prompts, 
 
 - `kernel`: the experts kernel on the slots; `wait`: waiting for copies (the stall);
 - `prefetch path`: the prefetcher's whole per-layer step (`Prefetcher.on_layer`), of which `predict`
-  (the predictor's scores), `plan` (the planner's one call: settle, rank, admit) and `issue` (placing and
-  queueing copies).
+  (the predictor's scores: `predict_host` at batch 1, else `predict_stacked`), `plan` (the planner's one call:
+  settle, rank, admit) and `issue` (placing and queueing copies).
 
 `saved` is the wait the predictor removed against `none` in the same regime, `net` = saved − prefetch path
 − the kernel's slowdown (copies landing while the kernel runs): positive when prefetching pays for itself.
@@ -74,7 +74,9 @@ class Timers:
         self._wrap(offloader.cache, "prefetch", "issue")
         pf = offloader.prefetcher
         if pf is not None:
-            for obj, name, part in ((pf, "on_layer", "on_layer"), (pf.predictor, "predict_stacked", "predict")):
+            # decode at batch 1 predicts through `predict_host` (one native call or table read), else `predict_stacked`
+            for obj, name, part in ((pf, "on_layer", "on_layer"), (pf.predictor, "predict_host", "predict"),
+                                    (pf.predictor, "predict_stacked", "predict")):
                 self._wrap(obj, name, part)
                 self._wrapped.append((obj, name))
             self._planner, pf.planner = pf.planner, _TimedPlanner(pf.planner, self._timed)
