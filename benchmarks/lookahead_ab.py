@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _simulated as simulated  # noqa: E402
 from _report import markdown_table  # noqa: E402
 from _simulated import add_options, footer, setup  # noqa: E402
+from m2r2_moe.config import DEFAULT_LOOKAHEAD  # noqa: E402
 from m2r2_moe.models.base import expert_param_bytes  # noqa: E402
 from m2r2_moe.profile.runs import offloaded_run  # noqa: E402
 
@@ -62,7 +63,7 @@ def run(args) -> tuple[str, str]:
             for i, ref in enumerate(refs):
                 for label, adapters, depth, free in arms:
                     out = offloaded_run(model, ref, args.new_tokens, "m2r2" if depth else "none", total // 2, gbps,
-                                        "predictive", adapters, depth or 4, virtual=compute, free_prefetcher=free)
+                                        "predictive", adapters, depth or DEFAULT_LOOKAHEAD, virtual=compute, free_prefetcher=free)
                     identical &= out["tokens_identical"]
                     key = (ratio, label, i)
                     if key not in best or out["time_per_token_s"] < best[key]["time_per_token_s"]:

@@ -159,7 +159,7 @@ class Prefetcher:
         the link are the planner's to price (each candidate's lead counts them), not the horizon's. A horizon one
         layer deeper for them (it was) predicted a distance more at every predicting layer and filled slots with
         its less certain copies: side by side on simulated time (three models, half the experts cached) it wasted
-        1.7-2.2x the bytes at link ratio 0.5 and 1.2-1.3x at ratio 2 for no gain in time (0.5-1.5 % slower in
+        1.8-2.2x the bytes at link ratio 0.5 and 1.2-1.3x at ratio 2 for no gain in time (0.5-1.5 % slower in
         one A/B, -0.6 to +0.6 % in a second); at ratio 8 the model's depth caps both."""
         compute = self.clock.layer_seconds
         if not transfer or not compute:
