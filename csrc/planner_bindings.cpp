@@ -18,7 +18,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kAbiVersion = 6;  // bumped when the Python-visible interface changes (see _ext.py)
+constexpr int kAbiVersion = 7;  // bumped when the Python-visible interface changes (see _ext.py)
 
 using Probs = py::array_t<float, py::array::c_style>;
 
@@ -96,24 +96,24 @@ Array mlp_softmax(const Array& x, const Array& w1, const Array& b1, const Array&
   return mlp_softmax_of(x.data(), x.size(), w1, b1, w2, b2);
 }
 
-// The same with x read at `address`: w1's H contiguous float32 values (a torch CPU tensor's data_ptr(), alive for
-// the call). Converting the tensor to a numpy array costs more than these heads' arithmetic at batch 1.
-// w1 and w2 float32, or both bfloat16 given as their bits (uint16 arrays): half the bytes to read cold.
-Array mlp_softmax_at(uintptr_t address, const py::array& w1, const Array& b1, const py::array& w2, const Array& b2) {
-  using Bits = py::array_t<uint16_t, py::array::c_style>;
-  if (address == 0 || w1.ndim() != 2) throw std::invalid_argument("heads: a null x, or w1 not [H, n*M]");
-  const float* x = reinterpret_cast<const float*>(address);
-  bool bits1 = Bits::check_(w1), bits2 = Bits::check_(w2);
-  if (!bits1 && !bits2) return mlp_softmax_of(x, w1.shape(0), w1.cast<Array>(), b1, w2.cast<Array>(), b2);
-  if (!bits1 || !bits2) throw std::invalid_argument("heads: w1 and w2 are both bfloat16 bits (uint16) or neither");
-  auto a1 = py::reinterpret_borrow<Bits>(w1), a2 = py::reinterpret_borrow<Bits>(w2);
-  if (a2.ndim() != 3) throw std::invalid_argument("heads: w2 must be [n, M, E]");
-  int64_t hidden = a1.shape(0), n = a2.shape(0), width = a2.shape(1), experts = a2.shape(2);
-  if (a1.size() != hidden * n * width) throw std::invalid_argument("heads: w1 has the wrong size");
-  Array out({n, experts});
-  m2r2::mlp_softmax_bf16(x, hidden, a1.data(), data_of(b1, n * width, "b1"), n, width, a2.data(),
-                         data_of(b2, n * experts, "b2"), experts, out.mutable_data());
-  return out;
+// The prefetcher's call: every operand by address, the result written into `out` [n, E] float32. x: H contiguous
+// float32 values (a torch CPU tensor's data_ptr()); w1 [H, n*M], b1 [n*M], w2 [n, M, E], b2 [n, E], contiguous, w1
+// and w2 float32 or (`bf16`) bfloat16 bits. The caller keeps them alive and rightly shaped (m2r2_moe/predict/m2r2.py
+// checks them once, when it lays them out). No array is built or checked per call: in a decode step these heads run
+// cold, after the layers' kernels, and the numpy arguments and result of the per-array call (mlp_softmax) cost
+// about a third of the call there (18 -> 12 µs per predicting layer, tiny-mixtral, simulated time).
+void mlp_softmax_into(uintptr_t x, uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, int64_t hidden, int64_t n,
+                      int64_t width, int64_t experts, bool bf16, uintptr_t out) {
+  if (!x || !w1 || !b1 || !w2 || !b2 || !out)
+    throw std::invalid_argument("heads: a null address");
+  if (hidden < 1 || n < 1 || width < 1 || experts < 1) throw std::invalid_argument("heads: an empty shape");
+  auto f = [](uintptr_t a) { return reinterpret_cast<const float*>(a); };
+  auto h = [](uintptr_t a) { return reinterpret_cast<const uint16_t*>(a); };
+  float* y = reinterpret_cast<float*>(out);
+  if (bf16)
+    m2r2::mlp_softmax_bf16(f(x), hidden, h(w1), f(b1), n, width, h(w2), f(b2), experts, y);
+  else
+    m2r2::mlp_softmax(f(x), hidden, f(w1), f(b1), n, width, f(w2), f(b2), experts, y);
 }
 
 // The CPU copy engine for Python (runtime/cpu_native.py wraps it). The engine is shared with its copies'
@@ -163,9 +163,10 @@ PYBIND11_MODULE(_native_plan, m) {
         "gate at batch 1: softmax per distance of rms_norm(x) @ w [H, n*E] -> [n, E] (csrc/heads.hpp)");
   m.def("mlp_softmax", &mlp_softmax, py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
         "M2R2 heads at batch 1: softmax per distance of relu(x @ w1 + b1) @ w2[d] + b2[d] -> [n, E]");
-  m.def("mlp_softmax_at", &mlp_softmax_at, py::arg("address"), py::arg("w1"), py::arg("b1"), py::arg("w2"),
-        py::arg("b2"), "mlp_softmax with x [H] read at `address` (H = w1.shape[0] contiguous float32); w1 and w2 float32 or both "
-        "bfloat16 bits (uint16)");
+  m.def("mlp_softmax_into", &mlp_softmax_into, py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"),
+        py::arg("b2"), py::arg("hidden"), py::arg("n"), py::arg("width"), py::arg("experts"), py::arg("bf16"),
+        py::arg("out"), "mlp_softmax with every operand by address and the result written into out [n, E] (float32); "
+        "w1 and w2 float32 or (bf16) bfloat16 bits");
   m.def("policy_victim",
         [](uintptr_t when, uintptr_t res, uintptr_t want, uintptr_t since, uintptr_t score, uintptr_t layer,
            int64_t size, std::vector<int64_t> pinned, int64_t now, int64_t layers, double done, double to_come,

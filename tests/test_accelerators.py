@@ -93,15 +93,17 @@ def test_heads_native_batch1_path_matches_the_tensor_path(model_and_layers, wrap
                 assert host is None
                 continue
             assert host is not None and host.shape == tuple(reference[:, 0].shape)
-            assert torch.allclose(torch.from_numpy(host), reference[:, 0], atol=2e-6, rtol=1e-4)
+            assert torch.allclose(torch.tensor(host), reference[:, 0], atol=2e-6, rtol=1e-4)
         if depths:  # unrounded float32 weights: the native probabilities within the weights' rounding
-            assert torch.allclose(torch.from_numpy(unrounded.predict_host(layer, residual)),
+            assert torch.allclose(torch.tensor(unrounded.predict_host(layer, residual)),
                                   unrounded.predict_stacked(layer, residual)[1][:, 0], atol=0.02)
     assert p.predict_host(0, residual.expand(2, 64)) is None  # several tokens: the tensor path
-    full = p.predict_host(0, residual)
+    full = p.predict_host(0, residual).copy()  # the predictor's buffer: the calls below may write it again
+    with pytest.raises(ValueError):  # read-only to callers
+        p.predict_host(0, residual)[0, 0] = 1.0
     for count in range(1, len(full) + 2):  # only the nearest depths: the same rows, computed alone
         near = p.predict_host(0, residual, count=count)
-        assert near.shape[0] == min(count, len(full)) and torch.equal(torch.from_numpy(near),
+        assert near.shape[0] == min(count, len(full)) and torch.equal(torch.tensor(near),
                                                                       torch.from_numpy(full[: len(near)]))
     adapters = AcceleratorAdapters(len(layers), 64, DEPTH, 4, mlp=random_heads(len(layers)))
     linear = make_predictor("m2r2", model, adapter, layers, DEPTH, adapters=adapters, kind="linear")

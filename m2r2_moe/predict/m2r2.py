@@ -13,6 +13,7 @@ Both give each target's expert probabilities (`scores_are_probabilities`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .accelerators import (FORMAT, VERSION, AcceleratorAdapters, AdapterFileError, AdapterMismatchError,
@@ -33,6 +34,22 @@ def _host(t: torch.Tensor, bf16: bool = False):
     if bf16:
         return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view("uint16")
     return t.contiguous().numpy()
+
+
+def _host_call(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> tuple:
+    """(output `[n, E]` float32, read-only to callers; the native call's arguments after x; the arrays they point
+    into, kept alive with them) for the heads w1 `[H, n*M]`, b1 `[n*M]`, w2 `[n, M, E]`, b2 `[n, E]`, laid out once
+    (shapes checked here: the native call takes addresses and trusts them)."""
+    n, width, experts = w2.shape
+    hidden = w1.shape[0]
+    if w1.shape != (hidden, n * width) or b1.shape != (n * width,) or b2.shape != (n, experts):
+        raise ValueError(f"heads of mismatched shapes: w1 {tuple(w1.shape)}, b1 {tuple(b1.shape)}, w2 {tuple(w2.shape)}, "
+                         f"b2 {tuple(b2.shape)}")
+    arrays = (_host(w1, HOST_HEADS_BF16), _host(b1), _host(w2, HOST_HEADS_BF16), _host(b2))
+    out = np.zeros((n, experts), dtype=np.float32)
+    args = (*(a.ctypes.data for a in arrays), hidden, n, width, experts, HOST_HEADS_BF16, out.ctypes.data)
+    out.flags.writeable = False  # the native call writes it by address; callers only read
+    return out, args, arrays
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:
@@ -93,40 +110,39 @@ class M2R2Predictor(GatePredictor):
         return u[: a.hidden], u[a.hidden :], a.V[layer, :n].detach(), a.b[layer, :n].detach().unsqueeze(1)
 
     def _host_weights(self) -> list:
-        """mlp kind: per source layer, for each count c = 1..n of nearest depths, the heads of those depths as
-        contiguous numpy arrays for the native batch-1 path (w1 `[H, c*M]`, b1, w2 `[c, M, E]`, b2), or None where
-        it does not apply (not on the CPU in float32, or no native heads in this build). The prefix copies let
-        the prefetcher compute only the depths its horizon needs. With `HOST_HEADS_BF16` w1 and w2 are kept in
-        bfloat16 (their bits, uint16): the weights are read from memory at every token, cold, and half the bytes
-        take about half the time; the probabilities move by the rounding of the weights (predictions steer
-        prefetching only; the calibration is learned on what the heads give). The linear kind has none: its
-        targets are routed from the accelerated residual."""
+        """mlp kind: per source layer, for each count c = 1..n of nearest depths, the native batch-1 call's arguments
+        (`_host_call`: the heads of those depths laid out contiguously — w1 `[H, c*M]`, b1, w2 `[c, M, E]`, b2 — and
+        the output buffer `[c, E]`), or None where it does not apply (not on the CPU in float32, or no native heads
+        in this build). The prefix copies let the prefetcher compute only the depths its horizon needs. With
+        `HOST_HEADS_BF16` w1 and w2 are kept in bfloat16 (their bits, uint16): the weights are read from memory at
+        every token, cold, and half the bytes take about half the time; the probabilities move by the rounding of
+        the weights (predictions steer prefetching only; the calibration is learned on what the heads give). The
+        linear kind has none: its targets are routed from the accelerated residual."""
         from .. import _ext  # the only door to native code
 
         heads = self.adapters.mlp
         if self.kind != "mlp" or not _ext.HAS_PLANNER or heads.w1.device.type != "cpu" or heads.w1.dtype != torch.float32:
             return [None] * self.num_layers
-        self._heads_at = _ext.planner.mlp_softmax_at
+        self._heads_into = _ext.planner.mlp_softmax_into
         out = []
         for layer in range(self.num_layers):
             n, m = len(self.depths(layer)), heads.width
-            if not n:
-                out.append(None)
-                continue
-            out.append([(_host(heads.w1[layer, :, : c * m], HOST_HEADS_BF16), _host(heads.b1[layer, : c * m]),
-                         _host(heads.w2[layer, :c], HOST_HEADS_BF16), _host(heads.b2[layer, :c]))
-                        for c in range(1, n + 1)])
+            out.append([_host_call(heads.w1[layer, :, : c * m], heads.b1[layer, : c * m], heads.w2[layer, :c],
+                                   heads.b2[layer, :c]) for c in range(1, n + 1)] if n else None)
         return out
 
     def predict_host(self, layer, residual, chosen=None, normed=None, count=None):
+        """See `Predictor.predict_host`. The array returned is this predictor's own buffer for (`layer`, `count`),
+        read-only, overwritten by the next call for the same layer and count: the prefetcher reads it at once."""
         host = self._host[layer]
         if host is None or residual.shape[0] != 1 or not residual.is_cpu:
             return None
         x = normed if normed is not None else self._normed(layer, residual, None)
         if x.dtype != torch.float32 or not x.is_contiguous():
             return None
-        weights = host[-1] if not count else host[min(count, len(host)) - 1]
-        return self._heads_at(x.data_ptr(), *weights)  # x [1, H] read in place: w1 [H, c*M] says H
+        out, args, _ = host[-1] if not count else host[min(count, len(host)) - 1]
+        self._heads_into(x.data_ptr(), *args)  # x [1, H] read in place; H was checked when the call was laid out
+        return out
 
     def _normed(self, layer: int, residual: torch.Tensor, normed: torch.Tensor | None) -> torch.Tensor:
         if normed is not None:
