@@ -68,6 +68,30 @@ def test_promotion_moves_a_queued_prefetch_ahead_of_the_others_and_cancel_withdr
     assert engine.bytes_copied == 2 * MB and torch.equal(dst, torch.full_like(dst, 3.0))
 
 
+def test_a_copy_by_address_moves_its_bytes_when_it_gets_the_link_under_the_same_rules():
+    """`submit_at`, the native CPU engine's call for a plain row (what the expert cache uses on the engine this one
+    stands in for): the bytes move when the copy gets the link, not before, and it queues and yields like any copy."""
+    clock, engine = _engine()
+    floats = MB // 4
+    pool, rows = torch.zeros(2, floats), torch.stack([torch.full((floats,), 7.0), torch.full((floats,), 9.0)])
+    row_bytes = floats * 4
+
+    def at(key, row, slot, priority):
+        return engine.submit_at(key, slot, pool.data_ptr() + slot * row_bytes, rows.data_ptr() + row * row_bytes,
+                                row_bytes, priority, (pool, rows))
+
+    first, _ = _copy(engine, 5, PREFETCH)  # holds the link for 1 ms
+    p = at(0, 1, 0, PREFETCH)
+    assert not p.ready() and torch.equal(pool[0], torch.zeros(floats))  # queued behind: no byte moved yet
+    clock.advance(1.5e-3)
+    d = at(1, 0, 1, DEMAND)  # pre-empts the prefetch by address that got the link at 1 ms
+    assert d.wait() == pytest.approx(1e-3) and torch.equal(pool[1], rows[0])
+    assert p.wait() == pytest.approx(0.5e-3) and torch.equal(pool[0], rows[1])
+    assert (p.finished_at, p.busy, engine.bytes_copied) == pytest.approx((3e-3, 1e-3, 3 * MB))
+    assert p.dst is None and p.src is None  # the owners are let go once it has landed
+    assert first.ready()
+
+
 def test_a_failing_copy_reaches_its_waiter_and_close_lands_what_is_queued():
     clock, engine = _engine()
 
@@ -118,7 +142,14 @@ def test_an_offloaded_model_on_virtual_time_is_lossless_and_waits_the_simulated_
         real = offloader.engine
         with virtual_time(offloader, layer, prefill_layer_seconds=0.05) as clock:
             assert isinstance(offloader.engine, VirtualLinkEngine) and offloader.cache.engine is offloader.engine
+            calls = {"submit": 0, "submit_at": 0}
+            for name in calls:  # plain rows on the host: every copy by address, as on the native CPU engine
+                def counted(*args, _name=name, _call=getattr(offloader.engine, name), **kwargs):
+                    calls[_name] += 1
+                    return _call(*args, **kwargs)
+                setattr(offloader.engine, name, counted)
             out = _generate(model, ids)
+            assert calls["submit_at"] > 0 and calls["submit"] == 0
             stats = m2r2_moe.stats(model)
             elapsed = clock.now()
         assert torch.equal(out, ref)  # the real kernels ran on the real bytes

@@ -12,17 +12,18 @@ prefetching is worth. `virtual_time(offloader, ...)` runs an offloaded model on 
   clock, with the CPU engine's rules: demand loads (and promoted prefetches) pre-empt a prefetch on the link,
   which resumes where it stopped; a wait advances the clock to the copy's landing.
 Everything the runtime and the profiler time (`runtime/clock.host_seconds`) reads this clock: stalls, the layer
-time, the prefetcher's cost and benefit, the link's busy share, time per token. What stays real: the memcpy
-into the slot (done when the copy gets the link, not charged), the model's numerics (outputs are the real
-ones, lossless as ever), and the host work's own jitter (a share of a layer, not its whole).
-Not modelled: a hook outside the MoE layer call (the m2r2 predictor's residual tap, a few µs per layer), the
-copy engine's own calls (the simulation's bookkeeping is not charged; the CPU engine's calls are native, about a
-µs each), and contention between the copy and compute for the host's cores (on a GPU the copy engine is separate
-hardware).
+time, the prefetcher's cost and benefit, the link's busy share, time per token. What stays real: the memcpy into the
+slot (done when the copy gets the link, not charged), the outputs (lossless as ever), the host work's own jitter.
+A plain expert row is queued by address (`submit_at`), the native CPU engine's path: the cache's per-copy call is
+charged 11.4 µs here, 13.1 µs there (in place; 15.5-19.6 on the tensor-view path, which CPU runs never take). Not
+modelled: a hook outside the MoE layer call (the m2r2 predictor's residual tap, a few µs per layer), the native
+engine's enqueue (about 2 µs a copy), contention between copy and compute for the host's cores (a GPU's copy engine
+is separate hardware).
 """
 
 from __future__ import annotations
 
+import ctypes
 import heapq
 import itertools
 import math
@@ -72,7 +73,7 @@ class VirtualTransfer:
     """Handle of one copy on `VirtualLinkEngine` (the `Transfer` protocol, runtime/transfer.py)."""
 
     __slots__ = ("key", "slot", "nbytes", "priority", "error", "started_at", "finished_at", "busy", "cancelled",
-                 "claimed", "done", "submitted", "remaining", "entry", "dst", "src", "expand", "_engine")
+                 "claimed", "done", "submitted", "remaining", "entry", "dst", "src", "expand", "at", "_engine")
 
     def __init__(self, engine: "VirtualLinkEngine", key: int, slot: int, nbytes: int, priority: int, now: float):
         self.key, self.slot, self.nbytes, self.priority = key, slot, nbytes, priority
@@ -83,6 +84,7 @@ class VirtualTransfer:
         self.remaining: float | None = None  # link seconds still to hold (None until its bytes have moved)
         self.entry = -1
         self.dst = self.src = self.expand = None
+        self.at: tuple[int, int] | None = None  # (destination, source) addresses of a copy by address (`submit_at`)
         self._engine = engine
 
     def ready(self) -> bool:
@@ -131,12 +133,24 @@ class VirtualLinkEngine(HostClockEngine):
 
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
                after=None, expand=None) -> VirtualTransfer:
+        transfer = VirtualTransfer(self, key, slot, src.numel() * src.element_size(), priority, 0.0)
+        transfer.dst, transfer.src, transfer.expand = dst, src, expand
+        return self._enqueue(transfer)
+
+    def submit_at(self, key: int, slot: int, dst_address: int, src_address: int, nbytes: int, priority: int,
+                  owners: tuple) -> VirtualTransfer:
+        """The native CPU engine's call: `nbytes` by address, inside `owners` = (destination, source), referenced
+        until it lands; the bytes move when the copy gets the link."""
+        transfer = VirtualTransfer(self, key, slot, nbytes, priority, 0.0)
+        transfer.at, (transfer.dst, transfer.src) = (dst_address, src_address), owners
+        return self._enqueue(transfer)
+
+    def _enqueue(self, transfer: VirtualTransfer) -> VirtualTransfer:  # its handle is charged, as the native engine's
         if self._closed:
             raise RuntimeError("copy engine is closed")
         with self._uncharged() as now:
+            transfer.submitted = now
             self._advance(now)
-            transfer = VirtualTransfer(self, key, slot, src.numel() * src.element_size(), priority, now)
-            transfer.dst, transfer.src, transfer.expand = dst, src, expand
             self._push(transfer, now)
             self._advance(now)
         return transfer
@@ -169,9 +183,8 @@ class VirtualLinkEngine(HostClockEngine):
     # -- the simulated link ------------------------------------------------------------------------
     @contextmanager
     def _uncharged(self):
-        """The simulation's own bookkeeping, not counted as the runtime's host work (the CPU engine's calls are
-        native, about a µs each), the memcpy into the slot included (the worker thread's, on the CPU engine);
-        yields the time it happens at. Every entry into the link's state goes through it."""
+        """The simulation's bookkeeping, not charged (the native engine's enqueue), with the memcpy into the slot (its
+        worker thread's); yields the time it happens at. Every entry into the link's state goes through it."""
         now = self.clock.now()
         counted = self.clock.pause()
         try:
@@ -211,7 +224,9 @@ class VirtualLinkEngine(HostClockEngine):
                 if self.fault is not None:
                     self.fault(transfer.key, transfer.slot, transfer.priority)
                 seconds = 0.0
-                if transfer.expand is None:
+                if transfer.at is not None:
+                    ctypes.memmove(transfer.at[0], transfer.at[1], transfer.nbytes)
+                elif transfer.expand is None:
                     transfer.dst.copy_(transfer.src)
                 else:
                     seconds = transfer.expand.expand(transfer.dst, transfer.src)
@@ -258,18 +273,16 @@ class VirtualLinkEngine(HostClockEngine):
 @contextmanager
 def virtual_time(offloader, layer_seconds: float, prefill_layer_seconds: float | None = None,
                  free_prefetcher: bool = False):
-    """Run `offloader` (an `Offloader`, runtime/offloader.py) on a virtual clock until the block ends (see the
-    module docstring). `layer_seconds`: one MoE layer's compute in a decode step (attention and the rest of
-    the layer included); `prefill_layer_seconds`: in a forward of many tokens (default: `layer_seconds`). Its
-    copy engine is replaced by a `VirtualLinkEngine` of the same link speed; at the end a fresh engine of the
-    kind it had takes over. `free_prefetcher`: the prefetcher's per-layer work (prediction, planning, issuing)
-    is not charged, and its own timings see none of it (its benefit balance never backs off for cost): the bound a
-    cheaper prefetch path could approach. Yields the clock."""
+    """Run `offloader` (an `Offloader`, runtime/offloader.py) on a virtual clock until the block ends (see the module
+    docstring). `layer_seconds`: one MoE layer's compute in a decode step (attention and the rest of the layer
+    included); `prefill_layer_seconds`: in a forward of many tokens (default: `layer_seconds`). Its copy engine is
+    replaced by a `VirtualLinkEngine` of the same link speed; at the end a fresh engine of the kind it had takes over.
+    `free_prefetcher`: the prefetcher's per-layer work (prediction, planning, issuing) is not charged, and its own
+    timings see none of it (its balance never backs off for cost): the bound a cheaper prefetch path could approach."""
     if layer_seconds <= 0 or not math.isfinite(layer_seconds):
         raise ValueError(f"layer_seconds must be a positive time, got {layer_seconds!r}")
     if offloader.device.type != "cpu":
-        raise ValueError("virtual time simulates the CPU engine's emulated link; the offloader runs on "
-                         f"{offloader.device}")
+        raise ValueError(f"virtual time simulates the CPU engine's link; the offloader runs on {offloader.device}")
     if clock_module.host_source() is not time.perf_counter:
         raise RuntimeError("virtual time is already running")
     prefill_layer_seconds = layer_seconds if prefill_layer_seconds is None else prefill_layer_seconds
