@@ -141,7 +141,7 @@ class M2R2Predictor(GatePredictor):
         if x.dtype != torch.float32 or not x.is_contiguous():
             return None
         out, args, _ = host[-1] if not count else host[min(count, len(host)) - 1]
-        self._heads_into(x.data_ptr(), *args)  # x [1, H] read in place; H was checked when the call was laid out
+        self._heads_into(x.data_ptr(), *args)  # x [1, H] read in place: H is w1's rows, the model's hidden size
         return out
 
     def _normed(self, layer: int, residual: torch.Tensor, normed: torch.Tensor | None) -> torch.Tensor:
