@@ -278,7 +278,7 @@ def virtual_time(offloader, layer_seconds: float, prefill_layer_seconds: float |
     included); `prefill_layer_seconds`: in a forward of many tokens (default: `layer_seconds`). Its copy engine is
     replaced by a `VirtualLinkEngine` of the same link speed; at the end a fresh engine of the kind it had takes over.
     `free_prefetcher`: the prefetcher's per-layer work (prediction, planning, issuing) is not charged, and its own
-    timings see none of it (its balance never backs off for cost): the bound a cheaper prefetch path could approach."""
+    timings see none of it (no back-off for cost): the bound a cheaper per-layer path can approach. Yields the clock."""
     if layer_seconds <= 0 or not math.isfinite(layer_seconds):
         raise ValueError(f"layer_seconds must be a positive time, got {layer_seconds!r}")
     if offloader.device.type != "cpu":
