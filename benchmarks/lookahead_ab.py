@@ -63,7 +63,8 @@ def run(args) -> tuple[str, str]:
             for i, ref in enumerate(refs):
                 for label, adapters, depth, free in arms:
                     out = offloaded_run(model, ref, args.new_tokens, "m2r2" if depth else "none", total // 2, gbps,
-                                        "predictive", adapters, depth or DEFAULT_LOOKAHEAD, virtual=compute, free_prefetcher=free)
+                                        "predictive", adapters, depth or DEFAULT_LOOKAHEAD, virtual=compute,
+                                        free_prefetcher=free)
                     identical &= out["tokens_identical"]
                     key = (ratio, label, i)
                     if key not in best or out["time_per_token_s"] < best[key]["time_per_token_s"]:

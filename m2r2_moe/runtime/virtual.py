@@ -75,12 +75,12 @@ class VirtualTransfer:
     __slots__ = ("key", "slot", "nbytes", "priority", "error", "started_at", "finished_at", "busy", "cancelled",
                  "claimed", "done", "submitted", "remaining", "entry", "dst", "src", "expand", "at", "_engine")
 
-    def __init__(self, engine: "VirtualLinkEngine", key: int, slot: int, nbytes: int, priority: int, now: float):
+    def __init__(self, engine: "VirtualLinkEngine", key: int, slot: int, nbytes: int, priority: int):
         self.key, self.slot, self.nbytes, self.priority = key, slot, nbytes, priority
         self.error: BaseException | None = None
         self.started_at = self.finished_at = self.busy = 0.0
         self.cancelled = self.claimed = self.done = False
-        self.submitted = now
+        self.submitted = 0.0  # when it was queued (`_enqueue`)
         self.remaining: float | None = None  # link seconds still to hold (None until its bytes have moved)
         self.entry = -1
         self.dst = self.src = self.expand = None
@@ -133,7 +133,7 @@ class VirtualLinkEngine(HostClockEngine):
 
     def submit(self, key: int, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
                after=None, expand=None) -> VirtualTransfer:
-        transfer = VirtualTransfer(self, key, slot, src.numel() * src.element_size(), priority, 0.0)
+        transfer = VirtualTransfer(self, key, slot, src.numel() * src.element_size(), priority)
         transfer.dst, transfer.src, transfer.expand = dst, src, expand
         return self._enqueue(transfer)
 
@@ -141,7 +141,7 @@ class VirtualLinkEngine(HostClockEngine):
                   owners: tuple) -> VirtualTransfer:
         """The native CPU engine's call: `nbytes` by address, inside `owners` = (destination, source), referenced
         until it lands; the bytes move when the copy gets the link."""
-        transfer = VirtualTransfer(self, key, slot, nbytes, priority, 0.0)
+        transfer = VirtualTransfer(self, key, slot, nbytes, priority)
         transfer.at, (transfer.dst, transfer.src) = (dst_address, src_address), owners
         return self._enqueue(transfer)
 
