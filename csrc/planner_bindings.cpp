@@ -18,7 +18,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kAbiVersion = 7;  // bumped when the Python-visible interface changes (see _ext.py)
+constexpr int kAbiVersion = 8;  // bumped when the Python-visible interface changes (see _ext.py)
 
 using Probs = py::array_t<float, py::array::c_style>;
 
@@ -154,6 +154,31 @@ struct Copy {
   }
 };
 
+// Copy.wait: the Transfer protocol's (runtime/transfer.py).
+double wait_transfer(py::object self, py::object timeout) {
+  const Copy& c = self.cast<const Copy&>();
+  const double limit = timeout.is_none() ? -1.0 : timeout.cast<double>();
+  const double start = m2r2::monotonic_seconds();
+  bool done = c.copy->done.load(std::memory_order_acquire);
+  if (!done) {
+    py::gil_scoped_release nogil;
+    done = c.engine->wait(c.copy, limit);
+  }
+  const double waited = m2r2::monotonic_seconds() - start;
+  if (!done) {
+    PyErr_SetString(PyExc_TimeoutError, ("copy of expert key " + std::to_string(c.copy->key) + " into slot " +
+                                         std::to_string(c.copy->slot) + " did not land in " +
+                                         std::to_string(limit) + " s").c_str());
+    throw py::error_already_set();
+  }
+  if (c.read(&m2r2::CpuCopy::failed)) {
+    py::object error = py::module_::import("m2r2_moe.runtime.transfer").attr("failed_error")(self);
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(error.ptr())), error.ptr());
+    throw py::error_already_set();
+  }
+  return waited;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native_plan, m) {
@@ -191,9 +216,22 @@ PYBIND11_MODULE(_native_plan, m) {
       .def_property_readonly("started_at", [](const Copy& c) { return c.read(&m2r2::CpuCopy::started_at); })
       .def_property_readonly("finished_at", [](const Copy& c) { return c.read(&m2r2::CpuCopy::finished_at); })
       .def_property_readonly("busy", [](const Copy& c) { return c.read(&m2r2::CpuCopy::busy); })
-      .def("wait", [](const Copy& c, double timeout) { return c.engine->wait(c.copy, timeout); },
+      .def("wait_done", [](const Copy& c, double timeout) { return c.engine->wait(c.copy, timeout); },
            py::arg("timeout"), py::call_guard<py::gil_scoped_release>(),
-           "wait until the copy is done (timeout < 0: forever), without the GIL; False on timeout");
+           "wait until the copy is done (timeout < 0: forever), without the GIL; False on timeout")
+      // The `Transfer` protocol (runtime/transfer.py), so that a plain copy's handle is this object itself
+      // (NativeCopyEngine.submit_at): no Python object per copy on the hot path.
+      .def_property_readonly("key", [](const Copy& c) { return c.copy->key; })  // fixed at submit: no lock
+      .def_property_readonly("slot", [](const Copy& c) { return c.copy->slot; })
+      .def_property_readonly("nbytes", [](const Copy& c) { return c.copy->nbytes; })
+      .def_property_readonly("error", [](const Copy& c) -> py::object {
+        if (!c.read(&m2r2::CpuCopy::failed)) return py::none();
+        return py::module_::import("builtins").attr("RuntimeError")("the copy failed in the engine");
+      })
+      .def("ready", [](const Copy& c) { return c.copy->done.load(std::memory_order_acquire); })
+      .def("wait", &wait_transfer, py::arg("timeout") = py::none(),
+           "the Transfer protocol's wait: host seconds waited (without the GIL); TimeoutError when the copy has not "
+           "landed within `timeout` seconds (None: forever), CopyError when it failed");
   py::class_<CopyEngine>(m, "CpuCopyEngine", "C++ twin of runtime/cpu_engine.py's ThreadCopyEngine")
       .def(py::init<double, double, py::object, double>(), py::arg("bytes_per_s"), py::arg("latency_s"),
            py::arg("hook"), py::arg("spin_s"))

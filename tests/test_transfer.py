@@ -243,3 +243,46 @@ def test_copies_by_address_land_what_the_views_would(rows, monkeypatch):
             assert torch.equal(off.pool[slot, : row.numel()], row)
     finally:
         m2r2_moe.remove_offload(model)
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason="the native CPU engine is not built")
+def test_a_copy_by_address_is_its_own_handle_and_keeps_the_protocol():
+    """`submit_at` returns the C++ copy itself (no Python object per copy): it answers the `Transfer` protocol as
+    the Python handle does (fields, `ready`, `wait` in seconds, `TimeoutError`), can be withdrawn and promoted, and
+    the engine keeps the owners of its memory referenced until it closes."""
+    import gc
+    import weakref
+
+    engine = cpu_native.NativeCopyEngine(link_gbps=0.001, spin=False)  # 10 ms per 10 kB
+    rows, pool = torch.arange(4 * 2500, dtype=torch.float32).reshape(4, 2500), torch.zeros(4, 2500)
+    nbytes = 2500 * 4
+
+    def at(key, slot, row, priority):
+        return engine.submit_at(key, slot, pool.data_ptr() + slot * nbytes, rows.data_ptr() + row * nbytes, nbytes,
+                                priority, (pool, rows))
+
+    try:
+        first = at(7, 0, 2, PREFETCH)
+        assert not isinstance(first, cpu_native.NativeTransfer)
+        assert (first.key, first.slot, first.nbytes, first.priority, first.error) == (7, 0, nbytes, PREFETCH, None)
+        _until_on_link(first)
+        queued, later = at(8, 1, 3, PREFETCH), at(9, 2, 1, PREFETCH)
+        assert engine.cancel(queued) and queued.ready() and queued.cancelled
+        with pytest.raises(TimeoutError, match="key 9 into slot 2"):
+            later.wait(0.001)  # behind the first copy's 10 ms
+        engine.promote(later)
+        assert later.priority == DEMAND
+        waited = later.wait(5.0)  # a demand load now: it pre-empted the first copy on the link
+        assert 0.0 < waited < 5.0 and later.ready() and not engine.cancel(first)
+        first.wait(5.0)
+        assert torch.equal(pool[0], rows[2]) and torch.equal(pool[2], rows[1]) and not pool[1].any()
+        assert later.busy == pytest.approx(0.010, rel=1e-3) and later.finished_at >= later.started_at > 0
+        gone = weakref.ref(rows)
+        del rows
+        gc.collect()
+        assert gone() is not None  # the engine holds what its copies read
+        engine.close()
+        gc.collect()
+        assert gone() is None
+    finally:
+        engine.close()

@@ -76,7 +76,7 @@ class NativeTransfer:
 
     def wait(self, timeout: float | None = None) -> float:
         start = time.perf_counter()
-        if not self._c.done and not self._c.wait(-1.0 if timeout is None else timeout):
+        if not self._c.done and not self._c.wait_done(-1.0 if timeout is None else timeout):
             raise TimeoutError(f"copy of expert key {self.key} into slot {self.slot} did not land in {timeout} s")
         if self._c.failed:
             if self.error is None:
@@ -102,6 +102,7 @@ class NativeCopyEngine(HostClockEngine):
         self.fault = None  # test-only hook, see runtime/transfer.py
         self._ids = itertools.count()
         self._hooked: dict[int, NativeTransfer] = {}  # copies whose worker step calls `_hook`, by id
+        self._held: dict[int, torch.Tensor] = {}  # what `submit_at`'s copies read and write, by id, until `close`
         self._live: collections.deque[NativeTransfer] = collections.deque()  # copies maybe in flight, in submit
         # order: their tensors stay referenced until they are done
         ref = weakref.ref(self)  # the C++ engine holds the hook: a weak reference, so no cycle keeps this alive
@@ -138,11 +139,18 @@ class NativeCopyEngine(HostClockEngine):
     def submit_at(self, key: int, slot: int, dst_address: int, src_address: int, nbytes: int, priority: int,
                   owners: tuple) -> NativeTransfer:
         """`submit` for a plain copy given by addresses: `nbytes` from `src_address` to `dst_address`, inside the
-        tensors `owners` = (destination, source), which stay referenced until the copy is done. The hot path's
-        copies: no per-copy tensor views nor checks (the caller checked the layout once)."""
+        tensors `owners` = (destination, source). The hot path's copies: no per-copy tensor views nor checks (the
+        caller checked the layout once), and no Python object per copy: the handle is the C++ copy's own (it has
+        the `Transfer` protocol), and the engine keeps `owners` referenced until it closes (a copy's owners are the
+        expert pool and the store's rows, which live as long as the offloaded model anyway)."""
         dst, src = owners
-        transfer = NativeTransfer(key, slot, nbytes, dst, src, None, self.fault, next(self._ids), memcpy=True)
-        return self._enqueue(transfer, priority, dst_address, src_address)
+        if self.fault is not None:  # the test-only hook runs on the worker: a Python handle carries it
+            transfer = NativeTransfer(key, slot, nbytes, dst, src, None, self.fault, next(self._ids), memcpy=True)
+            return self._enqueue(transfer, priority, dst_address, src_address)
+        held = self._held
+        if id(dst) not in held or id(src) not in held:
+            held[id(dst)], held[id(src)] = dst, src
+        return self._engine.submit(-1, key, slot, nbytes, priority, dst_address, src_address, nbytes, False)
 
     def _enqueue(self, transfer: NativeTransfer, priority: int, dst_address: int, src_address: int) -> NativeTransfer:
         """Hand `transfer` to the worker (its memcpy moves the bytes unless the copy is hooked), and keep its
@@ -188,6 +196,8 @@ class NativeCopyEngine(HostClockEngine):
 
     def cancel(self, transfer: NativeTransfer) -> bool:
         """Withdraw a queued copy. False when the worker has already started it."""
+        if type(transfer) is not NativeTransfer:  # a plain copy's handle is the C++ copy itself (`submit_at`)
+            return self._engine.cancel(transfer)
         if not self._engine.cancel(transfer._c):
             return False
         self._hooked.pop(transfer.ident, None)  # its hook will never run
@@ -196,7 +206,7 @@ class NativeCopyEngine(HostClockEngine):
 
     def promote(self, transfer: NativeTransfer) -> None:
         """Run a prefetch (queued, or pre-empted partway) before all other prefetches: compute waits for it."""
-        self._engine.promote(transfer._c)
+        self._engine.promote(transfer._c if type(transfer) is NativeTransfer else transfer)
 
     def close(self) -> None:
         """Let queued copies finish (without holding the emulated link any more) and stop the worker."""
@@ -205,6 +215,7 @@ class NativeCopyEngine(HostClockEngine):
             transfer._release()
         self._live.clear()
         self._hooked.clear()
+        self._held.clear()
         _OPEN.discard(self)
 
 

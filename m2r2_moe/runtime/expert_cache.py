@@ -37,9 +37,7 @@ class ExpertCache:
                  copy_timeout_s: float, events: RuntimeEvents, clock):
         self.num_slots, self.key_stride = num_slots, key_stride
         self.slots = make_slot_manager(num_slots)
-        self.policy = policy
-        self.engine, self.store, self.pool = engine, store, pool
-        self.copy_timeout_s = copy_timeout_s
+        self.policy, self.store, self.pool, self.copy_timeout_s = policy, store, pool, copy_timeout_s
         self.events, self.clock = events, clock
         self.stats = OffloadStats()
         self._prefetched: dict[int, Transfer] = {}  # key -> copy of a prefetched expert not used yet
@@ -47,9 +45,18 @@ class ExpertCache:
         self._streamed: set[int] = set()  # prefetched keys a forward's routing asked for (`stream`): kept
         self._slot_free: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last compute reading the slot
         self._plain: dict[int, tuple | None] = {}  # layer -> the layout `_copy` submits by address (`_plain_layout`)
-        # a host pool's (address, bytes per slot), for copies by address; None for a device pool
         host = pool.device.type == "cpu" and pool.dim() == 2 and pool.is_contiguous()
-        self._pool_rows = (pool.data_ptr(), pool.stride(0) * pool.element_size()) if host else None
+        self._pool_base, self._slot_bytes = pool.data_ptr() if host else None, pool.stride(0) * pool.element_size()
+        self.engine = engine  # also sets `_submit_at`
+
+    @property
+    def engine(self) -> CopyEngine:
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: CopyEngine) -> None:  # `Offloader.replace_engine`: its by-address call looked up once
+        self._engine = engine
+        self._submit_at = getattr(engine, "submit_at", None) if self._pool_base is not None else None
 
     def keys(self, layer: int, experts: list[int]) -> list[int]:
         return [layer * self.key_stride + e for e in experts]
@@ -240,45 +247,48 @@ class ExpertCache:
         self.stats.prefetches += 1
 
     def _copy(self, layer: int, expert: int, key: int, slot: int, priority: int) -> Transfer:
-        """Queue the copy of an expert into its slot. A submission that raises gives a `FailedTransfer`,
-        handled like a copy that failed on the link. A plain row on an engine that copies by address (the native
-        CPU engine) is submitted as two addresses, computed from the layer's layout checked once."""
-        submit_at = getattr(self.engine, "submit_at", None)
-        plain = self._plain_layout(layer) if submit_at is not None else None
-        if plain is None:
-            src = self.store.expert(layer, expert)
-            expand = self.store.expansion(layer)  # a compressed store's: expanded into the slot as it lands
-            dst = self.pool[slot, : src.numel() if expand is None else expand.numel]
-            nbytes = src.numel() * src.element_size()
-        else:
-            rows, src_base, row_bytes, nbytes = plain
+        """Queue the copy of an expert into its slot. A submission that raises gives a `FailedTransfer`, handled
+        like a copy that failed on the link. A plain row on an engine that copies by address (the native CPU engine)
+        goes as two addresses from the layer's layout checked once, with little Python: a decode step runs it cold."""
+        submit_at = self._submit_at
+        if submit_at is not None:
+            plain = self._plain[layer] if layer in self._plain else self._plain_layout(layer)
+            if plain is not None:  # on the host, where compute is synchronous: no event guards the slot
+                owners, src_base, row_bytes, nbytes = plain
+                try:
+                    transfer = submit_at(key, slot, self._pool_base + slot * self._slot_bytes,
+                                         src_base + expert * row_bytes, nbytes, priority, owners)
+                except Exception as e:  # noqa: BLE001 — reported where the copy is waited for
+                    return FailedTransfer(key, slot, nbytes, priority, e)
+                return self._submitted(transfer)
+        src = self.store.expert(layer, expert)
+        expand = self.store.expansion(layer)  # a compressed store's: expanded into the slot as it lands
+        dst = self.pool[slot, : src.numel() if expand is None else expand.numel]
         try:
-            if plain is None:
-                transfer = self.engine.submit(key, slot, dst, src, priority, after=self._slot_free[slot], expand=expand)
-            else:  # on the host, where compute is synchronous: no event guards the slot
-                pool_base, slot_bytes = self._pool_rows
-                transfer = submit_at(key, slot, pool_base + slot * slot_bytes, src_base + expert * row_bytes, nbytes,
-                                     priority, (self.pool, rows))
+            transfer = self._engine.submit(key, slot, dst, src, priority, after=self._slot_free[slot], expand=expand)
         except Exception as e:  # noqa: BLE001 — reported where the copy is waited for
-            return FailedTransfer(key, slot, nbytes, priority, e)
+            return FailedTransfer(key, slot, src.numel() * src.element_size(), priority, e)
+        return self._submitted(transfer)
+
+    def _submitted(self, transfer: Transfer) -> Transfer:  # counted, and reported to the listeners
         self.stats.bytes_to_device += transfer.nbytes
         if self.events.listeners:
-            self.events.copy_submitted(self.clock.step, self.clock.layer, key, priority, transfer)
+            self.events.copy_submitted(self.clock.step, self.clock.layer, transfer.key, transfer.priority, transfer)
         return transfer
 
     def _plain_layout(self, layer: int):
-        """(rows `[E, numel]`, their address, bytes per row, bytes per copy) when the store's rows of `layer` are
-        the slots' own bytes in the pool's dtype, both contiguous on the host; else None. Checked once per layer."""
-        try:
+        """((pool, rows), the rows' address, bytes per row, bytes per copy) when the store's rows `[E, numel]` of
+        `layer` are the slots' own bytes in the pool's dtype, both contiguous on the host; else None. Checked once
+        per layer."""
+        if layer in self._plain:
             return self._plain[layer]
-        except KeyError:
-            pass
         rows_of, layout = getattr(self.store, "rows", None), None
-        plain = self._pool_rows is not None and rows_of is not None and self.store.expansion(layer) is None
+        plain = self._pool_base is not None and rows_of is not None and self.store.expansion(layer) is None
         rows = rows_of(layer) if plain else None
         if (rows is not None and rows.device.type == "cpu" and rows.dim() == 2 and rows.is_contiguous()
                 and rows.dtype == self.pool.dtype and rows.shape[1] <= self.pool.shape[1]):
-            layout = (rows, rows.data_ptr(), rows.stride(0) * rows.element_size(), rows.shape[1] * rows.element_size())
+            layout = ((self.pool, rows), rows.data_ptr(), rows.stride(0) * rows.element_size(),
+                      rows.shape[1] * rows.element_size())
         self._plain[layer] = layout
         return layout
 
