@@ -1,6 +1,7 @@
-// Python module m2r2_moe._native_plan: the C++ planner (planner.hpp) with pybind11. It is called once per
-// MoE layer, so pybind11's dispatch (a few µs for this many arguments, called positionally) is small against
-// the decision it makes. No torch headers: the predictor's probabilities arrive as a numpy array (a torch
+// Python module m2r2_moe._native_plan: the C++ planner (planner.hpp), the batch-1 heads, the `predictive` policy's
+// victim search and the CPU copy engine, with pybind11 — except the four calls made at every MoE layer of a decode
+// step (Planner.layer, the heads, the victim search, the engine's submit), which go through the C API (see "Raw
+// CPython entry points" below). No torch headers: the predictor's probabilities arrive as a numpy array (a torch
 // CPU tensor's `.numpy()`, no copy), read through the buffer protocol; m2r2_moe/_ext.py is the only importer.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -8,6 +9,9 @@
 
 #include <stdexcept>
 #include <string>
+#include <array>
+#include <utility>
+#include <vector>
 
 #include "cpu_copy.hpp"
 #include "heads.hpp"
@@ -19,20 +23,6 @@ namespace py = pybind11;
 namespace {
 
 constexpr int kAbiVersion = 8;  // bumped when the Python-visible interface changes (see _ext.py)
-
-using Probs = py::array_t<float, py::array::c_style>;
-
-// Points `in` at the probabilities of `probs` (a [D, E] float32 C-contiguous array), or leaves it empty.
-void read_probs(const py::object& probs, m2r2::LayerInput& in) {
-  if (probs.is_none()) return;
-  if (!Probs::check_(probs))
-    throw std::invalid_argument("planner: probabilities must be a C-contiguous float32 numpy array [D, E]");
-  auto array = py::reinterpret_borrow<Probs>(probs);
-  if (array.ndim() != 2) throw std::invalid_argument("planner: probabilities must be [D, E]");
-  in.rows = array.shape(0);
-  in.cols = array.shape(1);
-  in.probs = array.data();
-}
 
 // planner.py's export_state: a dict of plain lists, the Python twin's format.
 py::dict export_state(const m2r2::Planner& p) {
@@ -154,6 +144,228 @@ struct Copy {
   }
 };
 
+// -- Raw CPython entry points for the calls made at every MoE layer of a decode step ----------------------------
+// In a decode step these calls run cold (the layers' kernels went through the caches since the last one), and
+// pybind11's generic dispatcher is much code to run cold. These take their arguments through METH_FASTCALL |
+// METH_KEYWORDS (by position, or by the names pybind11 gave them) and convert each with one C API call, as the slot
+// manager's bindings do (csrc/slot_manager_py.cpp); the functions behind them are the same. Cold (caches swept by
+// 8 MB between calls), pybind11 -> here: the victim search 3.8 -> 2.7 µs, Planner.layer settling 5.5 -> 3.6 µs,
+// with probabilities 6.8 -> 5.0 µs.
+bool arg(PyObject* o, int64_t& v) {
+  v = PyLong_AsLongLong(o);
+  return !(v == -1 && PyErr_Occurred());
+}
+bool arg(PyObject* o, uintptr_t& v) {  // an address: a non-negative Python int
+  v = static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(o));
+  return !(v == static_cast<uintptr_t>(-1) && PyErr_Occurred());
+}
+bool arg(PyObject* o, double& v) {
+  v = PyFloat_AsDouble(o);
+  return !(v == -1.0 && PyErr_Occurred());
+}
+bool arg(PyObject* o, bool& v) {
+  int truth = PyObject_IsTrue(o);
+  v = truth == 1;
+  return truth >= 0;
+}
+bool arg(PyObject* o, std::vector<int64_t>& v) {  // any iterable of ints (a list, a frozenset)
+  PyObject* it = PyObject_GetIter(o);
+  if (it == nullptr) return false;
+  while (PyObject* item = PyIter_Next(it)) {
+    int64_t x = PyLong_AsLongLong(item);
+    Py_DECREF(item);
+    if (x == -1 && PyErr_Occurred()) break;
+    v.push_back(x);
+  }
+  Py_DECREF(it);
+  return !PyErr_Occurred();
+}
+
+// The arguments of a METH_FASTCALL | METH_KEYWORDS call in the order of `names` (positional, then by keyword, as
+// pybind11's py::arg names took them); false with TypeError when one is missing, unknown or given twice.
+template <size_t N>
+bool gather(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, const char* fn,
+            const std::array<const char*, N>& names, std::array<PyObject*, N>& out) {
+  out.fill(nullptr);
+  if (nargs > static_cast<Py_ssize_t>(N)) {
+    PyErr_Format(PyExc_TypeError, "%s() takes %d arguments (%zd given)", fn, static_cast<int>(N), nargs);
+    return false;
+  }
+  for (Py_ssize_t i = 0; i < nargs; ++i) out[static_cast<size_t>(i)] = args[i];
+  const Py_ssize_t nkw = kwnames == nullptr ? 0 : PyTuple_GET_SIZE(kwnames);
+  for (Py_ssize_t k = 0; k < nkw; ++k) {
+    PyObject* name = PyTuple_GET_ITEM(kwnames, k);
+    size_t at = N;
+    for (size_t i = 0; i < N; ++i)
+      if (PyUnicode_CompareWithASCIIString(name, names[i]) == 0) at = i;
+    if (at == N || out[at] != nullptr) {
+      PyErr_Format(PyExc_TypeError, "%s() got %s keyword argument '%U'", fn, at == N ? "an unexpected" : "a repeated",
+                   name);
+      return false;
+    }
+    out[at] = args[nargs + k];
+  }
+  for (size_t i = 0; i < N; ++i)
+    if (out[i] == nullptr) {
+      PyErr_Format(PyExc_TypeError, "%s() missing argument '%s'", fn, names[i]);
+      return false;
+    }
+  return true;
+}
+
+template <typename... T, size_t... I>
+bool convert(PyObject* const* in, std::index_sequence<I...>, T&... out) {
+  return (arg(in[I], out) && ...);
+}
+
+// gather, then convert each argument to its C++ type.
+template <size_t N, typename... T>
+bool parse(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, const char* fn,
+           const std::array<const char*, N>& names, T&... out) {
+  static_assert(sizeof...(T) == N, "one name per argument");
+  std::array<PyObject*, N> in;
+  return gather(args, nargs, kwnames, fn, names, in) && convert(in.data(), std::index_sequence_for<T...>{}, out...);
+}
+
+// C++ errors as pybind11 maps them: std::invalid_argument -> ValueError, the rest -> RuntimeError.
+template <typename F>
+PyObject* guarded(F&& f) {
+  try {
+    return f();
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+PyObject* raw_mlp_softmax_into(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const std::array<const char*, 11> names{"x", "w1", "b1", "w2", "b2", "hidden", "n", "width", "experts", "bf16",
+                                                 "out"};
+  uintptr_t x, w1, b1, w2, b2, out;
+  int64_t hidden, n, width, experts;
+  bool bf16;
+  if (!parse(args, nargs, kwnames, "mlp_softmax_into", names, x, w1, b1, w2, b2, hidden, n, width, experts, bf16, out))
+    return nullptr;
+  return guarded([&] {
+    mlp_softmax_into(x, w1, b1, w2, b2, hidden, n, width, experts, bf16, out);
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* raw_policy_victim(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const std::array<const char*, 13> names{"when", "res", "want", "since", "score", "layer", "size", "pinned",
+                                                 "now", "layers", "done", "to_come", "needed_at"};
+  uintptr_t when, res, want, since, score, layer;
+  int64_t size, now, layers, needed_at;
+  std::vector<int64_t> pinned;
+  double done, to_come;
+  if (!parse(args, nargs, kwnames, "policy_victim", names, when, res, want, since, score, layer, size, pinned, now,
+             layers, done, to_come, needed_at))
+    return nullptr;
+  return guarded([&] {
+    if (!when || !res || !want || !since || !score || !layer || size < 0 || layers < 1)
+      throw std::invalid_argument("policy_victim: null arrays, a negative size or no layers");
+    const m2r2::PolicyArrays a{reinterpret_cast<const int64_t*>(when), reinterpret_cast<const bool*>(res),
+                               reinterpret_cast<const bool*>(want), reinterpret_cast<const int64_t*>(since),
+                               reinterpret_cast<const double*>(score), reinterpret_cast<const int64_t*>(layer), size};
+    return PyLong_FromLongLong(m2r2::policy_victim(a, std::move(pinned), now, layers, done, to_come, needed_at));
+  });
+}
+
+// Planner.layer (a method: `self` is the pybind11 Planner). `probs`: None or a C-contiguous float32 [D, E] array.
+PyObject* raw_planner_layer(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const std::array<const char*, 15> names{"layer", "decode", "now", "keys", "served", "evicted", "probs",
+                                                 "wraps", "horizon", "miss", "transfer", "compute", "free", "backlog",
+                                                 "min_prob"};
+  std::array<PyObject*, 15> in_args;
+  if (!gather(args, nargs, kwnames, "layer", names, in_args)) return nullptr;
+  PyObject* probs = in_args[6];
+  in_args[6] = in_args[14];  // the others, in order, without probs
+  m2r2::LayerInput in;
+  if (!convert(in_args.data(), std::make_index_sequence<14>{}, in.layer, in.decode, in.now, in.keys, in.served,
+               in.evicted, in.min_prob, in.wraps, in.horizon, in.miss, in.transfer, in.compute, in.free, in.backlog))
+    return nullptr;
+  Py_buffer view{};
+  if (probs != Py_None) {
+    if (PyObject_GetBuffer(probs, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0 || view.ndim != 2 ||
+        view.itemsize != 4 || view.format == nullptr || std::string(view.format) != "f") {
+      if (view.obj != nullptr) PyBuffer_Release(&view);
+      PyErr_Clear();
+      PyErr_SetString(PyExc_ValueError, "planner: probabilities must be a C-contiguous float32 numpy array [D, E]");
+      return nullptr;
+    }
+    in.rows = view.shape[0];
+    in.cols = view.shape[1];
+    in.probs = static_cast<const float*>(view.buf);
+  }
+  PyObject* out = guarded([&]() -> PyObject* {
+    m2r2::Decision d = py::handle(self).cast<m2r2::Planner&>().layer(in);
+    PyObject* lists[3] = {PyList_New(0), PyList_New(0), PyList_New(0)};
+    bool ok = lists[0] && lists[1] && lists[2];
+    auto add = [&](PyObject* list, PyObject* item) {
+      ok = ok && item != nullptr && PyList_Append(list, item) == 0;
+      Py_XDECREF(item);
+    };
+    for (const auto& [t, e, dist] : d.queue) add(lists[0], Py_BuildValue("(LLL)", t, e, dist));
+    for (const auto& [t, e, dist] : d.expect) add(lists[1], Py_BuildValue("(LLL)", t, e, dist));
+    for (const auto& [t, e] : d.withdraw) add(lists[2], Py_BuildValue("(LL)", t, e));
+    PyObject* result = ok ? PyTuple_Pack(3, lists[0], lists[1], lists[2]) : nullptr;
+    for (PyObject* list : lists) Py_XDECREF(list);
+    return result;
+  });
+  if (view.obj != nullptr) PyBuffer_Release(&view);
+  return out;
+}
+
+// CpuCopyEngine.submit (a method: `self` is the pybind11 CopyEngine); returns the copy's handle.
+PyObject* raw_engine_submit(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const std::array<const char*, 9> names{"id", "key", "slot", "nbytes", "priority", "dst", "src", "copy_bytes",
+                                                "hooked"};
+  int64_t id, key, slot, nbytes, priority, copy_bytes;
+  uintptr_t dst, src;
+  bool hooked;
+  if (!parse(args, nargs, kwnames, "submit", names, id, key, slot, nbytes, priority, dst, src, copy_bytes, hooked))
+    return nullptr;
+  return guarded([&]() -> PyObject* {
+    CopyEngine& e = py::handle(self).cast<CopyEngine&>();
+    auto t = e.engine->submit(id, key, slot, nbytes, static_cast<int>(priority), reinterpret_cast<char*>(dst),
+                              reinterpret_cast<const char*>(src), copy_bytes, hooked);
+    if (!t) throw std::runtime_error("copy engine is closed");
+    return py::cast(Copy{e.engine, std::move(t)}).release().ptr();
+  });
+}
+
+PyMethodDef kRawPlannerLayer = {
+    "layer", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(raw_planner_layer)),
+    METH_FASTCALL | METH_KEYWORDS,
+    "layer(layer, decode, now, keys, served, evicted, probs, wraps, horizon, miss, transfer, compute, free, backlog, "
+    "min_prob) -> (queue, expect, withdraw): runtime/planner.py's PlannerCore.layer"};
+PyMethodDef kRawEngineSubmit = {
+    "submit", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(raw_engine_submit)),
+    METH_FASTCALL | METH_KEYWORDS,
+    "submit(id, key, slot, nbytes, priority, dst, src, copy_bytes, hooked) -> the copy's handle"};
+
+// Puts a raw method on a pybind11 class.
+void add_raw_method(py::handle cls, PyMethodDef* def) {
+  PyObject* descr = PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(cls.ptr()), def);
+  if (descr == nullptr) throw py::error_already_set();
+  py::setattr(cls, def->ml_name, py::reinterpret_steal<py::object>(descr));
+}
+
+PyMethodDef kRaw[] = {
+    {"mlp_softmax_into", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(raw_mlp_softmax_into)),
+     METH_FASTCALL | METH_KEYWORDS,
+     "mlp_softmax_into(x, w1, b1, w2, b2, hidden, n, width, experts, bf16, out): mlp_softmax with every operand by "
+     "address and the result written into out [n, E] (float32); w1 and w2 float32 or (bf16) bfloat16 bits"},
+    {"policy_victim", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(raw_policy_victim)),
+     METH_FASTCALL | METH_KEYWORDS,
+     "policy_victim(when, res, want, since, score, layer, size, pinned, now, layers, done, to_come, needed_at): the "
+     "predictive policy's victim search over its per-key arrays at these addresses (csrc/policy.hpp); pinned: any "
+     "iterable of keys"},
+    {nullptr, nullptr, 0, nullptr}};
+
 // Copy.wait: the Transfer protocol's (runtime/transfer.py).
 double wait_transfer(py::object self, py::object timeout) {
   const Copy& c = self.cast<const Copy&>();
@@ -188,26 +400,11 @@ PYBIND11_MODULE(_native_plan, m) {
         "gate at batch 1: softmax per distance of rms_norm(x) @ w [H, n*E] -> [n, E] (csrc/heads.hpp)");
   m.def("mlp_softmax", &mlp_softmax, py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
         "M2R2 heads at batch 1: softmax per distance of relu(x @ w1 + b1) @ w2[d] + b2[d] -> [n, E]");
-  m.def("mlp_softmax_into", &mlp_softmax_into, py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"),
-        py::arg("b2"), py::arg("hidden"), py::arg("n"), py::arg("width"), py::arg("experts"), py::arg("bf16"),
-        py::arg("out"), "mlp_softmax with every operand by address and the result written into out [n, E] (float32); "
-        "w1 and w2 float32 or (bf16) bfloat16 bits");
-  m.def("policy_victim",
-        [](uintptr_t when, uintptr_t res, uintptr_t want, uintptr_t since, uintptr_t score, uintptr_t layer,
-           int64_t size, std::vector<int64_t> pinned, int64_t now, int64_t layers, double done, double to_come,
-           int64_t needed_at) {
-          if (!when || !res || !want || !since || !score || !layer || size < 0 || layers < 1)
-            throw std::invalid_argument("policy_victim: null arrays, a negative size or no layers");
-          const m2r2::PolicyArrays a{reinterpret_cast<const int64_t*>(when), reinterpret_cast<const bool*>(res),
-                                     reinterpret_cast<const bool*>(want), reinterpret_cast<const int64_t*>(since),
-                                     reinterpret_cast<const double*>(score), reinterpret_cast<const int64_t*>(layer),
-                                     size};
-          return m2r2::policy_victim(a, std::move(pinned), now, layers, done, to_come, needed_at);
-        },
-        py::arg("when"), py::arg("res"), py::arg("want"), py::arg("since"), py::arg("score"), py::arg("layer"),
-        py::arg("size"), py::arg("pinned"), py::arg("now"), py::arg("layers"), py::arg("done"), py::arg("to_come"),
-        py::arg("needed_at"),
-        "the predictive policy's victim search over its per-key arrays at these addresses (csrc/policy.hpp)");
+  for (PyMethodDef* def = kRaw; def->ml_name != nullptr; ++def) {  // the raw entry points above
+    PyObject* fn = PyCFunction_NewEx(def, nullptr, m.attr("__name__").ptr());
+    if (fn == nullptr) throw py::error_already_set();
+    m.add_object(def->ml_name, py::reinterpret_steal<py::object>(fn));
+  }
   py::class_<Copy>(m, "CpuCopy", "one copy on the C++ CPU copy engine (csrc/cpu_copy.hpp)")
       .def_property_readonly("done", [](const Copy& c) { return c.copy->done.load(std::memory_order_acquire); })
       .def_property_readonly("priority", [](const Copy& c) { return c.read(&m2r2::CpuCopy::priority); })
@@ -235,16 +432,6 @@ PYBIND11_MODULE(_native_plan, m) {
   py::class_<CopyEngine>(m, "CpuCopyEngine", "C++ twin of runtime/cpu_engine.py's ThreadCopyEngine")
       .def(py::init<double, double, py::object, double>(), py::arg("bytes_per_s"), py::arg("latency_s"),
            py::arg("hook"), py::arg("spin_s"))
-      .def("submit",
-           [](CopyEngine& e, int64_t id, int64_t key, int64_t slot, int64_t nbytes, int priority, uintptr_t dst,
-              uintptr_t src, int64_t copy_bytes, bool hooked) -> py::object {
-             auto t = e.engine->submit(id, key, slot, nbytes, priority, reinterpret_cast<char*>(dst),
-                                       reinterpret_cast<const char*>(src), copy_bytes, hooked);
-             if (!t) throw std::runtime_error("copy engine is closed");
-             return py::cast(Copy{e.engine, std::move(t)});
-           },
-           py::arg("id"), py::arg("key"), py::arg("slot"), py::arg("nbytes"), py::arg("priority"), py::arg("dst"),
-           py::arg("src"), py::arg("copy_bytes"), py::arg("hooked"))
       .def("cancel", [](CopyEngine& e, const Copy& c) { return e.engine->cancel(c.copy); })
       .def("promote", [](CopyEngine& e, const Copy& c) { e.engine->promote(c.copy); })
       .def("close", [](CopyEngine& e) { e.engine->close(); }, py::call_guard<py::gil_scoped_release>())
@@ -255,33 +442,6 @@ PYBIND11_MODULE(_native_plan, m) {
   py::class_<m2r2::Planner>(m, "Planner")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t>(), py::arg("num_layers"), py::arg("num_experts"),
            py::arg("key_stride"), py::arg("width"), py::arg("max_queued"))
-      .def("layer",
-           [](m2r2::Planner& p, int64_t layer, bool decode, int64_t now, std::vector<int64_t> keys,
-              std::vector<int64_t> served, std::vector<int64_t> evicted, const py::object& probs, bool wraps,
-              int64_t horizon, double miss, double transfer, double compute, int64_t free,
-              std::vector<int64_t> backlog, double min_prob) {
-             m2r2::LayerInput in;
-             in.layer = layer;
-             in.decode = decode;
-             in.now = now;
-             in.keys = std::move(keys);
-             in.served = std::move(served);
-             in.evicted = std::move(evicted);
-             read_probs(probs, in);
-             in.wraps = wraps;
-             in.horizon = horizon;
-             in.miss = miss;
-             in.transfer = transfer;
-             in.compute = compute;
-             in.free = free;
-             in.backlog = std::move(backlog);
-             in.min_prob = min_prob;
-             m2r2::Decision d = p.layer(in);
-             return py::make_tuple(d.queue, d.expect, d.withdraw);
-           },
-           py::arg("layer"), py::arg("decode"), py::arg("now"), py::arg("keys"), py::arg("served"), py::arg("evicted"),
-           py::arg("probs"), py::arg("wraps"), py::arg("horizon"), py::arg("miss"), py::arg("transfer"),
-           py::arg("compute"), py::arg("free"), py::arg("backlog"), py::arg("min_prob"))
       .def("issued", &m2r2::Planner::issued, py::arg("key"), py::arg("evicted"), py::arg("now"))
       .def("withdrawn", &m2r2::Planner::withdrawn, py::arg("key"))
       .def("resync", &m2r2::Planner::resync, py::arg("resident"))
@@ -295,4 +455,6 @@ PYBIND11_MODULE(_native_plan, m) {
       .def_property_readonly("every", &m2r2::Planner::every)
       .def("export_state", &export_state)
       .def("import_state", &import_state, py::arg("state"));
+  add_raw_method(m.attr("CpuCopyEngine"), &kRawEngineSubmit);  // the per-copy and per-layer calls: raw, see above
+  add_raw_method(m.attr("Planner"), &kRawPlannerLayer);
 }

@@ -106,3 +106,31 @@ def test_native_planner_refuses_bad_probabilities():
         planner.layer(probs=torch.ones(8, 2).numpy().T, **args)
     with pytest.raises(ValueError, match="float32"):
         planner.layer(probs=torch.ones(2, 8), **args)  # a tensor, not its numpy array
+
+
+def test_native_per_layer_calls_take_their_arguments_as_named_and_refuse_bad_ones():
+    """The per-layer native calls (planner.layer, the heads, the victim search, the engine's submit) are bound
+    through the C API, not pybind11 (csrc/planner_bindings.cpp): positional and keyword arguments as the names say;
+    a missing, unknown, repeated or mistyped one is a TypeError, and nothing is decided."""
+    from m2r2_moe import _ext
+
+    planner = make_planner(4, 8, 8, 2, 8, native=True)
+    args = dict(layer=0, decode=True, now=1, keys=[0], served=[MISS], evicted=[], probs=None, wraps=False, horizon=0,
+                miss=1.0, transfer=1.0, compute=0.0, free=1, backlog=[], min_prob=0.0)
+    positional = list(args.values())
+    assert planner.layer(*positional) == ([], [], [])
+    assert planner.layer(*positional[:5], **dict(list(args.items())[5:])) == ([], [], [])
+    with pytest.raises(TypeError, match="missing argument 'min_prob'"):
+        planner.layer(*positional[:-1])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'mins'"):
+        planner.layer(*positional[:-1], mins=0.0)
+    with pytest.raises(TypeError, match="repeated keyword argument 'layer'"):
+        planner.layer(*positional, layer=0)
+    with pytest.raises(TypeError, match="takes 15 arguments"):
+        planner.layer(*positional, 0)
+    with pytest.raises(TypeError):
+        planner.layer(*positional[:3], "not keys", *positional[4:])
+    with pytest.raises(TypeError):
+        _ext.planner.policy_victim(1, 1, 1, 1, 1, 1, 0, [0], 0, 1, 0.0, 0.0)  # one short
+    with pytest.raises(OverflowError):  # an address is never negative
+        _ext.planner.mlp_softmax_into(-1, 1, 1, 1, 1, 1, 1, 1, 1, False, 1)

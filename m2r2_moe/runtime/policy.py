@@ -191,7 +191,7 @@ class NextUsePolicy:
         # layer still to come in this forward has had one turn less
         done, to_come = self._per_turn(forward), self._per_turn(forward - 1)
         if self._search is not None:
-            return self._search(*self._addresses, self._size, list(pinned), now, layers, done, to_come,
+            return self._search(*self._addresses, self._size, pinned, now, layers, done, to_come,
                                 -1 if needed_at is None else needed_at)
         when = self._when_np
         candidates = self._res_np.copy()
