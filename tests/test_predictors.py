@@ -285,6 +285,7 @@ def test_gate_native_batch1_path_matches_the_tensor_path(trained):
         _, reference = gate.predict_stacked(layer, residual)
         assert host is not None and host.shape == tuple(reference[:, 0].shape)
         assert torch.allclose(torch.from_numpy(host), reference[:, 0], atol=2e-6, rtol=1e-4)
+        assert np.array_equal(gate.predict_host(layer, residual.view(1, 1, 64)), host)  # as the model made it
     assert gate.predict_host(0, residual.expand(2, 64)) is None  # several tokens: the tensor path
 
 

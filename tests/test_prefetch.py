@@ -349,3 +349,21 @@ def test_profile_tool_refuses_zero_repeats(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["profile", "--model", "random", "--repeats", "0"])
     assert exit_info.value.code == 2 and "at least 1" in capsys.readouterr().err
+
+
+def test_the_prefetchers_tap_keeps_the_residuals_as_the_model_made_them():
+    """`LayerTap(flat=False)` (the prefetcher's) stores the norm's input and output themselves, `[B, T, H]`, where the
+    default flattens and detaches them: the same values, neither copied."""
+    from m2r2_moe.models import find_moe_layers
+    from m2r2_moe.models.tap import LayerTap
+
+    model = tiny_mixtral()
+    _, layers = find_moe_layers(model)
+    ids = torch.tensor([[3, 7, 11]])
+    with LayerTap(layers, routing=False) as flat, LayerTap(layers, routing=False, flat=False) as raw, torch.no_grad():
+        model(ids)
+        for i in range(len(layers)):
+            assert raw.residual[i].shape == (1, 3, raw.residual[i].shape[-1]) and raw.normed[i].dim() == 3
+            assert torch.equal(raw.residual[i].reshape(3, -1), flat.residual[i])
+            assert torch.equal(raw.normed[i].reshape(3, -1), flat.normed[i])
+            assert raw.normed[i].data_ptr() == flat.normed[i].data_ptr()  # the model's own tensor, not a copy

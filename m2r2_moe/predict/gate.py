@@ -86,7 +86,7 @@ class GatePredictor(Predictor):
         from .. import _ext
 
         weight, eps, count = host
-        return _ext.planner.rms_linear_softmax(residual[0].numpy(), eps, weight, count)
+        return _ext.planner.rms_linear_softmax(residual.reshape(-1).numpy(), eps, weight, count)  # [1, (1,) H]
 
     @torch.no_grad()
     def predict_stacked(self, layer, residual, chosen=None, normed=None):

@@ -45,7 +45,7 @@ class Prefetcher:
         self.miss_seconds = 0.0  # running estimate of the stall one demand load costs (0 until measured)
         self._stall_mark = (0.0, 0, 0, 0, 0)  # stall, misses, late at the last call; its new misses and late ones
         # r_l and norm_l(r_l) as the model computed them, for predictors that read the residual
-        self.tap = LayerTap(layers, residual=True, routing=False) if predictor.needs_residual else None
+        self.tap = LayerTap(layers, residual=True, routing=False, flat=False) if predictor.needs_residual else None
         self.onoff = OnOff()  # seconds per decode step with prefetching on against off (runtime/onoff.py)
         self.step_timer = StepTimer()  # this step's cost for the planner's balance, outliers clipped
         self.on = self.predicting = True  # this forward: prefetching on (the guard's arm); predicting somewhere
@@ -121,10 +121,12 @@ class Prefetcher:
             with torch.no_grad():
                 return self._predict(layer, top_k_index, decode, horizon)
         residual, normed = (self.tap.residual[layer], self.tap.normed[layer]) if self.tap else (None, None)
-        if decode:  # one native call where the predictor has one (CPU, float32)
+        if decode:  # one native call where the predictor has one (CPU, float32), on the tensors as the model made them
             probs = self.predictor.predict_host(layer, residual, top_k_index, normed=normed, count=horizon or None)
             if probs is not None:
                 return probs
+        if residual is not None:  # the tap keeps them `[..., H]`: `predict_stacked` takes `[T, H]`
+            residual, normed = residual.reshape(-1, residual.shape[-1]), normed.reshape(-1, normed.shape[-1])
         depths, scores = self.predictor.predict_stacked(layer, residual, top_k_index, normed=normed)
         if not depths:
             return None
