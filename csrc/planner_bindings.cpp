@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 #include <array>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -274,6 +275,34 @@ PyObject* raw_policy_victim(PyObject*, PyObject* const* args, Py_ssize_t nargs, 
   });
 }
 
+// A list of tuples of ints, built directly (Py_BuildValue parses its format at every item).
+template <typename... T>
+PyObject* tuple_of(const std::tuple<T...>& t) {
+  PyObject* out = PyTuple_New(sizeof...(T));
+  if (out == nullptr) return nullptr;
+  Py_ssize_t i = 0;
+  bool ok = true;
+  auto put = [&](int64_t v) {
+    PyObject* x = PyLong_FromLongLong(v);
+    ok = ok && x != nullptr;
+    if (x != nullptr) PyTuple_SET_ITEM(out, i, x);
+    ++i;
+  };
+  std::apply([&](auto... v) { (put(v), ...); }, t);
+  if (!ok) Py_CLEAR(out);
+  return out;
+}
+template <typename Item>
+PyObject* list_of(const std::vector<Item>& items) {
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(items.size()));
+  for (size_t i = 0; out != nullptr && i < items.size(); ++i) {
+    PyObject* item = tuple_of(items[i]);
+    if (item == nullptr) Py_CLEAR(out);
+    else PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), item);
+  }
+  return out;
+}
+
 // Planner.layer (a method: `self` is the pybind11 Planner). `probs`: None or a C-contiguous float32 [D, E] array.
 PyObject* raw_planner_layer(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   static const std::array<const char*, 15> names{"layer", "decode", "now", "keys", "served", "evicted", "probs",
@@ -302,16 +331,8 @@ PyObject* raw_planner_layer(PyObject* self, PyObject* const* args, Py_ssize_t na
   }
   PyObject* out = guarded([&]() -> PyObject* {
     m2r2::Decision d = py::handle(self).cast<m2r2::Planner&>().layer(in);
-    PyObject* lists[3] = {PyList_New(0), PyList_New(0), PyList_New(0)};
-    bool ok = lists[0] && lists[1] && lists[2];
-    auto add = [&](PyObject* list, PyObject* item) {
-      ok = ok && item != nullptr && PyList_Append(list, item) == 0;
-      Py_XDECREF(item);
-    };
-    for (const auto& [t, e, dist] : d.queue) add(lists[0], Py_BuildValue("(LLL)", t, e, dist));
-    for (const auto& [t, e, dist] : d.expect) add(lists[1], Py_BuildValue("(LLL)", t, e, dist));
-    for (const auto& [t, e] : d.withdraw) add(lists[2], Py_BuildValue("(LL)", t, e));
-    PyObject* result = ok ? PyTuple_Pack(3, lists[0], lists[1], lists[2]) : nullptr;
+    PyObject* lists[3] = {list_of(d.queue), list_of(d.expect), list_of(d.withdraw)};
+    PyObject* result = lists[0] && lists[1] && lists[2] ? PyTuple_Pack(3, lists[0], lists[1], lists[2]) : nullptr;
     for (PyObject* list : lists) Py_XDECREF(list);
     return result;
   });
