@@ -17,7 +17,7 @@ slot (done when the copy gets the link, not charged), the outputs (lossless as e
 A plain expert row is queued by address (`submit_at`), the native CPU engine's path, whose handle is the C++ copy
 itself; here the handle is made in the uncharged enqueue. In place (timers included) the engine's call is charged
 5.8-6.4 µs here against 4.7-5.7 µs there, the cache's per-copy call 11.3-12.4 against 11.4-13.4. Not modelled: a
-hook outside the MoE layer call (the m2r2 predictor's residual tap, a few µs per layer), contention between copy and
+hook outside the MoE layer call (the m2r2 predictor's residual tap, about 3 µs per layer), contention between copy and
 compute for the host's cores (a GPU's copy engine is separate hardware).
 """
 
