@@ -32,7 +32,7 @@ import torch
 
 from .. import _ext
 from .cpu_engine import HostClockEngine
-from .transfer import DEMAND, failed_error
+from .transfer import DEMAND, Transfer, failed_error
 
 
 MAX_IN_ORDER = 64  # copies kept referenced past one still in flight before a full sweep
@@ -137,7 +137,7 @@ class NativeCopyEngine(HostClockEngine):
         return self._enqueue(transfer, priority, dst.data_ptr(), src.data_ptr())
 
     def submit_at(self, key: int, slot: int, dst_address: int, src_address: int, nbytes: int, priority: int,
-                  owners: tuple) -> NativeTransfer:
+                  owners: tuple) -> Transfer:
         """`submit` for a plain copy given by addresses: `nbytes` from `src_address` to `dst_address`, inside the
         tensors `owners` = (destination, source). The hot path's copies: no per-copy tensor views nor checks (the
         caller checked the layout once), and no Python object per copy: the handle is the C++ copy's own (it has
@@ -194,7 +194,7 @@ class NativeCopyEngine(HostClockEngine):
             transfer.error = e
             return -1.0
 
-    def cancel(self, transfer: NativeTransfer) -> bool:
+    def cancel(self, transfer: Transfer) -> bool:
         """Withdraw a queued copy. False when the worker has already started it."""
         if type(transfer) is not NativeTransfer:  # a plain copy's handle is the C++ copy itself (`submit_at`)
             return self._engine.cancel(transfer)
@@ -204,7 +204,7 @@ class NativeCopyEngine(HostClockEngine):
         transfer._release()
         return True
 
-    def promote(self, transfer: NativeTransfer) -> None:
+    def promote(self, transfer: Transfer) -> None:
         """Run a prefetch (queued, or pre-empted partway) before all other prefetches: compute waits for it."""
         self._engine.promote(transfer._c if type(transfer) is NativeTransfer else transfer)
 
