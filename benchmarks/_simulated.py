@@ -25,12 +25,18 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--compute-ms", type=float, default=None,
+                   help="simulate this compute per MoE layer (ms) instead of the one measured at the start: runs on "
+                        "another day, or of another build, then compare at the same compute (the host's prefetch path "
+                        "does not speed up in proportion when the machine does)")
     p.add_argument("--no-record", dest="record", action="store_false", help="print only, do not append")
 
 
 def check_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1 or any(r <= 0 for r in args.link_ratios):
         p.error("--prompts and --rounds must be >= 1, --new-tokens >= 2, link ratios > 0")
+    if args.compute_ms is not None and not 0 < args.compute_ms < float("inf"):
+        p.error(f"--compute-ms must be a positive time, not {args.compute_ms}")
 
 
 def main(p: argparse.ArgumentParser, argv, run, title: str) -> int:
@@ -54,13 +60,15 @@ class Setup:
 
 def setup(args: argparse.Namespace) -> Setup:
     """The model of `--model` (one torch thread, as every benchmark runs), the reference runs of `--prompts` held-out
-    prompts of `--new-tokens`, and the compute per MoE layer they measured."""
+    prompts of `--new-tokens`, and the compute per MoE layer they measured (or `--compute-ms`)."""
     torch.set_num_threads(1)
     model, tokenizer = load_model(args.model, torch.float32)
     _, layers = find_moe_layers(model)
     files = text_files(prompt_text(args.model, args.text), "builtin:heldout")
     refs = references(model, tokenizer, layers, args.prompts, PROMPT_TOKENS, args.new_tokens, 1, files)
     compute = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
+    if getattr(args, "compute_ms", None) is not None:
+        compute = args.compute_ms * 1e-3
     return Setup(model, layers, sum(int(layer.experts.num_experts) for layer in layers), refs, compute)
 
 

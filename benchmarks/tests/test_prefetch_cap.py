@@ -12,8 +12,9 @@ pytestmark = pytest.mark.slow
 
 def test_one_ratio_has_every_arm(one_thread):
     args = prefetch_cap.argparse.Namespace(model="builtin", adapters=None, text=None, link_ratios=[2.0], prompts=1,
-                                           new_tokens=8, rounds=1, lookahead=4)
+                                           new_tokens=8, rounds=1, lookahead=4, compute_ms=0.5)
     table, extra = prefetch_cap.run(args)
+    assert "simulated time at 0.50 ms of compute per MoE layer" in extra  # --compute-ms, not the measured one
     lines = table.splitlines()
     assert len(lines) == 3 and "share of cap" in lines[0] and "oracle-wrap, free path x none" in lines[0]
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
