@@ -156,8 +156,11 @@ bool arg(PyObject* o, int64_t& v) {
   v = PyLong_AsLongLong(o);
   return !(v == -1 && PyErr_Occurred());
 }
-bool arg(PyObject* o, uintptr_t& v) {  // an address: a non-negative Python int
-  v = static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(o));
+bool arg(PyObject* o, uintptr_t& v) {  // an address: a non-negative int (or anything with __index__)
+  PyObject* index = PyNumber_Index(o);
+  if (index == nullptr) return false;
+  v = static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(index));
+  Py_DECREF(index);
   return !(v == static_cast<uintptr_t>(-1) && PyErr_Occurred());
 }
 bool arg(PyObject* o, double& v) {
@@ -319,7 +322,8 @@ PyObject* raw_planner_layer(PyObject* self, PyObject* const* args, Py_ssize_t na
   Py_buffer view{};
   if (probs != Py_None) {
     if (PyObject_GetBuffer(probs, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0 || view.ndim != 2 ||
-        view.itemsize != 4 || view.format == nullptr || std::string(view.format) != "f") {
+        view.itemsize != 4 || view.format == nullptr ||
+        (std::string(view.format) != "f" && std::string(view.format) != "<f")) {
       if (view.obj != nullptr) PyBuffer_Release(&view);
       PyErr_Clear();
       PyErr_SetString(PyExc_ValueError, "planner: probabilities must be a C-contiguous float32 numpy array [D, E]");
