@@ -14,7 +14,7 @@ and the replay benchmark. Hooks, so the model runs unmodified, offloaded or not.
 host sync); consumers that keep them past the next forward must copy. With `flat=False` the residual and `normed`
 are not even flattened nor detached (`[..., H]`, a view the model made): the hook then costs a layer 3 µs instead of
 9 in a decode step (in place, the prefetcher's tap), for a consumer that reads them once per forward and reshapes
-only what it needs.
+only what it needs (a forward run with gradients keeps each layer's latest pair, and their graph, until the next).
 """
 
 from __future__ import annotations
