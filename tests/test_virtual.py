@@ -244,3 +244,10 @@ def test_profile_on_virtual_time(tmp_path, monkeypatch, capsys):
     assert none[8]["stall_s_per_token"] > 2.5 * none[2]["stall_s_per_token"] > 0  # 4x the link time per miss
     assert main(["profile", "--model", "random", "--clock", "virtual", "--prefill", "8"]) == 2  # refused
     assert "--clock virtual" in capsys.readouterr().err
+    assert main(["profile", "--model", "random", "--layer-ms", "2"]) == 2  # a simulated compute on the host clock
+    assert "--layer-ms" in capsys.readouterr().err
+    code = main(["profile", "--model", "random", "--predictors", "none", "--link-ratios", "2", "--new-tokens", "4",
+                 "--prompt-tokens", "8", "--clock", "virtual", "--layer-ms", "2.5", "--json", str(out)])
+    assert code == 0 and "2.50 ms per MoE layer" in capsys.readouterr().out
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["time_per_token_s"] >= 4 * 2.5e-3  # a tiny model's real compute is far less: the given one counts

@@ -80,6 +80,8 @@ def add_parser(sub) -> None:
                    help="host, or virtual (CPU): simulated time, each MoE layer's compute the reference's average, the "
                         "link simulated, the runtime's host work at its real cost: steady on a loaded machine "
                         "(runtime/virtual.py) (default: host)")
+    p.add_argument("--layer-ms", type=positive_float, default=None, help="with --clock virtual: each MoE layer's "
+                   "compute in ms, so that runs of other days or builds compare (default: the references' average)")
     p.add_argument("--json", default=None, help="write every run's figures here (default: not written)")
     p.add_argument("--trace", default=None,
                    help="Chrome/Perfetto trace of one run (m2r2, middle regime) (default: not written)")
@@ -106,14 +108,12 @@ def _at_least_two(text: str) -> int:
     return value
 
 
-def _fastest(run, repeats: int, key):
-    """The fastest of `repeats` calls of `run()` by `key` (noise only adds time)."""
+def _fastest(run, repeats: int, key):  # the fastest of `repeats` calls of `run()` by `key` (noise only adds time)
     return min((run() for _ in range(repeats)), key=key)
 
 
 def prompt_text(model_spec: str, text: str | None) -> list[str]:
-    """The text prompts are cut from: `--text` as given, else a built-in model's own held-out split (the
-    default built-in model's for a checkpoint folder)."""
+    """The prompts' text: `--text`, else a built-in model's own held-out split (a checkpoint: the default's)."""
     if text:
         return [t for t in text.split(",") if t]
     return [f"{model_spec}:heldout" if model_spec.startswith("builtin") else "builtin:heldout"]
@@ -149,6 +149,8 @@ def main(args: argparse.Namespace) -> int:
     if args.clock == "virtual" and (not emulated or args.prefill):
         raise UsageError("--clock virtual simulates the CPU engine's link in the decode profile: it needs "
                          "--device cpu and no --prefill")
+    if args.layer_ms is not None and args.clock != "virtual":
+        raise UsageError("--layer-ms sets the simulated compute: it needs --clock virtual")
     torch.set_num_threads(args.threads)
     files = text_files(prompt_text(args.model, args.text), "builtin:heldout")  # a missing file fails before loading
     model, tokenizer = load_model(args.model, torch.float32)
@@ -161,7 +163,8 @@ def main(args: argparse.Namespace) -> int:
                        "--predictors" if "m2r2" in args.predictors else "--sweep-cache (runs m2r2)")
     ratios, policies, predictors = args.link_ratios, args.policies, args.predictors
     refs = references(model, tokenizer, layers, args.prompts, args.prompt_tokens, args.new_tokens, args.repeats, files)
-    compute_layer = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
+    measured = statistics.mean(r.decode_seconds_per_token for r in refs) / len(layers)
+    compute_layer = measured if args.layer_ms is None else args.layer_ms * 1e-3
     expert_bytes = expert_param_bytes(layers[0])
     if emulated:
         _check_link_ratios(ratios, expert_bytes, compute_layer)
