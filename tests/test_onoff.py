@@ -165,8 +165,9 @@ def test_the_off_arm_leaves_the_planner_alone_and_resyncs_it_when_prefetching_re
 def test_predictions_build_no_graph_when_grad_is_enabled(predictor):
     """Inference with grad enabled and parameters that require grad: predictions must carry no graph (a `.numpy()` of
     a tensor that requires grad raises, and the runtime would switch prefetching off), for the prompt's forward and
-    for decode steps. (The tap hands the predictor detached residuals; the prefetcher enters no_grad around the
-    predictor only when grad is enabled, not at every layer: entering it cost µs per layer.)"""
+    for decode steps. (The prefetcher's tap hands the residuals as the model made them, so here they require grad;
+    the prefetcher enters no_grad around the predictor only when grad is enabled, not at every layer: entering it
+    cost µs per layer.)"""
     model, tok = m2r2_moe.load_builtin()
     ids = tok("def add(a, b):\n    return", return_tensors="pt").input_ids
     m2r2_moe.offload(model, device="cpu", cache_experts=24, predictor=predictor, link_gbps=0.5)
