@@ -33,7 +33,7 @@ class LayerTap:
     def __init__(self, layers: list[MoELayer], *, residual: bool = True, routing: bool = True, logits: bool = False,
                  on_routing: Callable[[int], None] | None = None, flat: bool = True):
         count = len(layers)
-        self.layers, self.flat = layers, flat
+        self.layers = layers
         self.residual: list[torch.Tensor | None] = [None] * count
         self.normed: list[torch.Tensor | None] = [None] * count
         self.chosen: list[torch.Tensor | None] = [None] * count
@@ -45,7 +45,7 @@ class LayerTap:
         self._handles = []
         for i, layer in enumerate(layers):
             if residual:
-                self._handles.append(self._tap_residual(layer, i))
+                self._handles.append(self._tap_residual(layer, i, flat))
             if routing or on_routing is not None:
                 self._handles.append(layer.experts.register_forward_pre_hook(self._routing_hook(i), with_kwargs=True))
             if logits:
@@ -53,7 +53,7 @@ class LayerTap:
                     raise ValueError(f"MoE layer {i} ({type(layer.block).__name__}) has no router module to tap")
                 self._handles.append(layer.router.register_forward_hook(self._logits_hook(i)))
 
-    def _tap_residual(self, layer: MoELayer, i: int):
+    def _tap_residual(self, layer: MoELayer, i: int, flat: bool):
         def as_made(module: nn.Module, args, output):  # flat=False
             if self.residuals_wanted:
                 self.residual[i], self.normed[i] = args[0], output
@@ -72,7 +72,7 @@ class LayerTap:
             self.residual[i] = self.normed[i] = x.detach().reshape(-1, x.shape[-1])
 
         if layer.norm is not None:
-            return layer.norm.register_forward_hook(after_norm if self.flat else as_made)
+            return layer.norm.register_forward_hook(after_norm if flat else as_made)
         return layer.block.register_forward_pre_hook(before_block)
 
     def _routing_hook(self, i: int):

@@ -60,9 +60,9 @@ class Predictor:
         from one native call (csrc/heads.cpp), or None when this predictor (or this build) has no such path —
         the caller then uses `predict_stacked`. `residual` and `normed` are the one token's as the model made them,
         `[1, H]` or `[1, 1, H]` (the prefetcher's tap does not flatten them: models/tap.py). `count`: only the
-        nearest `count` depths are needed (a
-        predictor may compute fewer rows than D then, never fewer than `count`). The array may be the predictor's
-        own, read-only, and overwritten by its next call: read it (or copy it) before then."""
+        nearest `count` depths are needed (a predictor may compute fewer rows than D then, never fewer than `count`).
+        The array may be the predictor's own, read-only, and overwritten by its next call: read it (or copy it) before
+        then."""
         return None
 
     def depths(self, layer: int) -> range:
