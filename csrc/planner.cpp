@@ -36,10 +36,18 @@ double Planner::probability(int source, int64_t distance, double score) const {
   return (used + kPrior * score) / (seen + kPrior);
 }
 
-void Planner::step(int64_t window) {
+void Planner::step(int64_t window, bool decode, double margin) {
   double decay = 1.0 - 1.0 / static_cast<double>(window);
   saved_ *= decay;
   spent_ *= decay;
+  flow_saved_ *= decay;
+  flow_caused_ *= decay;
+  if (!decode) {
+    decoding_ = false;
+  } else if (!decoding_) {  // the first decode step after a prompt: the decode steps' own stall balance starts
+    decoding_ = true;
+    flow_saved_ = flow_caused_ = 0;
+  }
   if (every_ == 0) {
     if (++quiet_ >= window) {
       every_ = num_layers_;
@@ -47,7 +55,10 @@ void Planner::step(int64_t window) {
     }
     return;
   }
-  if (spent_ > saved_ && spent_ > 0) {  // not paying: predict on fewer layers (more again only at twice the cost)
+  // not paying, or the decode steps' prefetches causing more stall than they save by more than `margin`: predict on
+  // fewer layers (more again only at twice the cost)
+  bool harmful = decoding_ && flow_caused_ > flow_saved_ + margin;
+  if ((spent_ > saved_ && spent_ > 0) || harmful) {
     every_ = every_ >= num_layers_ ? 0 : every_ * 2;
   } else if (saved_ > 2 * spent_ && every_ > 1) {
     every_ /= 2;
@@ -117,12 +128,13 @@ void Planner::settle(const LayerInput& in) {
         if (recent) {
           regretted_ += 1.0;
           spent_ += in.miss;
+          if (decoding_) flow_caused_ += in.miss;
         }
       }
     } else if (how == kPrefetchHit) {
-      saved_ += in.miss;
+      credit(in.miss);
     } else if (how == kLate) {
-      saved_ += in.miss / 2;
+      credit(late_saving_ >= 0 ? std::min(late_saving_, in.miss) : in.miss / 2);
     }
   }
   for (int64_t key : in.evicted) evict(key);

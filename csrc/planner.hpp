@@ -58,11 +58,18 @@ class Planner {
   double probability(int source, int64_t distance, double score) const;
   double regret() const { return (regretted_ + kRegretPrior) / (evictions_ + 1.0); }
   bool active(int64_t layer) const { return every_ != 0 && layer % every_ == 0; }
-  void step(int64_t window);
+  // Once per forward; `decode`: a decode step (one token); `margin`: by how much the stall the decode steps'
+  // prefetches caused may exceed what they saved before prediction backs off (the prefetcher: one demand load's).
+  void step(int64_t window, bool decode = false, double margin = 0.0);
   void add_spent(double seconds) { spent_ += seconds; }
+  // The stall a late prefetch hid, as the prefetcher measured it; negative: not measured (half a demand load's)
+  double late_saving() const { return late_saving_; }
+  void set_late_saving(double seconds) { late_saving_ = seconds; }
 
   double saved() const { return saved_; }
   double spent() const { return spent_; }
+  double decode_saved() const { return flow_saved_; }
+  double decode_caused() const { return flow_caused_; }
   int64_t every() const { return every_; }
   int64_t num_layers() const { return num_layers_; }
   int64_t num_experts() const { return num_experts_; }
@@ -101,7 +108,13 @@ class Planner {
   std::vector<std::vector<double>> prior_;
   std::vector<std::vector<Pending>> pending_;
   std::unordered_map<int64_t, int64_t> evicted_at_;
-  double regretted_ = 0, evictions_ = 0, saved_ = 0, spent_ = 0;
+  double regretted_ = 0, evictions_ = 0, saved_ = 0, spent_ = 0, late_saving_ = -1;
+  bool decoding_ = false;  // since the last step of many tokens, decode steps only: their stall balance is kept
+  double flow_saved_ = 0, flow_caused_ = 0;  // stall their prefetches saved; caused (victims loaded again)
+  void credit(double seconds) {
+    saved_ += seconds;
+    if (decoding_) flow_saved_ += seconds;
+  }
   int64_t every_ = 1, quiet_ = 0;
   std::unordered_set<int64_t> resident_, inflight_;
   std::vector<std::pair<int64_t, std::vector<int64_t>>> wanted_;  // target -> experts, in insertion order

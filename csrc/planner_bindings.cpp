@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 #include <array>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -23,7 +24,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kAbiVersion = 8;  // bumped when the Python-visible interface changes (see _ext.py)
+constexpr int kAbiVersion = 9;  // bumped when the Python-visible interface changes (see _ext.py)
 
 // planner.py's export_state: a dict of plain lists, the Python twin's format.
 py::dict export_state(const m2r2::Planner& p) {
@@ -473,11 +474,22 @@ PYBIND11_MODULE(_native_plan, m) {
       .def("probability", &m2r2::Planner::probability, py::arg("source"), py::arg("distance"), py::arg("score"))
       .def("regret", &m2r2::Planner::regret)
       .def("active", &m2r2::Planner::active, py::arg("layer"))
-      .def("step", &m2r2::Planner::step, py::arg("window"))
+      .def("step", &m2r2::Planner::step, py::arg("window"), py::arg("decode") = false, py::arg("margin") = 0.0)
       .def("add_spent", &m2r2::Planner::add_spent, py::arg("seconds"))
       .def_property_readonly("saved", &m2r2::Planner::saved)
       .def_property_readonly("spent", &m2r2::Planner::spent)
+      .def_property_readonly("decode_saved", &m2r2::Planner::decode_saved)
+      .def_property_readonly("decode_caused", &m2r2::Planner::decode_caused)
       .def_property_readonly("every", &m2r2::Planner::every)
+      .def_property(
+          "late_saving",
+          [](const m2r2::Planner& p) -> std::optional<double> {
+            return p.late_saving() >= 0 ? std::optional<double>(p.late_saving()) : std::nullopt;
+          },
+          [](m2r2::Planner& p, std::optional<double> seconds) {
+            if (seconds && !(*seconds >= 0)) throw py::value_error("late_saving: seconds >= 0, or None");
+            p.set_late_saving(seconds ? *seconds : -1.0);
+          })
       .def("export_state", &export_state)
       .def("import_state", &import_state, py::arg("state"));
   add_raw_method(m.attr("CpuCopyEngine"), &kRawEngineSubmit);  // the per-copy and per-layer calls: raw, see above

@@ -49,7 +49,8 @@ def _call(rng: random.Random, layers: int, experts: int, stride: int, layer: int
 
 def _state(p, layers, experts):
     probs = [p.probability(s, d, x) for s in (0, 1) for d in range(layers + 1) for x in (0.0, 0.05, 0.31, 0.77, 1.0)]
-    return probs, p.regret(), p.saved, p.spent, p.every, [p.active(layer) for layer in range(layers)]
+    return (probs, p.regret(), p.saved, p.spent, p.decode_saved, p.decode_caused, p.every, p.late_saving,
+            [p.active(layer) for layer in range(layers)])
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -62,9 +63,9 @@ def test_native_planner_decides_as_the_python_twin(seed):
     for call in range(300):
         layer = call % layers
         now += 1
-        if layer == 0:
-            window = rng.choice((4, 64))
-            py.step(window), cc.step(window)
+        if layer == 0:  # a prompt's forward or a decode step; the decode steps' stall balance with or without a margin
+            window, decode, margin = rng.choice((4, 64)), rng.random() < 0.8, rng.choice((0.0, 1e-3, 1.0))
+            py.step(window, decode, margin), cc.step(window, decode=decode, margin=margin)
         args = _call(rng, layers, experts, stride, layer, now, rng.randint(0, 4))
         out_py = py.layer(**args)
         out_cc = cc.layer(**args)
@@ -77,6 +78,8 @@ def test_native_planner_decides_as_the_python_twin(seed):
                 py.withdrawn(target * stride + expert), cc.withdrawn(target * stride + expert)
         spent = rng.random() * 1e-3
         py.add_spent(spent), cc.add_spent(spent)
+        if rng.random() < 0.05:  # the prefetcher measured what a late prefetch hides (or forgot it)
+            py.late_saving = cc.late_saving = rng.choice((None, 0.0, 2e-4, 5.0))
         if rng.random() < 0.04:  # prefetching was off for a while: the mirror from the cache, pending dropped
             resident = rng.sample(range(layers * stride), rng.randint(0, min(layers * stride, 3 * layers)))
             py.resync(resident), cc.resync(resident)

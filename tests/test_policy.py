@@ -16,7 +16,7 @@ import m2r2_moe
 from conftest import tiny_mixtral
 from m2r2_moe import _ext
 from m2r2_moe.runtime.admission import value
-from m2r2_moe.runtime.planner import MISS, PREFETCH_HIT, PlannerCore, make_planner
+from m2r2_moe.runtime.planner import LATE, MISS, PREFETCH_HIT, PlannerCore, make_planner
 from m2r2_moe.runtime.policy import HALF_LIFE, NextUsePolicy
 
 L = 4  # layers
@@ -287,6 +287,52 @@ def test_regret_is_the_share_of_prefetch_victims_loaded_again_soon(planner):
     _settle(planner, 1, 402, [5], served=[MISS])  # a demand eviction is not the prefetcher's doing: no regret
 
 
+def test_a_late_prefetch_is_credited_what_it_was_measured_to_hide(planner):
+    """Until the prefetcher has measured a late prefetch's wait, each late use counts half a demand load's stall
+    as saved; then what was measured, at most a whole demand load's."""
+    assert planner.late_saving is None
+    for late_saving, credit in ((None, 0.5), (0.2, 0.2), (3.0, 1.0), (0.0, 0.0), (None, 0.5)):
+        planner.late_saving = late_saving
+        saved = planner.saved
+        _settle(planner, 1, 1, [2], served=[LATE])  # miss = 1.0
+        assert planner.saved == pytest.approx(saved + credit), late_saving
+    for bad in (-1e-3, math.nan):
+        with pytest.raises(ValueError, match="late_saving"):
+            planner.late_saving = bad
+    assert planner.late_saving is None  # unchanged by the refused values
+
+
+def test_the_prefetcher_measures_what_a_late_prefetch_waits():
+    """The stall after a wave with late prefetches and no demand load is what they waited: the planner then
+    credits a late one the demand load's stall less that. A wave with both samples neither."""
+    model, off, pf = _prefetcher(0.001)
+    try:
+        stats = off.cache.stats
+        pf._resume()  # the marks from the counters as they are
+        assert pf.planner.late_saving is None
+        stats.misses += 2
+        pf._miss_seconds()  # the call after the acquire that counted two demand loads
+        stats.stall_seconds += 0.004  # their wait
+        assert pf._miss_seconds() == pytest.approx(0.002)
+        stats.late_prefetches += 1
+        pf._miss_seconds()
+        stats.stall_seconds += 0.0005  # a late prefetch waited a quarter of a demand load
+        pf._miss_seconds()
+        assert pf.late_seconds == pytest.approx(0.0005) and pf.planner.late_saving == pytest.approx(0.0015)
+        stats.late_prefetches, stats.misses = stats.late_prefetches + 1, stats.misses + 1
+        pf._miss_seconds()
+        stats.stall_seconds += 0.05  # a mixed wave: whose wait is whose is not known
+        assert pf._miss_seconds() == pytest.approx(0.002)
+        assert pf.late_seconds == pytest.approx(0.0005) and pf.planner.late_saving == pytest.approx(0.0015)
+        stats.late_prefetches += 2
+        pf._miss_seconds()
+        stats.stall_seconds += 0.1  # two late ones that waited far longer than a demand load: they hid nothing
+        pf._miss_seconds()
+        assert pf.late_seconds == pytest.approx(0.9 * 0.0005 + 0.1 * 0.05) and pf.planner.late_saving == 0.0
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
 def test_benefit_backs_off_to_none_and_probes_again(planner):
     assert all(planner.active(layer) for layer in range(4))
     for _ in range(3):  # every forward, prediction costs far more than it saves
@@ -300,6 +346,59 @@ def test_benefit_backs_off_to_none_and_probes_again(planner):
         _settle(planner, 0, 0, [1, 2], served=[PREFETCH_HIT, PREFETCH_HIT])
         planner.step(8)
     assert planner.every == 1
+
+
+def test_decode_steps_whose_prefetches_cause_stall_back_off_whatever_the_prompt_credited(planner):
+    """A prompt's forward credits the balance (its streamed copies land as prefetch hits); decode steps then also
+    keep the stall their prefetches saved and caused (victims loaded again), and prediction backs off once they
+    caused more than they saved by more than the margin, though the prompt's credit still covers it. Prediction's own
+    time is the main balance's to judge (with the credit): it does not count there."""
+    def run(outcomes, margin=1.5, spent_per_step=0.0):
+        p = make_planner(4, 8, 8, 2, 8, native=not isinstance(planner, PlannerCore))
+        p.step(64, decode=False)
+        for layer in range(1, 4):  # the prompt: 24 demand loads' stall saved
+            p.layer(layer=layer, decode=False, now=layer, keys=[layer * 8 + e for e in range(8)],
+                    served=[PREFETCH_HIT] * 8, evicted=[], probs=None, wraps=False, horizon=0, miss=1.0,
+                    transfer=1.0, compute=0.0, free=0, backlog=[], min_prob=0.0)
+        assert (p.saved, p.decode_saved, p.decode_caused) == (24.0, 0.0, 0.0)
+        backed_off = None
+        for step, outcome in enumerate(outcomes, 1):
+            p.step(64, decode=True, margin=margin)
+            if p.every > 1 and backed_off is None:
+                backed_off = step
+            if outcome == MISS:  # a victim evicted for a prefetch comes back: a demand load regretted
+                p.issued(2 * 8 + 3, 8 + step % 8, 10 * step)
+            _settle(p, 1, 10 * step + 1, [step % 8], served=[outcome])
+            p.add_spent(spent_per_step)
+        return p, backed_off
+    p, backed_off = run([MISS] * 6)  # every decode step's prefetching costs a demand load's stall
+    assert backed_off == 3 and p.saved > p.spent  # caused 2 > 1.5 at the third step; the total balance still paid
+    assert p.decode_caused > p.decode_saved == 0.0
+    assert run([MISS] + [PREFETCH_HIT] * 5)[1] is None  # within the margin, then paying
+    p, backed_off = run([PREFETCH_HIT] * 6, spent_per_step=1.5)  # costly to predict, but no harm done to the cache
+    assert backed_off is None and p.decode_caused == 0.0 and p.saved > p.spent
+    p.step(64, decode=False)  # another prompt: the decode steps' stall balance starts again at the next decode step
+    p.step(64, decode=True)
+    assert (p.decode_saved, p.decode_caused) == (0.0, 0.0)
+
+
+def test_a_step_that_ran_while_its_layer_waited_is_refunded():
+    """The prefetcher's step for a layer runs while that layer's demand loads are on the link: when the layer then
+    waited, the step cost no time, and its charge is taken back."""
+    model, off, pf = _prefetcher(0.001)
+    try:
+        stats = off.cache.stats
+        pf._resume()
+        pf.planner.add_spent(5e-5)
+        pf._spent = 5e-5  # what the last step was charged
+        pf._miss_seconds()  # no stall since: it stands
+        assert pf.planner.spent == pytest.approx(5e-5)
+        pf._spent = 5e-5
+        stats.stall_seconds += 1e-4  # its layer waited
+        pf._miss_seconds()
+        assert pf.planner.spent == pytest.approx(0.0, abs=1e-12)
+    finally:
+        m2r2_moe.remove_offload(model)
 
 
 def test_the_planner_queues_by_expected_value(planner):

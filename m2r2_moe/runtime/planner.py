@@ -7,7 +7,8 @@ withdraw. It keeps everything that is learned online (runtime/admission.py says 
 - the calibration of P(used | source, distance, score bin), settled by the routing each prediction was for;
 - each layer's recent usage, the prior for distances past the predictor's lookahead and across the token;
 - the regret of evicting for a prefetch (the share of its victims that came back within a turn of layers);
-- the benefit balance (stall saved against time spent) that decides how often to predict;
+- the benefit balance (stall saved against time spent), and the stall the decode steps since the last prompt
+  saved and caused, that decide how often to predict;
 - a mirror of which experts are resident or in flight, from the reports it gets (acquires, evictions, the copies
   it asked for), so that candidates are filtered without asking the cache. The mirror only steers prefetching:
   the cache checks every copy again.
@@ -39,6 +40,9 @@ class PlannerCore:
         self._evicted_at: dict[int, int] = {}
         self.regretted = self.evictions = 0.0
         self.saved = self.spent = 0.0
+        self.decode_saved = self.decode_caused = 0.0  # stall the decode steps since the prompt saved and caused
+        self._decoding = False
+        self._late_saving: float | None = None
         self.every, self._quiet = 1, 0
         self._resident: set[int] = set()
         self._inflight: set[int] = set()
@@ -62,22 +66,48 @@ class PlannerCore:
     def active(self, layer: int) -> bool:
         return self.every != 0 and layer % self.every == 0
 
-    def step(self, window: int) -> None:
-        """Once per forward: age the benefit balance and decide how often to predict (admission.Benefit)."""
+    def step(self, window: int, decode: bool = False, margin: float = 0.0) -> None:
+        """Once per forward: age the benefit balance and decide how often to predict (admission.py, Benefit).
+        `decode`: this forward is a decode step; from the first one after a prompt, the stall the decode steps'
+        prefetches saved and caused is kept apart too (`decode_saved`, `decode_caused`), and when they caused more
+        than they saved by more than `margin`, prediction backs off even if the prompt's credit still covers it."""
         decay = 1.0 - 1.0 / window
         self.saved, self.spent = self.saved * decay, self.spent * decay
+        self.decode_saved, self.decode_caused = self.decode_saved * decay, self.decode_caused * decay
+        if not decode:
+            self._decoding = False
+        elif not self._decoding:  # the first decode step after a prompt: the decode steps' stall balance starts
+            self._decoding, self.decode_saved, self.decode_caused = True, 0.0, 0.0
         if self.every == 0:
             self._quiet += 1
             if self._quiet >= window:  # probe again: the text (and the link) may have changed
                 self.every, self._quiet = self.num_layers, 0
             return
-        if self.spent > self.saved and self.spent > 0:  # not paying: fewer layers (more only at twice the cost)
+        harmful = self._decoding and self.decode_caused > self.decode_saved + margin
+        if (self.spent > self.saved and self.spent > 0) or harmful:  # fewer layers (more only at twice the cost)
             self.every = 0 if self.every >= self.num_layers else self.every * 2
         elif self.saved > 2 * self.spent and self.every > 1:
             self.every //= 2
 
     def add_spent(self, seconds: float) -> None:
         self.spent += seconds
+
+    def _credit(self, seconds: float) -> None:
+        self.saved += seconds
+        if self._decoding:
+            self.decode_saved += seconds
+
+    @property
+    def late_saving(self) -> float | None:
+        """The stall a late prefetch hid, as the prefetcher measured it (each late use is credited that, at most a
+        demand load's stall); None until measured: half a demand load's."""
+        return self._late_saving
+
+    @late_saving.setter
+    def late_saving(self, seconds: float | None) -> None:
+        if seconds is not None and not seconds >= 0:
+            raise ValueError("late_saving: seconds >= 0, or None")
+        self._late_saving = None if seconds is None else float(seconds)
 
     # -- what is kept across runs (a warm start's profile, m2r2_moe/warm.py) ---------------------------
     def export_state(self) -> dict:
@@ -168,7 +198,9 @@ class PlannerCore:
         # only (measured, Python twin), the balance ran negative in the first forwards, before their predictions
         # were used, and halved prediction down to none within six tokens: at link ratio 0.5 with 16 of 64 slots a
         # run that prefetching makes 0.80x as long ran as long as on-demand loading. A start that is not borrowed
-        # from the prompt has to keep that from happening.
+        # from the prompt has to keep that from happening. The credit has its own cost: decode steps that lose can
+        # run on it for tens of tokens (a model the runtime was not tuned on, link ratio 8, a quarter of its experts
+        # cached, LRU: 1.07-1.11x on-demand loading's time). The decode steps' own stall balance (`step`) stops that.
         base = layer * self.key_stride
         used = [key - base for key in keys]
         for key, how in zip(keys, served):
@@ -179,10 +211,13 @@ class PlannerCore:
                 if when is not None and now - when <= self.num_layers:  # a prefetch's victim, needed again
                     self.regretted += 1.0
                     self.spent += miss
+                    if self._decoding:
+                        self.decode_caused += miss
             elif how == PREFETCH_HIT:
-                self.saved += miss
-            elif how == LATE:
-                self.saved += miss / 2  # part of its copy was hidden
+                self._credit(miss)
+            elif how == LATE:  # part of its copy was hidden: as much as measured
+                late = self._late_saving
+                self._credit(miss / 2 if late is None else min(late, miss))
         for key in evicted:
             self._evict(key)
         pending, self._pending[layer] = self._pending[layer], []

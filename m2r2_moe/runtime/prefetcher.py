@@ -43,6 +43,7 @@ class Prefetcher:
         num_experts = max(int(layer.experts.num_experts) for layer in layers)
         self.planner = make_planner(len(layers), num_experts, cache.key_stride, width or top_k, max_queued or 4 * top_k)
         self.miss_seconds = 0.0  # running estimate of the stall one demand load costs (0 until measured)
+        self.late_seconds = None  # running estimate of the stall one late prefetch costs (None until measured)
         self._stall_mark = (0.0, 0, 0, 0, 0)  # stall, misses, late at the last call; its new misses and late ones
         # r_l and norm_l(r_l) as the model computed them, for predictors that read the residual
         self.tap = LayerTap(layers, residual=True, routing=False, flat=False) if predictor.needs_residual else None
@@ -52,6 +53,7 @@ class Prefetcher:
         self._every = self.planner.every  # this forward: predict at the layers this divides (0: none)
         self._link = (0.0, 0.0, 0)  # (layer compute, transfer, horizon) as last read: see `_link_now`
         self._gap = False  # decode steps were skipped (prefetching off) since the planner was last told
+        self._spent = 0.0  # what the last step was charged (refunded if its layer then waited: `_miss_seconds`)
 
     def remove(self) -> None:
         if self.tap is not None:
@@ -63,8 +65,8 @@ class Prefetcher:
         their uses was served; `evicted`: the keys their demand loads displaced."""
         start = host_seconds()
         decode = top_k_index.shape[0] == 1
-        if layer == 0:  # what is decided once per forward
-            self.planner.step(WINDOW)
+        if layer == 0:  # once per forward (decode steps' prefetches may cause a demand load's stall more than saved)
+            self.planner.step(WINDOW, decode, self.miss_seconds or self._link[1])
             vouched = self.planner.saved > VOUCH * self.planner.spent > 0
             self.on = self.onoff.step(start, decode, vouched)
             self._every = self.planner.every
@@ -84,7 +86,10 @@ class Prefetcher:
         if layer == self.num_layers - 1:
             self.predictor.advance(top_k_index.shape[0])
         if self.on and not skip:  # the off arm's bookkeeping is not prediction's cost
-            self.planner.add_spent(self.step_timer.spent(host_seconds() - start))
+            self._spent = self.step_timer.spent(host_seconds() - start)
+            self.planner.add_spent(self._spent)
+        else:
+            self._spent = 0.0
 
     def _plan(self, layer, top_k_index, decode, now, keys, served, evicted) -> None:
         """Settle this layer's outcomes in the planner and, where it predicts, act on its decision."""
@@ -178,13 +183,24 @@ class Prefetcher:
     def _miss_seconds(self) -> float:
         """The stall one demand load costs, as measured: a layer's demand loads are counted when it acquires
         (before this call) and waited for after it, so the stall since the last call belongs to the loads that
-        call saw (a call with late prefetches, whose waits are partial, is not a sample)."""
+        call saw (a call with late prefetches, whose waits are partial, is not a sample). A call that saw late
+        prefetches and no demand load samples what a late prefetch waited: the planner credits each late one
+        with the demand load's stall less that (`late_saving`), not a fixed share of it. And when the layer of the
+        last call waited at all, that call's step ran while the copies it waited for were on the link: it cost
+        no time, and what it was charged is refunded."""
         stats = self.cache.stats
         stall, misses, late = stats.stall_seconds, stats.misses, stats.late_prefetches
         last_stall, last_misses, last_late, new_misses, new_late = self._stall_mark
-        if new_misses > 0 and new_late == 0 and stall >= last_stall:
-            sample = (stall - last_stall) / new_misses
-            self.miss_seconds = sample if not self.miss_seconds else 0.9 * self.miss_seconds + 0.1 * sample
+        if stall > last_stall and self._spent:  # the last step ran while its layer's copies were on the link: free
+            self.planner.add_spent(-self._spent)
+        if stall >= last_stall:
+            if new_misses > 0 and new_late == 0:
+                sample = (stall - last_stall) / new_misses
+                self.miss_seconds = sample if not self.miss_seconds else 0.9 * self.miss_seconds + 0.1 * sample
+            elif new_late > 0 and new_misses == 0:
+                sample = (stall - last_stall) / new_late
+                self.late_seconds = sample if self.late_seconds is None else 0.9 * self.late_seconds + 0.1 * sample
+            if new_late and self.miss_seconds and self.late_seconds is not None:
+                self.planner.late_saving = max(self.miss_seconds - self.late_seconds, 0.0)
         self._stall_mark = (stall, misses, late, misses - last_misses, late - last_late)
         return self.miss_seconds
-
