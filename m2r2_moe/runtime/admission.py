@@ -20,11 +20,17 @@ what the predictor says and is corrected by what the running model does.
   at ratio 8 one model 1.3 % faster, one equal, one 1.8 % slower. What remains at high ratios: a wrong
   prefetch on the link still holds up a later one, as prefetches do not pre-empt each other.)
 - Benefit: the stall prefetching saved (demand loads it made unnecessary, and the part of late ones it
-  hid), against what it cost: the time spent predicting and planning (each layer's step as timed, clipped at a
-  few times its running typical value by `StepTimer`: a step the OS preempted, or a page fault in it, is not
-  prediction's cost), and the demand loads of experts it had evicted. When the balance of the last tokens is negative
-  prefetching backs off (it predicts on fewer layers), down to none, and probes again now and then: prefetching
-  may never make a model slower than on-demand loading.
+  hid: a demand load's stall less what late prefetches were measured to wait), against what it cost: the time
+  spent predicting and planning (each layer's step as timed, clipped at a few times its running typical value by
+  `StepTimer`: a step the OS preempted, or a page fault in it, is not prediction's cost; refunded when its layer
+  then waited for a copy anyway: it ran while that copy was on the link), and the demand loads of experts it had
+  evicted. When the balance of the last tokens is negative prefetching backs off (it predicts on fewer layers),
+  down to none, and probes again now and then: prefetching may never make a model slower than on-demand loading.
+  A prompt's forward is settled too (its streamed copies land as prefetch hits), which gives the first decode
+  steps credit: time for the predictor's cost to pay off while its calibration settles. That credit does not
+  cover harm to the cache: the stall the decode steps' prefetches saved and the stall they caused (their victims
+  loaded again) are also kept apart since the prompt, and prediction backs off when the second exceeds the first
+  by more than one demand load's stall, whatever the credit.
 The state behind these lives in the planner (runtime/planner.py and its C++ twin).
 Times are host seconds; on a GPU whose link speed the engine does not know, T is taken as several layer times
 (transfer-bound, the regime offloading is for).
