@@ -73,5 +73,5 @@ def admit_every_prediction(monkeypatch):
     monkeypatch.setattr(prefetcher, "make_planner", lambda *args: planner.PlannerCore(*args))  # the twin, patched:
     monkeypatch.setattr(planner, "value", lambda *args: 1.0)
     # `every` stays 1: predicting at every layer, never backing off (the prefetcher reads it at each forward)
-    monkeypatch.setattr(planner.PlannerCore, "step", lambda self, window: None)
+    monkeypatch.setattr(planner.PlannerCore, "step", lambda self, window, decode=False, margin=0.0: None)
     monkeypatch.setattr(prefetcher.OnOff, "step", lambda self, now, decode, vouched=False: True)  # never the off arm
