@@ -311,23 +311,23 @@ def test_the_prefetcher_measures_what_a_late_prefetch_waits():
         pf._resume()  # the marks from the counters as they are
         assert pf.planner.late_saving is None
         stats.misses += 2
-        pf._miss_seconds()  # the call after the acquire that counted two demand loads
+        pf._read_stalls()  # the call after the acquire that counted two demand loads
         stats.stall_seconds += 0.004  # their wait
-        assert pf._miss_seconds() == pytest.approx(0.002)
+        assert pf._read_stalls() == pytest.approx(0.002)
         stats.late_prefetches += 1
-        pf._miss_seconds()
+        pf._read_stalls()
         stats.stall_seconds += 0.0005  # a late prefetch waited a quarter of a demand load
-        pf._miss_seconds()
+        pf._read_stalls()
         assert pf.late_seconds == pytest.approx(0.0005) and pf.planner.late_saving == pytest.approx(0.0015)
         stats.late_prefetches, stats.misses = stats.late_prefetches + 1, stats.misses + 1
-        pf._miss_seconds()
+        pf._read_stalls()
         stats.stall_seconds += 0.05  # a mixed wave: whose wait is whose is not known
-        assert pf._miss_seconds() == pytest.approx(0.002)
+        assert pf._read_stalls() == pytest.approx(0.002)
         assert pf.late_seconds == pytest.approx(0.0005) and pf.planner.late_saving == pytest.approx(0.0015)
         stats.late_prefetches += 2
-        pf._miss_seconds()
+        pf._read_stalls()
         stats.stall_seconds += 0.1  # two late ones that waited far longer than a demand load: they hid nothing
-        pf._miss_seconds()
+        pf._read_stalls()
         assert pf.late_seconds == pytest.approx(0.9 * 0.0005 + 0.1 * 0.05) and pf.planner.late_saving == 0.0
     finally:
         m2r2_moe.remove_offload(model)
@@ -391,11 +391,11 @@ def test_a_step_that_ran_while_its_layer_waited_is_refunded():
         pf._resume()
         pf.planner.add_spent(5e-5)
         pf._spent = 5e-5  # what the last step was charged
-        pf._miss_seconds()  # no stall since: it stands
+        pf._read_stalls()  # no stall since: it stands
         assert pf.planner.spent == pytest.approx(5e-5)
         pf._spent = 5e-5
         stats.stall_seconds += 1e-4  # its layer waited
-        pf._miss_seconds()
+        pf._read_stalls()
         assert pf.planner.spent == pytest.approx(0.0, abs=1e-12)
     finally:
         m2r2_moe.remove_offload(model)

@@ -53,7 +53,7 @@ class Prefetcher:
         self._every = self.planner.every  # this forward: predict at the layers this divides (0: none)
         self._link = (0.0, 0.0, 0)  # (layer compute, transfer, horizon) as last read: see `_link_now`
         self._gap = False  # decode steps were skipped (prefetching off) since the planner was last told
-        self._spent = 0.0  # what the last step was charged (refunded if its layer then waited: `_miss_seconds`)
+        self._spent = 0.0  # what the last step was charged (refunded if its layer then waited: `_read_stalls`)
 
     def remove(self) -> None:
         if self.tap is not None:
@@ -94,7 +94,7 @@ class Prefetcher:
     def _plan(self, layer, top_k_index, decode, now, keys, served, evicted) -> None:
         """Settle this layer's outcomes in the planner and, where it predicts, act on its decision."""
         compute, transfer, horizon = self._link_now(layer)
-        miss = self._miss_seconds() or transfer
+        miss = self._read_stalls() or transfer
         every = self._every
         if self.on and every and layer % every == 0:  # the planner's `active(layer)`, as of this forward's start
             probs = self._predict(layer, top_k_index, decode, horizon)
@@ -180,14 +180,14 @@ class Prefetcher:
         seconds = self.engine.link_seconds(self.expert_bytes)
         return seconds if seconds > 0 else (4 * self.clock.layer_seconds or 1.0)
 
-    def _miss_seconds(self) -> float:
-        """The stall one demand load costs, as measured: a layer's demand loads are counted when it acquires
-        (before this call) and waited for after it, so the stall since the last call belongs to the loads that
-        call saw (a call with late prefetches, whose waits are partial, is not a sample). A call that saw late
-        prefetches and no demand load samples what a late prefetch waited: the planner credits each late one
-        with the demand load's stall less that (`late_saving`), not a fixed share of it. And when the layer of the
-        last call waited at all, that call's step ran while the copies it waited for were on the link: it cost
-        no time, and what it was charged is refunded."""
+    def _read_stalls(self) -> float:
+        """What the stall since the last call says; returns the stall one demand load costs. A layer's demand
+        loads are counted when it acquires (before this call) and waited for after it, so the stall since the last
+        call belongs to the loads that call saw: a sample of the demand load's stall when they were all demand
+        loads, of what a late prefetch waits when they were all late ones (the planner credits each late one the
+        demand load's stall less that: `late_saving`); a mix is no sample. And when the layer of the last call
+        waited at all, that call's step ran while the copies it waited for were on the link: it cost no time, and
+        what it was charged is refunded."""
         stats = self.cache.stats
         stall, misses, late = stats.stall_seconds, stats.misses, stats.late_prefetches
         last_stall, last_misses, last_late, new_misses, new_late = self._stall_mark
