@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import m2r2_moe
+from conftest import tiny_mixtral
 from m2r2_moe.runtime.onoff import OnOff
 
 
@@ -115,13 +116,38 @@ def test_the_off_arm_reads_no_residual_and_runs_no_admission():
         reads = []
         free_slots = offloader.cache.free_slots
         offloader.cache.free_slots = lambda: reads.append(1) or free_slots()
+        hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
+        on_hooks = hooks()
         assert torch.equal(generate(), reference)
         # layer 0's residual is taken before the forward's arm is chosen (at its experts call); no other
         assert not prefetcher.tap.residuals_wanted and all(r is None for r in prefetcher.tap.residual[1:])
         assert not reads and m2r2_moe.stats(model).decode.prefetches == 0
+        # the residual hooks are off the model (a hooked module takes torch's slower call path even when idle)
+        assert hooks() == on_hooks - len(prefetcher.tap.layers)
         prefetcher.onoff.step = lambda *args: True  # and back on: the tap reads again, admission runs
         assert torch.equal(generate(), reference)
         assert prefetcher.tap.residuals_wanted and all(r is not None for r in prefetcher.tap.residual) and reads
+        assert hooks() == on_hooks
+    finally:
+        m2r2_moe.remove_offload(model)
+    assert hooks() == 0  # removing the offload takes every hook off
+
+
+def test_an_idle_decode_step_still_shows_every_layer_to_a_predictor_that_observes():
+    """Off steps skip all of the prefetcher's bookkeeping, except what a predictor that learns from the routing
+    (history) is shown: every layer's experts, and the end of each forward."""
+    model = tiny_mixtral(layers=4)
+    m2r2_moe.offload(model, device="cpu", cache_experts=8, predictor="history", link_gbps=1.0)
+    try:
+        prefetcher = m2r2_moe.get_offloader(model).prefetcher
+        prefetcher.onoff.step = lambda *args: False
+        seen, observe, advance = [], prefetcher.predictor.observe, prefetcher.predictor.advance
+        prefetcher.predictor.observe = lambda layer, chosen: seen.append(layer) or observe(layer, chosen)
+        prefetcher.predictor.advance = lambda tokens: seen.append(("advance", tokens)) or advance(tokens)
+        ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        assert seen == [0, 1, 2, 3, ("advance", 5)] + [0, 1, 2, 3, ("advance", 1)] * 3
     finally:
         m2r2_moe.remove_offload(model)
 

@@ -40,12 +40,10 @@ class LayerTap:
         self.weights: list[torch.Tensor | None] = [None] * count
         self.logits: list[torch.Tensor | None] = [None] * count
         self.on_routing = on_routing
-        self.residuals_wanted = True  # False: the residual hooks return at once (a consumer pausing, e.g. the
-        # prefetcher while prefetching is off for a forward); what they last saw stays
+        self._flat, self._taps_residual, self._wanted = flat, residual, residual  # (no residual hook after `remove`)
+        self._residual_handles = [self._tap_residual(layer, i, flat) for i, layer in enumerate(layers) if residual]
         self._handles = []
         for i, layer in enumerate(layers):
-            if residual:
-                self._handles.append(self._tap_residual(layer, i, flat))
             if routing or on_routing is not None:
                 self._handles.append(layer.experts.register_forward_pre_hook(self._routing_hook(i), with_kwargs=True))
             if logits:
@@ -53,21 +51,34 @@ class LayerTap:
                     raise ValueError(f"MoE layer {i} ({type(layer.block).__name__}) has no router module to tap")
                 self._handles.append(layer.router.register_forward_hook(self._logits_hook(i)))
 
+    @property
+    def residuals_wanted(self) -> bool:
+        """False: the residual hooks are off the model (a consumer pausing, e.g. the prefetcher while prefetching is
+        off for a forward); what they last saw stays. A module with a hook takes PyTorch's slower call path even
+        when the hook returns at once: taken off, an idle tap costs the model nothing."""
+        return self._wanted
+
+    @residuals_wanted.setter
+    def residuals_wanted(self, wanted: bool) -> None:
+        wanted = bool(wanted) and self._taps_residual
+        if wanted == self._wanted:
+            return
+        for handle in self._residual_handles:
+            handle.remove()
+        self._residual_handles = ([self._tap_residual(layer, i, self._flat) for i, layer in enumerate(self.layers)]
+                                  if wanted else [])
+        self._wanted = wanted
+
     def _tap_residual(self, layer: MoELayer, i: int, flat: bool):
         def as_made(module: nn.Module, args, output):  # flat=False
-            if self.residuals_wanted:
-                self.residual[i], self.normed[i] = args[0], output
+            self.residual[i], self.normed[i] = args[0], output
 
         def after_norm(module: nn.Module, args, output):
-            if not self.residuals_wanted:
-                return
             x = args[0]
             self.residual[i] = x.detach().reshape(-1, x.shape[-1])
             self.normed[i] = output.detach().reshape(-1, output.shape[-1])
 
         def before_block(module: nn.Module, args):
-            if not self.residuals_wanted:
-                return
             x = args[0]
             self.residual[i] = self.normed[i] = x.detach().reshape(-1, x.shape[-1])
 
@@ -94,9 +105,11 @@ class LayerTap:
         return hook
 
     def remove(self) -> None:
-        for h in self._handles:
+        for h in self._handles + self._residual_handles:
             h.remove()
         self._handles.clear()
+        self._residual_handles.clear()
+        self._taps_residual = self._wanted = False
 
     def __enter__(self) -> "LayerTap":
         return self

@@ -12,7 +12,8 @@ and tells the planner what the cache did. When prefetching costs more than it sa
 fewer layers, down to none, and probes again; and the wall time of decode steps with prefetching on and off is
 compared online (runtime/onoff.py), which catches the costs no layer can time: prefetching must never make a model
 slower than on-demand loading. A decode step that predicts nowhere (the off arm, or the planner backed off to none)
-does not call the planner at all: it is resynchronised with the cache when prefetching resumes.
+costs as little as it can: the residual tap's hooks are off the model, the layers after the first return at once,
+and the planner is not called at all (it is resynchronised with the cache when prefetching resumes).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Prefetcher:
         self._link = (0.0, 0.0, 0)  # (layer compute, transfer, horizon) as last read: see `_link_now`
         self._gap = False  # decode steps were skipped (prefetching off) since the planner was last told
         self._spent = 0.0  # what the last step was charged (refunded if its layer then waited: `_read_stalls`)
+        self._observes = type(predictor).observe is not Predictor.observe  # not a no-op: called at every layer
 
     def remove(self) -> None:
         if self.tap is not None:
@@ -63,8 +65,14 @@ class Prefetcher:
                  evicted: list[int] = ()) -> None:
         """Called by the hot path at layer `layer` once its experts (`keys`) are pinned; `served`: how each of
         their uses was served; `evicted`: the keys their demand loads displaced."""
-        start = host_seconds()
         decode = top_k_index.shape[0] == 1
+        if layer and decode and not self.predicting:  # a decode step that predicts nowhere: as little as possible
+            if self._observes:
+                self.predictor.observe(layer, top_k_index)
+            if layer == self.num_layers - 1:
+                self.predictor.advance(1)
+            return
+        start = host_seconds()
         if layer == 0:  # once per forward (decode steps' prefetches may cause a demand load's stall more than saved)
             self.planner.step(WINDOW, decode, self.miss_seconds or self._link[1])
             vouched = self.planner.saved > VOUCH * self.planner.spent > 0
@@ -82,7 +90,8 @@ class Prefetcher:
             if self._gap:
                 self._resume()
             self._plan(layer, top_k_index, decode, self.clock.now(layer), keys, served, evicted)
-        self.predictor.observe(layer, top_k_index)
+        if self._observes:
+            self.predictor.observe(layer, top_k_index)
         if layer == self.num_layers - 1:
             self.predictor.advance(top_k_index.shape[0])
         if self.on and not skip:  # the off arm's bookkeeping is not prediction's cost
