@@ -367,3 +367,17 @@ def test_the_prefetchers_tap_keeps_the_residuals_as_the_model_made_them():
             assert torch.equal(raw.residual[i].reshape(3, -1), flat.residual[i])
             assert torch.equal(raw.normed[i].reshape(3, -1), flat.normed[i])
             assert raw.normed[i].data_ptr() == flat.normed[i].data_ptr()  # the model's own tensor, not a copy
+
+
+def test_the_limit_is_timed_on_the_clock_the_runs_are():
+    """max(compute, Belady's bytes / link) per token: on the host the reference's measured time; on simulated time the
+    fixed compute the runs are timed with (a slow host's measured time would put the limit above the runs)."""
+    from m2r2_moe.profile.runs import Reference, limit_per_token
+
+    empty = torch.zeros(1, 1, dtype=torch.long)
+    requests = [frozenset({0, 1})] + [frozenset({e}) for e in (2, 3, 2, 4, 5)]  # a prompt, then 5 decode requests
+    ref = Reference(empty, empty, empty, requests, prefill_requests=1, decode_seconds_per_token=0.009)
+    assert limit_per_token(ref, 2, 1000, None, 6) == (0.009, belady_loads(requests, 2, count_from=1))
+    assert limit_per_token(ref, 2, 1000, None, 6, compute=0.0068)[0] == 0.0068
+    loads = belady_loads(requests, 2, count_from=1)
+    assert loads > 0 and limit_per_token(ref, 2, 1000, 1000.0, 6, compute=0.0068)[0] == pytest.approx(loads / 5)

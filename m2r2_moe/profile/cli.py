@@ -220,7 +220,8 @@ def _run_regimes(args, model, refs, plan, depth, compute_layer, expert_bytes, em
                     if (name, i) not in best or _time(run) < _time(best[name, i]):
                         best[name, i] = run
                     bar.update()
-        limits = [limit_per_token(ref, cache, expert_bytes, gbps and gbps * 1e9, args.new_tokens) for ref in refs]
+        compute = virtual * len(find_moe_layers(model)[1]) if virtual else None  # simulated: the fixed compute
+        limits = [limit_per_token(ref, cache, expert_bytes, gbps and gbps * 1e9, args.new_tokens, compute) for ref in refs]
         for name in names:
             per_prompt = [best[name, i] for i in range(len(refs))]
             recorders[(ratio, cache, policy, name)] = per_prompt[0]["recorder"]
@@ -288,8 +289,7 @@ def _share_of_gain(runs: list[dict], floor: float | None = None) -> None:
         gap = None if b is None else b["time_per_token_s"] - r["limit_per_token_s"]
         r["speedup_vs_none"] = None if b is None else b["time_per_token_s"] / r["time_per_token_s"]
         r["share_of_gain"] = None if not gap or gap <= 0 else (b["time_per_token_s"] - r["time_per_token_s"]) / gap
-        # the part of the gap that is waiting for copies (the rest is the runtime's own cost per token)
-        stall = None if b is None else b["stall_s_per_token"]
+        stall = None if b is None else b["stall_s_per_token"]  # the part of the gap that is waiting for copies
         r["stall_removed"] = None if not stall else (stall - r["stall_s_per_token"]) / stall
         r["floor_per_token_s"] = floor
         r["share_ceiling"] = (None if floor is None or not gap or gap <= 0

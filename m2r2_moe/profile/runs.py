@@ -79,11 +79,13 @@ class _Stamps:
 
 
 def limit_per_token(ref: Reference, cache_experts: int, expert_bytes: int, link_bytes_per_s: float | None,
-                    new_tokens: int) -> tuple[float, int]:
-    """(max(compute, Belady's decode bytes / link bandwidth) per token, Belady's decode loads)."""
+                    new_tokens: int, compute: float | None = None) -> tuple[float, int]:
+    """(max(compute, Belady's decode bytes / link bandwidth) per token, Belady's decode loads). `compute`: the
+    un-offloaded compute per token on the clock the runs are timed on (simulated time: the fixed compute of its MoE
+    layers); None: the reference's, as measured on the host."""
     loads = belady_loads(ref.requests, cache_experts, count_from=ref.prefill_requests)
     transfer = 0.0 if not link_bytes_per_s else loads * expert_bytes / link_bytes_per_s / max(new_tokens - 1, 1)
-    return max(ref.decode_seconds_per_token, transfer), loads
+    return max(ref.decode_seconds_per_token if compute is None else compute, transfer), loads
 
 
 def lru_curve(ref: Reference, sizes: list[int]) -> dict[int, tuple[int, int]]:
