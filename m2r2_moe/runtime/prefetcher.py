@@ -67,10 +67,7 @@ class Prefetcher:
         their uses was served; `evicted`: the keys their demand loads displaced."""
         decode = top_k_index.shape[0] == 1
         if layer and decode and not self.predicting:  # a decode step that predicts nowhere: as little as possible
-            if self._observes:
-                self.predictor.observe(layer, top_k_index)
-            if layer == self.num_layers - 1:
-                self.predictor.advance(1)
+            self._show(layer, top_k_index)
             return
         start = host_seconds()
         if layer == 0:  # once per forward (decode steps' prefetches may cause a demand load's stall more than saved)
@@ -90,15 +87,20 @@ class Prefetcher:
             if self._gap:
                 self._resume()
             self._plan(layer, top_k_index, decode, self.clock.now(layer), keys, served, evicted)
-        if self._observes:
-            self.predictor.observe(layer, top_k_index)
-        if layer == self.num_layers - 1:
-            self.predictor.advance(top_k_index.shape[0])
+        self._show(layer, top_k_index)
         if self.on and not skip:  # the off arm's bookkeeping is not prediction's cost
             self._spent = self.step_timer.spent(host_seconds() - start)
             self.planner.add_spent(self._spent)
         else:
             self._spent = 0.0
+
+    def _show(self, layer: int, top_k_index: torch.Tensor) -> None:
+        """Show the predictor the experts the layer used (when it learns from them) and, at the last layer, the end
+        of the forward."""
+        if self._observes:
+            self.predictor.observe(layer, top_k_index)
+        if layer == self.num_layers - 1:
+            self.predictor.advance(top_k_index.shape[0])
 
     def _plan(self, layer, top_k_index, decode, now, keys, served, evicted) -> None:
         """Settle this layer's outcomes in the planner and, where it predicts, act on its decision."""
