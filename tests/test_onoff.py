@@ -152,6 +152,33 @@ def test_an_idle_decode_step_still_shows_every_layer_to_a_predictor_that_observe
         m2r2_moe.remove_offload(model)
 
 
+def test_the_hot_path_calls_a_quiet_prefetcher_only_at_the_first_layer():
+    """An off decode step of a predictor that learns nothing from the routing (gate): the hot path calls the
+    prefetcher at layer 0 only (where the step's arm is chosen); the prompt's forward and on steps call every layer."""
+    model = tiny_mixtral(layers=4)
+    m2r2_moe.offload(model, device="cpu", cache_experts=8, predictor="gate", link_gbps=1.0)
+    try:
+        prefetcher = m2r2_moe.get_offloader(model).prefetcher
+        calls, on_layer, arms = [], prefetcher.on_layer, iter([False, False, True])
+        prefetcher.onoff.step = lambda now, decode, vouched=False: True if not decode else next(arms)
+        prefetcher.on_layer = lambda layer, *args: calls.append(layer) or on_layer(layer, *args)
+
+        class EveryLayer:  # the planner, never backing off (on this random model its balance may): on steps predict
+            every = 1
+
+            def __getattr__(self, name):
+                return getattr(planner, name)
+
+        planner, prefetcher.planner = prefetcher.planner, EveryLayer()
+        ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        assert calls == [0, 1, 2, 3] + [0] + [0] + [0, 1, 2, 3]  # the prompt, two off steps, one on step
+        assert not prefetcher.quiet
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
 def test_the_off_arm_leaves_the_planner_alone_and_resyncs_it_when_prefetching_resumes():
     """While prefetching is off a decode step costs the planner nothing (no per-layer call); when it resumes, the
     planner's mirror is rebuilt from the cache's keys and the predictions made before the gap are dropped."""

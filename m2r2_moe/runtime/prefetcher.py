@@ -12,8 +12,9 @@ and tells the planner what the cache did. When prefetching costs more than it sa
 fewer layers, down to none, and probes again; and the wall time of decode steps with prefetching on and off is
 compared online (runtime/onoff.py), which catches the costs no layer can time: prefetching must never make a model
 slower than on-demand loading. A decode step that predicts nowhere (the off arm, or the planner backed off to none)
-costs as little as it can: the residual tap's hooks are off the model, the layers after the first return at once,
-and the planner is not called at all (it is resynchronised with the cache when prefetching resumes).
+costs as little as it can: the residual tap's hooks are off the model, the hot path does not call the prefetcher
+after the first layer (`quiet`; unless the predictor learns from the routing), and the planner is not called at all
+(it is resynchronised with the cache when prefetching resumes).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Prefetcher:
         self._gap = False  # decode steps were skipped (prefetching off) since the planner was last told
         self._spent = 0.0  # what the last step was charged (refunded if its layer then waited: `_read_stalls`)
         self._observes = type(predictor).observe is not Predictor.observe  # not a no-op: called at every layer
+        self._shows = self._observes or type(predictor).advance is not Predictor.advance  # has anything to be shown
+        self.quiet = False  # this forward: its layers after the first have nothing to do here (see `on_layer`)
 
     def remove(self) -> None:
         if self.tap is not None:
@@ -64,7 +67,8 @@ class Prefetcher:
     def on_layer(self, layer: int, top_k_index: torch.Tensor, keys: list[int], served: list[int],
                  evicted: list[int] = ()) -> None:
         """Called by the hot path at layer `layer` once its experts (`keys`) are pinned; `served`: how each of
-        their uses was served; `evicted`: the keys their demand loads displaced."""
+        their uses was served; `evicted`: the keys their demand loads displaced. At every layer 0, and at the others
+        unless `quiet` (set at layer 0: nothing would be done there)."""
         decode = top_k_index.shape[0] == 1
         if layer and decode and not self.predicting:  # a decode step that predicts nowhere: as little as possible
             self._show(layer, top_k_index)
@@ -78,6 +82,9 @@ class Prefetcher:
             self.predicting = self.on and self._every != 0  # this forward predicts at some layer
             if self.tap is not None:  # a forward that predicts nowhere reads no residual
                 self.tap.residuals_wanted = self.predicting
+            # a decode step that predicts nowhere, of a predictor that learns nothing from the routing: the hot path
+            # does not call the layers after the first at all (runtime/offloader.py: `run_wave`)
+            self.quiet = decode and not self.predicting and not self._shows
         # a decode step that predicts nowhere does not tell the planner either (its bookkeeping is most of what an
         # idle prefetcher costs a layer); the planner is resynchronised when prefetching resumes
         skip = decode and not self.predicting
