@@ -107,31 +107,48 @@ def read_profile(path, model, layers) -> Profile:
 
 
 class UsageCounter:
-    """Uses of each expert of each MoE layer, counted on the device as the model routes (no host sync): the
-    offloader calls `count` with each layer call's routing."""
+    """Uses of each expert of each MoE layer, counted as the model routes, with no host sync of their own: a forward
+    of many tokens on the device (`count`), a decode step at batch 1 on the host from the routing the hot path has
+    read already (`count_host`: three tensor ops per layer cost the decode step 3 % of its time on the built-in
+    model, benchmarks/overhead.py). The offloader calls one of them with each layer call's routing."""
 
     def __init__(self, layers, device: torch.device, start: Profile | None = None):
         width = max(int(layer.experts.num_experts) for layer in layers)
-        self.counts = torch.zeros(len(layers), width, dtype=torch.float64, device=device)  # [L, E]
+        self._device = torch.zeros(len(layers), width, dtype=torch.float64, device=device)  # [L, E]
+        self._host = [[0.0] * width for _ in layers]  # [L][E], the uses `count_host` was told of
         self.tokens = 0
         if start is not None:  # a warm start goes on counting from the profile's figures
             for layer, row in enumerate(start.usage):
-                self.counts[layer, : len(row)] = torch.tensor(row, dtype=torch.float64)
+                self._host[layer][: len(row)] = [float(x) for x in row]
             self.tokens = start.tokens
         self._ones = torch.ones(0, dtype=torch.float64, device=device)
 
+    @property
+    def counts(self) -> torch.Tensor:
+        """`[L, E]` float64 on the counter's device: every use counted so far."""
+        return self._device + torch.tensor(self._host, dtype=torch.float64, device=self._device.device)
+
     def count(self, layer: int, top_k_index: torch.Tensor) -> None:
-        """One layer call's routing, `top_k_index [T, K]`."""
+        """One layer call's routing, `top_k_index [T, K]` (on the device: no host sync)."""
         chosen = top_k_index.reshape(-1)  # [T * K]
         if chosen.numel() > self._ones.numel():
-            self._ones = torch.ones(chosen.numel(), dtype=torch.float64, device=self.counts.device)
-        self.counts[layer].index_add_(0, chosen, self._ones[: chosen.numel()])
+            self._ones = torch.ones(chosen.numel(), dtype=torch.float64, device=self._device.device)
+        self._device[layer].index_add_(0, chosen, self._ones[: chosen.numel()])
         if layer == 0:
             self.tokens += top_k_index.shape[0]
+
+    def count_host(self, layer: int, experts: list[int]) -> None:
+        """One token's routing at `layer`, already read to the host: the K experts it chose."""
+        row = self._host[layer]
+        for expert in experts:
+            row[expert] += 1.0
+        if layer == 0:
+            self.tokens += 1
 
     def usage(self, num_experts: list[int]) -> list[list[float]]:
         counts = self.counts.cpu()
         return [counts[layer, :n].tolist() for layer, n in enumerate(num_experts)]
+
 
 class WarmState:
     """One offloaded model's usage counter and, after a warm start, the fill of its slots."""

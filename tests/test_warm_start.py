@@ -16,7 +16,7 @@ import m2r2_moe
 from m2r2_moe.attach import warm_of
 from m2r2_moe.errors import NotOffloadedError
 from m2r2_moe.runtime.warm_fill import WarmFill
-from m2r2_moe.warm import VERSION, Profile, ProfileError
+from m2r2_moe.warm import VERSION, Profile, ProfileError, UsageCounter
 
 PROMPTS = ["import os\n\ndef list_files(path):\n", "class Stack:\n    def push(self, item):\n",
            "for i in range(10):\n    print(i)\n"]
@@ -63,6 +63,27 @@ def test_profile_round_trip(builtin, tmp_path):
     assert all(sum(row) == tokens * 2 for row in saved.usage)  # top-2: two uses per token per layer
     order = saved.likeliest(10)
     assert len(order) == 10 and order == sorted(order, key=lambda p: (p[0], -saved.usage[p[0]][p[1]], p[1]))
+
+
+def test_usage_counted_on_the_host_equals_the_devices_count():
+    """A decode step's routing is counted on the host (the hot path has read it), a prompt's on the device: the same
+    routing gives the same counts either way, and a warm start's figures are counted on from."""
+    from types import SimpleNamespace
+
+    layers = [SimpleNamespace(experts=SimpleNamespace(num_experts=n)) for n in (6, 4)]
+    routing = [(0, [[1, 5], [1, 2], [3, 5]]), (1, [[0, 3], [2, 3], [3, 1]])]
+    host, device = UsageCounter(layers, torch.device("cpu")), UsageCounter(layers, torch.device("cpu"))
+    for layer, rows in routing:
+        device.count(layer, torch.tensor(rows))
+        for row in rows:
+            host.count_host(layer, row)
+    assert torch.equal(host.counts, device.counts) and host.tokens == device.tokens == 3
+    assert host.usage([6, 4]) == [[0, 2, 1, 1, 0, 2], [1, 1, 1, 3]]
+    start = SimpleNamespace(usage=[[1, 0, 0, 0, 0, 0], [0, 0, 0, 2]], tokens=5)
+    resumed = UsageCounter(layers, torch.device("cpu"), start)
+    resumed.count_host(0, [1, 5])
+    resumed.count(1, torch.tensor([[0, 3]]))
+    assert resumed.usage([6, 4]) == [[1, 1, 0, 0, 0, 1], [1, 0, 0, 3]] and resumed.tokens == 6
 
 
 def test_warm_first_forward_misses_less(builtin, tmp_path):

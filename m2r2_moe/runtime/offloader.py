@@ -148,8 +148,6 @@ class Offloader:
             self.stats.tokens += tokens
         self.stats.layer_calls += 1
         self.phases.started(layer, tokens)
-        if self.usage is not None:
-            self.usage.count(layer, top_k_index)
         listening = bool(self.events.listeners)
         if listening:
             self.events.layer_started(self.clock.step, layer, tokens)
@@ -158,10 +156,14 @@ class Offloader:
             # the slot indices built on the host
             # host sync on CUDA: the set of experts decides which copies to issue (paid once per layer)
             chosen = top_k_index.tolist()[0]
+            if self.usage is not None:  # counted on the host: the routing is read already
+                self.usage.count_host(layer, chosen)
             out = self.run_wave(layer, sorted(set(chosen)), lambda view, slot_of: kernel(
                 view, hidden_states, self.index_tables.get(tuple([slot_of[e] for e in chosen])), top_k_weights),
                 routing=top_k_index)
         else:
+            if self.usage is not None:
+                self.usage.count(layer, top_k_index)
             needed = self.prefill.route(layer, top_k_index)  # host sync on CUDA, as above
             if not needed:
                 out = torch.zeros_like(hidden_states)
