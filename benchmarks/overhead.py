@@ -1,11 +1,12 @@
 """All-hit decode overhead: offloaded model with a cache that holds every expert vs the original model.
 
 Side by side in one run, interleaved rounds, medians; plus the runtime's own bookkeeping time per MoE
-layer (time in `run_experts` minus time in the experts kernel it calls), and the same all-hit decode with
-the stall profiler's recorder attached (what leaving it on costs). Prints a table and appends it to
-BENCHMARKS.md.
+layer (time in `run_experts` minus time in the experts kernel it calls), the same all-hit decode with
+the stall profiler's recorder attached (what leaving it on costs), and with the m2r2 prefetcher on (the runtime
+floor with prediction: with nothing to load, what prefetching costs once its balance and guard have seen that it
+saves nothing; built-in models' own adapters, or `--adapters`). Prints a table and appends it to BENCHMARKS.md.
 
-    python benchmarks/overhead.py [--model builtin|random|PATH] [--tokens 64] [--rounds 5]
+    python benchmarks/overhead.py [--model builtin|random|PATH] [--adapters FILE] [--tokens 64] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class LayerTimer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin")
+    parser.add_argument("--adapters", default=None, help="m2r2 adapters for the prefetcher's row (built-in: its own)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least noise on small CPUs)")
@@ -77,7 +79,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, torch.float32)
     ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    plain, offloaded, recorded, timers = [], [], [], []
+    plain, offloaded, recorded, timers, predicted = [], [], [], [], []
+    predictor = "m2r2" if args.adapters or args.model.startswith("builtin") else None
     for _ in range(args.rounds):
         plain.append(decode_seconds(model, ids, args.tokens))
         m2r2_moe.offload(model, device="cpu", cache_experts=10**9)  # every expert fits
@@ -95,6 +98,14 @@ def main() -> None:
         m2r2_moe.remove_offload(model)
         assert stats.misses == 0, "the all-hit run must not load any expert"
         timers.append(timer)
+        if predictor is not None:
+            m2r2_moe.offload(model, device="cpu", cache_experts=10**9, predictor=predictor, adapters=args.adapters)
+            decode_seconds(model, ids, args.tokens)  # warm, as above
+            m2r2_moe.reset_stats(model)
+            predicted.append(decode_seconds(model, ids, args.tokens))
+            misses = m2r2_moe.stats(model).misses
+            m2r2_moe.remove_offload(model)
+            assert misses == 0, "the all-hit run must not load any expert on demand"
     t_plain, t_off, t_rec = statistics.median(plain), statistics.median(offloaded), statistics.median(recorded)
     per_layer = statistics.median((t.total - t.kernel) / t.calls for t in timers) * 1e6
     kernel_per_layer = statistics.median(t.kernel / t.calls for t in timers) * 1e6
@@ -103,11 +114,15 @@ def main() -> None:
         ["offloaded, all hits", f"{1 / t_off:.1f}", f"{t_off * 1e3:.2f}", f"{t_off / t_plain:.3f}"],
         ["offloaded, all hits, profiler recording", f"{1 / t_rec:.1f}", f"{t_rec * 1e3:.2f}", f"{t_rec / t_plain:.3f}"],
     ]
+    if predicted:
+        t_pred = statistics.median(predicted)
+        rows.append(["offloaded, all hits, m2r2 prefetcher on", f"{1 / t_pred:.1f}", f"{t_pred * 1e3:.2f}",
+                     f"{t_pred / t_plain:.3f}"])
     table = markdown_table(["model", "decode tok/s", "ms/token", "time ratio"], rows)
     extra = (f"\nRuntime bookkeeping per MoE layer call (run_experts minus the experts kernel): "
              f"{per_layer:.1f} µs; the experts kernel itself: {kernel_per_layer:.1f} µs. "
              f"Model: {args.model}, {args.tokens} decode tokens, median of {args.rounds} interleaved rounds, "
-             f"{args.threads} torch thread(s). Target: time ratio ≤ 1.3.\n")
+             f"{args.threads} torch thread(s). Targets: all hits ≤ 1.3; with the m2r2 prefetcher on ≤ 1.10.\n")
     publish("All-hit decode overhead (benchmarks/overhead.py)", table, extra, record=not args.no_record)
 
 
