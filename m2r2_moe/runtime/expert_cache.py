@@ -68,19 +68,27 @@ class ExpertCache:
         use was served: HIT / PREFETCH_HIT / LATE / MISS, the keys evicted to make room). The wave's keys are
         never victims of one another. On error nothing stays pinned."""
         slots, waits, classes, evicted_keys, pinned = [], [], [], [], frozenset(keys)
+        policy, table, prefetched, streamed = self.policy, self.slots, self._prefetched, self._streamed
         try:
             for expert, key in zip(experts, keys):
-                victim = self._make_room(key, now, pinned)
-                if victim >= 0:
+                # the policy's victim, when it names one, goes first (the slot table then places the key in its
+                # slot; else in a free slot or its own least recently used one)
+                victim = policy.victim(key, now, pinned, None)
+                if victim is not None and victim >= 0 and table.evict(victim):
+                    self._evicted(victim)
                     evicted_keys.append(victim)
-                slot, hit, evicted = self.slots.acquire(key)
+                slot, hit, evicted = table.acquire(key)
                 slots.append(slot)
-                self.policy.used(key, now)
+                policy.used(key, now)
                 if evicted >= 0:
                     self._evicted(evicted)
                     evicted_keys.append(evicted)
                 if hit:
-                    classes.append(self._classify_hit(layer, expert, key, slot, waits))
+                    if key in prefetched or key in streamed:
+                        classes.append(self._classify_hit(layer, expert, key, slot, waits))
+                    else:  # a plain hit, the common case: counted here
+                        self.stats.hits += 1
+                        classes.append(HIT)
                     continue
                 self.stats.misses += 1
                 classes.append(MISS)
@@ -211,15 +219,6 @@ class ExpertCache:
         return self.num_slots - self.slots.occupied()
 
     # -- internals ---------------------------------------------------------------------------------
-    def _make_room(self, key: int, now: int, pinned: frozenset) -> int:
-        """Evict the policy's victim when it names one (a demand load: the slot table places the key anyway,
-        in a free slot or its least recently used one). Returns the evicted key, or -1."""
-        victim = self.policy.victim(key, now, pinned, None)
-        if victim is None or victim < 0 or not self.slots.evict(victim):
-            return -1
-        self._evicted(victim)
-        return victim
-
     def _classify_hit(self, layer: int, expert: int, key: int, slot: int, waits: list) -> int:
         transfer = self._prefetched.pop(key, None)
         self._streamed.discard(key)

@@ -98,6 +98,9 @@ def allocate_pool(num_slots: int, numel: int, dtype: torch.dtype, device: torch.
 def slot_range(slots: list[int]) -> tuple[int, int, int]:
     """(lo, hi, step) of the smallest strided range of slots covering `slots`: the slots themselves when
     they are evenly spaced (always so for one or two: top-2 decode), else every slot from lo to hi."""
+    if len(slots) == 2:  # top-2 decode, at every layer: no sort
+        a, b = slots
+        return (a, b, b - a) if a < b else (b, a, a - b)
     ordered = sorted(slots)
     lo, hi = ordered[0], ordered[-1]
     step = ordered[1] - lo if len(ordered) > 1 else 1

@@ -143,10 +143,11 @@ class Offloader:
         """hidden_states [T, H], top_k_index / top_k_weights [T, K] → [T, H]: route, acquire, look ahead,
         compute on the slots, release."""
         tokens, top_k = top_k_index.shape
-        self.clock.tick(layer, tokens, self.stats.stall_seconds)
+        stats = self.cache.stats  # read once: this runs at every layer of every token
+        self.clock.tick(layer, tokens, stats.stall_seconds)
         if layer == 0:
-            self.stats.tokens += tokens
-        self.stats.layer_calls += 1
+            stats.tokens += tokens
+        stats.layer_calls += 1
         self.phases.started(layer, tokens)
         listening = bool(self.events.listeners)
         if listening:
@@ -183,7 +184,7 @@ class Offloader:
         layer's `top_k_index` on its first wave), wait for the copies, run `compute(view, slot_of)` on the
         slots, release. `view` stands in for the experts module with as few slots as possible (grouped_mm's
         per-expert loop costs per slot seen); `slot_of` maps each expert of the wave to its index in `view`."""
-        self.stats.waves += 1
+        self.cache.stats.waves += 1
         keys = self.cache.keys(layer, wave)
         slots, waits, served, evicted = self.cache.acquire(layer, wave, keys, self.clock.now(layer))
         prefetcher = self.prefetcher  # a quiet one (a decode step that predicts nowhere) is not called after layer 0
@@ -195,7 +196,8 @@ class Offloader:
             self.prefill.acquired(layer, keys)  # a forward of many tokens: the next layers' experts stream in
             if early:  # the wave is pinned, its demand loads queued first
                 self._look_ahead(layer, routing, keys, served, evicted)
-            self.cache.wait(layer, waits)
+            if waits:
+                self.cache.wait(layer, waits)
         except BaseException:
             self.cache.forget(keys)
             raise
