@@ -70,7 +70,8 @@ class Prefetcher:
         their uses was served; `evicted`: the keys their demand loads displaced. At every layer 0, and at the others
         unless `quiet` (set at layer 0: nothing would be done there)."""
         decode = top_k_index.shape[0] == 1
-        if layer and decode and not self.predicting:  # a decode step that predicts nowhere: as little as possible
+        if layer and decode and not self.predicting:  # a decode step that predicts nowhere (reached only for a
+            # predictor that learns from the routing: for the others the hot path does not call, `quiet`)
             self._show(layer, top_k_index)
             return
         start = host_seconds()
