@@ -16,6 +16,10 @@ Planner::Planner(int64_t num_layers, int64_t num_experts, int64_t key_stride, in
       pending_(static_cast<size_t>(num_layers)) {
   if (num_layers < 1 || num_experts < 1 || key_stride < num_experts || width < 1 || max_queued < 1)
     throw std::invalid_argument("planner: layers, experts, width and max_queued must be >= 1, key_stride >= experts");
+  size_t keys = static_cast<size_t>(num_layers * key_stride);  // every key the cache can name
+  resident_.assign(keys, 0);
+  inflight_.assign(keys, 0);
+  evicted_at_.assign(keys, kNever);
 }
 
 int Planner::bin(double score) const { return std::min(static_cast<int>(score * kBins), kBins - 1); }
@@ -88,24 +92,26 @@ void Planner::load_state(std::vector<double> counts, std::vector<std::vector<dou
 }
 
 void Planner::evict(int64_t key) {
-  resident_.erase(key);
-  inflight_.erase(key);
+  set_flag(resident_, key, false);
+  set_flag(inflight_, key, false);
 }
 
 void Planner::resync(const std::vector<int64_t>& resident) {
-  resident_.clear();
-  resident_.insert(resident.begin(), resident.end());
-  inflight_.clear();
+  std::fill(resident_.begin(), resident_.end(), 0);
+  for (int64_t key : resident) set_flag(resident_, key, true);
+  std::fill(inflight_.begin(), inflight_.end(), 0);
   for (auto& p : pending_) p.clear();
   wanted_.clear();
 }
 
 void Planner::issued(int64_t key, int64_t evicted, int64_t now) {
   if (evicted == kNotQueued) return;
-  inflight_.insert(key);
+  set_flag(inflight_, key, true);
   if (evicted >= 0) {  // evicted for a prefetch: regretted if a demand load brings it back soon
     evict(evicted);
-    evicted_at_[evicted] = now;
+    if (static_cast<size_t>(evicted) >= evicted_at_.size())
+      evicted_at_.resize(std::max(static_cast<size_t>(evicted) + 1, 2 * evicted_at_.size()), kNever);
+    evicted_at_[static_cast<size_t>(evicted)] = now;
     evictions_ = evictions_ * kDecay + 1.0;
     regretted_ *= kDecay;
   }
@@ -113,18 +119,18 @@ void Planner::issued(int64_t key, int64_t evicted, int64_t now) {
 
 void Planner::settle(const LayerInput& in) {
   int64_t base = in.layer * key_stride_;
-  std::vector<int64_t> used;
-  used.reserve(in.keys.size());
+  std::vector<int64_t>& used = used_;
+  used.clear();
   for (int64_t key : in.keys) used.push_back(key - base);
   for (size_t i = 0; i < in.keys.size(); ++i) {
     int64_t key = in.keys[i], how = i < in.served.size() ? in.served[i] : kHit;
-    resident_.insert(key);
-    inflight_.erase(key);
-    if (how == kMiss) {
-      auto it = evicted_at_.find(key);
-      if (it != evicted_at_.end()) {
-        bool recent = in.now - it->second <= num_layers_;
-        evicted_at_.erase(it);
+    set_flag(resident_, key, true);
+    set_flag(inflight_, key, false);
+    if (how == kMiss && key >= 0 && static_cast<size_t>(key) < evicted_at_.size()) {
+      int64_t& at = evicted_at_[static_cast<size_t>(key)];
+      if (at != kNever) {
+        bool recent = in.now - at <= num_layers_;
+        at = kNever;
         if (recent) {
           regretted_ += 1.0;
           spent_ += in.miss;
@@ -138,7 +144,8 @@ void Planner::settle(const LayerInput& in) {
     }
   }
   for (int64_t key : in.evicted) evict(key);
-  std::vector<Pending> pending;
+  std::vector<Pending>& pending = settled_;  // this layer's pending predictions, taken (the buffers swap)
+  pending.clear();
   pending.swap(pending_[static_cast<size_t>(in.layer)]);
   if (in.decode) {
     for (const Pending& p : pending) {
@@ -153,16 +160,14 @@ void Planner::settle(const LayerInput& in) {
   for (double& c : row) c *= kPriorDecay;
   for (int64_t e : used)
     if (e >= 0 && e < num_experts_) row[static_cast<size_t>(e)] += 1.0;
-  if (in.layer == 0 && evicted_at_.size() > 4096) {
-    for (auto it = evicted_at_.begin(); it != evicted_at_.end();)
-      it = in.now - it->second <= num_layers_ ? std::next(it) : evicted_at_.erase(it);
-  }
+  // (the Python twin prunes its map of evictions now and then; an entry older than a turn decides nothing)
 }
 
-std::vector<Planner::Candidate> Planner::candidates(const LayerInput& in, int64_t horizon) {
-  std::vector<Candidate> out;
-  std::vector<double> row(static_cast<size_t>(num_experts_));
-  std::vector<int64_t> order;
+void Planner::candidates(const LayerInput& in, int64_t horizon) {
+  std::vector<Candidate>& out = cands_;
+  std::vector<double>& row = row_;
+  std::vector<int64_t>& order = order_;
+  out.clear();
   for (int64_t d = 1; d <= horizon; ++d) {
     int64_t target = in.layer + d;
     bool model = d <= in.rows;
@@ -202,15 +207,19 @@ std::vector<Planner::Candidate> Planner::candidates(const LayerInput& in, int64_
     if (a.q != b.q) return a.q > b.q;
     return a.expert < b.expert;
   });
-  return out;
 }
 
-std::vector<Pair> Planner::withdrawals(int64_t layer, const std::vector<Candidate>& cands) {
-  std::vector<std::pair<int64_t, std::vector<int64_t>>> wanted;  // in the order targets first appear
-  for (const Candidate& c : cands) {
-    auto it = std::find_if(wanted.begin(), wanted.end(), [&](const auto& w) { return w.first == c.target; });
-    if (it == wanted.end()) {
-      wanted.push_back({c.target, {c.expert}});
+std::vector<Pair> Planner::withdrawals(int64_t layer) {
+  std::vector<std::pair<int64_t, std::vector<int64_t>>>& wanted = new_wanted_;  // in the order targets first appear
+  size_t targets = 0;  // entries of `wanted` in use (their vectors are kept for reuse)
+  for (const Candidate& c : cands_) {
+    auto end = wanted.begin() + static_cast<std::ptrdiff_t>(targets);
+    auto it = std::find_if(wanted.begin(), end, [&](const auto& w) { return w.first == c.target; });
+    if (it == end) {
+      if (targets == wanted.size()) wanted.emplace_back();
+      wanted[targets].first = c.target;
+      wanted[targets].second.assign(1, c.expert);
+      ++targets;
     } else if (std::find(it->second.begin(), it->second.end(), c.expert) == it->second.end()) {
       it->second.push_back(c.expert);
     }
@@ -218,12 +227,13 @@ std::vector<Pair> Planner::withdrawals(int64_t layer, const std::vector<Candidat
   wanted_.erase(std::remove_if(wanted_.begin(), wanted_.end(), [&](const auto& w) { return w.first == layer; }),
                 wanted_.end());
   std::vector<Pair> out;
-  for (auto& [target, experts] : wanted) {
+  for (size_t t = 0; t < targets; ++t) {
+    auto& [target, experts] = wanted[t];
     std::sort(experts.begin(), experts.end());
     auto old = std::find_if(wanted_.begin(), wanted_.end(), [&](const auto& w) { return w.first == target; });
     if (old != wanted_.end()) {
       for (int64_t e : old->second)  // sorted: the Python twin walks the difference in ascending order
-        if (!std::binary_search(experts.begin(), experts.end(), e) && inflight_.count(target * key_stride_ + e))
+        if (!std::binary_search(experts.begin(), experts.end(), e) && flag(inflight_, target * key_stride_ + e))
           out.emplace_back(target, e);
       old->second = experts;
     } else {
@@ -238,18 +248,19 @@ Decision Planner::layer(const LayerInput& in) {
   settle(in);
   Decision out;
   if (in.probs == nullptr) return out;
-  std::vector<Candidate> cands = candidates(in, std::max(in.rows, in.horizon));
-  out.withdraw = withdrawals(in.layer, cands);
+  candidates(in, std::max(in.rows, in.horizon));
+  out.withdraw = withdrawals(in.layer);
   double regret_share = regret();
-  std::vector<int64_t> backlog = in.backlog;
+  std::vector<int64_t>& backlog = backlog_;
+  backlog.assign(in.backlog.begin(), in.backlog.end());
   int64_t free = in.free;
-  for (const Candidate& c : cands) {
+  for (const Candidate& c : cands_) {
     int64_t key = c.target * key_stride_ + c.expert;
-    if (resident_.count(key)) {
+    if (flag(resident_, key)) {
       out.expect.emplace_back(c.target, c.expert, c.distance);
       continue;
     }
-    if (inflight_.count(key) || static_cast<int64_t>(backlog.size()) >= max_queued_ || c.q < in.min_prob) continue;
+    if (flag(inflight_, key) || static_cast<int64_t>(backlog.size()) >= max_queued_ || c.q < in.min_prob) continue;
     int64_t ahead = 0;
     for (int64_t d : backlog) ahead += d <= c.distance;
     double lead = in.compute > 0 ? c.distance * in.compute - in.transfer * ahead : std::numeric_limits<double>::infinity();

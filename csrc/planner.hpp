@@ -6,11 +6,10 @@
 // the same: probabilities arrive as float32 and are widened, as Python's float(tensor.tolist()) does.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
-#include <unordered_map>
-#include <unordered_set>
 #include <vector>
 
 namespace m2r2 {
@@ -52,7 +51,7 @@ class Planner {
 
   Decision layer(const LayerInput& in);
   void issued(int64_t key, int64_t evicted, int64_t now);
-  void withdrawn(int64_t key) { inflight_.erase(key); }
+  void withdrawn(int64_t key) { set_flag(inflight_, key, false); }
   // After layers it was not told about: the mirror becomes `resident`, pending predictions are dropped.
   void resync(const std::vector<int64_t>& resident);
   double probability(int source, int64_t distance, double score) const;
@@ -100,14 +99,18 @@ class Planner {
   double* counts(int source, int64_t distance, double score);
   void settle(const LayerInput& in);
   void evict(int64_t key);
-  std::vector<Candidate> candidates(const LayerInput& in, int64_t horizon);
-  std::vector<Pair> withdrawals(int64_t layer, const std::vector<Candidate>& cands);
+  void candidates(const LayerInput& in, int64_t horizon);  // into cands_
+  std::vector<Pair> withdrawals(int64_t layer);  // of cands_
 
   int64_t num_layers_, num_experts_, key_stride_, width_, max_queued_;
   std::vector<double> counts_;  // [source 2][distance 0..L][bin][used, seen]
   std::vector<std::vector<double>> prior_;
   std::vector<std::vector<Pending>> pending_;
-  std::unordered_map<int64_t, int64_t> evicted_at_;
+  // Per key (layer * key_stride + expert), flat and grown on demand: a decode step calls the planner at every layer
+  // with the model's kernels in between, so its state is read cold; a hash table's nodes are a cache miss each.
+  // `evicted_at_`: the turn a prefetch evicted the key (kNever: none pending).
+  static constexpr int64_t kNever = std::numeric_limits<int64_t>::min();
+  std::vector<int64_t> evicted_at_;
   double regretted_ = 0, evictions_ = 0, saved_ = 0, spent_ = 0, late_saving_ = -1;
   bool decoding_ = false;  // since the last step of many tokens, decode steps only: their stall balance is kept
   double flow_saved_ = 0, flow_caused_ = 0;  // stall their prefetches saved; caused (victims loaded again)
@@ -116,8 +119,26 @@ class Planner {
     if (decoding_) flow_saved_ += seconds;
   }
   int64_t every_ = 1, quiet_ = 0;
-  std::unordered_set<int64_t> resident_, inflight_;
+  std::vector<uint8_t> resident_, inflight_;
   std::vector<std::pair<int64_t, std::vector<int64_t>>> wanted_;  // target -> experts, in insertion order
+  // scratch reused across calls (no allocation per layer once warm)
+  std::vector<int64_t> used_, order_, backlog_;
+  std::vector<double> row_;
+  std::vector<Pending> settled_;
+  std::vector<Candidate> cands_;
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> new_wanted_;
+
+  static bool flag(const std::vector<uint8_t>& v, int64_t key) {
+    return key >= 0 && static_cast<size_t>(key) < v.size() && v[static_cast<size_t>(key)];
+  }
+  static void set_flag(std::vector<uint8_t>& v, int64_t key, bool on) {
+    if (key < 0) return;
+    if (static_cast<size_t>(key) >= v.size()) {
+      if (!on) return;
+      v.resize(std::max(static_cast<size_t>(key) + 1, 2 * v.size()), 0);
+    }
+    v[static_cast<size_t>(key)] = on;
+  }
 };
 
 }  // namespace m2r2

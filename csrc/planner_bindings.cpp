@@ -363,11 +363,38 @@ PyObject* raw_engine_submit(PyObject* self, PyObject* const* args, Py_ssize_t na
   });
 }
 
+// Planner.issued and Planner.add_spent: the calls after each copy queued and after each layer's step.
+PyObject* raw_planner_issued(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const std::array<const char*, 3> names{"key", "evicted", "now"};
+  int64_t key, evicted, now;
+  if (!parse(args, nargs, kwnames, "issued", names, key, evicted, now)) return nullptr;
+  return guarded([&]() -> PyObject* {
+    py::handle(self).cast<m2r2::Planner&>().issued(key, evicted, now);
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* raw_planner_add_spent(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const std::array<const char*, 1> names{"seconds"};
+  double seconds;
+  if (!parse(args, nargs, kwnames, "add_spent", names, seconds)) return nullptr;
+  return guarded([&]() -> PyObject* {
+    py::handle(self).cast<m2r2::Planner&>().add_spent(seconds);
+    Py_RETURN_NONE;
+  });
+}
+
 PyMethodDef kRawPlannerLayer = {
     "layer", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(raw_planner_layer)),
     METH_FASTCALL | METH_KEYWORDS,
     "layer(layer, decode, now, keys, served, evicted, probs, wraps, horizon, miss, transfer, compute, free, backlog, "
     "min_prob) -> (queue, expect, withdraw): runtime/planner.py's PlannerCore.layer"};
+PyMethodDef kRawPlannerIssued = {
+    "issued", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(raw_planner_issued)),
+    METH_FASTCALL | METH_KEYWORDS, "issued(key, evicted, now): the cache's answer to a copy asked for"};
+PyMethodDef kRawPlannerAddSpent = {
+    "add_spent", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(raw_planner_add_spent)),
+    METH_FASTCALL | METH_KEYWORDS, "add_spent(seconds): time spent predicting and planning"};
 PyMethodDef kRawEngineSubmit = {
     "submit", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(raw_engine_submit)),
     METH_FASTCALL | METH_KEYWORDS,
@@ -468,14 +495,12 @@ PYBIND11_MODULE(_native_plan, m) {
   py::class_<m2r2::Planner>(m, "Planner")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t>(), py::arg("num_layers"), py::arg("num_experts"),
            py::arg("key_stride"), py::arg("width"), py::arg("max_queued"))
-      .def("issued", &m2r2::Planner::issued, py::arg("key"), py::arg("evicted"), py::arg("now"))
       .def("withdrawn", &m2r2::Planner::withdrawn, py::arg("key"))
       .def("resync", &m2r2::Planner::resync, py::arg("resident"))
       .def("probability", &m2r2::Planner::probability, py::arg("source"), py::arg("distance"), py::arg("score"))
       .def("regret", &m2r2::Planner::regret)
       .def("active", &m2r2::Planner::active, py::arg("layer"))
       .def("step", &m2r2::Planner::step, py::arg("window"), py::arg("decode") = false, py::arg("margin") = 0.0)
-      .def("add_spent", &m2r2::Planner::add_spent, py::arg("seconds"))
       .def_property_readonly("saved", &m2r2::Planner::saved)
       .def_property_readonly("spent", &m2r2::Planner::spent)
       .def_property_readonly("decode_saved", &m2r2::Planner::decode_saved)
@@ -494,4 +519,6 @@ PYBIND11_MODULE(_native_plan, m) {
       .def("import_state", &import_state, py::arg("state"));
   add_raw_method(m.attr("CpuCopyEngine"), &kRawEngineSubmit);  // the per-copy and per-layer calls: raw, see above
   add_raw_method(m.attr("Planner"), &kRawPlannerLayer);
+  add_raw_method(m.attr("Planner"), &kRawPlannerIssued);
+  add_raw_method(m.attr("Planner"), &kRawPlannerAddSpent);
 }

@@ -137,3 +137,19 @@ def test_native_per_layer_calls_take_their_arguments_as_named_and_refuse_bad_one
         _ext.planner.policy_victim(1, 1, 1, 1, 1, 1, 0, [0], 0, 1, 0.0, 0.0)  # one short
     with pytest.raises(OverflowError):  # an address is never negative
         _ext.planner.mlp_softmax_into(-1, 1, 1, 1, 1, 1, 1, 1, 1, False, 1)
+
+
+def test_keys_past_the_geometry_change_nothing_in_either_twin():
+    """The C++ planner keeps its per-key state in flat arrays sized for the geometry (layers x key stride); a key
+    past them (a cache answer it was not built for) grows them and decides as the twin's sets do."""
+    py, cc, stride = _both(4, 8, 2, 8)
+    far = 4 * stride + 7  # no layer of this geometry names it
+    for p in (py, cc):
+        p.issued(0 * stride + 1, far, 1)  # a copy whose eviction names it
+        p.withdrawn(far + 100)
+        p.resync([far, far + 3 * stride, 2])
+    rng = random.Random(5)
+    for call in range(40):
+        args = _call(rng, 4, 8, stride, call % 4, call + 2, 3)
+        assert [list(x) for x in py.layer(**args)] == [[tuple(t) for t in x] for x in cc.layer(**args)], call
+        assert _state(py, 4, 8) == _state(cc, 4, 8), call
