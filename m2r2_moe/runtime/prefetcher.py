@@ -95,7 +95,10 @@ class Prefetcher:
             if self._gap:
                 self._resume()
             self._plan(layer, top_k_index, decode, self.clock.now(layer), keys, served, evicted)
-        self._show(layer, top_k_index)
+        if self._observes:  # `_show`, inline: this runs at every layer
+            self.predictor.observe(layer, top_k_index)
+        if layer == self.num_layers - 1:
+            self.predictor.advance(top_k_index.shape[0])
         if self.on and not skip:  # the off arm's bookkeeping is not prediction's cost
             self._spent = self.step_timer.spent(host_seconds() - start)
             self.planner.add_spent(self._spent)
@@ -112,7 +115,8 @@ class Prefetcher:
 
     def _plan(self, layer, top_k_index, decode, now, keys, served, evicted) -> None:
         """Settle this layer's outcomes in the planner and, where it predicts, act on its decision."""
-        compute, transfer, horizon = self._link_now(layer)
+        link = self._link
+        compute, transfer, horizon = link if layer and link[0] else self._link_now()
         miss = self._read_stalls() or transfer
         every = self._every
         if self.on and every and layer % every == 0:  # the planner's `active(layer)`, as of this forward's start
@@ -121,7 +125,7 @@ class Prefetcher:
         else:  # settling only: the cache's state matters to admission, which does not run
             horizon, probs, free, backlog = 0, None, 0, []
         queue, expect, withdraw = self.planner.layer(  # positional: the C++ twin's fastest call
-            layer, decode, now, keys, served, list(evicted), probs, self.predictor.wraps, horizon,
+            layer, decode, now, keys, served, evicted, probs, self.predictor.wraps, horizon,
             miss, transfer, compute, free, backlog,
             self.min_prob if self.on else OFF)
         if queue or expect or withdraw:
@@ -169,15 +173,13 @@ class Prefetcher:
             evicted = self.cache.prefetch(target, expert, distance, now, pinned)
             self.planner.issued(target * stride + expert, evicted, now)
 
-    def _link_now(self, layer: int) -> tuple[float, float, int]:
-        """(one layer's compute, one expert's transfer, the horizon in layers), read once per forward (at its
-        first layer, and at each layer while compute is not measured yet): they move slowly, and each read costs
-        a layer µs."""
-        link = self._link
-        if layer == 0 or not link[0]:
-            transfer = self._transfer_seconds()
-            link = self._link = (self.clock.layer_seconds, transfer, self._horizon(transfer))
-        return link
+    def _link_now(self) -> tuple[float, float, int]:
+        """(one layer's compute, one expert's transfer, the horizon in layers), read afresh. `_plan` reads them
+        once per forward (at its first layer, and at each layer while compute is not measured yet) and uses
+        `_link` in between: they move slowly, and each read costs a layer µs."""
+        transfer = self._transfer_seconds()
+        self._link = (self.clock.layer_seconds, transfer, self._horizon(transfer))
+        return self._link
 
     def _horizon(self, transfer: float) -> int:
         """Layers ahead a copy needs to land in time: one transfer over one layer's compute, at least one. A copy
