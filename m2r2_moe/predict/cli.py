@@ -100,7 +100,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--kinds", type=listed(one_of(("linear", "mlp"))), default="linear,mlp",
                    help="accelerators to train: linear (always fitted), mlp (nonlinear heads)")
     p.add_argument("--width", type=positive_int, default=128, help="hidden width of each nonlinear head")
-    p.add_argument("--epochs", type=positive_int, default=3,
+    p.add_argument("--epochs", type=positive_int, default=10,
                    help="most passes over the calibration tokens for the heads (early-stopped on validation)")
     p.add_argument("--within-token", action="store_true",
                    help="no heads for the next token's first layers (the predictor then does not wrap)")
