@@ -23,6 +23,7 @@ from .cost import cost_table, predictor_cost
 from .evaluate import evaluate, evaluate_next_token
 from .report import depth_table, layer_table, next_token_table, plot, training_summary
 from .train import train_adapters
+from .train_mlp import EPOCHS
 
 __all__ = ["add_train_parser", "add_eval_parser", "train_command", "eval_command", "cost_table"]
 
@@ -100,7 +101,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--kinds", type=listed(one_of(("linear", "mlp"))), default="linear,mlp",
                    help="accelerators to train: linear (always fitted), mlp (nonlinear heads)")
     p.add_argument("--width", type=positive_int, default=128, help="hidden width of each nonlinear head")
-    p.add_argument("--epochs", type=positive_int, default=10,
+    p.add_argument("--epochs", type=positive_int, default=EPOCHS,
                    help="most passes over the calibration tokens for the heads (early-stopped on validation)")
     p.add_argument("--within-token", action="store_true",
                    help="no heads for the next token's first layers (the predictor then does not wrap)")

@@ -24,7 +24,7 @@ from ..models.base import MoEAdapter, MoELayer
 from .accelerators import AcceleratorAdapters
 from .collect import RoutingSet, RoutingSetBuilder, collect_normed
 from .linear_fit import _finetune_pair, _pair_losses, _recall, _solve, _Stats  # noqa: F401  (re-exported)
-from .train_mlp import fit_heads, head_recalls
+from .train_mlp import EPOCHS, fit_heads, head_recalls
 
 logger = logging.getLogger(__name__)
 KEYS = ("nmse", "kl", "recall_topk", "gate_recall_topk")
@@ -34,7 +34,7 @@ def train_adapters(model, adapter: MoEAdapter, layers: list[MoELayer], batches: 
                    depth: int = 4, rank: int = 32, ridge: float = 1e-3, kl_steps: int = 0, kl_weight: float = 1.0,
                    kl_samples: int = 8192, lr: float = 3e-3, seed: int = 0, route_features: bool = False,
                    progress: bool = True, kinds: tuple[str, ...] = ("linear", "mlp"), width: int = 128,
-                   wraps: bool = True, epochs: int = 10, validation: float = 0.125,
+                   wraps: bool = True, epochs: int = EPOCHS, validation: float = 0.125,
                    ) -> tuple[AcceleratorAdapters, dict]:
     """Train accelerators on calibration `batches` of token ids `[B, S]`. Returns (adapters, report).
 

@@ -22,6 +22,7 @@ from .collect import RoutingSet
 from .mlp import MLPHeads
 
 logger = logging.getLogger(__name__)
+EPOCHS = 10  # most passes over the calibration tokens (early-stopped): the module docstring says why
 
 
 def pair_table(heads: MLPHeads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,7 +69,7 @@ def validation_kl(heads: MLPHeads, data: RoutingSet) -> float:
 
 
 def fit_heads(train: RoutingSet, val: RoutingSet, depth: int, width: int = 128, wraps: bool = True,
-              epochs: int = 10, lr: float = 4e-3, batch: int = 512, patience: int = 2, seed: int = 0,
+              epochs: int = EPOCHS, lr: float = 4e-3, batch: int = 512, patience: int = 2, seed: int = 0,
               progress: bool = True) -> tuple[MLPHeads, dict]:
     """Train heads for every (layer, depth) pair on `train`, early-stopped on `val`. Returns (heads, report)."""
     num_layers, _, hidden = train.normed.shape
