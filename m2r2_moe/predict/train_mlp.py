@@ -6,7 +6,8 @@ the pairs. A cross-token pair's target is the next token of the same sequence (r
 Adam with a short warm-up and a cosine decay over `epochs`; after each epoch the validation KL decides: the best
 epoch's weights are kept, and training stops after `patience` epochs without improvement. Seeded. The default of 10
 passes: the heads were short of steps at 3 (held-out top-k recall +0.6 to +1.3 points at every distance on three
-models with 10, about what four times the calibration text gave with 3; BENCHMARKS.md, "the heads' training recipe").
+models with 10; on one of them nearly what four times the calibration text gave with 3; BENCHMARKS.md, "the heads'
+training recipe").
 """
 
 from __future__ import annotations
