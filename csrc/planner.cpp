@@ -20,6 +20,7 @@ Planner::Planner(int64_t num_layers, int64_t num_experts, int64_t key_stride, in
   resident_.assign(keys, 0);
   inflight_.assign(keys, 0);
   evicted_at_.assign(keys, kNever);
+  victims_.assign(keys, Victim{});
 }
 
 int Planner::bin(double score) const { return std::min(static_cast<int>(score * kBins), kBins - 1); }
@@ -112,9 +113,22 @@ void Planner::issued(int64_t key, int64_t evicted, int64_t now) {
     if (static_cast<size_t>(evicted) >= evicted_at_.size())
       evicted_at_.resize(std::max(static_cast<size_t>(evicted) + 1, 2 * evicted_at_.size()), kNever);
     evicted_at_[static_cast<size_t>(evicted)] = now;
+    if (key >= 0) {
+      if (static_cast<size_t>(key) >= victims_.size())
+        victims_.resize(std::max(static_cast<size_t>(key) + 1, 2 * victims_.size()), Victim{});
+      victims_[static_cast<size_t>(key)] = Victim{evicted, now};
+    }
     evictions_ = evictions_ * kDecay + 1.0;
     regretted_ *= kDecay;
   }
+}
+
+void Planner::absolve(int64_t key) {
+  if (key < 0 || static_cast<size_t>(key) >= victims_.size()) return;
+  Victim& v = victims_[static_cast<size_t>(key)];
+  if (v.key >= 0 && static_cast<size_t>(v.key) < evicted_at_.size() && evicted_at_[static_cast<size_t>(v.key)] == v.at)
+    evicted_at_[static_cast<size_t>(v.key)] = kNever;
+  v = Victim{};
 }
 
 void Planner::settle(const LayerInput& in) {
@@ -137,10 +151,9 @@ void Planner::settle(const LayerInput& in) {
           if (decoding_) flow_caused_ += in.miss;
         }
       }
-    } else if (how == kPrefetchHit) {
-      credit(in.miss);
-    } else if (how == kLate) {
-      credit(late_saving_ >= 0 ? std::min(late_saving_, in.miss) : in.miss / 2);
+    } else if (how == kPrefetchHit || how == kLate) {  // a late one hid part of its copy: as much as measured
+      credit(how == kPrefetchHit ? in.miss : late_saving_ >= 0 ? std::min(late_saving_, in.miss) : in.miss / 2);
+      absolve(key);
     }
   }
   for (int64_t key : in.evicted) evict(key);

@@ -111,6 +111,13 @@ class Planner {
   // `evicted_at_`: the turn a prefetch evicted the key (kNever: none pending).
   static constexpr int64_t kNever = std::numeric_limits<int64_t>::min();
   std::vector<int64_t> evicted_at_;
+  // `victims_`: per prefetched key, the key its copy evicted and when ({-1, kNever}: none); when the copy is used
+  // the prefetch was right, a demand load of it would have evicted too, and the victim's eviction is absolved.
+  struct Victim {
+    int64_t key = -1, at = kNever;
+  };
+  std::vector<Victim> victims_;
+  void absolve(int64_t key);
   double regretted_ = 0, evictions_ = 0, saved_ = 0, spent_ = 0, late_saving_ = -1;
   bool decoding_ = false;  // since the last step of many tokens, decode steps only: their stall balance is kept
   double flow_saved_ = 0, flow_caused_ = 0;  // stall their prefetches saved; caused (victims loaded again)

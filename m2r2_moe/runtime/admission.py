@@ -10,7 +10,10 @@ what the predictor says and is corrected by what the running model does.
   otherwise (T: one expert's transfer time; lead: the compute time until its layer, d layer times, less the
   copies queued ahead of it on the link); when a slot must be freed for it, it costs the expected stall of the
   expert it evicts (S times the measured share of experts evicted for a prefetch that a demand load had to bring
-  back soon after: `regret`, optimistic until measured, so that prefetching starts). Admit when the expected
+  back soon after, before the prefetched copy was used: `regret`, optimistic until measured, so that prefetching
+  starts. Once the copy is used the prefetch was right, a demand load of it would have evicted an expert too, and
+  its victim is absolved; charged for every victim, 16 of the 18 regretted loads of a tiny-mixtral run at link
+  ratio 8 were right prefetches' victims). Admit when the expected
   value is positive. The link time a wrong copy takes is not charged to it: demand loads pre-empt prefetches
   (CPU engine; on CUDA they have their own stream), so a wrong copy delays only the prefetches queued after it,
   and those are charged for it already: each one's lead counts the copies ahead of it, and one that would land

@@ -6,7 +6,8 @@ and returns what to do: the copies to queue, the resident experts to mark as nee
 withdraw. It keeps everything that is learned online (runtime/admission.py says why each piece is there):
 - the calibration of P(used | source, distance, score bin), settled by the routing each prediction was for;
 - each layer's recent usage, the prior for distances past the predictor's lookahead and across the token;
-- the regret of evicting for a prefetch (the share of its victims that came back within a turn of layers);
+- the regret of evicting for a prefetch (the share of its victims that came back within a turn of layers before
+  the prefetched copy was used: once it is, a demand load of it would have evicted too, and the victim is absolved);
 - the benefit balance (stall saved against time spent), and the stall the decode steps since the last prompt
   saved and caused, that decide how often to predict;
 - a mirror of which experts are resident or in flight, from the reports it gets (acquires, evictions, the copies
@@ -38,6 +39,7 @@ class PlannerCore:
         self.prior = [[0.0] * num_experts for _ in range(num_layers)]
         self._pending: list[list[tuple[int, int, float, int]]] = [[] for _ in range(num_layers)]
         self._evicted_at: dict[int, int] = {}
+        self._victims: dict[int, tuple[int, int]] = {}  # prefetched key -> (its victim, the turn it was evicted)
         self.regretted = self.evictions = 0.0
         self.saved = self.spent = 0.0
         self.decode_saved = self.decode_caused = 0.0  # stall the decode steps since the prompt saved and caused
@@ -175,6 +177,7 @@ class PlannerCore:
         if evicted >= 0:  # evicted for a prefetch: regretted if a demand load brings it back soon
             self._evict(evicted)
             self._evicted_at[evicted] = now
+            self._victims[key] = (evicted, now)
             self.evictions = self.evictions * DECAY + 1.0  # both counts age by evictions: their ratio is a share
             self.regretted *= DECAY
 
@@ -213,11 +216,12 @@ class PlannerCore:
                     self.spent += miss
                     if self._decoding:
                         self.decode_caused += miss
-            elif how == PREFETCH_HIT:
-                self._credit(miss)
-            elif how == LATE:  # part of its copy was hidden: as much as measured
-                late = self._late_saving
-                self._credit(miss / 2 if late is None else min(late, miss))
+            elif how == PREFETCH_HIT or how == LATE:
+                late = self._late_saving  # a late one hid part of its copy: as much as measured
+                self._credit(miss if how == PREFETCH_HIT else miss / 2 if late is None else min(late, miss))
+                victim = self._victims.pop(key, None)  # the prefetch was right: its victim's eviction is absolved
+                if victim is not None and self._evicted_at.get(victim[0]) == victim[1]:
+                    del self._evicted_at[victim[0]]
         for key in evicted:
             self._evict(key)
         pending, self._pending[layer] = self._pending[layer], []
@@ -231,6 +235,8 @@ class PlannerCore:
             row[e] += 1.0
         if layer == 0 and len(self._evicted_at) > 4096:
             self._evicted_at = {k: t for k, t in self._evicted_at.items() if now - t <= self.num_layers}
+        if layer == 0 and len(self._victims) > 4096:  # an absolution older than a turn decides nothing
+            self._victims = {k: v for k, v in self._victims.items() if now - v[1] <= self.num_layers}
 
     def _evict(self, key: int) -> None:
         self._resident.discard(key)
