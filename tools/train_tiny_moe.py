@@ -441,6 +441,11 @@ def analyze(args, data: dict, saved: dict) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    try:  # the model card's figures need it: say so now, not after the training
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit("train_tiny_moe: the model card's figures need matplotlib, which is not installed: "
+                 "pip install 'm2r2-moe[plot]' (or matplotlib), then run this again")
     t_start = time.time()
     torch.set_num_threads(args.threads)
     data = load_data(args)
