@@ -123,10 +123,10 @@ void Planner::issued(int64_t key, int64_t evicted, int64_t now) {
   }
 }
 
-void Planner::absolve(int64_t key) {
+void Planner::absolve(int64_t key, bool in_time) {
   if (key < 0 || static_cast<size_t>(key) >= victims_.size()) return;
   Victim& v = victims_[static_cast<size_t>(key)];
-  if (v.key >= 0 && static_cast<size_t>(v.key) < evicted_at_.size() && evicted_at_[static_cast<size_t>(v.key)] == v.at)
+  if (in_time && v.key >= 0 && static_cast<size_t>(v.key) < evicted_at_.size() && evicted_at_[static_cast<size_t>(v.key)] == v.at)
     evicted_at_[static_cast<size_t>(v.key)] = kNever;
   v = Victim{};
 }
@@ -153,7 +153,7 @@ void Planner::settle(const LayerInput& in) {
       }
     } else if (how == kPrefetchHit || how == kLate) {  // a late one hid part of its copy: as much as measured
       credit(how == kPrefetchHit ? in.miss : late_saving_ >= 0 ? std::min(late_saving_, in.miss) : in.miss / 2);
-      absolve(key);
+      absolve(key, how == kPrefetchHit);
     }
   }
   for (int64_t key : in.evicted) evict(key);

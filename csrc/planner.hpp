@@ -112,12 +112,13 @@ class Planner {
   static constexpr int64_t kNever = std::numeric_limits<int64_t>::min();
   std::vector<int64_t> evicted_at_;
   // `victims_`: per prefetched key, the key its copy evicted and when ({-1, kNever}: none); when the copy is used
-  // the prefetch was right, a demand load of it would have evicted too, and the victim's eviction is absolved.
+  // having landed in time the prefetch was right, a demand load of it would have evicted too, and the victim's
+  // eviction is absolved (a late copy's victim is not: planner.py says why).
   struct Victim {
     int64_t key = -1, at = kNever;
   };
   std::vector<Victim> victims_;
-  void absolve(int64_t key);
+  void absolve(int64_t key, bool in_time);  // forgets key's victim; absolves it if in_time
   double regretted_ = 0, evictions_ = 0, saved_ = 0, spent_ = 0, late_saving_ = -1;
   bool decoding_ = false;  // since the last step of many tokens, decode steps only: their stall balance is kept
   double flow_saved_ = 0, flow_caused_ = 0;  // stall their prefetches saved; caused (victims loaded again)

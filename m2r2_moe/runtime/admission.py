@@ -11,9 +11,11 @@ what the predictor says and is corrected by what the running model does.
   copies queued ahead of it on the link); when a slot must be freed for it, it costs the expected stall of the
   expert it evicts (S times the measured share of experts evicted for a prefetch that a demand load had to bring
   back soon after, before the prefetched copy was used: `regret`, optimistic until measured, so that prefetching
-  starts. Once the copy is used the prefetch was right, a demand load of it would have evicted an expert too, and
-  its victim is absolved; charged for every victim, 16 of the 18 regretted loads of a tiny-mixtral run at link
-  ratio 8 were right prefetches' victims). Admit when the expected
+  starts. When the copy lands in time and is used the prefetch was right, a demand load of it would have evicted
+  an expert too, and its victim is absolved; charged for every victim, 16 of the 18 regretted loads of a
+  tiny-mixtral run at link ratio 8 were used prefetches' victims. A late copy's victim is not absolved: absolving it
+  too, at ratio 8 with a quarter of the experts cached, prefetching ran 1.07x on-demand loading's time against 1.00x,
+  the late copies hiding little of their transfers while their victims were needed again). Admit when the expected
   value is positive. The link time a wrong copy takes is not charged to it: demand loads pre-empt prefetches
   (CPU engine; on CUDA they have their own stream), so a wrong copy delays only the prefetches queued after it,
   and those are charged for it already: each one's lead counts the copies ahead of it, and one that would land

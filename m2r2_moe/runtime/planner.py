@@ -6,8 +6,9 @@ and returns what to do: the copies to queue, the resident experts to mark as nee
 withdraw. It keeps everything that is learned online (runtime/admission.py says why each piece is there):
 - the calibration of P(used | source, distance, score bin), settled by the routing each prediction was for;
 - each layer's recent usage, the prior for distances past the predictor's lookahead and across the token;
-- the regret of evicting for a prefetch (the share of its victims that came back within a turn of layers before
-  the prefetched copy was used: once it is, a demand load of it would have evicted too, and the victim is absolved);
+- the regret of evicting for a prefetch (the share of its victims that came back within a turn of layers, unless
+  the prefetched copy landed in time and was used first: a demand load of it would then have evicted too, and the
+  victim is absolved; a late copy's victim is not);
 - the benefit balance (stall saved against time spent), and the stall the decode steps since the last prompt
   saved and caused, that decide how often to predict;
 - a mirror of which experts are resident or in flight, from the reports it gets (acquires, evictions, the copies
@@ -219,8 +220,8 @@ class PlannerCore:
             elif how == PREFETCH_HIT or how == LATE:
                 late = self._late_saving  # a late one hid part of its copy: as much as measured
                 self._credit(miss if how == PREFETCH_HIT else miss / 2 if late is None else min(late, miss))
-                victim = self._victims.pop(key, None)  # the prefetch was right: its victim's eviction is absolved
-                if victim is not None and self._evicted_at.get(victim[0]) == victim[1]:
+                victim = self._victims.pop(key, None)  # landed in time, the prefetch was right: victim absolved
+                if how == PREFETCH_HIT and victim is not None and self._evicted_at.get(victim[0]) == victim[1]:
                     del self._evicted_at[victim[0]]
         for key in evicted:
             self._evict(key)
