@@ -93,6 +93,7 @@ void Planner::load_state(std::vector<double> counts, std::vector<std::vector<dou
 }
 
 void Planner::evict(int64_t key) {
+  set_flag(restoring_, key, false);
   set_flag(resident_, key, false);
   set_flag(inflight_, key, false);
 }
@@ -108,7 +109,15 @@ void Planner::resync(const std::vector<int64_t>& resident) {
 void Planner::issued(int64_t key, int64_t evicted, int64_t now) {
   if (evicted == kNotQueued) return;
   set_flag(inflight_, key, true);
-  if (evicted >= 0) {  // evicted for a prefetch: regretted if a demand load brings it back soon
+  if (key >= 0 && static_cast<size_t>(key) < evicted_at_.size()) {  // a prefetch's victim fetched back: regretted too
+    int64_t& at = evicted_at_[static_cast<size_t>(key)];
+    if (at != kNever && now - at <= num_layers_) {
+      at = kNever;
+      regretted_ += 1.0;
+      set_flag(restoring_, key, true);
+    }
+  }
+  if (evicted >= 0) {  // evicted for a prefetch: regretted if a demand load or a prefetch brings it back soon
     evict(evicted);
     if (static_cast<size_t>(evicted) >= evicted_at_.size())
       evicted_at_.resize(std::max(static_cast<size_t>(evicted) + 1, 2 * evicted_at_.size()), kNever);
@@ -140,6 +149,8 @@ void Planner::settle(const LayerInput& in) {
     int64_t key = in.keys[i], how = i < in.served.size() ? in.served[i] : kHit;
     set_flag(resident_, key, true);
     set_flag(inflight_, key, false);
+    bool restored = flag(restoring_, key);
+    if (restored) set_flag(restoring_, key, false);
     if (how == kMiss && key >= 0 && static_cast<size_t>(key) < evicted_at_.size()) {
       int64_t& at = evicted_at_[static_cast<size_t>(key)];
       if (at != kNever) {
@@ -152,7 +163,8 @@ void Planner::settle(const LayerInput& in) {
         }
       }
     } else if (how == kPrefetchHit || how == kLate) {  // a late one hid part of its copy: as much as measured
-      credit(how == kPrefetchHit ? in.miss : late_saving_ >= 0 ? std::min(late_saving_, in.miss) : in.miss / 2);
+      if (!restored)  // a copy that only undid a prefetch's eviction saved nothing against on demand
+        credit(how == kPrefetchHit ? in.miss : late_saving_ >= 0 ? std::min(late_saving_, in.miss) : in.miss / 2);
       absolve(key, how == kPrefetchHit);
     }
   }

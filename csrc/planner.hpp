@@ -51,7 +51,10 @@ class Planner {
 
   Decision layer(const LayerInput& in);
   void issued(int64_t key, int64_t evicted, int64_t now);
-  void withdrawn(int64_t key) { set_flag(inflight_, key, false); }
+  void withdrawn(int64_t key) {
+    set_flag(inflight_, key, false);
+    set_flag(restoring_, key, false);
+  }
   // After layers it was not told about: the mirror becomes `resident`, pending predictions are dropped.
   void resync(const std::vector<int64_t>& resident);
   double probability(int source, int64_t distance, double score) const;
@@ -128,6 +131,7 @@ class Planner {
   }
   int64_t every_ = 1, quiet_ = 0;
   std::vector<uint8_t> resident_, inflight_;
+  std::vector<uint8_t> restoring_;  // prefetches of a prefetch's recent victim: their use saves nothing
   std::vector<std::pair<int64_t, std::vector<int64_t>>> wanted_;  // target -> experts, in insertion order
   // scratch reused across calls (no allocation per layer once warm)
   std::vector<int64_t> used_, order_, backlog_;

@@ -305,6 +305,25 @@ def test_a_right_prefetchs_victim_is_not_regretted(planner, how):
     assert planner.regret() > regret and planner.spent == pytest.approx(spent + (1.0 if absolved else 2.0))
 
 
+def test_a_prefetch_that_fetches_back_a_prefetchs_victim_saves_nothing(planner):
+    """Fetching back, by another prefetch, an expert a prefetch evicted within a turn undoes that prefetch's harm: the
+    eviction is regretted as if a demand load had brought it back, and the copy's use saves nothing against on-demand
+    loading (it is not credited). A copy withdrawn loses the mark; other prefetches are credited as ever."""
+    planner.issued(2 * 8 + 3, 1 * 8 + 4, 10)  # prefetch of (2, 3) evicts (1, 4) at turn 10
+    planner.issued(3 * 8 + 5, 1 * 8 + 6, 10)  # prefetch of (3, 5) evicts (1, 6)
+    regret = planner.regret()
+    planner.issued(1 * 8 + 4, -1, 11)  # (1, 4) prefetched back at turn 11
+    planner.issued(1 * 8 + 6, -1, 11)  # (1, 6) too, then withdrawn, and prefetched again
+    planner.withdrawn(1 * 8 + 6)
+    planner.issued(1 * 8 + 6, -1, 12)
+    assert planner.regret() > regret
+    saved = planner.saved
+    _settle(planner, 1, 17, [4, 6], served=[PREFETCH_HIT, PREFETCH_HIT])  # (1, 4): nothing; (1, 6): a plain prefetch
+    assert planner.saved == pytest.approx(saved + 1.0)
+    _settle(planner, 2, 18, [3], served=[PREFETCH_HIT])
+    assert planner.saved == pytest.approx(saved + 2.0)
+
+
 def test_a_late_prefetch_is_credited_what_it_was_measured_to_hide(planner):
     """Until the prefetcher has measured a late prefetch's wait, each late use counts half a demand load's stall
     as saved; then what was measured, at most a whole demand load's."""

@@ -25,7 +25,10 @@ what the predictor says and is corrected by what the running model does.
   at ratio 8 one model 1.3 % faster, one equal, one 1.8 % slower. What remains at high ratios: a wrong
   prefetch on the link still holds up a later one, as prefetches do not pre-empt each other.)
 - Benefit: the stall prefetching saved (demand loads it made unnecessary, and the part of late ones it
-  hid: a demand load's stall less what late prefetches were measured to wait), against what it cost: the time
+  hid: a demand load's stall less what late prefetches were measured to wait; nothing for a copy that fetched back
+  an expert a prefetch had evicted within a turn: it only undid that eviction, which counts as regretted. Credited
+  for such copies too, the balance of an unseen Mixtral at link ratio 8 with LRU and half its experts cached
+  stayed positive while prefetching ran 1.10x on-demand loading's time on one prompt), against what it cost: the time
   spent predicting and planning (each layer's step as timed, clipped at a few times its running typical value by
   `StepTimer`: a step the OS preempted, or a page fault in it, is not prediction's cost; refunded when its layer
   then waited for a copy anyway: it ran while that copy was on the link), and the demand loads of experts it had

@@ -41,6 +41,7 @@ class PlannerCore:
         self._pending: list[list[tuple[int, int, float, int]]] = [[] for _ in range(num_layers)]
         self._evicted_at: dict[int, int] = {}
         self._victims: dict[int, tuple[int, int]] = {}  # prefetched key -> (its victim, the turn it was evicted)
+        self._restoring: set[int] = set()  # prefetches of a prefetch's recent victim: their use saves nothing
         self.regretted = self.evictions = 0.0
         self.saved = self.spent = 0.0
         self.decode_saved = self.decode_caused = 0.0  # stall the decode steps since the prompt saved and caused
@@ -175,7 +176,12 @@ class PlannerCore:
         if evicted == NOT_QUEUED:
             return
         self._inflight.add(key)
-        if evicted >= 0:  # evicted for a prefetch: regretted if a demand load brings it back soon
+        when = self._evicted_at.get(key)
+        if when is not None and now - when <= self.num_layers:  # a prefetch's victim fetched back: regretted too
+            del self._evicted_at[key]
+            self.regretted += 1.0
+            self._restoring.add(key)
+        if evicted >= 0:  # evicted for a prefetch: regretted if a demand load or a prefetch brings it back soon
             self._evict(evicted)
             self._evicted_at[evicted] = now
             self._victims[key] = (evicted, now)
@@ -184,6 +190,7 @@ class PlannerCore:
 
     def withdrawn(self, key: int) -> None:
         self._inflight.discard(key)
+        self._restoring.discard(key)
 
     def resync(self, resident: list[int]) -> None:
         """After layers this planner was not told about (the prefetcher skips the settling while prefetching is
@@ -210,6 +217,9 @@ class PlannerCore:
         for key, how in zip(keys, served):
             self._resident.add(key)
             self._inflight.discard(key)
+            restored = key in self._restoring
+            if restored:
+                self._restoring.discard(key)
             if how == MISS:
                 when = self._evicted_at.pop(key, None)
                 if when is not None and now - when <= self.num_layers:  # a prefetch's victim, needed again
@@ -219,7 +229,8 @@ class PlannerCore:
                         self.decode_caused += miss
             elif how == PREFETCH_HIT or how == LATE:
                 late = self._late_saving  # a late one hid part of its copy: as much as measured
-                self._credit(miss if how == PREFETCH_HIT else miss / 2 if late is None else min(late, miss))
+                if not restored:  # a copy that only undid a prefetch's eviction saved nothing against on demand
+                    self._credit(miss if how == PREFETCH_HIT else miss / 2 if late is None else min(late, miss))
                 victim = self._victims.pop(key, None)  # landed in time, the prefetch was right: victim absolved
                 if how == PREFETCH_HIT and victim is not None and self._evicted_at.get(victim[0]) == victim[1]:
                     del self._evicted_at[victim[0]]
@@ -240,6 +251,7 @@ class PlannerCore:
             self._victims = {k: v for k, v in self._victims.items() if now - v[1] <= self.num_layers}
 
     def _evict(self, key: int) -> None:
+        self._restoring.discard(key)
         self._resident.discard(key)
         self._inflight.discard(key)
 
