@@ -27,8 +27,8 @@ what the predictor says and is corrected by what the running model does.
 - Benefit: the stall prefetching saved (demand loads it made unnecessary, and the part of late ones it
   hid: a demand load's stall less what late prefetches were measured to wait; nothing for a copy that fetched back
   an expert a prefetch had evicted within a turn: it only undid that eviction, which counts as regretted. Credited
-  for such copies too, the balance of an unseen Mixtral at link ratio 8 with LRU and half its experts cached
-  stayed positive while prefetching ran 1.10x on-demand loading's time on one prompt), against what it cost: the time
+  for such copies too, on an unseen Mixtral at link ratio 8 with LRU and half its experts cached the balance stayed
+  positive while prefetching ran 1.036x on-demand loading's time; without the credit 0.972x), against what it cost: the time
   spent predicting and planning (each layer's step as timed, clipped at a few times its running typical value by
   `StepTimer`: a step the OS preempted, or a page fault in it, is not prediction's cost; refunded when its layer
   then waited for a copy anyway: it ran while that copy was on the link), and the demand loads of experts it had

@@ -6,9 +6,9 @@ and returns what to do: the copies to queue, the resident experts to mark as nee
 withdraw. It keeps everything that is learned online (runtime/admission.py says why each piece is there):
 - the calibration of P(used | source, distance, score bin), settled by the routing each prediction was for;
 - each layer's recent usage, the prior for distances past the predictor's lookahead and across the token;
-- the regret of evicting for a prefetch (the share of its victims that came back within a turn of layers, unless
-  the prefetched copy landed in time and was used first: a demand load of it would then have evicted too, and the
-  victim is absolved; a late copy's victim is not);
+- the regret of evicting for a prefetch (the share of its victims brought back within a turn of layers, by a demand
+  load or by a prefetch, whose use then saves nothing; unless the prefetched copy landed in time and was used first:
+  a demand load of it would then have evicted too, and the victim is absolved; a late copy's victim is not);
 - the benefit balance (stall saved against time spent), and the stall the decode steps since the last prompt
   saved and caused, that decide how often to predict;
 - a mirror of which experts are resident or in flight, from the reports it gets (acquires, evictions, the copies
