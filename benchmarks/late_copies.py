@@ -7,7 +7,8 @@ tests/test_planner_diff.py, and only it can show its candidates) logs at every d
 ranked (distance, key, calibrated P(used)), the copies it queued and the prefetches already queued. Every use
 served as a prefetch hit, a late prefetch or a demand load is then put in one class, from the farthest distance
 (within `--lookback` layers) at which its expert was considered:
-- `queued d ahead`: a copy was queued d layers ahead, onto a free link or behind other queued prefetches;
+- `queued d ahead`: a copy was queued d layers ahead, onto a free link or behind other prefetches as near or nearer
+  (queued before, or before it in the same call);
 - `resident at d`: predicted while resident (marked needed, not copied), evicted before its use;
 - `in flight at d`: a copy was already on its way;
 - considered at d and not queued, because the prefetches queued ahead of it left `no lead` (lead <= 0), `too little
@@ -110,7 +111,9 @@ def _first_look(by_turn: dict, key: int, turn: int, lookback: int) -> tuple[str,
         return "never a candidate", None
     d, call, q = looks[0]
     ahead = sum(1 for b in call["backlog"] if b <= d)
-    if key in call["queued"]:
+    if key in call["queued"]:  # the planner queues in its candidates' order: those before it went first
+        order = [k for _, k, _ in call["candidates"]]
+        ahead += sum(1 for k in call["queued"] if order.index(k) < order.index(key))
         return f"queued {d} ahead, " + ("onto a free link" if not ahead else "behind queued copies"), q
     if key in call["resident"]:
         return f"resident at {d}, evicted before use", q

@@ -25,6 +25,8 @@ def test_each_use_is_classed_by_the_farthest_layer_that_considered_its_expert():
         _call(22, uses=[(200, MISS)]),
         _call(30, candidates=[(3, 300, 0.15)], backlog=[1]),
         _call(33, uses=[(300, MISS)]),
+        _call(40, candidates=[(2, 400, 0.9), (2, 401, 0.8)], queued={400: 2, 401: 2}),  # 401 goes after 400
+        _call(42, uses=[(400, PREFETCH_HIT), (401, LATE)]),
     ]
     got = _counts(late_copies.classify(log, lookback=8))
     assert got == {
@@ -35,6 +37,8 @@ def test_each_use_is_classed_by_the_farthest_layer_that_considered_its_expert():
         ("miss", "resident at 2, evicted before use"): 1,  # 104
         ("miss", "not worth its eviction at 2"): 1,  # 200: the whole transfer hidden, 0.05 x 2.0 < 0.1 x 2.0
         ("miss", "too little lead for its eviction at 3"): 1,  # 300: lead 3 - 2 = 1 s, 0.15 x 2.0 x 1/2 < 0.1 x 2.0
+        ("prefetch hit", "queued 2 ahead, onto a free link"): 1,  # 400
+        ("late", "queued 2 ahead, behind queued copies"): 1,  # 401: behind 400, queued first in the same call
     }
     near = _counts(late_copies.classify(log, lookback=1))  # only the layer just before each use is searched
     assert near[("late", "queued 1 ahead, onto a free link")] == 1 and ("miss", "never a candidate") in near
