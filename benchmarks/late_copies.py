@@ -40,6 +40,7 @@ from m2r2_moe.cli_common import auto_lookahead  # noqa: E402
 from m2r2_moe.models.base import expert_param_bytes  # noqa: E402
 from m2r2_moe.profile.runs import offloaded_run  # noqa: E402
 from m2r2_moe.runtime import planner as planner_module  # noqa: E402
+from m2r2_moe.runtime.admission import value  # noqa: E402
 from m2r2_moe.runtime import prefetcher as prefetcher_module  # noqa: E402
 
 SERVED = {1: "prefetch hit", 2: "late", 3: "miss"}  # as runtime/expert_cache.py (0: a plain hit, not classed)
@@ -112,8 +113,8 @@ def _first_look(by_turn: dict, key: int, turn: int, lookback: int) -> tuple[str,
     d, call, q = looks[0]
     ahead = sum(1 for b in call["backlog"] if b <= d)
     if key in call["queued"]:  # the planner queues in its candidates' order: those before it went first
-        order = [k for _, k, _ in call["candidates"]]
-        ahead += sum(1 for k in call["queued"] if order.index(k) < order.index(key))
+        order = {k: i for i, (_, k, _) in reversed(list(enumerate(call["candidates"])))}
+        ahead += sum(1 for k in call["queued"] if order[k] < order[key])
         return f"queued {d} ahead, " + ("onto a free link" if not ahead else "behind queued copies"), q
     if key in call["resident"]:
         return f"resident at {d}, evicted before use", q
@@ -121,10 +122,9 @@ def _first_look(by_turn: dict, key: int, turn: int, lookback: int) -> tuple[str,
         return f"in flight at {d}", q
     ahead += sum(1 for dist in call["queued"].values() if dist <= d)  # those queued at that call go first too
     lead = d * call["compute"] - call["transfer"] * ahead if call["compute"] > 0 else float("inf")
-    value = q * call["miss"] * min(1.0, max(lead, 0.0) / call["transfer"]) - (call["regret"] * call["miss"]
-                                                                             if call["free"] <= 0 else 0.0)
-    why = ("no lead" if lead <= 0 else "too little lead for its eviction" if value <= 0 and lead < call["transfer"]
-           else "not worth its eviction" if value <= 0 else "not queued (queue full or under the floor)")
+    worth = value(q, call["miss"], call["transfer"], lead, call["free"] <= 0, call["regret"])  # the planner's test
+    why = ("no lead" if lead <= 0 else "too little lead for its eviction" if worth <= 0 and lead < call["transfer"]
+           else "not worth its eviction" if worth <= 0 else "not queued (queue full or under the floor)")
     later = next((dd for dd, c, _ in looks[1:] if key in c["queued"]), None)
     return f"{why} at {d}" + (f", then queued {later} ahead" if later else ""), q
 

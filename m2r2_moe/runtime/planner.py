@@ -218,8 +218,7 @@ class PlannerCore:
             self._resident.add(key)
             self._inflight.discard(key)
             restored = key in self._restoring
-            if restored:
-                self._restoring.discard(key)
+            self._restoring.discard(key)
             if how == MISS:
                 when = self._evicted_at.pop(key, None)
                 if when is not None and now - when <= self.num_layers:  # a prefetch's victim, needed again
