@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import HostMemoryError
 from ..models.base import MoEAdapter, MoELayer
 from .accelerators import AcceleratorAdapters
 from .collect import RoutingSet, RoutingSetBuilder, collect_normed
@@ -28,6 +30,7 @@ from .train_mlp import EPOCHS, fit_heads, head_recalls
 
 logger = logging.getLogger(__name__)
 KEYS = ("nmse", "kl", "recall_topk", "gate_recall_topk")
+MEMORY_SHARE = 0.8  # of the host memory available when training starts, by default: the rest is the OS's margin
 
 
 def train_adapters(model, adapter: MoEAdapter, layers: list[MoELayer], batches: Iterable[torch.Tensor],
@@ -35,13 +38,19 @@ def train_adapters(model, adapter: MoEAdapter, layers: list[MoELayer], batches: 
                    kl_samples: int = 8192, lr: float = 3e-3, seed: int = 0, route_features: bool = False,
                    progress: bool = True, kinds: tuple[str, ...] = ("linear", "mlp"), width: int = 128,
                    wraps: bool = True, epochs: int = EPOCHS, validation: float = 0.125,
-                   ) -> tuple[AcceleratorAdapters, dict]:
+                   memory_budget: int | None = None) -> tuple[AcceleratorAdapters, dict]:
     """Train accelerators on calibration `batches` of token ids `[B, S]`. Returns (adapters, report).
 
     `kinds`: which to train (the linear adapters are always fitted; `mlp` adds the heads, of hidden `width`,
     across the token boundary with `wraps`); the better on the validation split (the last `validation` share
     of the rows) becomes the default. `route_features`: the linear adapters also see which experts the source
-    layer routes to (off by default: on the built-in model it changed recall by < 0.2 points)."""
+    layer routes to (off by default: on the built-in model it changed recall by < 0.2 points).
+
+    `memory_budget`: host bytes the training may hold (default `MEMORY_SHARE` of the memory available now; see
+    `memory_plan`). What does not scale with the text (the linear statistics, the validation split, the routing
+    fine-tune's sample) must fit, or `HostMemoryError` is raised before the model runs; the heads then train on as
+    many of the training tokens as fit (whole sequences, from the first; a warning says so, the report's
+    `heads_tokens` how many)."""
     if not 1 <= depth < len(layers):
         raise ValueError(f"depth {depth}: a model of {len(layers)} MoE layers is predicted 1..{len(layers) - 1} ahead")
     batches = list(batches)
@@ -51,7 +60,12 @@ def train_adapters(model, adapter: MoEAdapter, layers: list[MoELayer], batches: 
                          "give more text or a smaller --seq-len")
     held = min(max(1, round(len(rows) * validation)), len(rows) - 1)
     train_rows, val_rows = rows[:-held], rows[-held:]
-    batch = batches[0].shape[0]
+    batch, seq_len = batches[0].shape
+    num_experts_all = int(layers[0].experts.num_experts)
+    plan = memory_plan(len(layers), model.config.hidden_size, num_experts_all, adapter.top_k(model),
+                       model.config.hidden_size + (num_experts_all if route_features else 0), depth,
+                       train_rows.numel(), val_rows.numel(), batch * seq_len, seq_len, kl_samples, "mlp" in kinds,
+                       available_memory_budget() if memory_budget is None else memory_budget)
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)  # gradients flow through the routers to the adapters only
@@ -59,7 +73,8 @@ def train_adapters(model, adapter: MoEAdapter, layers: list[MoELayer], batches: 
         num_experts = int(layers[0].experts.num_experts) if route_features else 0
         adapters = AcceleratorAdapters(len(layers), model.config.hidden_size, depth, rank, num_experts)
         opts = dict(ridge=ridge, kl_steps=kl_steps, kl_weight=kl_weight, kl_samples=kl_samples, lr=lr, seed=seed,
-                    progress=progress, kinds=kinds, width=width, wraps=wraps, epochs=epochs)
+                    progress=progress, kinds=kinds, width=width, wraps=wraps, epochs=epochs,
+                    heads_tokens=plan["heads_tokens"])
         return _train(model, adapter, layers, train_rows.split(batch), val_rows, adapters, opts)
     finally:
         for p, flag in frozen:
@@ -71,9 +86,11 @@ def _train(model, adapter, layers, batches, val_rows, adapters, opts):
     clock = _StageClock()
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and p.numel())
     train, sample, stats = _collect_train(model, adapter, layers, batches, adapters, dtype, opts)
-    val = _collect(model, adapter, layers, val_rows.split(len(batches[0])), dtype, keep_residuals=True)
+    val = _collect(model, adapter, layers, val_rows.split(len(batches[0])), dtype, keep_residuals=True,
+                   capacity=val_rows.numel())
     clock.lap("collect")
-    report = {"tokens": stats[0].n, "validation_tokens": val.tokens, "depth": adapters.depth, "rank": adapters.rank,
+    report = {"tokens": stats[0].n, "heads_tokens": train.tokens if train is not None else 0,
+              "validation_tokens": val.tokens, "depth": adapters.depth, "rank": adapters.rank,
               "ridge": opts["ridge"], "route_features": adapters.route_features}
     report |= _fit_linear(adapters, adapter, layers, stats, sample, dtype, opts)
     clock.lap("linear")
@@ -92,6 +109,68 @@ def _train(model, adapter, layers, batches, val_rows, adapters, opts):
     return adapters, report
 
 
+def available_memory_budget() -> int | None:
+    """`MEMORY_SHARE` of the host memory the OS says can be allocated now (MemAvailable on Linux, else the free
+    physical pages), or None where neither is known (no cap)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * MEMORY_SHARE)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * MEMORY_SHARE)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_plan(num_layers: int, hidden: int, experts: int, top_k: int, features: int, depth: int,
+                train_tokens: int, val_tokens: int, batch_tokens: int, seq_len: int, kl_samples: int, heads: bool,
+                budget: int | None) -> dict:
+    """Host bytes the training holds, and how many training tokens the heads' set can keep within `budget`.
+    Fixed (not scaling with the text the heads keep): the linear statistics (float64 `[F, F]` and per depth
+    `[F, H]` per layer), the validation split (residuals and router inputs, distributions, choices), the routing
+    fine-tune's sample and a few batches' activations in flight. Per token the heads keep: router inputs `[L, H]`
+    float32, the routers' distributions `[L, E]`, the choices `[L, K]`. Raises `HostMemoryError` when the fixed part
+    alone exceeds the budget, or the heads could not keep two sequences."""
+    floats = 4
+    linear = num_layers * 8 * (features * features + features + depth * (features * hidden + hidden))
+    val = val_tokens * (num_layers * (2 * hidden * floats + experts * floats + top_k * 8) + 8)
+    sample = min(kl_samples, train_tokens) * num_layers * (hidden * floats + top_k * 8)
+    batches = 6 * batch_tokens * num_layers * hidden * floats  # a batch's residuals and normed, their copies, the stats
+    fixed = linear + val + sample + batches
+    per_token = num_layers * (hidden * floats + experts * floats + top_k * 8) + 8
+    plan = {"fixed": fixed, "per_token": per_token, "budget": budget, "heads_tokens": train_tokens if heads else 0}
+
+    def gib(b: float) -> str:
+        return f"{b / 2**30:.2f} GiB"
+
+    if budget is None:
+        return plan
+    if fixed > budget:
+        raise HostMemoryError(
+            f"training these adapters needs {gib(fixed)} of host memory before the heads keep any text (linear "
+            f"statistics {gib(linear)}, validation split of {val_tokens} tokens {gib(val)}, routing sample "
+            f"{gib(sample)}, batches in flight {gib(batches)}) and the budget is {gib(budget)}; lower --max-tokens, "
+            f"--validation, --kl-samples or --batch, or raise --memory-gb; nothing was trained")
+    if not heads:
+        return plan
+    fits = (budget - fixed) // per_token // seq_len * seq_len  # whole sequences
+    if fits < train_tokens:
+        if fits < 2 * seq_len:
+            raise HostMemoryError(
+                f"the heads' training set needs {gib(per_token * seq_len)} per sequence of {seq_len} tokens and "
+                f"{gib(max(budget - fixed, 0))} of the {gib(budget)} budget is left after the fixed part "
+                f"({gib(fixed)}); lower --max-tokens or --validation, train --kinds linear, or raise --memory-gb; "
+                f"nothing was trained")
+        logger.warning("the heads train on the first %d of %d calibration tokens: %s per token of a budget of %s "
+                       "(%s fixed); --memory-gb sets the budget", fits, train_tokens, gib(per_token), gib(budget),
+                       gib(fixed))
+        plan["heads_tokens"] = fits
+    return plan
+
+
 class _StageClock:
     """Wall seconds per training stage (`lap(name)` closes the stage since the previous lap)."""
 
@@ -108,8 +187,8 @@ class _StageClock:
         return time.perf_counter() - self.start
 
 
-def _collect(model, adapter, layers, batches, dtype, keep_residuals=False) -> RoutingSet:
-    builder = RoutingSetBuilder(adapter, layers, dtype, keep_residuals)
+def _collect(model, adapter, layers, batches, dtype, keep_residuals=False, capacity=None) -> RoutingSet:
+    builder = RoutingSetBuilder(adapter, layers, dtype, keep_residuals, capacity)
     for residuals, normed, chosen in collect_normed(model, layers, batches):
         builder.add(residuals, normed, chosen, batches[0].shape[1])
     return builder.build()
@@ -120,14 +199,15 @@ def _collect_train(model, adapter, layers, batches, adapters, dtype, opts):
     heads, the router inputs and distributions."""
     num_layers, depth = len(layers), adapters.depth
     stats = [_Stats(adapters.hidden + adapters.route_features, adapters.hidden, depth) for _ in range(num_layers)]
-    builder = RoutingSetBuilder(adapter, layers, dtype) if "mlp" in opts["kinds"] else None
+    heads_tokens = opts["heads_tokens"]
+    builder = RoutingSetBuilder(adapter, layers, dtype, capacity=heads_tokens) if heads_tokens else None
     kept_r, kept_c, kept = [], [], 0
     for residuals, normed, chosen in tqdm(collect_normed(model, layers, batches), total=len(batches),
                                           desc="collect residuals", disable=not opts["progress"]):
         for l in range(num_layers):
             ds = [d for d in range(1, depth + 1) if l + d < num_layers]
             stats[l].add(adapters.features(normed[l], chosen[l]), [residuals[l + d] - residuals[l] for d in ds])
-        if builder is not None:
+        if builder is not None and not builder.full:
             builder.add(residuals, normed, chosen, batches[0].shape[1])
         if kept < opts["kl_samples"]:
             kept_r.append(residuals[:, : opts["kl_samples"] - kept])
