@@ -150,10 +150,11 @@ def memory_plan(num_layers: int, hidden: int, experts: int, top_k: int, features
         return plan
     if fixed > budget:
         raise HostMemoryError(
-            f"training these adapters needs {gib(fixed)} of host memory before the heads keep any text (linear "
-            f"statistics {gib(linear)}, validation split of {val_tokens} tokens {gib(val)}, routing sample "
-            f"{gib(sample)}, batches in flight {gib(batches)}) and the budget is {gib(budget)}; lower --max-tokens, "
-            f"--validation, --kl-samples or --batch, or raise --memory-gb; nothing was trained")
+            f"training these adapters needs {gib(fixed)} of host memory before the heads keep any text and the "
+            f"budget is {gib(budget)}: linear statistics {gib(linear)} ({num_layers} layers x {depth} distances, "
+            f"hidden size {hidden}: --lookahead), validation split of {val_tokens} tokens {gib(val)} (--max-tokens, "
+            f"--validation), routing sample {gib(sample)} (--kl-samples), batches in flight {gib(batches)} "
+            f"(--batch, --seq-len); lower those, or raise --memory-gb; nothing was trained")
     if not heads:
         return plan
     fits = (budget - fixed) // per_token // seq_len * seq_len  # whole sequences
