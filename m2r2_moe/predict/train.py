@@ -144,7 +144,10 @@ def memory_plan(num_layers: int, hidden: int, experts: int, top_k: int, features
     plan = {"fixed": fixed, "per_token": per_token, "budget": budget, "heads_tokens": train_tokens if heads else 0}
 
     def gib(b: float) -> str:
-        return f"{b / 2**30:.2f} GiB"
+        for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+            if b >= size:
+                return f"{b / size:.{2 if unit == 'GiB' else 1}f} {unit}"
+        return f"{b / 2**10:.1f} KiB"
 
     if budget is None:
         return plan
