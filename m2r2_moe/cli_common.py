@@ -10,7 +10,7 @@ import argparse
 import math
 from pathlib import Path
 
-from .config import MIN_LINK_GBPS, OffloadConfig, OffloadConfigError
+from .config import MIN_LINK_GBPS, OffloadConfig, OffloadConfigError, parse_bytes
 from .errors import M2R2Error
 from .loading import ModelSpecError, check_model_spec, model_choices
 
@@ -52,6 +52,18 @@ nonnegative_int = _number(int, 0, False, "a whole number")
 positive_float = _number(float, 0, True, "a number")
 nonnegative_float = _number(float, 0, False, "a number")
 link_gbps = _number(float, MIN_LINK_GBPS, False, "a number of GB/s")
+
+BUDGET_HELP = "bytes or text like 4GiB, 512MB"
+
+
+def memory(text: str) -> str:
+    """An argparse type: an amount of memory (kept as written: the plan quotes it)."""
+    try:
+        if parse_bytes(text) > 0:
+            return text
+    except OffloadConfigError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not an amount of memory; write e.g. 4GiB, 512MB or a number of bytes")
 
 
 def probability(text: str) -> float:

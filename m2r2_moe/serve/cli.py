@@ -15,21 +15,9 @@ import signal
 import threading
 from pathlib import Path
 
-from ..cli_common import (UsageError, add_model_argument, check_device, existing_file, link_gbps, nonnegative_int,
-                          positive_int)
-from ..config import MIN_LINK_GBPS, OffloadConfigError, parse_bytes
-
-BUDGET_HELP = "bytes or text like 4GiB, 512MB"
-
-
-def memory(text: str) -> str:
-    """An argparse type: an amount of memory (kept as written: the plan quotes it)."""
-    try:
-        if parse_bytes(text) > 0:
-            return text
-    except OffloadConfigError:
-        pass
-    raise argparse.ArgumentTypeError(f"{text!r} is not an amount of memory; write e.g. 4GiB, 512MB or a number of bytes")
+from ..cli_common import (BUDGET_HELP, UsageError, add_model_argument, check_device, existing_file, link_gbps, memory,
+                          nonnegative_int, positive_int)
+from ..config import MIN_LINK_GBPS
 
 
 def add_parser(sub) -> None:
