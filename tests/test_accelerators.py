@@ -259,7 +259,7 @@ def test_prefetching_with_wrapping_heads_is_lossless(admit_every_prediction):
 
 def test_routing_sets_mark_sequence_ends_and_hold_the_routers_choice(model_and_layers):
     model, adapter, layers = model_and_layers
-    builder = RoutingSetBuilder(adapter, layers, torch.float32, keep_residuals=True)
+    builder = RoutingSetBuilder(adapter, layers, torch.float32, capacity=64, keep_residuals=True)
     batches = [torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
     for residuals, normed, chosen in collect_normed(model, layers, batches):
         builder.add(residuals, normed, chosen, 16)

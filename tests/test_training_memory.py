@@ -11,7 +11,7 @@ from conftest import tiny_mixtral
 from m2r2_moe.errors import HostMemoryError
 from m2r2_moe.models import find_moe_layers
 from m2r2_moe.predict import train as train_module
-from m2r2_moe.predict.collect import RoutingSetBuilder, chunk_tokens, collect_normed
+from m2r2_moe.predict.collect import RoutingSet, RoutingSetBuilder, chunk_tokens, collect_normed
 from m2r2_moe.predict.train import memory_plan, train_adapters
 
 SEQ = 16
@@ -25,30 +25,34 @@ def model_and_layers():
 
 
 def _sets(model, adapter, layers, capacity):
+    """(the batches' tensors concatenated, with each batch's router distributions: the reference; the builder's set)"""
     batches = [torch.randint(3, 96, (2, SEQ), generator=torch.Generator().manual_seed(s)) for s in (5, 6, 7)]
-    plain = RoutingSetBuilder(adapter, layers, torch.float32, keep_residuals=True)
-    placed = RoutingSetBuilder(adapter, layers, torch.float32, keep_residuals=True, capacity=capacity)
+    placed = RoutingSetBuilder(adapter, layers, torch.float32, capacity=capacity, keep_residuals=True)
+    parts = []
     for residuals, normed, chosen in collect_normed(model, layers, batches):
-        plain.add(residuals, normed, chosen, SEQ)
-        if not placed.full:
-            placed.add(residuals, normed, chosen, SEQ)
-    return plain.build(), placed.build()
+        placed.add(residuals, normed, chosen, SEQ)
+        probs = torch.stack([adapter.route(layer, normed[l])[0].float() for l, layer in enumerate(layers)])
+        parts.append((normed, probs, chosen, residuals))
+    normed, probs, chosen, residuals = (torch.cat(t, 1) for t in zip(*parts))
+    rows = torch.arange(normed.shape[1])
+    nxt = torch.where(rows % SEQ < SEQ - 1, rows + 1, -1)
+    return RoutingSet(normed, probs, chosen, nxt, residuals), placed.build()
 
 
 def test_a_set_filled_in_place_is_the_concatenated_one(model_and_layers):
-    plain, placed = _sets(*model_and_layers, capacity=96)
-    assert placed.tokens == plain.tokens == 96
+    reference, placed = _sets(*model_and_layers, capacity=96)
+    assert placed.tokens == reference.tokens == 96
     for field in ("normed", "probs", "chosen", "next", "residuals"):
-        assert torch.equal(getattr(placed, field), getattr(plain, field)), field
+        assert torch.equal(getattr(placed, field), getattr(reference, field)), field
 
 
 def test_a_capacity_keeps_the_first_tokens_and_cuts_the_next_link_at_the_end(model_and_layers):
-    plain, placed = _sets(*model_and_layers, capacity=40)  # mid-sequence: token 39's next (40) is not kept
+    reference, placed = _sets(*model_and_layers, capacity=40)  # mid-sequence: token 39's next (40) is not kept
     assert placed.tokens == 40
     for field in ("normed", "probs", "chosen", "residuals"):
-        assert torch.equal(getattr(placed, field), getattr(plain, field)[:, :40]), field
-    assert plain.next[39] == 40 and placed.next[39] == -1
-    assert torch.equal(placed.next[:39], plain.next[:39])
+        assert torch.equal(getattr(placed, field), getattr(reference, field)[:, :40]), field
+    assert reference.next[39] == 40 and placed.next[39] == -1
+    assert torch.equal(placed.next[:39], reference.next[:39])
 
 
 def _plan(budget, train_tokens=4096, heads=True):
@@ -71,7 +75,7 @@ def test_the_budget_caps_the_heads_to_whole_sequences():
 @pytest.mark.parametrize("left", [-1, 20])  # the fixed part does not fit; fewer than two sequences would
 def test_a_budget_that_cannot_hold_the_training_is_refused_with_what_it_needs(left):
     free = _plan(None)
-    with pytest.raises(HostMemoryError, match="--memory-gb.*nothing was trained"):
+    with pytest.raises(HostMemoryError, match="--host-memory.*nothing was trained"):
         _plan(free["fixed"] + left * free["per_token"])
 
 
@@ -83,11 +87,11 @@ def test_training_within_a_budget_keeps_fewer_tokens_for_the_heads(model_and_lay
     budget = free["fixed"] + free["per_token"] * 700  # 640 tokens: 10 whole rows of 64
     with caplog.at_level(logging.WARNING, logger="m2r2_moe.predict.train"):
         adapters, report = train_adapters(model, adapter, layers, batches, depth=2, rank=4, width=16, epochs=1,
-                                          progress=False, memory_budget=budget)
+                                          progress=False, host_memory=budget)
     assert report["tokens"] == 1792 and report["heads_tokens"] == 640  # the linear fit still saw every token
     assert adapters.mlp is not None and "first 640 of 1792" in caplog.text
     _, full = train_adapters(model, adapter, layers, batches, depth=2, rank=4, width=16, epochs=1, progress=False,
-                             memory_budget=budget * 100)
+                             host_memory=budget * 100)
     assert full["heads_tokens"] == full["tokens"] == 1792
 
 
@@ -102,5 +106,5 @@ def test_a_training_that_cannot_fit_fails_before_the_model_runs(model_and_layers
     ids = torch.randint(3, 96, (2048,), generator=torch.Generator().manual_seed(0))
     with pytest.raises(HostMemoryError, match="linear statistics"):
         train_adapters(model, adapter, layers, chunk_tokens(ids, 64, 4), depth=2, rank=4, progress=False,
-                       memory_budget=1)
+                       host_memory=1)
     assert [p.requires_grad for p in model.parameters()] == flags

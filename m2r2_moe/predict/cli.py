@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..cli_common import (UsageError, add_model_argument, auto_lookahead, check_adapters, existing_file, listed,
-                          need_tokenizer, nonnegative_float, nonnegative_int, one_of, positive_float, positive_int,
-                          probability,
-                          require_matplotlib, text_files)
+from ..cli_common import (BUDGET_HELP, UsageError, add_model_argument, auto_lookahead, check_adapters, existing_file,
+                          listed, memory, need_tokenizer, nonnegative_float, nonnegative_int, one_of, positive_int,
+                          probability, require_matplotlib, text_files)
 from ..config import DEFAULT_LOOKAHEAD
 from ..corpus import token_stream
 from ..builtin import resolve_name
@@ -97,10 +96,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--batch", type=positive_int, default=8, help="sequences per forward")
     p.add_argument("--max-tokens", type=positive_int, default=131072,
                    help="calibration tokens to use (the last --validation share of the sequences validates)")
-    p.add_argument("--memory-gb", type=positive_float, default=None,
-                   help="host memory the training may hold, in GiB (default: 80%% of what is available when it "
-                        "starts); the heads then train on as many calibration tokens as fit, and what does not "
-                        "scale with the text must fit or nothing runs")
+    p.add_argument("--host-memory", type=memory, default=None,
+                   help=f"host memory the training may hold ({BUDGET_HELP}; default: what is available when it "
+                        "starts, less the runtime's margin); the heads then train on as many calibration tokens as "
+                        "fit, and what does not scale with the text must fit or nothing runs")
     p.add_argument("--validation", type=probability, default=0.125,
                    help="share of the calibration sequences held out to stop training and choose the default kind")
     p.add_argument("--kinds", type=listed(one_of(("linear", "mlp"))), default="linear,mlp",
@@ -141,14 +140,14 @@ def train_command(args: argparse.Namespace) -> int:
         ridge=args.ridge, kl_steps=args.kl_steps, kl_samples=args.kl_samples, seed=args.seed,
         route_features=args.route_features, kinds=tuple(args.kinds), width=args.width, wraps=not args.within_token,
         epochs=args.epochs, validation=args.validation,
-        memory_budget=None if args.memory_gb is None else int(args.memory_gb * 2**30),
+        host_memory=args.host_memory,
     )
     settings = {k: getattr(args, k) for k in ("max_tokens", "seq_len", "validation", "rank", "ridge", "kl_steps",
                                               "kl_samples", "width", "epochs", "within_token", "seed", "file_dtype")}
     info = {"model": args.model, "files": len(files), "seconds": round(report["seconds"], 1),
             "stage_seconds": report["stage_seconds"], **settings,
-            **{k: report[k] for k in ("tokens", "heads_tokens", "validation_tokens", "kind", "validation", "mean_final", "by_depth",
-                                      "route_features")},
+            **{k: report[k] for k in ("tokens", "heads_tokens", "validation_tokens", "kind", "validation",
+                                      "mean_final", "by_depth", "route_features")},
             "mlp": report.get("mlp")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     adapters.save(args.out, model_fingerprint(model, layers), info, dtype=getattr(torch, args.file_dtype))
@@ -161,7 +160,7 @@ def train_command(args: argparse.Namespace) -> int:
           f"{report['tokens']} tokens in {report['seconds']:.1f} s → {args.out}")
     if report["heads_tokens"] and report["heads_tokens"] < report["tokens"]:
         print(f"  the heads trained on the first {report['heads_tokens']} of those tokens (the memory budget: "
-              f"--memory-gb)")
+              f"--host-memory)")
     print("  stages (s): " + ", ".join(f"{k} {v}" for k, v in report["stage_seconds"].items())
           + f"; torch threads {torch.get_num_threads()}")
     print(f"default kind: {report['kind']} (the better top-k recall on {report['validation_tokens']} validation tokens)")

@@ -65,72 +65,52 @@ class RoutingSet:
 
 
 class RoutingSetBuilder:
-    """Accumulates `collect_normed` batches into a `RoutingSet` (routers' distributions computed here).
+    """Fills a `RoutingSet` of at most `capacity` tokens from `collect_normed` batches (the routers' distributions
+    computed here). The set is laid out once, at the first batch, and filled in place: the batches are not held and
+    concatenated, so the peak is the set itself, not twice it. Tokens past the capacity are dropped (a kept token
+    whose next one was dropped has none: `next` -1; a capacity of whole sequences drops whole sequences)."""
 
-    `capacity`: the most tokens kept. The set is then laid out once, at the first batch, and filled in place (the
-    batches are not held and concatenated: the peak is the set itself, not twice it); tokens past the capacity are
-    dropped (a kept token whose next one was dropped has none: `next` -1; a capacity of whole sequences drops
-    whole sequences). `full` says when a further batch would add nothing."""
-
-    def __init__(self, adapter: MoEAdapter, layers: list[MoELayer], dtype: torch.dtype, keep_residuals: bool = False,
-                 capacity: int | None = None):
+    def __init__(self, adapter: MoEAdapter, layers: list[MoELayer], dtype: torch.dtype, *, capacity: int,
+                 keep_residuals: bool = False):
         self.adapter, self.layers, self.dtype, self.keep_residuals = adapter, layers, dtype, keep_residuals
-        self.parts: list[tuple[torch.Tensor, ...]] = []
-        self.offset = 0
-        self.capacity = capacity
-        self._set: RoutingSet | None = None  # with a capacity: the preallocated set, filled up to `offset`
-
-    @property
-    def full(self) -> bool:
-        return self.capacity is not None and self.offset >= self.capacity
+        self.capacity, self.offset = capacity, 0
+        self._set: RoutingSet | None = None  # laid out at the first batch, filled up to `offset`
 
     @torch.no_grad()
     def add(self, residuals: torch.Tensor, normed: torch.Tensor, chosen: torch.Tensor, seq_len: int) -> None:
-        """One batch of rows of `seq_len` tokens: `residuals`, `normed [L, N, H]`, `chosen [L, N, K]`."""
-        n = normed.shape[1]
-        if self.capacity is not None:
-            n = min(n, self.capacity - self.offset)
-            if n <= 0:
-                return
-            residuals, normed, chosen = residuals[:, :n], normed[:, :n], chosen[:, :n]
+        """One batch of rows of `seq_len` tokens: `residuals`, `normed [L, N, H]`, `chosen [L, N, K]`; nothing
+        once the set is full."""
+        n = min(normed.shape[1], self.capacity - self.offset)
+        if n <= 0:
+            return
+        residuals, normed, chosen = residuals[:, :n], normed[:, :n], chosen[:, :n]
         # the router reads the norm's output in the model's dtype: normed was widened from it, losslessly
         probs = torch.stack([self.adapter.route(layer, normed[l].to(self.dtype))[0].float()
                              for l, layer in enumerate(self.layers)])  # [L, N, E]
         rows = torch.arange(n)
-        nxt = torch.where(rows % seq_len < seq_len - 1, rows + 1 + self.offset, -1)  # [N]
-        if self.capacity is None:
-            self.offset += n
-            self.parts.append((normed, probs, chosen, nxt, residuals if self.keep_residuals else None))
-            return
+        nxt = rows + 1 + self.offset
+        nxt = torch.where((rows % seq_len < seq_len - 1) & (nxt < self.capacity), nxt, -1)  # [N]
         if self._set is None:
             self._set = self._allocate(normed, probs, chosen, residuals)
-        nxt = torch.where(nxt >= self.capacity, -1, nxt)  # its next token was not kept
-        span = slice(self.offset, self.offset + n)
-        data = self._set
+        span, data = slice(self.offset, self.offset + n), self._set
         data.normed[:, span], data.probs[:, span], data.chosen[:, span], data.next[span] = normed, probs, chosen, nxt
         if self.keep_residuals:
             data.residuals[:, span] = residuals
         self.offset += n
 
     def _allocate(self, normed, probs, chosen, residuals) -> RoutingSet:
-        layers, cap = normed.shape[0], self.capacity
-
         def like(t):
-            return torch.empty(layers, cap, *t.shape[2:], dtype=t.dtype)
+            return torch.empty(t.shape[0], self.capacity, *t.shape[2:], dtype=t.dtype)
 
-        return RoutingSet(like(normed), like(probs), like(chosen), torch.empty(cap, dtype=torch.long),
+        return RoutingSet(like(normed), like(probs), like(chosen), torch.empty(self.capacity, dtype=torch.long),
                           like(residuals) if self.keep_residuals else None)
 
     def build(self) -> RoutingSet:
-        if self.capacity is not None:
-            if self._set is None:
-                raise ValueError("no tokens collected")
-            data, n = self._set, self.offset
-            self._set = None
-            return RoutingSet(data.normed[:, :n], data.probs[:, :n], data.chosen[:, :n], data.next[:n],
-                              data.residuals[:, :n] if data.residuals is not None else None)
-        if not self.parts:
+        if self._set is None:
             raise ValueError("no tokens collected")
-        normed, probs, chosen, nxt, residuals = zip(*self.parts)
-        return RoutingSet(torch.cat(normed, 1), torch.cat(probs, 1), torch.cat(chosen, 1), torch.cat(nxt),
-                          torch.cat(residuals, 1) if self.keep_residuals else None)
+        data, n = self._set, self.offset
+        self._set = None
+        if n == self.capacity:
+            return data
+        return RoutingSet(data.normed[:, :n], data.probs[:, :n], data.chosen[:, :n], data.next[:n],
+                          data.residuals[:, :n] if data.residuals is not None else None)

@@ -14,14 +14,17 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
+from ..budget import gb
+from ..checkpoint.plan import host_margin
+from ..checkpoint.plan import host_memory as probe_host
 from ..errors import HostMemoryError
+from ..values import budget_bytes
 from ..models.base import MoEAdapter, MoELayer
 from .accelerators import AcceleratorAdapters
 from .collect import RoutingSet, RoutingSetBuilder, collect_normed
@@ -30,7 +33,6 @@ from .train_mlp import EPOCHS, fit_heads, head_recalls
 
 logger = logging.getLogger(__name__)
 KEYS = ("nmse", "kl", "recall_topk", "gate_recall_topk")
-MEMORY_SHARE = 0.8  # of the host memory available when training starts, by default: the rest is the OS's margin
 
 
 def train_adapters(model, adapter: MoEAdapter, layers: list[MoELayer], batches: Iterable[torch.Tensor],
@@ -38,7 +40,7 @@ def train_adapters(model, adapter: MoEAdapter, layers: list[MoELayer], batches: 
                    kl_samples: int = 8192, lr: float = 3e-3, seed: int = 0, route_features: bool = False,
                    progress: bool = True, kinds: tuple[str, ...] = ("linear", "mlp"), width: int = 128,
                    wraps: bool = True, epochs: int = EPOCHS, validation: float = 0.125,
-                   memory_budget: int | None = None) -> tuple[AcceleratorAdapters, dict]:
+                   host_memory: int | str | None = None) -> tuple[AcceleratorAdapters, dict]:
     """Train accelerators on calibration `batches` of token ids `[B, S]`. Returns (adapters, report).
 
     `kinds`: which to train (the linear adapters are always fitted; `mlp` adds the heads, of hidden `width`,
@@ -46,8 +48,8 @@ def train_adapters(model, adapter: MoEAdapter, layers: list[MoELayer], batches: 
     of the rows) becomes the default. `route_features`: the linear adapters also see which experts the source
     layer routes to (off by default: on the built-in model it changed recall by < 0.2 points).
 
-    `memory_budget`: host bytes the training may hold (default `MEMORY_SHARE` of the memory available now; see
-    `memory_plan`). What does not scale with the text (the linear statistics, the validation split, the routing
+    `host_memory`: the host memory the training may hold, bytes or text like '8GiB' (default: what is available now
+    less the runtime's margin, as `offload` reckons it; see `memory_plan`). What does not scale with the text (the linear statistics, the validation split, the routing
     fine-tune's sample) must fit, or `HostMemoryError` is raised before the model runs; the heads then train on as
     many of the training tokens as fit (whole sequences, from the first; a warning says so, the report's
     `heads_tokens` how many)."""
@@ -61,17 +63,16 @@ def train_adapters(model, adapter: MoEAdapter, layers: list[MoELayer], batches: 
     held = min(max(1, round(len(rows) * validation)), len(rows) - 1)
     train_rows, val_rows = rows[:-held], rows[-held:]
     batch, seq_len = batches[0].shape
-    num_experts_all = int(layers[0].experts.num_experts)
-    plan = memory_plan(len(layers), model.config.hidden_size, num_experts_all, adapter.top_k(model),
-                       model.config.hidden_size + (num_experts_all if route_features else 0), depth,
-                       train_rows.numel(), val_rows.numel(), batch * seq_len, seq_len, kl_samples, "mlp" in kinds,
-                       available_memory_budget() if memory_budget is None else memory_budget)
+    hidden, experts = model.config.hidden_size, int(layers[0].experts.num_experts)
+    route = experts if route_features else 0  # the linear adapters' routing features
+    plan = memory_plan(len(layers), hidden, experts, adapter.top_k(model), hidden + route, depth, train_rows.numel(),
+                       val_rows.numel(), batch * seq_len, seq_len, kl_samples, "mlp" in kinds,
+                       free_host_memory() if host_memory is None else budget_bytes("host_memory", host_memory))
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)  # gradients flow through the routers to the adapters only
     try:
-        num_experts = int(layers[0].experts.num_experts) if route_features else 0
-        adapters = AcceleratorAdapters(len(layers), model.config.hidden_size, depth, rank, num_experts)
+        adapters = AcceleratorAdapters(len(layers), hidden, depth, rank, route)
         opts = dict(ridge=ridge, kl_steps=kl_steps, kl_weight=kl_weight, kl_samples=kl_samples, lr=lr, seed=seed,
                     progress=progress, kinds=kinds, width=width, wraps=wraps, epochs=epochs,
                     heads_tokens=plan["heads_tokens"])
@@ -86,8 +87,8 @@ def _train(model, adapter, layers, batches, val_rows, adapters, opts):
     clock = _StageClock()
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and p.numel())
     train, sample, stats = _collect_train(model, adapter, layers, batches, adapters, dtype, opts)
-    val = _collect(model, adapter, layers, val_rows.split(len(batches[0])), dtype, keep_residuals=True,
-                   capacity=val_rows.numel())
+    val = _collect(model, adapter, layers, val_rows.split(len(batches[0])), dtype, val_rows.numel(),
+                   keep_residuals=True)
     clock.lap("collect")
     report = {"tokens": stats[0].n, "heads_tokens": train.tokens if train is not None else 0,
               "validation_tokens": val.tokens, "depth": adapters.depth, "rank": adapters.rank,
@@ -109,20 +110,10 @@ def _train(model, adapter, layers, batches, val_rows, adapters, opts):
     return adapters, report
 
 
-def available_memory_budget() -> int | None:
-    """`MEMORY_SHARE` of the host memory the OS says can be allocated now (MemAvailable on Linux, else the free
-    physical pages), or None where neither is known (no cap)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(int(line.split()[1]) * 1024 * MEMORY_SHARE)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * MEMORY_SHARE)
-    except (ValueError, OSError, AttributeError):
-        return None
+def free_host_memory() -> int:
+    """The default budget: the host memory available now less the margin `offload` keeps (checkpoint/plan.py)."""
+    available, total = probe_host()
+    return available - host_margin(total)
 
 
 def memory_plan(num_layers: int, hidden: int, experts: int, top_k: int, features: int, depth: int,
@@ -143,34 +134,28 @@ def memory_plan(num_layers: int, hidden: int, experts: int, top_k: int, features
     per_token = num_layers * (hidden * floats + experts * floats + top_k * 8) + 8
     plan = {"fixed": fixed, "per_token": per_token, "budget": budget, "heads_tokens": train_tokens if heads else 0}
 
-    def gib(b: float) -> str:
-        for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
-            if b >= size:
-                return f"{b / size:.{2 if unit == 'GiB' else 1}f} {unit}"
-        return f"{b / 2**10:.1f} KiB"
-
     if budget is None:
         return plan
     if fixed > budget:
         raise HostMemoryError(
-            f"training these adapters needs {gib(fixed)} of host memory before the heads keep any text and the "
-            f"budget is {gib(budget)}: linear statistics {gib(linear)} ({num_layers} layers x {depth} distances, "
-            f"hidden size {hidden}: --lookahead), validation split of {val_tokens} tokens {gib(val)} (--max-tokens, "
-            f"--validation), routing sample {gib(sample)} (--kl-samples), batches in flight {gib(batches)} "
-            f"(--batch, --seq-len); lower those, or raise --memory-gb; nothing was trained")
+            f"training these adapters needs {gb(fixed)} of host memory before the heads keep any text and the "
+            f"budget is {gb(budget)}: linear statistics {gb(linear)} ({num_layers} layers x {depth} distances, "
+            f"hidden size {hidden}: --lookahead), validation split of {val_tokens} tokens {gb(val)} (--max-tokens, "
+            f"--validation), routing sample {gb(sample)} (--kl-samples), batches in flight {gb(batches)} "
+            f"(--batch, --seq-len); lower those, or raise --host-memory; nothing was trained")
     if not heads:
         return plan
     fits = (budget - fixed) // per_token // seq_len * seq_len  # whole sequences
     if fits < train_tokens:
         if fits < 2 * seq_len:
             raise HostMemoryError(
-                f"the heads' training set needs {gib(per_token * seq_len)} per sequence of {seq_len} tokens and "
-                f"{gib(max(budget - fixed, 0))} of the {gib(budget)} budget is left after the fixed part "
-                f"({gib(fixed)}); lower --max-tokens or --validation, train --kinds linear, or raise --memory-gb; "
+                f"the heads' training set needs {gb(per_token * seq_len)} per sequence of {seq_len} tokens and "
+                f"{gb(max(budget - fixed, 0))} of the {gb(budget)} budget is left after the fixed part "
+                f"({gb(fixed)}); lower --max-tokens or --validation, train --kinds linear, or raise --host-memory; "
                 f"nothing was trained")
         logger.warning("the heads train on the first %d of %d calibration tokens: %s per token of a budget of %s "
-                       "(%s fixed); --memory-gb sets the budget", fits, train_tokens, gib(per_token), gib(budget),
-                       gib(fixed))
+                       "(%s fixed); --host-memory sets the budget", fits, train_tokens, gb(per_token), gb(budget),
+                       gb(fixed))
         plan["heads_tokens"] = fits
     return plan
 
@@ -191,8 +176,8 @@ class _StageClock:
         return time.perf_counter() - self.start
 
 
-def _collect(model, adapter, layers, batches, dtype, keep_residuals=False, capacity=None) -> RoutingSet:
-    builder = RoutingSetBuilder(adapter, layers, dtype, keep_residuals, capacity)
+def _collect(model, adapter, layers, batches, dtype, capacity, keep_residuals=False) -> RoutingSet:
+    builder = RoutingSetBuilder(adapter, layers, dtype, capacity=capacity, keep_residuals=keep_residuals)
     for residuals, normed, chosen in collect_normed(model, layers, batches):
         builder.add(residuals, normed, chosen, batches[0].shape[1])
     return builder.build()
@@ -211,7 +196,7 @@ def _collect_train(model, adapter, layers, batches, adapters, dtype, opts):
         for l in range(num_layers):
             ds = [d for d in range(1, depth + 1) if l + d < num_layers]
             stats[l].add(adapters.features(normed[l], chosen[l]), [residuals[l + d] - residuals[l] for d in ds])
-        if builder is not None and not builder.full:
+        if builder is not None:
             builder.add(residuals, normed, chosen, batches[0].shape[1])
         if kept < opts["kl_samples"]:
             kept_r.append(residuals[:, : opts["kl_samples"] - kept])
