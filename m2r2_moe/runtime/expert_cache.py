@@ -185,9 +185,9 @@ class ExpertCache:
 
     def expect(self, wanted: list[tuple[int, int, int]], now: int) -> None:
         """Predictions want these resident experts [(layer, expert, distance in layer turns)]: `predictive`
-        keeps them over experts needed later."""
-        for layer, expert, distance in wanted:
-            self.policy.expect(layer * self.key_stride + expert, now + distance, now)
+        keeps them over experts needed later (one call to the policy: this runs at most layers)."""
+        if self.policy.expects:
+            self.policy.expect_many(wanted, self.key_stride, now)
 
     def withdraw(self, layer: int, expert: int) -> bool:
         """Cancel a prefetch a newer prediction contradicts, if its copy has not started; frees the slot."""
@@ -206,6 +206,8 @@ class ExpertCache:
     def queued_prefetches(self) -> list[int]:
         """Distances (priorities) of the prefetch copies not finished yet: the link's backlog of predicted bytes
         (only the copies not seen landed are looked at; one used, evicted or withdrawn since is dropped)."""
+        if not self._unlanded:
+            return []
         prefetched, out = self._prefetched, []
         for key, transfer in list(self._unlanded.items()):
             if prefetched.get(key) is not transfer or transfer.ready():

@@ -25,6 +25,7 @@ class LruPolicy:
     """`lru`: the least recently acquired (or prefetched) unpinned expert goes, as the slot table orders them."""
 
     name = "lru"
+    expects = False  # `expect` is a no-op: callers may skip it
 
     def used(self, key: int, now: int) -> None:
         pass
@@ -33,6 +34,9 @@ class LruPolicy:
         pass
 
     def expect(self, key: int, when: int, now: int) -> None:
+        pass
+
+    def expect_many(self, wanted, key_stride: int, now: int) -> None:
         pass
 
     def forget(self, key: int) -> None:
@@ -67,6 +71,7 @@ class NextUsePolicy:
     """
 
     name = "predictive"
+    expects = True  # predictions' `expect`s steer its victims
 
     def __init__(self, num_layers: int, num_slots: int, half_life: float | None = None, native: bool | None = None):
         """`native`: the victim search in C++ (`csrc/policy.hpp`, the default when it is built), or the numpy
@@ -79,6 +84,7 @@ class NextUsePolicy:
         self.num_layers, self.num_slots = num_layers, num_slots
         self._rate = math.log(2.0) / (half_life or HALF_LIFE)  # decay per token, as a rate
         self._first = -1  # the forward of the first use: turns are counted from it
+        self._rates = (-1, -1, 0.0, 0.0)  # (forward, _first, _per_turn(forward), _per_turn(forward - 1)) last asked
         self.resident = 0  # keys resident (as told: used or predicted, not forgotten)
         self._entered = 0  # how many times a key became resident: the order of the last tie-break
         self._size = 0
@@ -175,6 +181,18 @@ class NextUsePolicy:
             if when > now:
                 self._want[key] = True
 
+    def expect_many(self, wanted, key_stride: int, now: int) -> None:
+        """`expect` for each (layer, expert, distance) of `wanted`, at turn `now + distance` (one call per layer)."""
+        size, res, when_of, want = self._size, self._res, self._when, self._want
+        for layer, expert, distance in wanted:
+            key, when = layer * key_stride + expert, now + distance
+            if key < size and res[key]:
+                known = when_of[key]
+                if known <= now or known > when:
+                    when_of[key] = when
+                if when > now:
+                    want[key] = True
+
     def forget(self, key: int) -> None:
         if key < self._size and self._res[key]:
             self._res[key] = self._want[key] = False
@@ -189,7 +207,10 @@ class NextUsePolicy:
         layers, turn, forward = self.num_layers, now % self.num_layers, now // self.num_layers
         # uses per turn of its layer, as of that layer's latest turn: log(decayed uses) - log(decayed turns); a
         # layer still to come in this forward has had one turn less
-        done, to_come = self._per_turn(forward), self._per_turn(forward - 1)
+        rates = self._rates
+        if rates[0] != forward or rates[1] != self._first:  # once per forward (asked at every placement)
+            rates = self._rates = (forward, self._first, self._per_turn(forward), self._per_turn(forward - 1))
+        done, to_come = rates[2], rates[3]
         if self._search is not None:
             return self._search(*self._addresses, self._size, pinned, now, layers, done, to_come,
                                 -1 if needed_at is None else needed_at)

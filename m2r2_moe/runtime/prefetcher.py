@@ -129,7 +129,7 @@ class Prefetcher:
             miss, transfer, compute, free, backlog,
             self.min_prob if self.on else OFF)
         if queue or expect or withdraw:
-            self._act(queue, expect, withdraw, now, frozenset(keys))
+            self._act(queue, expect, withdraw, now, keys)
 
     def _resume(self) -> None:
         """The first layer told to the planner after decode steps it skipped: its mirror of the cache becomes the
@@ -162,16 +162,20 @@ class Prefetcher:
         probs = probs[:, 0] if decode else probs.amax(1)
         return probs.float().contiguous().cpu().numpy()  # host sync on CUDA (see the docstring)
 
-    def _act(self, queue, expect, withdraw, now, pinned) -> None:
-        stride = self.cache.key_stride
-        for target, expert in withdraw:
-            if self.cache.withdraw(target, expert):
-                self.planner.withdrawn(target * stride + expert)
+    def _act(self, queue, expect, withdraw, now, keys) -> None:
+        """Carry out the planner's decision: withdraw, expect, then queue (`keys`: the layer's, pinned)."""
+        cache, planner = self.cache, self.planner
+        if withdraw:
+            stride = cache.key_stride
+            for target, expert in withdraw:
+                if cache.withdraw(target, expert):
+                    planner.withdrawn(target * stride + expert)
         if expect:
-            self.cache.expect(expect, now)
-        for target, expert, distance in queue:
-            evicted = self.cache.prefetch(target, expert, distance, now, pinned)
-            self.planner.issued(target * stride + expert, evicted, now)
+            cache.expect(expect, now)
+        if queue:
+            stride, pinned = cache.key_stride, frozenset(keys)
+            for target, expert, distance in queue:
+                planner.issued(target * stride + expert, cache.prefetch(target, expert, distance, now, pinned), now)
 
     def _link_now(self) -> tuple[float, float, int]:
         """(one layer's compute, one expert's transfer, the horizon in layers), read afresh. `_plan` reads them
