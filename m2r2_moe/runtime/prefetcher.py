@@ -120,6 +120,8 @@ class Prefetcher:
         miss = self._read_stalls() or transfer
         every = self._every
         if self.on and every and layer % every == 0:  # the planner's `active(layer)`, as of this forward's start
+            if every > 1 and horizon:  # the layers up to the next predicting one predict nothing: cover them here
+                horizon = min(self.num_layers, horizon + every - 1)
             probs = self._predict(layer, top_k_index, decode, horizon)
             free, backlog = self.cache.free_slots(), self.cache.queued_prefetches()
         else:  # settling only: the cache's state matters to admission, which does not run
