@@ -184,8 +184,7 @@ class ExpertCache:
         return queued
 
     def expect(self, wanted: list[tuple[int, int, int]], now: int) -> None:
-        """Predictions want these resident experts [(layer, expert, distance in layer turns)]: `predictive`
-        keeps them over experts needed later (one call to the policy: this runs at most layers)."""
+        """Predictions want these resident experts [(layer, expert, distance)]: `predictive` keeps them longer."""
         if self.policy.expects:
             self.policy.expect_many(wanted, self.key_stride, now)
 
