@@ -182,7 +182,8 @@ class NextUsePolicy:
                 self._want[key] = True
 
     def expect_many(self, wanted, key_stride: int, now: int) -> None:
-        """`expect` for each (layer, expert, distance) of `wanted`, at turn `now + distance` (one call per layer)."""
+        """`expect` for each (layer, expert, distance) of `wanted`, at turn `now + distance`: its rule inlined, one call
+        per layer (tests/test_policy.py drives both against the rule written as a loop)."""
         size, res, when_of, want = self._size, self._res, self._when, self._want
         for layer, expert, distance in wanted:
             key, when = layer * key_stride + expert, now + distance
