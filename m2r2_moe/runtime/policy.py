@@ -173,23 +173,21 @@ class NextUsePolicy:
 
     def expect(self, key: int, when: int, now: int) -> None:
         """A prediction wants resident `key` at turn `when`: kept over experts needed later (a sooner need already
-        recorded stands). Called for every resident candidate of every prediction, so it does the work itself."""
-        if key < self._size and self._res[key]:
-            known = self._when[key]
-            if known <= now or known > when:  # stale or later: the prediction wins
-                self._when[key] = when
-            if when > now:
-                self._want[key] = True
+        recorded stands)."""
+        self._expect_at(((key, when),), now)
 
     def expect_many(self, wanted, key_stride: int, now: int) -> None:
-        """`expect` for each (layer, expert, distance) of `wanted`, at turn `now + distance`: its rule inlined, one call
-        per layer (tests/test_policy.py drives both against the rule written as a loop)."""
+        """`expect` for each (layer, expert, distance) of `wanted`, at turn `now + distance`: the cache's one call per
+        layer for all of a prediction's resident candidates."""
+        self._expect_at(((layer * key_stride + expert, now + distance) for layer, expert, distance in wanted), now)
+
+    def _expect_at(self, keyed, now: int) -> None:
+        """The rule of `expect`, for each (key, turn) of `keyed`: a stale or later estimate gives way."""
         size, res, when_of, want = self._size, self._res, self._when, self._want
-        for layer, expert, distance in wanted:
-            key, when = layer * key_stride + expert, now + distance
+        for key, when in keyed:
             if key < size and res[key]:
                 known = when_of[key]
-                if known <= now or known > when:
+                if known <= now or known > when:  # stale or later: the prediction wins
                     when_of[key] = when
                 if when > now:
                     want[key] = True
