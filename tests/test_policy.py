@@ -477,14 +477,26 @@ def test_predicting_every_other_layer_looks_past_the_layer_that_skips(monkeypatc
     layers farther than the link's horizon: the layers between two predicting ones are still covered (without it,
     half of them were never prefetched for: on simulated time, tiny-mixtral at link ratio 0.5 with the prefetch path
     free, 0.962x on-demand loading's time against 0.937x)."""
+    from m2r2_moe.runtime import prefetcher
+
+    monkeypatch.setattr(prefetcher, "make_planner", lambda *args: PlannerCore(*args))  # the twin: `every` settable
+    monkeypatch.setattr(PlannerCore, "step", lambda self, window, decode=False, margin=0.0: None)  # pinned below
     model, off, pf = _prefetcher(0.001)
+    pf.planner.every = 2
     asked = []
     predict = pf._predict
-    monkeypatch.setattr(pf, "_predict", lambda layer, top_k_index, decode, horizon: (
-        asked.append((layer, decode, horizon)), predict(layer, top_k_index, decode, horizon))[1])
-    monkeypatch.setattr(pf, "_link_now", lambda: pf.__dict__.__setitem__("_link", (1e-3, 5e-4, 1)) or pf._link)
+
+    def spied(layer, top_k_index, decode, horizon):
+        asked.append((layer, decode, horizon))
+        return predict(layer, top_k_index, decode, horizon)
+
+    def link_now():  # one layer's compute is two transfers: the link's horizon is one layer
+        pf._link = (1e-3, 5e-4, 1)
+        return pf._link
+
+    monkeypatch.setattr(pf, "_predict", spied)
+    monkeypatch.setattr(pf, "_link_now", link_now)
     monkeypatch.setattr(pf.onoff, "step", lambda now, decode, vouched=False: True)
-    monkeypatch.setattr(pf, "planner", _EveryPlanner(pf.planner, 2))
     try:
         ids = torch.tensor([[1, 2, 3, 4, 5]])
         with torch.no_grad():
@@ -494,19 +506,6 @@ def test_predicting_every_other_layer_looks_past_the_layer_that_skips(monkeypatc
     decode = [(layer, horizon) for layer, dec, horizon in asked if dec]
     assert decode and {layer for layer, _ in decode} == {0, 2}  # layers 1 and 3 of 4 do not predict
     assert {horizon for _, horizon in decode} == {2}  # the link's horizon (1) + every - 1
-
-
-class _EveryPlanner:
-    """A planner that predicts at every `every`-th layer whatever its balance says."""
-
-    def __init__(self, planner, every):
-        self._planner, self.every = planner, every
-
-    def step(self, *args, **kwargs):
-        self._planner.step(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._planner, name)
 
 
 def test_prefetch_min_prob_reaches_the_prefetcher():
