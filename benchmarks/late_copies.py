@@ -138,14 +138,14 @@ def run(args) -> tuple[str, str]:
         uses = []
         for ref in env.refs:
             with logging_planner() as made:
-                out = offloaded_run(env.model, ref, args.new_tokens, "m2r2", env.total // 2, gbps, "predictive",
+                out = offloaded_run(env.model, ref, args.new_tokens, args.predictor, env.total // 2, gbps, "predictive",
                                     args.adapters, depth, virtual=env.compute)
             identical &= out["tokens_identical"]
             for planner in made:
                 uses += classify(planner.log, args.lookback)
         rows += summary(ratio, uses)
     table = markdown_table(["link ratio", "served", "class", "uses", "share of served", "mean q"], rows)
-    legend = (f"m2r2, {env.total // 2} of {env.total} experts cached, `predictive`, lookahead {depth}, the planner's "
+    legend = (f"{args.predictor}, {env.total // 2} of {env.total} experts cached, `predictive`, lookahead {depth}, the planner's "
               f"Python twin; each use of a decode step that was not a plain hit, by the farthest of the "
               f"{args.lookback} layers before it in which its expert was considered; classes under 2 % of their kind "
               f"are summed in `other`. {args.prompts} prompt(s) x {args.new_tokens} new tokens; simulated time at "
@@ -183,6 +183,8 @@ def parser() -> argparse.ArgumentParser:
     add_options(p)
     p.set_defaults(link_ratios=[2.0], prompts=2, rounds=1)
     p.add_argument("--adapters", default=None, help="adapters for a model not shipped with the package")
+    p.add_argument("--predictor", default="m2r2", choices=("m2r2", "gate", "oracle", "oracle-wrap"),
+                   help="the predictor traced (default m2r2; an oracle shows what the pipeline loses on its own)")
     p.add_argument("--lookahead", type=int, default=None, help="the prefetcher's lookahead (default: the runtime's)")
     p.add_argument("--lookback", type=int, default=8, help="layers before a use searched for its expert (default 8)")
     return p
