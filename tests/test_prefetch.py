@@ -381,3 +381,48 @@ def test_the_limit_is_timed_on_the_clock_the_runs_are():
     assert limit_per_token(ref, 2, 1000, None, 6, compute=0.0068)[0] == 0.0068
     loads = belady_loads(requests, 2, count_from=1)
     assert loads > 0 and limit_per_token(ref, 2, 1000, 1000.0, 6, compute=0.0068)[0] == pytest.approx(loads / 5)
+
+
+@pytest.mark.parametrize("policy", ["lru", "predictive"])
+def test_an_expert_a_prompts_streaming_evicted_is_prefetched_again(policy, admit_every_prediction):
+    """The prompt's streamed copies (runtime/prefill.py) evict experts where no prefetcher call is told: the planner
+    hears of those evictions at its next call. Believing such an expert still resident, it would leave it to a
+    demand load (before stop 42 most of an oracle's remaining misses at link ratio 0.5)."""
+    script = {(2, 1): [0]}  # call 0 decodes, call 1 is the prompt, call 2 decodes: layer 1 predicts expert 0 of 2
+    model, off = _offloaded(script, cache=16, policy=policy)  # two layers' experts
+    try:
+        for layer in range(4):
+            _run(off, layer, [0, 1])  # the planner's mirror: experts 0 and 1 of every layer resident
+        every = torch.tensor([[t % 8, (t + 3) % 8] for t in range(8)])  # all 8 experts of a layer
+        for layer in range(4):  # the prompt: each layer streams the next one's experts into the slots
+            off.run_experts(layer, torch.randn(8, 64), every, torch.full((8, 2), 0.5))
+        assert off.cache.slots.lookup(2 * off.key_stride) < 0  # streamed out by the last layer, unseen
+        copies = len(off.engine.transfers)
+        _run(off, 0, [0, 1])
+        _run(off, 1, [0, 1])
+        queued = [t.key for t in off.engine.transfers[copies:] if t.priority > 0]
+        assert queued == [2 * off.key_stride]  # the planner knew it was gone: prefetched, not expected
+        before = m2r2_moe.stats(model).misses
+        _run(off, 2, [0, 1])
+        assert m2r2_moe.stats(model).misses - before == 1  # expert 1 only (streamed out too, not predicted)
+    finally:
+        m2r2_moe.remove_offload(model)
+
+
+@pytest.mark.parametrize("cache", [3, 5, 12])
+def test_the_planner_never_believes_an_evicted_expert_resident(cache, admit_every_prediction):
+    """Whatever evicts an expert (a demand load, a prefetch, a prompt's streaming, a layer's later waves when the
+    slots are fewer than its experts), the planner's mirror of the cache (the Python twin's, which can be read) holds
+    no key the cache does not: such a key would be left to a demand load instead of prefetched."""
+    model = tiny_mixtral(layers=4)
+    m2r2_moe.offload(model, device="cpu", cache_experts=cache, predictor="history", policy="predictive")
+    off = m2r2_moe.get_offloader(model)
+    try:
+        for n in (9, 1, 30, 4):
+            ids = torch.randint(3, 96, (1, n), generator=torch.Generator().manual_seed(n))
+            model.generate(ids, max_new_tokens=5, do_sample=False)
+            held = {key for key, _ in off.cache.slots.resident()}  # copies in flight included
+            believed = off.prefetcher.planner._resident | off.prefetcher.planner._inflight
+            assert believed <= held, sorted(believed - held)
+    finally:
+        m2r2_moe.remove_offload(model)

@@ -8,6 +8,7 @@ import torch
 
 from m2r2_moe.runtime import cpu_native
 from m2r2_moe.runtime.cpu_engine import ThreadCopyEngine
+from m2r2_moe.runtime.store import plain_layout
 from m2r2_moe.runtime.transfer import DEMAND, PREFETCH
 
 _native = pytest.mark.skipif(not cpu_native.available(), reason="native module not built")
@@ -237,7 +238,7 @@ def test_copies_by_address_land_what_the_views_would(rows, monkeypatch):
     try:
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), ref)
         assert m2r2_moe.stats(model).misses > 0
-        assert (off.cache._plain_layout(0) is not None) == rows
+        assert (plain_layout(off.store, off.pool, 0) is not None) == rows
         for key, slot in off.cache.slots.resident():
             row = off.store.expert(key // off.cache.key_stride, key % off.cache.key_stride)
             assert torch.equal(off.pool[slot, : row.numel()], row)

@@ -22,6 +22,7 @@ from ..errors import CopyError, CopyTimeoutError
 from ..stats import OffloadStats
 from .cache import make_slot_manager
 from .events import RuntimeEvents
+from .store import plain_layout
 from .transfer import DEMAND, CopyEngine, FailedTransfer, Transfer
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ class ExpertCache:
         self._prefetched: dict[int, Transfer] = {}  # key -> copy of a prefetched expert not used yet
         self._unlanded: dict[int, Transfer] = {}  # of those, the copies not seen landed yet (`queued_prefetches`)
         self._streamed: set[int] = set()  # prefetched keys a forward's routing asked for (`stream`): kept
+        self.unseen_evictions: list[int] | None = None  # a prefetcher's: evictions no call of its reports (`stream`)
         self._slot_free: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last compute reading the slot
-        self._plain: dict[int, tuple | None] = {}  # layer -> the layout `_copy` submits by address (`_plain_layout`)
+        self._plain: dict[int, tuple | None] = {}  # layer -> the layout `_copy` submits by address (`plain_layout`)
         host = pool.device.type == "cpu" and pool.dim() == 2 and pool.is_contiguous()
         self._pool_base, self._slot_bytes = pool.data_ptr() if host else None, pool.stride(0) * pool.element_size()
         self.engine = engine  # also sets `_submit_at`
@@ -120,6 +122,7 @@ class ExpertCache:
             self.slots.release(key)
             if self.slots.evict(key):
                 self.policy.forget(key)
+                self._unseen(key)
 
     # -- prefetching -------------------------------------------------------------------------------
     def prefetch(self, layer: int, expert: int, distance: int, now: int, pinned: frozenset) -> int:
@@ -174,6 +177,7 @@ class ExpertCache:
                 if victim < 0 or not self.slots.evict(victim):
                     break
                 self._evicted(victim)
+                self._unseen(victim)
             slot, _ = self.slots.prefetch(key)  # the slot just freed
             if slot < 0:
                 break
@@ -252,7 +256,8 @@ class ExpertCache:
         goes as two addresses from the layer's layout checked once, with little Python: a decode step runs it cold."""
         submit_at = self._submit_at
         if submit_at is not None:
-            plain = self._plain[layer] if layer in self._plain else self._plain_layout(layer)
+            plain = self._plain[layer] if layer in self._plain else self._plain.setdefault(
+                layer, plain_layout(self.store, self.pool, layer))
             if plain is not None:  # on the host, where compute is synchronous: no event guards the slot
                 owners, src_base, row_bytes, nbytes = plain
                 try:
@@ -276,22 +281,6 @@ class ExpertCache:
             self.events.copy_submitted(self.clock.step, self.clock.layer, transfer.key, transfer.priority, transfer)
         return transfer
 
-    def _plain_layout(self, layer: int):
-        """((pool, rows), the rows' address, bytes per row, bytes per copy) when the store's rows `[E, numel]` of
-        `layer` are the slots' own bytes in the pool's dtype, both contiguous on the host; else None. Checked once
-        per layer."""
-        if layer in self._plain:
-            return self._plain[layer]
-        rows_of, layout = getattr(self.store, "rows", None), None
-        plain = self._pool_base is not None and rows_of is not None and self.store.expansion(layer) is None
-        rows = rows_of(layer) if plain else None
-        if (rows is not None and rows.device.type == "cpu" and rows.dim() == 2 and rows.is_contiguous()
-                and rows.dtype == self.pool.dtype and rows.shape[1] <= self.pool.shape[1]):
-            layout = ((self.pool, rows), rows.data_ptr(), rows.stride(0) * rows.element_size(),
-                      rows.shape[1] * rows.element_size())
-        self._plain[layer] = layout
-        return layout
-
     def _wait(self, layer: int, transfer: Transfer) -> float:
         expert, timeout = transfer.key - layer * self.key_stride, self.copy_timeout_s
         try:
@@ -309,6 +298,10 @@ class ExpertCache:
                 f"layer {layer} expert {expert}: its copy into slot {transfer.slot} did not land within "
                 f"copy_timeout_s={timeout} s; the copy engine is stuck or the link far slower than expected"
             ) from e
+
+    def _unseen(self, key: int) -> None:  # evicted where no prefetcher call is told: its next call is (`_plan`)
+        if self.unseen_evictions is not None:
+            self.unseen_evictions.append(key)
 
     def _evicted(self, key: int) -> None:
         """`key` lost its slot: a prefetched copy never used is wasted (or withdrawn if still queued)."""

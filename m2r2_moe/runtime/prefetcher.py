@@ -59,8 +59,10 @@ class Prefetcher:
         self._observes = type(predictor).observe is not Predictor.observe  # not a no-op: called at every layer
         self._shows = self._observes or type(predictor).advance is not Predictor.advance  # has anything to be shown
         self.quiet = False  # this forward: its layers after the first have nothing to do here (see `on_layer`)
+        cache.unseen_evictions = []  # evictions no `on_layer` call passes (a prompt's streamed copies): see `_plan`
 
     def remove(self) -> None:
+        self.cache.unseen_evictions = None
         if self.tap is not None:
             self.tap.remove()
 
@@ -117,6 +119,11 @@ class Prefetcher:
         """Settle this layer's outcomes in the planner and, where it predicts, act on its decision."""
         link = self._link
         compute, transfer, horizon = link if layer and link[0] else self._link_now()
+        unseen = self.cache.unseen_evictions
+        if unseen:  # evicted where the hot path could not say (a prompt's streamed copies, a layer's later waves):
+            # else its mirror would believe them resident and leave them to demand loads (docs/design.md)
+            evicted = [*evicted, *unseen]
+            unseen.clear()
         miss = self._read_stalls() or transfer
         every = self._every
         if self.on and every and layer % every == 0:  # the planner's `active(layer)`, as of this forward's start
@@ -138,6 +145,7 @@ class Prefetcher:
         cache's keys, the predictions made before the gap are dropped, and the stall per demand load is sampled
         afresh (the counters moved while nobody looked)."""
         self._gap = False
+        self.cache.unseen_evictions.clear()  # the mirror is rebuilt from the cache itself
         self.planner.resync([key for key, _ in self.cache.slots.resident()])
         stats = self.cache.stats
         self._stall_mark = (stats.stall_seconds, stats.misses, stats.late_prefetches, 0, 0)

@@ -152,6 +152,21 @@ class HostExpertStore:
             self._locks.release()
 
 
+def plain_layout(store, pool: torch.Tensor, layer: int):
+    """((pool, rows), the rows' address, bytes per row, bytes per copy) when the store's rows `[E, numel]` of `layer`
+    are the slots' own bytes in the pool's dtype, both contiguous on the host: a copy engine may then copy a row by
+    address (`ExpertCache._copy`); else None."""
+    rows_of = getattr(store, "rows", None)
+    if (rows_of is None or store.expansion(layer) is not None or pool.device.type != "cpu" or pool.dim() != 2
+            or not pool.is_contiguous()):
+        return None
+    rows = rows_of(layer)
+    if (rows is None or rows.device.type != "cpu" or rows.dim() != 2 or not rows.is_contiguous()
+            or rows.dtype != pool.dtype or rows.shape[1] > pool.shape[1]):
+        return None
+    return (pool, rows), rows.data_ptr(), rows.stride(0) * rows.element_size(), rows.shape[1] * rows.element_size()
+
+
 class _PageLocks:
     """Ordinary host buffers page-locked with `cudaHostRegister`; `release` (or the collection of this
     object) unlocks them, then drops them."""
