@@ -426,3 +426,21 @@ def test_the_planner_never_believes_an_evicted_expert_resident(cache, admit_ever
             assert believed <= held, sorted(believed - held)
     finally:
         m2r2_moe.remove_offload(model)
+
+
+def test_decode_steps_that_predict_nowhere_note_no_evictions(monkeypatch):
+    """While prefetching is off the planner is not told anything (it resyncs from the cache when it resumes), so the
+    evictions of those decode steps are not kept for it either: a long off stretch holds no growing list."""
+    from m2r2_moe.runtime import prefetcher
+
+    monkeypatch.setattr(prefetcher.OnOff, "step", lambda self, now, decode, vouched=False: False)  # the off arm
+    model = tiny_mixtral(layers=4)
+    m2r2_moe.offload(model, device="cpu", cache_experts=3, predictor="gate", policy="lru")
+    off = m2r2_moe.get_offloader(model)
+    try:
+        ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(0))
+        model.generate(ids, max_new_tokens=12, do_sample=False)
+        assert off.prefetcher.quiet and m2r2_moe.stats(model).evictions > 40
+        assert off.cache.unseen_evictions == []
+    finally:
+        m2r2_moe.remove_offload(model)

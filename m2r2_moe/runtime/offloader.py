@@ -189,8 +189,8 @@ class Offloader:
         slots, waits, served, evicted = self.cache.acquire(layer, wave, keys, self.clock.now(layer))
         prefetcher = self.prefetcher  # a quiet one (a decode step that predicts nowhere) is not called after layer 0
         look_ahead = routing is not None and prefetcher is not None and not (layer and prefetcher.quiet)
-        if evicted and not look_ahead and prefetcher is not None:  # a layer's later waves: told at the next call
-            self.cache.unseen_evictions.extend(evicted)
+        if evicted and routing is None and prefetcher is not None:  # a layer's later waves: told at the next call
+            self.cache.unseen_evictions.extend(evicted)  # (a quiet layer's are not: the planner resyncs after them)
         # On CPU the prediction runs before the kernel, so that its copies start a layer's compute earlier; on
         # CUDA after the kernels are queued, so that the host's prediction overlaps the device's compute.
         early = look_ahead and self.device.type != "cuda"
