@@ -10,6 +10,8 @@ served as a prefetch hit, a late prefetch or a demand load is then put in one cl
 - `queued d ahead`: a copy was queued d layers ahead, onto a free link or behind other prefetches as near or nearer
   (queued before, or before it in the same call);
 - `resident at d`: predicted while resident (marked needed, not copied), evicted before its use;
+- `believed resident at d`: the planner's mirror held it resident but the cache did not (an eviction the planner was
+  not told of; how a prompt's streamed evictions were found);
 - `in flight at d`: a copy was already on its way;
 - considered at d and not queued, because the prefetches queued ahead of it left `no lead` (lead <= 0), `too little
   lead for its eviction` (the share of its transfer it could hide, times q, did not pay for evicting), it was `not
@@ -53,6 +55,7 @@ class LoggingPlanner(planner_module.PlannerCore):
         super().__init__(*args)
         self.log: list[dict] = []
         self._call: dict | None = None
+        self.cache = None  # the prefetcher's cache (`logging_planner` sets it): the mirror checked against it
 
     def layer(self, layer, decode, now, keys, served, evicted, probs, wraps, horizon, miss, transfer, compute, free,
               backlog, min_prob):
@@ -62,8 +65,11 @@ class LoggingPlanner(planner_module.PlannerCore):
                              "candidates": []}
         queue, expect, withdraw = super().layer(layer, decode, now, keys, served, evicted, probs, wraps, horizon, miss,
                                                 transfer, compute, free, backlog, min_prob)
-        call["queued"] = {t * self.key_stride + e: d for t, e, d in queue}
         self.log.append(call)
+        call["queued"] = {t * self.key_stride + e: d for t, e, d in queue}
+        if self.cache is not None:  # candidates the mirror holds resident that the cache does not: a stale mirror
+            call["stale"] = {k for _, k, _ in call["candidates"]
+                             if k in self._resident and self.cache.slots.lookup(k) < 0}
         return queue, expect, withdraw
 
     def _candidates(self, *args):
@@ -81,7 +87,15 @@ def logging_planner():
         made.append(LoggingPlanner(num_layers, num_experts, key_stride, width, max_queued))
         return made[-1]
 
-    with mock.patch.object(prefetcher_module, "make_planner", make):
+    init = prefetcher_module.Prefetcher.__init__
+
+    def init_with_cache(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if isinstance(self.planner, LoggingPlanner):
+            self.planner.cache = self.cache
+
+    with mock.patch.object(prefetcher_module, "make_planner", make), \
+            mock.patch.object(prefetcher_module.Prefetcher, "__init__", init_with_cache):
         yield made
 
 
@@ -116,6 +130,8 @@ def _first_look(by_turn: dict, key: int, turn: int, lookback: int) -> tuple[str,
         order = {k: i for i, (_, k, _) in reversed(list(enumerate(call["candidates"])))}
         ahead += sum(1 for k in call["queued"] if order[k] < order[key])
         return f"queued {d} ahead, " + ("onto a free link" if not ahead else "behind queued copies"), q
+    if key in call.get("stale", ()):
+        return f"believed resident at {d}, not in the cache", q
     if key in call["resident"]:
         return f"resident at {d}, evicted before use", q
     if key in call["inflight"]:

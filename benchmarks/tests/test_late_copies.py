@@ -62,3 +62,11 @@ def test_a_short_run_classes_every_use_that_was_not_a_plain_hit(one_thread):
         shares = [float(r[4]) for r in rows if r[1] == served]
         assert sum(shares) == pytest.approx(1.0, abs=0.02)  # the classes of a kind add up to all its uses
     assert "Tokens identical to the un-offloaded model's in every run: yes" in legend
+
+
+def test_a_key_the_mirror_believes_resident_but_the_cache_lacks_is_classed_apart():
+    stale = _call(10, candidates=[(2, 500, 0.9), (2, 501, 0.9)], resident=[500, 501])
+    stale["stale"] = {500}  # the cache did not hold 500 (an eviction the planner was not told of)
+    log = [stale, _call(12, uses=[(500, MISS), (501, MISS)])]
+    assert _counts(late_copies.classify(log, lookback=8)) == {
+        ("miss", "believed resident at 2, not in the cache"): 1, ("miss", "resident at 2, evicted before use"): 1}
