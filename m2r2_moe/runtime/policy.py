@@ -25,7 +25,7 @@ class LruPolicy:
     """`lru`: the least recently acquired (or prefetched) unpinned expert goes, as the slot table orders them."""
 
     name = "lru"
-    expects = False  # `expect` is a no-op: callers may skip it
+    expects = False  # `expect` is a no-op: callers skip it (no `expect_many`: ExpertCache.expect checks this)
 
     def used(self, key: int, now: int) -> None:
         pass
@@ -34,9 +34,6 @@ class LruPolicy:
         pass
 
     def expect(self, key: int, when: int, now: int) -> None:
-        pass
-
-    def expect_many(self, wanted, key_stride: int, now: int) -> None:
         pass
 
     def forget(self, key: int) -> None:

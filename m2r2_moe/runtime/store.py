@@ -154,11 +154,10 @@ class HostExpertStore:
 
 def plain_layout(store, pool: torch.Tensor, layer: int):
     """((pool, rows), the rows' address, bytes per row, bytes per copy) when the store's rows `[E, numel]` of `layer`
-    are the slots' own bytes in the pool's dtype, both contiguous on the host: a copy engine may then copy a row by
-    address (`ExpertCache._copy`); else None."""
+    are the slots' own bytes in the pool's dtype, contiguous on the host: a copy engine may then copy a row by address
+    (`ExpertCache._copy`, which asks only for a pool `[slots, numel]` contiguous on the host); else None."""
     rows_of = getattr(store, "rows", None)
-    if (rows_of is None or store.expansion(layer) is not None or pool.device.type != "cpu" or pool.dim() != 2
-            or not pool.is_contiguous()):
+    if rows_of is None or store.expansion(layer) is not None:
         return None
     rows = rows_of(layer)
     if (rows is None or rows.device.type != "cpu" or rows.dim() != 2 or not rows.is_contiguous()
