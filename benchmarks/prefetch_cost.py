@@ -6,7 +6,9 @@ For each link regime and predictor the built-in model decodes the same prompts, 
 - `kernel`: the experts kernel on the slots; `wait`: waiting for copies (the stall);
 - `prefetch path`: the prefetcher's whole per-layer step (`Prefetcher.on_layer`), of which `predict`
   (the predictor's scores: `predict_host` at batch 1, else `predict_stacked`), `plan` (the planner's one call:
-  settle, rank, admit) and `issue` (placing and queueing copies).
+  settle, rank, admit) and `issue` (placing and queueing copies). With `--split-heads` the m2r2 heads at batch 1
+  go through `predict_host` and are timed as `predict`; by default they run inside the planner's call, as the
+  runtime runs them (`Predictor.host_heads`), and are part of `plan`.
 
 `saved` is the wait the predictor removed against `none` in the same regime, `net` = saved − prefetch path
 − the kernel's slowdown (copies landing while the kernel runs): positive when prefetching pays for itself.
@@ -103,7 +105,7 @@ class Timers:
             self.offloader.prefetcher.planner = self._planner
 
 
-def measure(model, ref, name, gbps, depth, cache, tokens) -> dict:
+def measure(model, ref, name, gbps, depth, cache, tokens, split_heads=False) -> dict:
     """One offloaded decode of `ref.prompt`: µs per MoE layer call for each part, ms per token, misses."""
     adapter, layers = find_moe_layers(model)
     if name in ("oracle", "oracle-wrap"):
@@ -113,6 +115,8 @@ def measure(model, ref, name, gbps, depth, cache, tokens) -> dict:
         predictor = name if name == "none" else make_predictor(name, model, adapter, layers, depth)
     m2r2_moe.offload(model, cache_experts=cache, link_gbps=gbps, predictor=predictor, lookahead=depth)
     offloader = m2r2_moe.get_offloader(model)
+    if offloader.prefetcher is not None:
+        offloader.prefetcher._plans_heads = not split_heads
     try:
         gen = dict(input_ids=ref.prompt, do_sample=False, pad_token_id=0)
         with torch.no_grad():
@@ -141,6 +145,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--split-heads", action="store_true",
+                        help="time the m2r2 heads apart (`predict_host`) instead of inside the planner's call")
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -156,13 +162,15 @@ def main() -> None:
             gbps = expert_param_bytes(layers[0]) / (ratio * layer_s) / 1e9
             depth = DEFAULT_LOOKAHEAD  # the runtime's default; the prefetcher trims it to the link's horizon
             for name in names:
-                results[ratio, name].append(measure(model, ref, name, gbps, depth, total_experts // 2, args.tokens))
+                results[ratio, name].append(measure(model, ref, name, gbps, depth, total_experts // 2, args.tokens,
+                                                     args.split_heads))
     table = markdown_table(["link ratio", "predictor", "ms/token", "decode misses", *(f"{p} µs" for p in PARTS),
                             "saved µs", "net µs"], _rows(results, ratios, names))
     extra = (f"\nPer MoE layer call (decode), mean of {args.prompts} prompt(s) x {args.tokens} tokens; built-in model, "
              f"cache {total_experts // 2} of {total_experts} experts, `predictive` policy, lookahead "
              f"{DEFAULT_LOOKAHEAD} (the default); "
-             f"un-offloaded compute {layer_s * 1e6:.0f} µs per layer. `prefetch path` = on_layer.\n")
+             f"un-offloaded compute {layer_s * 1e6:.0f} µs per layer. `prefetch path` = on_layer; the m2r2 heads are "
+             f"{'timed apart (`--split-heads`)' if args.split_heads else 'inside `plan` (as the runtime runs them)'}.\n")
     publish("Prefetch cost per layer (benchmarks/prefetch_cost.py)", table, extra, record=not args.no_record)
 
 

@@ -53,7 +53,7 @@ py::list submit_batch(CopyEngine& self, const std::vector<std::uintptr_t>& dst, 
 
 PYBIND11_MODULE(_native_cuda, m) {
   m.doc() = "m2r2_moe native CUDA copy engine (twin of m2r2_moe.runtime.transfer.CudaCopyEngine)";
-  m.attr("ABI_VERSION") = 9;
+  m.attr("ABI_VERSION") = 10;
   m.def("probe", &m2r2::cuda::probe, "'' when a CUDA device is usable, else the reason");
   m.def("runtime_version", &m2r2::cuda::runtime_version);
   m.def("driver_version", &m2r2::cuda::driver_version);

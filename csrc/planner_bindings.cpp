@@ -24,7 +24,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kAbiVersion = 9;  // bumped when the Python-visible interface changes (see _ext.py)
+constexpr int kAbiVersion = 10;  // bumped when the Python-visible interface changes (see _ext.py)
 
 // planner.py's export_state: a dict of plain lists, the Python twin's format.
 py::dict export_state(const m2r2::Planner& p) {
@@ -279,6 +279,50 @@ PyObject* raw_policy_victim(PyObject*, PyObject* const* args, Py_ssize_t nargs, 
   });
 }
 
+// policy_expect for each (layer, expert, distance) of `wanted` (a list of 3-tuples of ints, as Planner.layer's
+// `expect`), at key layer * stride + expert and turn now + distance: the cache's one call per layer.
+PyObject* raw_policy_expect(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const std::array<const char*, 7> names{"when", "res", "want", "size", "wanted", "stride", "now"};
+  std::array<PyObject*, 7> in;
+  if (!gather(args, nargs, kwnames, "policy_expect", names, in)) return nullptr;
+  uintptr_t when, res, want;
+  int64_t size, stride, now;
+  if (!arg(in[0], when) || !arg(in[1], res) || !arg(in[2], want) || !arg(in[3], size) || !arg(in[5], stride) ||
+      !arg(in[6], now))
+    return nullptr;
+  if (!when || !res || !want || size < 0 || stride < 1) {
+    PyErr_SetString(PyExc_ValueError, "policy_expect: null arrays, a negative size or a stride below 1");
+    return nullptr;
+  }
+  PyObject* wanted = PySequence_Fast(in[4], "policy_expect: wanted must be a sequence of (layer, expert, distance)");
+  if (wanted == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(wanted);
+  PyObject** items = PySequence_Fast_ITEMS(wanted);
+  // checked and read first, written after: a bad item leaves the arrays unchanged
+  std::vector<std::array<int64_t, 2>> keyed(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = items[i];
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
+      Py_DECREF(wanted);
+      PyErr_SetString(PyExc_TypeError, "policy_expect: each wanted item must be a tuple (layer, expert, distance)");
+      return nullptr;
+    }
+    const long long layer = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 0));
+    const long long expert = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 1));
+    const long long distance = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 2));
+    if (PyErr_Occurred()) {
+      Py_DECREF(wanted);
+      return nullptr;
+    }
+    keyed[static_cast<size_t>(i)] = {layer * stride + expert, now + distance};
+  }
+  Py_DECREF(wanted);
+  for (const auto& [key, turn] : keyed)
+    m2r2::policy_expect(reinterpret_cast<int64_t*>(when), reinterpret_cast<const bool*>(res),
+                        reinterpret_cast<bool*>(want), size, key, turn, now);
+  Py_RETURN_NONE;
+}
+
 // A list of tuples of ints, built directly (Py_BuildValue parses its format at every item).
 template <typename... T>
 PyObject* tuple_of(const std::tuple<T...>& t) {
@@ -307,7 +351,9 @@ PyObject* list_of(const std::vector<Item>& items) {
   return out;
 }
 
-// Planner.layer (a method: `self` is the pybind11 Planner). `probs`: None or a C-contiguous float32 [D, E] array.
+// Planner.layer (a method: `self` is the pybind11 Planner). `probs`: None, a C-contiguous float32 [D, E] array, or
+// a heads call: mlp_softmax_into's 11 arguments as a tuple (x, w1, b1, w2, b2, hidden, n, width, experts, bf16, out),
+// run here first, its `out` [n, E] then the probabilities (the prediction and the decision in one call from Python).
 PyObject* raw_planner_layer(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   static const std::array<const char*, 15> names{"layer", "decode", "now", "keys", "served", "evicted", "probs",
                                                  "wraps", "horizon", "miss", "transfer", "compute", "free", "backlog",
@@ -321,7 +367,19 @@ PyObject* raw_planner_layer(PyObject* self, PyObject* const* args, Py_ssize_t na
                in.evicted, in.min_prob, in.wraps, in.horizon, in.miss, in.transfer, in.compute, in.free, in.backlog))
     return nullptr;
   Py_buffer view{};
-  if (probs != Py_None) {
+  uintptr_t heads[6] = {};  // a heads call's addresses: x, w1, b1, w2, b2, out
+  int64_t hidden = 0, width = 0;
+  bool bf16 = false;
+  const bool call = PyTuple_Check(probs);
+  if (call) {
+    if (PyTuple_GET_SIZE(probs) != 11) {
+      PyErr_SetString(PyExc_TypeError, "planner: a heads call is mlp_softmax_into's 11 arguments as a tuple");
+      return nullptr;
+    }
+    if (!convert(PySequence_Fast_ITEMS(probs), std::make_index_sequence<11>{}, heads[0], heads[1], heads[2], heads[3],
+                 heads[4], hidden, in.rows, width, in.cols, bf16, heads[5]))
+      return nullptr;
+  } else if (probs != Py_None) {
     if (PyObject_GetBuffer(probs, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0 || view.ndim != 2 ||
         view.itemsize != 4 || view.format == nullptr ||
         (std::string(view.format) != "f" && std::string(view.format) != "<f")) {
@@ -335,6 +393,11 @@ PyObject* raw_planner_layer(PyObject* self, PyObject* const* args, Py_ssize_t na
     in.probs = static_cast<const float*>(view.buf);
   }
   PyObject* out = guarded([&]() -> PyObject* {
+    if (call) {  // the heads first (they check their addresses and shapes)
+      mlp_softmax_into(heads[0], heads[1], heads[2], heads[3], heads[4], hidden, in.rows, width, in.cols, bf16,
+                       heads[5]);
+      in.probs = reinterpret_cast<const float*>(heads[5]);
+    }
     m2r2::Decision d = py::handle(self).cast<m2r2::Planner&>().layer(in);
     PyObject* lists[3] = {list_of(d.queue), list_of(d.expect), list_of(d.withdraw)};
     PyObject* result = lists[0] && lists[1] && lists[2] ? PyTuple_Pack(3, lists[0], lists[1], lists[2]) : nullptr;
@@ -417,6 +480,10 @@ PyMethodDef kRaw[] = {
      "policy_victim(when, res, want, since, score, layer, size, pinned, now, layers, done, to_come, needed_at): the "
      "predictive policy's victim search over its per-key arrays at these addresses (csrc/policy.hpp); pinned: any "
      "iterable of keys"},
+    {"policy_expect", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(raw_policy_expect)),
+     METH_FASTCALL | METH_KEYWORDS,
+     "policy_expect(when, res, want, size, wanted, stride, now): the predictive policy's expect for each (layer, "
+     "expert, distance) of wanted, on its per-key arrays at these addresses (csrc/policy.hpp)"},
     {nullptr, nullptr, 0, nullptr}};
 
 // Copy.wait: the Transfer protocol's (runtime/transfer.py).

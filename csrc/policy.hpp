@@ -72,4 +72,15 @@ inline int64_t policy_victim(const PolicyArrays& a, std::vector<int64_t> pinned,
   return pick;
 }
 
+// NextUsePolicy._expect_at's rule for one (key, turn): a prediction wants resident `key` at turn `when`; a stale
+// or later estimate gives way (a sooner need already recorded stands). Keys not resident, or past the arrays, are
+// skipped.
+inline void policy_expect(int64_t* when_of, const bool* res, bool* want, int64_t size, int64_t key, int64_t when,
+                          int64_t now) {
+  if (key < 0 || key >= size || !res[key]) return;
+  const int64_t known = when_of[key];
+  if (known <= now || known > when) when_of[key] = when;
+  if (when > now) want[key] = true;
+}
+
 }  // namespace m2r2

@@ -21,7 +21,7 @@
 
 namespace {
 
-constexpr int kAbiVersion = 9;  // bumped when the Python-visible interface changes (see _ext.py)
+constexpr int kAbiVersion = 10;  // bumped when the Python-visible interface changes (see _ext.py)
 
 // Owned references, deliberately never released (they must outlive every instance).
 PyObject* g_cache_full = nullptr;

@@ -31,7 +31,7 @@ from .errors import CacheFullError, SlotStateError
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 9  # must equal the ABI_VERSION the compiled modules report
+ABI_VERSION = 10  # must equal the ABI_VERSION the compiled modules report
 NO_EXT_ENV = "M2R2_MOE_NO_EXT"
 REQUIRE_EXT_ENV = "M2R2_MOE_REQUIRE_EXT"
 

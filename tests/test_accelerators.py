@@ -5,6 +5,7 @@ prefetching with heads that wrap."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -110,6 +111,48 @@ def test_heads_native_batch1_path_matches_the_tensor_path(model_and_layers, wrap
     adapters = AcceleratorAdapters(len(layers), 64, DEPTH, 4, mlp=random_heads(len(layers)))
     linear = make_predictor("m2r2", model, adapter, layers, DEPTH, adapters=adapters, kind="linear")
     assert linear.predict_host(0, residual) is None  # routed from the accelerated residual: no native path
+
+
+@pytest.mark.parametrize("wraps", [True, False])
+def test_the_planner_runs_the_heads_call_as_predict_host_would(model_and_layers, wraps):
+    """`host_heads`: the prefetcher hands the planner (x, *call) and the planner runs the heads itself. The heads'
+    output equals `predict_host`'s for every layer and count, and both planners (C++ and the Python twin) decide
+    on a heads call exactly as on the array; a call of the wrong length is refused by both."""
+    from m2r2_moe import _ext
+    from m2r2_moe.predict.base import run_host_heads
+    from m2r2_moe.runtime.planner import PlannerCore, make_planner
+
+    if not _ext.HAS_PLANNER:
+        pytest.skip(f"C++ heads: {_ext.PLANNER_ERROR}")
+    model, adapter, layers = model_and_layers
+    adapters = AcceleratorAdapters(len(layers), 64, DEPTH, 4, mlp=random_heads(len(layers), wraps=wraps))
+    p = make_predictor("m2r2", model, adapter, layers, DEPTH, adapters=adapters)
+    assert p.host_heads is not None and len(p.host_heads) == len(layers)
+    normed = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(5))
+    L, E = len(layers), 8
+    planners = [(PlannerCore(L, E, E, 2, 8), PlannerCore(L, E, E, 2, 8)),
+                (make_planner(L, E, E, 2, 8, native=True), make_planner(L, E, E, 2, 8, native=True))]
+    checked = queued = 0
+    for step in range(3):
+        for layer in range(L):
+            calls = p.host_heads[layer]
+            assert (calls is None) == (not p.depths(layer))
+            for count in range(1, len(calls or ()) + 1):
+                call = (normed.data_ptr(), *calls[count - 1])
+                array = p.predict_host(layer, normed.view(1, 64), normed=normed, count=count).copy()
+                assert np.array_equal(run_host_heads(call), array)
+                args = dict(layer=layer, decode=True, now=step * L + layer, keys=[layer * E + step % E], served=[3],
+                            evicted=[], wraps=wraps, horizon=count, miss=1e-3, transfer=5e-4, compute=1e-3,
+                            free=count - 1, backlog=[], min_prob=0.0)
+                for by_call, by_array in planners:
+                    decided = by_call.layer(probs=call, **args)
+                    assert decided == by_array.layer(probs=array, **args)
+                    queued += bool(decided[0])
+                    checked += 1
+    assert checked >= 2 * L and queued  # decisions that queue copies among them
+    for planner, _ in planners:
+        with pytest.raises(TypeError):
+            planner.layer(probs=(normed.data_ptr(), 1, 2), **args)
 
 
 def test_a_wrapping_predictor_names_the_next_tokens_first_layers(model_and_layers):

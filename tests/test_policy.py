@@ -212,6 +212,34 @@ def test_victims_equal_the_plain_loops(seed, search):
     assert asked > 100
 
 
+@pytest.mark.skipif(not _ext.HAS_PLANNER, reason="the C++ expect needs the native planner module")
+@pytest.mark.parametrize("seed", range(4))
+def test_the_native_expect_equals_its_python_twin(seed):
+    """`expect_many` in C++ (csrc/policy.hpp) against `_expect_at`, key by key: resident keys (stale, sooner,
+    later estimates), keys not resident and keys past the arrays; the same next turns and the same wanted flags,
+    and a malformed item changes nothing."""
+    rng = random.Random(seed)
+    experts, layers = 8, 4
+    fast, slow = NextUsePolicy(layers, 20, native=True), NextUsePolicy(layers, 20, native=False)
+    for now in range(0, 60):
+        for key in rng.sample(range(layers * experts), 3):
+            if rng.random() < 0.5:
+                for p in (fast, slow):
+                    p.used(key, now)
+            elif rng.random() < 0.3:
+                for p in (fast, slow):
+                    p.forget(key)
+        wanted = [(rng.randrange(layers + 3), rng.randrange(experts), rng.randint(0, 6)) for _ in range(5)]
+        fast.expect_many(wanted, experts, now)
+        slow.expect_many(wanted, experts, now)
+        assert bytes(fast._when) == bytes(slow._when) and bytes(fast._want) == bytes(slow._want)
+    when, want = bytes(fast._when), bytes(fast._want)
+    resident = next(k for k in range(layers * experts) if fast.next_turn(k) is not None)
+    with pytest.raises(TypeError):
+        fast.expect_many([(resident // experts, resident % experts, 1), (0, 1)], experts, 1000)
+    assert bytes(fast._when) == when and bytes(fast._want) == want
+
+
 def test_predictive_policy_keeps_the_next_layers_experts():
     """A pool that cycles through the layers: LRU evicts exactly what the next layer needs; the
     predictive policy evicts the layer just computed. Same routing every token, pool one expert short."""

@@ -20,6 +20,11 @@ class Predictor:
     # oracle's 0/1); else the prefetcher normalises them to shares of each token's total
     scores_are_probabilities = False
     wraps = False  # predicts across the token boundary: a target layer l + d >= L is layer l + d - L of the next forward
+    # Decode at batch 1 on the CPU, where the predictor is a native heads call: per source layer, None or, for each
+    # count c = 1..n of nearest distances, the arguments of `_ext.planner.mlp_softmax_into` after `x` (its output
+    # `[c, E]` the probabilities `predict_host` would return). The prefetcher hands (x, *those) to the planner, which
+    # runs the heads and decides in one native call. Rebuilt with the weights (`to`); None: no such path.
+    host_heads: list | None = None
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, depth: int):
         self.num_layers, self.num_experts, self.top_k, self.depth = num_layers, num_experts, top_k, depth
@@ -101,3 +106,19 @@ def select(scores: torch.Tensor, width: int | None = None, mass: float | None = 
     mask = torch.zeros_like(scores, dtype=torch.bool)
     mask.scatter_(-1, order, ranks < take.unsqueeze(-1))
     return mask
+
+
+def run_host_heads(call: tuple):
+    """A heads call (x's address, then a `Predictor.host_heads` entry) run as the C++ planner runs it: its output
+    `[n, E]` float32, read in place (the predictor's buffer, overwritten by its next call of that count)."""
+    import ctypes
+
+    import numpy as np
+
+    from .. import _ext  # the only door to native code
+
+    if len(call) != 11:
+        raise TypeError("planner: a heads call is mlp_softmax_into's 11 arguments as a tuple")
+    _ext.planner.mlp_softmax_into(*call)
+    n, experts, out = call[6], call[8], call[10]
+    return np.ctypeslib.as_array(ctypes.cast(out, ctypes.POINTER(ctypes.c_float)), shape=(n, experts))

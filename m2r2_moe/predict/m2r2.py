@@ -121,6 +121,7 @@ class M2R2Predictor(GatePredictor):
         from .. import _ext  # the only door to native code
 
         heads = self.adapters.mlp
+        self.host_heads = None  # (set below: `Predictor.host_heads`, the same calls without their output arrays)
         if self.kind != "mlp" or not _ext.HAS_PLANNER or heads.w1.device.type != "cpu" or heads.w1.dtype != torch.float32:
             return [None] * self.num_layers
         self._heads_into = _ext.planner.mlp_softmax_into
@@ -129,6 +130,7 @@ class M2R2Predictor(GatePredictor):
             n, m = len(self.depths(layer)), heads.width
             out.append([_host_call(heads.w1[layer, :, : c * m], heads.b1[layer, : c * m], heads.w2[layer, :c],
                                    heads.b2[layer, :c]) for c in range(1, n + 1)] if n else None)
+        self.host_heads = [None if calls is None else [args for _, args, _ in calls] for calls in out]
         return out
 
     def predict_host(self, layer, residual, chosen=None, normed=None, count=None):

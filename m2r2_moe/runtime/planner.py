@@ -149,6 +149,9 @@ class PlannerCore:
         self._settle(layer, decode, now, keys, served, evicted, miss)
         if probs is None:
             return [], [], []
+        if isinstance(probs, tuple):  # a heads call (`Predictor.host_heads`), run as the C++ planner runs it
+            from ..predict.base import run_host_heads
+            probs = run_host_heads(probs)
         rows = probs.tolist()
         candidates = self._candidates(layer, decode, rows, wraps, max(len(rows), horizon))
         withdraw = self._withdrawals(layer, candidates)

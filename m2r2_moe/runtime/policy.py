@@ -78,6 +78,7 @@ class NextUsePolicy:
         if native and not _ext.HAS_PLANNER:
             raise RuntimeError(f"the C++ victim search is not available: {_ext.PLANNER_ERROR}")
         self._search = _ext.planner.policy_victim if native is not False and _ext.HAS_PLANNER else None
+        self._expect_native = _ext.planner.policy_expect if self._search is not None else None  # its twin: `_expect_at`
         self.num_layers, self.num_slots = num_layers, num_slots
         self._rate = math.log(2.0) / (half_life or HALF_LIFE)  # decay per token, as a rate
         self._first = -1  # the forward of the first use: turns are counted from it
@@ -112,6 +113,7 @@ class NextUsePolicy:
             setattr(self, "_" + name, memoryview(array))
         self._size = size
         self._addresses = tuple(getattr(self, "_" + name + "_np").ctypes.data for name in self._SEARCHED)
+        self._expecting = (self._when_np.ctypes.data, self._res_np.ctypes.data, self._want_np.ctypes.data)
 
     def _enter(self, key: int) -> None:
         if key >= self._size:
@@ -176,6 +178,9 @@ class NextUsePolicy:
     def expect_many(self, wanted, key_stride: int, now: int) -> None:
         """`expect` for each (layer, expert, distance) of `wanted`, at turn `now + distance`: the cache's one call per
         layer for all of a prediction's resident candidates."""
+        if self._expect_native is not None:  # a loop in C++ over the arrays in place (it runs at every layer)
+            self._expect_native(*self._expecting, self._size, wanted, key_stride, now)
+            return
         self._expect_at(((layer * key_stride + expert, now + distance) for layer, expert, distance in wanted), now)
 
     def _expect_at(self, keyed, now: int) -> None:

@@ -44,6 +44,8 @@ class Prefetcher:
         self.min_prob = min_prob  # a user's floor on the calibrated probability (0: the value test decides)
         num_experts = max(int(layer.experts.num_experts) for layer in layers)
         self.planner = make_planner(len(layers), num_experts, cache.key_stride, width or top_k, max_queued or 4 * top_k)
+        self._plans_heads = True  # hand the planner the heads call where there is one (False: `_predict` always, as
+        # a benchmark timing the prediction apart needs)
         self.miss_seconds = 0.0  # running estimate of the stall one demand load costs (0 until measured)
         self.late_seconds = None  # running estimate of the stall one late prefetch costs (None until measured)
         self._stall_mark = (0.0, 0, 0, 0, 0)  # stall, misses, late at the last call; its new misses and late ones
@@ -124,12 +126,24 @@ class Prefetcher:
             # else its mirror would believe them resident and leave them to demand loads (docs/design.md)
             evicted = [*evicted, *unseen]
             unseen.clear()
-        miss = self._read_stalls() or transfer
+        stats, mark = self.cache.stats, self._stall_mark
+        if (stats.stall_seconds == mark[0] and not (mark[3] or mark[4]) and stats.misses == mark[1]
+                and stats.late_prefetches == mark[2]):  # no stall, miss nor late copy since the last call
+            miss = self.miss_seconds or transfer  # (what `_read_stalls` would return, changing nothing)
+        else:
+            miss = self._read_stalls() or transfer
         every = self._every
         if self.on and every and layer % every == 0:  # the planner's `active(layer)`, as of this forward's start
             if every > 1 and horizon:  # the layers up to the next predicting one predict nothing: cover them here
                 horizon = min(self.num_layers, horizon + every - 1)
-            probs = self._predict(layer, top_k_index, decode, horizon)
+            heads = self.predictor.host_heads if decode and self._plans_heads and self.tap is not None else None
+            calls = heads[layer] if heads is not None else None
+            x = self.tap.normed[layer] if calls is not None else None
+            if x is not None and x.is_cpu and x.dtype is torch.float32 and x.is_contiguous():
+                # one native call runs the heads and decides (`Predictor.host_heads`); x [1, (1,) H] in place
+                probs = (x.data_ptr(), *calls[min(horizon, len(calls)) - 1 if horizon else -1])
+            else:
+                probs = self._predict(layer, top_k_index, decode, horizon)
             free, backlog = self.cache.free_slots(), self.cache.queued_prefetches()
         else:  # settling only: the cache's state matters to admission, which does not run
             horizon, probs, free, backlog = 0, None, 0, []
