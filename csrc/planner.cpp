@@ -286,6 +286,7 @@ Decision Planner::layer(const LayerInput& in) {
       continue;
     }
     if (flag(inflight_, key) || static_cast<int64_t>(backlog.size()) >= max_queued_ || c.q < in.min_prob) continue;
+    if (near_ > 0 && c.distance > near_ && c.q < kEarlyQ) continue;  // an early copy: only a likely one
     int64_t ahead = 0;
     for (int64_t d : backlog) ahead += d <= c.distance;
     double lead = in.compute > 0 ? c.distance * in.compute - in.transfer * ahead : std::numeric_limits<double>::infinity();

@@ -19,6 +19,7 @@ constexpr double kDecay = 0.995;
 constexpr double kPrior = 4.0;
 constexpr double kPriorDecay = 0.8;
 constexpr double kRegretPrior = 0.1;
+constexpr double kEarlyQ = 0.5;  // admission.py EARLY_Q
 constexpr int kHit = 0, kPrefetchHit = 1, kLate = 2, kMiss = 3;
 constexpr int64_t kNotQueued = -2;
 
@@ -73,6 +74,10 @@ class Planner {
   double decode_saved() const { return flow_saved_; }
   double decode_caused() const { return flow_caused_; }
   int64_t every() const { return every_; }
+  // Distances past `near` (> 0) are early copies, asked for only while the link is idle: admitted only when more
+  // likely used than not (runtime/admission.py, EARLY_Q). 0: no such rule.
+  int64_t near() const { return near_; }
+  void set_near(int64_t near) { near_ = near; }
   int64_t num_layers() const { return num_layers_; }
   int64_t num_experts() const { return num_experts_; }
 
@@ -130,6 +135,7 @@ class Planner {
     if (decoding_) flow_saved_ += seconds;
   }
   int64_t every_ = 1, quiet_ = 0;
+  int64_t near_ = 0;
   std::vector<uint8_t> resident_, inflight_;
   std::vector<uint8_t> restoring_;  // prefetches of a prefetch's recent victim: their use saves nothing
   std::vector<std::pair<int64_t, std::vector<int64_t>>> wanted_;  // target -> experts, in insertion order

@@ -573,6 +573,7 @@ PYBIND11_MODULE(_native_plan, m) {
       .def_property_readonly("decode_saved", &m2r2::Planner::decode_saved)
       .def_property_readonly("decode_caused", &m2r2::Planner::decode_caused)
       .def_property_readonly("every", &m2r2::Planner::every)
+      .def_property("near", &m2r2::Planner::near, &m2r2::Planner::set_near)
       .def_property(
           "late_saving",
           [](const m2r2::Planner& p) -> std::optional<double> {

@@ -49,7 +49,7 @@ def _call(rng: random.Random, layers: int, experts: int, stride: int, layer: int
 
 def _state(p, layers, experts):
     probs = [p.probability(s, d, x) for s in (0, 1) for d in range(layers + 1) for x in (0.0, 0.05, 0.31, 0.77, 1.0)]
-    return (probs, p.regret(), p.saved, p.spent, p.decode_saved, p.decode_caused, p.every, p.late_saving,
+    return (probs, p.regret(), p.saved, p.spent, p.decode_saved, p.decode_caused, p.every, p.late_saving, p.near,
             [p.active(layer) for layer in range(layers)])
 
 
@@ -66,6 +66,8 @@ def test_native_planner_decides_as_the_python_twin(seed):
         if layer == 0:  # a prompt's forward or a decode step; the decode steps' stall balance with or without a margin
             window, decode, margin = rng.choice((4, 64)), rng.random() < 0.8, rng.choice((0.0, 1e-3, 1.0))
             py.step(window, decode, margin), cc.step(window, decode=decode, margin=margin)
+        if rng.random() < 0.1:  # the link's horizon changed: copies past it are early ones (admission.py, EARLY_Q)
+            py.near = cc.near = rng.choice((0, 1, 2, layers))
         args = _call(rng, layers, experts, stride, layer, now, rng.randint(0, 4))
         out_py = py.layer(**args)
         out_cc = cc.layer(**args)

@@ -519,7 +519,7 @@ def test_predicting_every_other_layer_looks_past_the_layer_that_skips(monkeypatc
         return predict(layer, top_k_index, decode, horizon)
 
     def link_now():  # one layer's compute is two transfers: the link's horizon is one layer
-        pf._link = (1e-3, 5e-4, 1)
+        pf._link = (1e-3, 5e-4, 1, 1)  # (compute, transfer, horizon, reach: top-k of 2 transfers, one layer)
         return pf._link
 
     monkeypatch.setattr(pf, "_predict", spied)
@@ -571,3 +571,22 @@ def test_layer_time_estimate_restarts_when_the_forward_size_changes(monkeypatch)
         assert off.clock.layer_seconds == pytest.approx(0.002)
     finally:
         m2r2_moe.remove_offload(model)
+
+
+def test_an_early_copy_is_admitted_only_when_more_likely_used_than_not(planner):
+    """`near`: a candidate past the link's horizon (asked for only while the link is idle) is queued only with a
+    calibrated probability of at least EARLY_Q; within the horizon the value test alone decides."""
+    from m2r2_moe.runtime.admission import EARLY_Q
+
+    probs = torch.zeros(3, 8)
+    probs[:, 1], probs[:, 2] = 0.7, 0.3  # fresh calibration: q is about the score
+    args = dict(layer=0, decode=True, now=0, keys=[0], served=[0], evicted=[], probs=probs.numpy(), wraps=False,
+                horizon=3, miss=1e-3, transfer=1e-4, compute=1e-3, free=8, backlog=[], min_prob=0.0)
+    queued = {(t, e) for t, e, _ in planner.layer(**args)[0]}
+    assert {(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)} <= queued  # no rule: every positive value
+    planner.near = 1
+    assert planner.near == 1
+    queued = {(t, e) for t, e, _ in planner.layer(**{**args, "now": 1, "layer": 1, "keys": [9]})[0]}
+    assert (2, 1) in queued and (2, 2) in queued  # within the horizon (distance 1 from layer 1)
+    assert (3, 1) in queued and (3, 2) not in queued  # early: q 0.7 >= EARLY_Q > 0.3
+    assert 0.3 < EARLY_Q <= 0.7

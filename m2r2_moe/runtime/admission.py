@@ -52,6 +52,10 @@ PRIOR = 4.0  # weight of the predictor's own score until outcomes accumulate
 
 
 REGRET_PRIOR = 0.1  # the share of regretted evictions assumed before any is measured (one eviction's weight)
+# An early copy — for a layer past the link's horizon, asked for only while no prefetch is on the link, so that a
+# burst of copies for one layer can land in time — takes the link ahead of copies that will be needed sooner and
+# are not predicted yet; only one more likely used than not is worth that (the planner's `near`).
+EARLY_Q = 0.5
 
 
 def value(q: float, miss: float, transfer: float, lead: float, evicts: bool, regret: float) -> float:

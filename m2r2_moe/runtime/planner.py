@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 
-from .admission import BINS, DECAY, PRIOR, REGRET_PRIOR, value
+from ..predict.base import run_host_heads
+from .admission import BINS, DECAY, EARLY_Q, PRIOR, REGRET_PRIOR, value
 
 MODEL, PRIOR_SOURCE = 0, 1
 PRIOR_DECAY = 0.8  # per use of a layer: the prior follows the last few tokens
@@ -35,21 +36,19 @@ class PlannerCore:
 
     def __init__(self, num_layers: int, num_experts: int, key_stride: int, width: int, max_queued: int):
         self.num_layers, self.num_experts, self.key_stride = num_layers, num_experts, key_stride
-        self.width, self.max_queued = width, max_queued
+        self.width, self.max_queued, self.near = width, max_queued, 0  # near: see admission.py, EARLY_Q
         self._counts: dict[tuple[int, int, int], list[float]] = {}  # (source, distance, bin) -> [used, seen]
         self.prior = [[0.0] * num_experts for _ in range(num_layers)]
         self._pending: list[list[tuple[int, int, float, int]]] = [[] for _ in range(num_layers)]
         self._evicted_at: dict[int, int] = {}
         self._victims: dict[int, tuple[int, int]] = {}  # prefetched key -> (its victim, the turn it was evicted)
         self._restoring: set[int] = set()  # prefetches of a prefetch's recent victim: their use saves nothing
-        self.regretted = self.evictions = 0.0
-        self.saved = self.spent = 0.0
+        self.regretted = self.evictions = self.saved = self.spent = 0.0
         self.decode_saved = self.decode_caused = 0.0  # stall the decode steps since the prompt saved and caused
-        self._decoding = False
-        self._late_saving: float | None = None
+        self._decoding, self._late_saving = False, None  # (late_saving: float | None)
         self.every, self._quiet = 1, 0
         self._resident: set[int] = set()
-        self._inflight: set[int] = set()
+        self._inflight: set[int] = set()  # (with _resident: the mirror)
         self._wanted: dict[int, set[int]] = {}
 
     # -- learned quantities ------------------------------------------------------------------------
@@ -150,7 +149,6 @@ class PlannerCore:
         if probs is None:
             return [], [], []
         if isinstance(probs, tuple):  # a heads call (`Predictor.host_heads`), run as the C++ planner runs it
-            from ..predict.base import run_host_heads
             probs = run_host_heads(probs)
         rows = probs.tolist()
         candidates = self._candidates(layer, decode, rows, wraps, max(len(rows), horizon))
@@ -164,6 +162,8 @@ class PlannerCore:
                 expect.append((target, expert, distance))
                 continue
             if key in self._inflight or len(backlog) >= self.max_queued or q < min_prob:
+                continue
+            if 0 < self.near < distance and q < EARLY_Q:  # an early copy: only a likely one
                 continue
             ahead = sum(1 for d in backlog if d <= distance)
             lead = distance * compute - transfer * ahead if compute > 0 else math.inf

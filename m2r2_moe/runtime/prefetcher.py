@@ -44,6 +44,7 @@ class Prefetcher:
         self.min_prob = min_prob  # a user's floor on the calibrated probability (0: the value test decides)
         num_experts = max(int(layer.experts.num_experts) for layer in layers)
         self.planner = make_planner(len(layers), num_experts, cache.key_stride, width or top_k, max_queued or 4 * top_k)
+        self.top_k, self._near = top_k, 0  # the planner's `near` as last set (see `_plan`)
         self._plans_heads = True  # hand the planner the heads call where there is one (False: `_predict` always, as
         # a benchmark timing the prediction apart needs)
         self.miss_seconds = 0.0  # running estimate of the stall one demand load costs (0 until measured)
@@ -55,7 +56,7 @@ class Prefetcher:
         self.step_timer = StepTimer()  # this step's cost for the planner's balance, outliers clipped
         self.on = self.predicting = True  # this forward: prefetching on (the guard's arm); predicting somewhere
         self._every = self.planner.every  # this forward: predict at the layers this divides (0: none)
-        self._link = (0.0, 0.0, 0)  # (layer compute, transfer, horizon) as last read: see `_link_now`
+        self._link = (0.0, 0.0, 0, 0)  # (layer compute, transfer, horizon, reach) as last read: see `_link_now`
         self._gap = False  # decode steps were skipped (prefetching off) since the planner was last told
         self._spent = 0.0  # what the last step was charged (refunded if its layer then waited: `_read_stalls`)
         self._observes = type(predictor).observe is not Predictor.observe  # not a no-op: called at every layer
@@ -120,7 +121,7 @@ class Prefetcher:
     def _plan(self, layer, top_k_index, decode, now, keys, served, evicted) -> None:
         """Settle this layer's outcomes in the planner and, where it predicts, act on its decision."""
         link = self._link
-        compute, transfer, horizon = link if layer and link[0] else self._link_now()
+        compute, transfer, horizon, reach = link if layer and link[0] else self._link_now()
         unseen = self.cache.unseen_evictions
         if unseen:  # evicted where the hot path could not say (a prompt's streamed copies, a layer's later waves):
             # else its mirror would believe them resident and leave them to demand loads (docs/design.md)
@@ -136,6 +137,11 @@ class Prefetcher:
         if self.on and every and layer % every == 0:  # the planner's `active(layer)`, as of this forward's start
             if every > 1 and horizon:  # the layers up to the next predicting one predict nothing: cover them here
                 horizon = min(self.num_layers, horizon + every - 1)
+            free, backlog = self.cache.free_slots(), self.cache.queued_prefetches()
+            if horizon != self._near:  # copies past it are early ones: only likely ones (admission.py, EARLY_Q)
+                self.planner.near = self._near = horizon
+            if reach > horizon and not backlog:  # no prefetch on the link: room for early copies (`_link_now`)
+                horizon = reach
             heads = self.predictor.host_heads if decode and self._plans_heads and self.tap is not None else None
             calls = heads[layer] if heads is not None else None
             x = self.tap.normed[layer] if calls is not None else None
@@ -144,7 +150,6 @@ class Prefetcher:
                 probs = (x.data_ptr(), *calls[min(horizon, len(calls)) - 1 if horizon else -1])
             else:
                 probs = self._predict(layer, top_k_index, decode, horizon)
-            free, backlog = self.cache.free_slots(), self.cache.queued_prefetches()
         else:  # settling only: the cache's state matters to admission, which does not run
             horizon, probs, free, backlog = 0, None, 0, []
         queue, expect, withdraw = self.planner.layer(  # positional: the C++ twin's fastest call
@@ -201,12 +206,18 @@ class Prefetcher:
             for target, expert, distance in queue:
                 planner.issued(target * stride + expert, cache.prefetch(target, expert, distance, now, pinned), now)
 
-    def _link_now(self) -> tuple[float, float, int]:
-        """(one layer's compute, one expert's transfer, the horizon in layers), read afresh. `_plan` reads them
-        once per forward (at its first layer, and at each layer while compute is not measured yet) and uses
-        `_link` in between: they move slowly, and each read costs a layer µs."""
+    def _link_now(self) -> tuple[float, float, int, int]:
+        """(one layer's compute, one expert's transfer, the horizon in layers, the reach), read afresh. `_plan` reads
+        them once per forward (at its first layer, and at each layer while compute is not measured yet) and uses
+        `_link` in between: they move slowly, and each read costs a layer µs. The reach is the horizon of a whole
+        layer's experts (top-k transfers): while no prefetch is on the link, the layers out to it are predicted too,
+        so that a layer needing several copies gets them in time; the planner admits those early copies only when
+        they are likely (`near`)."""
         transfer = self._transfer_seconds()
-        self._link = (self.clock.layer_seconds, transfer, self._horizon(transfer))
+        horizon = self._horizon(transfer)
+        compute = self.clock.layer_seconds
+        reach = min(self.num_layers, math.ceil(self.top_k * transfer / compute)) if horizon else 0
+        self._link = (compute, transfer, horizon, max(reach, horizon))
         return self._link
 
     def _horizon(self, transfer: float) -> int:
