@@ -536,6 +536,40 @@ def test_predicting_every_other_layer_looks_past_the_layer_that_skips(monkeypatc
     assert {horizon for _, horizon in decode} == {2}  # the link's horizon (1) + every - 1
 
 
+def test_an_idle_link_widens_the_prediction_to_the_reach(monkeypatch):
+    """While no prefetch is on the link the prefetcher predicts out to the reach (a layer's top-k transfers), else
+    to the link's horizon; the planner's `near` is the horizon either way (copies past it are early ones)."""
+    from m2r2_moe.runtime import prefetcher
+
+    monkeypatch.setattr(prefetcher, "make_planner", lambda *args: PlannerCore(*args))
+    monkeypatch.setattr(PlannerCore, "step", lambda self, window, decode=False, margin=0.0: None)  # every = 1
+    model, off, pf = _prefetcher(0.001)
+    asked, backlogs = [], iter([[], [1], [], [2, 1]] * 100)
+    predict = pf._predict
+
+    def spied(layer, top_k_index, decode, horizon):
+        asked.append((decode, horizon, pf.planner.near))
+        return predict(layer, top_k_index, decode, horizon)
+
+    def link_now():  # one transfer is 1.5 layers: horizon 2, a layer's two experts take 3 layers (the reach)
+        pf._link = (1e-3, 1.5e-3, 2, 3)
+        return pf._link
+
+    monkeypatch.setattr(pf, "_predict", spied)
+    monkeypatch.setattr(pf, "_link_now", link_now)
+    monkeypatch.setattr(pf.cache, "queued_prefetches", lambda: next(backlogs))
+    monkeypatch.setattr(pf.onoff, "step", lambda now, decode, vouched=False: True)
+    try:
+        with torch.no_grad():
+            model.generate(torch.tensor([[1, 2, 3, 4, 5]]), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                           pad_token_id=0)
+    finally:
+        m2r2_moe.remove_offload(model)
+    decode = [(horizon, near) for dec, horizon, near in asked if dec]
+    assert decode and {near for _, near in decode} == {2}
+    assert {horizon for horizon, _ in decode} == {2, 3}  # the reach on an idle link, the horizon behind a backlog
+
+
 def test_prefetch_min_prob_reaches_the_prefetcher():
     model = tiny_mixtral(layers=3)
     m2r2_moe.offload(model, device="cpu", cache_experts=6, predictor="gate", prefetch_min_prob=0.4)
