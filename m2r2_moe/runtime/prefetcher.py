@@ -127,12 +127,7 @@ class Prefetcher:
             # else its mirror would believe them resident and leave them to demand loads (docs/design.md)
             evicted = [*evicted, *unseen]
             unseen.clear()
-        stats, mark = self.cache.stats, self._stall_mark
-        if (stats.stall_seconds == mark[0] and not (mark[3] or mark[4]) and stats.misses == mark[1]
-                and stats.late_prefetches == mark[2]):  # no stall, miss nor late copy since the last call
-            miss = self.miss_seconds or transfer  # (what `_read_stalls` would return, changing nothing)
-        else:
-            miss = self._read_stalls() or transfer
+        miss = self._read_stalls() or transfer
         every = self._every
         if self.on and every and layer % every == 0:  # the planner's `active(layer)`, as of this forward's start
             if every > 1 and horizon:  # the layers up to the next predicting one predict nothing: cover them here
@@ -248,9 +243,11 @@ class Prefetcher:
         demand load's stall less that: `late_saving`); a mix is no sample. And when the layer of the last call
         waited at all, that call's step ran while the copies it waited for were on the link: it cost no time, and
         what it was charged is refunded."""
-        stats = self.cache.stats
+        stats, mark = self.cache.stats, self._stall_mark
         stall, misses, late = stats.stall_seconds, stats.misses, stats.late_prefetches
-        last_stall, last_misses, last_late, new_misses, new_late = self._stall_mark
+        if stall == mark[0] and misses == mark[1] and late == mark[2] and not (mark[3] or mark[4]):
+            return self.miss_seconds  # nothing since the last call (most layers): the mark would not change
+        last_stall, last_misses, last_late, new_misses, new_late = mark
         if stall > last_stall and self._spent:  # the last step ran while its layer's copies were on the link: free
             self.planner.add_spent(-self._spent)
         if stall >= last_stall:
